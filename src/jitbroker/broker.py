@@ -1,0 +1,441 @@
+"""``Broker`` and ``AsyncBroker``: thin shells over ``core.Core``.
+
+Every decision lives in ``Core`` as a generator of store calls; ``Broker``
+runs them with plain calls and ``AsyncBroker`` awaits them. What is left here
+is only what differs: the context managers, the decorator and the reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+from . import validate
+from ._drive import arun, run
+from .audit import Sink
+from .clock import Clock, Duration
+from .core import Core, LeaseRef, TokenFormat
+from .errors import InvalidRequest, JitBrokerError
+from .keys import KeyRing
+from .lease import Claims, Credential, Lease
+from .policy import Policy
+from .stores.base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
+from .stores.memory import MemoryStore
+
+__all__ = ["AsyncBroker", "Broker"]
+
+log = logging.getLogger("jitbroker")
+R = TypeVar("R")
+
+
+class _Base:
+    """Construction and the I/O-free methods both brokers share."""
+
+    def __init__(
+        self,
+        issuer: str = "urn:jitbroker",
+        keys: KeyRing | None = None,
+        store: Any = None,
+        policy: Policy | None = None,
+        default_ttl: Duration = 300,
+        max_ttl: Duration = 3600,
+        *,
+        leeway: Duration = 5,
+        clock: Clock | None = None,
+        token_format: TokenFormat = "jws",
+        retention: Duration | None = None,
+        reap_interval: Duration = 1.0,
+        cache_size: int = 4096,
+        audit: Iterable[Sink] = (),
+    ) -> None:
+        self._core = Core(
+            issuer=issuer,
+            keys=keys,
+            policy=policy,
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            leeway=leeway,
+            clock=clock,
+            token_format=token_format,
+            retention=retention,
+            reap_interval=reap_interval,
+            cache_size=cache_size,
+            audit=audit,
+        )
+        self._core.shell = self  # type: ignore[assignment]
+        self.store = MemoryStore() if store is None else store
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-shell state, set up once the core and store exist."""
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of every token this broker mints."""
+        return self._core.issuer
+
+    @property
+    def keys(self) -> KeyRing:
+        """The signing key ring."""
+        return self._core.keys
+
+    @property
+    def clock(self) -> Clock:
+        """The broker's one clock."""
+        return self._core.clock
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """Public keys for offline verifiers (never an HMAC key or a private member)."""
+        return self._core.keys.jwks()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} issuer={self.issuer!r} store={self.store!r}>"
+
+    @staticmethod
+    def _where(**fields: str | None) -> LeaseFilter:
+        return LeaseFilter(**fields)
+
+
+class Broker(_Base):
+    """Issues, verifies, renews and revokes task-scoped credentials (synchronous API).
+
+    ``with broker:`` runs a background reaper thread that expires leases on
+    time; without it, expired leases are swept when ``issue`` notices a sweep
+    is due, or when you call ``sweep()``.
+    """
+
+    store: LeaseStore
+
+    def _setup(self) -> None:
+        if not isinstance(self.store, LeaseStore):
+            raise InvalidRequest("store must implement the LeaseStore protocol")
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def issue(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        ttl: Duration | None = None,
+        *,
+        task: str | None = None,
+        owner: str | None = None,
+        purpose: str | None = None,
+        renewable: bool = True,
+        max_ttl: Duration | None = None,
+    ) -> Credential:
+        """Mint a credential; its lease is stored before the token is returned."""
+        steps = self._core.issue(
+            subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
+        )
+        return run(steps, self.store)
+
+    def verify(self, token: str, *, audience: str, scopes: Iterable[str] | str = ()) -> Claims:
+        """Verify online: signature, issuer, time, audience, scopes and an active lease."""
+        return run(self._core.verifier.steps(token, audience, scopes), self.store)
+
+    def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
+        """Extend the lease (capped at its max lifetime) and return a fresh token."""
+        return run(self._core.renew(cred, ttl), self.store)
+
+    def revoke(self, cred: LeaseRef, reason: str = "revoked") -> bool:
+        """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent."""
+        return run(self._core.revoke(cred, reason), self.store)
+
+    def revoke_where(
+        self,
+        *,
+        owner: str | None = None,
+        subject: str | None = None,
+        task: str | None = None,
+        key_id: str | None = None,
+        parent: str | None = None,
+        reason: str = "revoked",
+    ) -> int:
+        """Revoke every active lease matching all given fields; returns how many."""
+        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        return run(self._core.revoke_where(where, reason), self.store)
+
+    def attenuate(
+        self,
+        cred: LeaseRef,
+        *,
+        scopes: Iterable[str] | str | None = None,
+        audience: str | None = None,
+        ttl: Duration | None = None,
+        purpose: str | None = None,
+    ) -> Credential:
+        """A narrower child credential that dies with its parent."""
+        return run(self._core.attenuate(cred, scopes, audience, ttl, purpose), self.store)
+
+    def lease(self, ref: LeaseRef) -> Lease:
+        """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
+        return run(self._core.get(ref), self.store)
+
+    def leases(
+        self,
+        *,
+        owner: str | None = None,
+        subject: str | None = None,
+        task: str | None = None,
+        key_id: str | None = None,
+        parent: str | None = None,
+        include_inactive: bool = False,
+    ) -> Iterator[Lease]:
+        """Iterate leases matching the filters, oldest first (active ones by default)."""
+        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        return iter(run(self._core.leases(where, include_inactive), self.store))
+
+    def sweep(self) -> list[Lease]:
+        """Expire every lease due now (each exactly once) and purge long-dead records."""
+        return run(self._core.sweep(), self.store)
+
+    @contextlib.contextmanager
+    def task(self, task: str, **issue: Any) -> Iterator[Credential]:
+        """Issue for ``task``; on exit revoke every lease of the task and its subtrees.
+
+        The reason is ``task-ended``, or ``task-failed`` if the block raised
+        (the exception propagates).
+        """
+        task = validate.text(task, "task")
+        cred = self.issue(task=task, **issue)
+        reason = "task-failed"
+        try:
+            yield cred
+            reason = "task-ended"
+        finally:
+            self.revoke_where(task=task, reason=reason)
+
+    def ephemeral(self, **issue: Any) -> Callable[[Callable[..., R]], Callable[..., R]]:
+        """Decorate ``fn(cred, ...)``: each call runs in its own task (sync or async def)."""
+
+        def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+            name = f"{fn.__module__}.{fn.__qualname__}"
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def acall(*args: Any, **kwargs: Any) -> Any:
+                    with self.task(self._core.task_id(name), **issue) as cred:
+                        return await fn(cred, *args, **kwargs)
+
+                return acall  # type: ignore[return-value]
+
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> R:
+                with self.task(self._core.task_id(name), **issue) as cred:
+                    return fn(cred, *args, **kwargs)
+
+            return call
+
+        return decorate
+
+    # -- the reaper -------------------------------------------------------
+    def start(self) -> None:
+        """Start the background reaper thread (idempotent)."""
+        if self._reaper is not None and self._reaper.is_alive():
+            return
+        self._stop.clear()
+        self._reaper = threading.Thread(target=self._reap, name="jitbroker-reaper", daemon=True)
+        self._reaper.start()
+
+    def stop(self) -> None:
+        """Stop the reaper and wait for it to finish its current sweep."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
+            self._reaper = None
+
+    def close(self) -> None:
+        """Stop the reaper and close the store."""
+        self.stop()
+        self.store.close()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self._core.reap_interval):
+            try:
+                self.sweep()
+            except JitBrokerError:
+                log.warning("reaper sweep failed; retrying next interval", exc_info=True)
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class AsyncBroker(_Base):
+    """The same broker for asyncio code: every method is a coroutine.
+
+    Accepts a sync store (called inline if it never blocks, else in a thread)
+    or an async store. ``async with broker:`` runs the reaper as a task.
+    """
+
+    def _setup(self) -> None:
+        self._astore: AsyncLeaseStore = as_async(self.store)
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def issue(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        ttl: Duration | None = None,
+        *,
+        task: str | None = None,
+        owner: str | None = None,
+        purpose: str | None = None,
+        renewable: bool = True,
+        max_ttl: Duration | None = None,
+    ) -> Credential:
+        """Mint a credential; its lease is stored before the token is returned."""
+        steps = self._core.issue(
+            subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
+        )
+        return await arun(steps, self._astore)
+
+    async def verify(
+        self, token: str, *, audience: str, scopes: Iterable[str] | str = ()
+    ) -> Claims:
+        """Verify online: signature, issuer, time, audience, scopes and an active lease."""
+        return await arun(self._core.verifier.steps(token, audience, scopes), self._astore)
+
+    async def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
+        """Extend the lease (capped at its max lifetime) and return a fresh token."""
+        return await arun(self._core.renew(cred, ttl), self._astore)
+
+    async def revoke(self, cred: LeaseRef, reason: str = "revoked") -> bool:
+        """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent."""
+        return await arun(self._core.revoke(cred, reason), self._astore)
+
+    async def revoke_where(
+        self,
+        *,
+        owner: str | None = None,
+        subject: str | None = None,
+        task: str | None = None,
+        key_id: str | None = None,
+        parent: str | None = None,
+        reason: str = "revoked",
+    ) -> int:
+        """Revoke every active lease matching all given fields; returns how many."""
+        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        return await arun(self._core.revoke_where(where, reason), self._astore)
+
+    async def attenuate(
+        self,
+        cred: LeaseRef,
+        *,
+        scopes: Iterable[str] | str | None = None,
+        audience: str | None = None,
+        ttl: Duration | None = None,
+        purpose: str | None = None,
+    ) -> Credential:
+        """A narrower child credential that dies with its parent."""
+        return await arun(self._core.attenuate(cred, scopes, audience, ttl, purpose), self._astore)
+
+    async def lease(self, ref: LeaseRef) -> Lease:
+        """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
+        return await arun(self._core.get(ref), self._astore)
+
+    async def leases(
+        self,
+        *,
+        owner: str | None = None,
+        subject: str | None = None,
+        task: str | None = None,
+        key_id: str | None = None,
+        parent: str | None = None,
+        include_inactive: bool = False,
+    ) -> list[Lease]:
+        """Leases matching the filters, oldest first (active ones by default)."""
+        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        return await arun(self._core.leases(where, include_inactive), self._astore)
+
+    async def sweep(self) -> list[Lease]:
+        """Expire every lease due now (each exactly once) and purge long-dead records."""
+        return await arun(self._core.sweep(), self._astore)
+
+    @contextlib.asynccontextmanager
+    async def task(self, task: str, **issue: Any) -> AsyncIterator[Credential]:
+        """Issue for ``task``; on exit revoke every lease of the task and its subtrees."""
+        task = validate.text(task, "task")
+        cred = await self.issue(task=task, **issue)
+        reason = "task-failed"
+        try:
+            yield cred
+            reason = "task-ended"
+        finally:
+            await self.revoke_where(task=task, reason=reason)
+
+    def ephemeral(
+        self, **issue: Any
+    ) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
+        """Decorate ``async def fn(cred, ...)``: each call runs in its own task."""
+
+        def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+            if not inspect.iscoroutinefunction(fn):
+                raise InvalidRequest("AsyncBroker.ephemeral decorates async def functions")
+            name = f"{fn.__module__}.{fn.__qualname__}"
+
+            @functools.wraps(fn)
+            async def call(*args: Any, **kwargs: Any) -> R:
+                async with self.task(self._core.task_id(name), **issue) as cred:
+                    return await fn(cred, *args, **kwargs)
+
+            return call
+
+        return decorate
+
+    # -- the reaper -------------------------------------------------------
+    async def start(self) -> None:
+        """Start the reaper task on the running loop (idempotent)."""
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(self._reap(), name="jitbroker-reaper")
+
+    async def stop(self) -> None:
+        """Cancel the reaper task and wait for it."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+
+    async def close(self) -> None:
+        """Stop the reaper and close the store."""
+        await self.stop()
+        await self._astore.close()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self._core.reap_interval)
+            try:
+                await self.sweep()
+            except JitBrokerError:
+                log.warning("reaper sweep failed; retrying next interval", exc_info=True)
+
+    async def __aenter__(self) -> AsyncBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,356 @@
+"""The broker's decisions, written once for ``Broker`` and ``AsyncBroker``.
+
+Each operation is a generator: it validates, plans the lease, consults the
+policy and signs without any I/O, and ``yield``s each store call it needs (see
+``_drive``). The sync and async brokers only differ in how they wait.
+
+Order matters for the invariants: a token is signed before its lease is
+stored (so a store failure leaves nothing behind) but only leaves ``issue``
+after the store accepted the lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+
+from . import tokens, validate
+from ._drive import Steps
+from .audit import Auditor, Sink
+from .clock import Clock, Duration, seconds, system_clock
+from .errors import (
+    InvalidRequest,
+    LeaseNotActive,
+    LeaseNotFound,
+    PolicyDenied,
+    RenewalDenied,
+    StoreError,
+)
+from .keys import KeyRing
+from .lease import Credential, Lease
+from .policy import Policy, covers
+from .stores.base import LeaseFilter
+from .verify import Verifier, check_leeway
+
+if TYPE_CHECKING:
+    from .broker import AsyncBroker, Broker
+
+log = logging.getLogger("jitbroker")
+LeaseRef = Credential | Lease | str
+TokenFormat = Literal["jws", "opaque"]
+SWEEP_BATCH = 1000
+
+
+class Core:
+    """Configuration plus the operations as generators of store calls."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        keys: KeyRing | None,
+        policy: Policy | None,
+        default_ttl: Duration,
+        max_ttl: Duration,
+        leeway: Duration,
+        clock: Clock | None,
+        token_format: TokenFormat,
+        retention: Duration | None,
+        reap_interval: Duration,
+        cache_size: int,
+        audit: Iterable[Sink],
+    ) -> None:
+        self.issuer = validate.text(issuer, "issuer")
+        self.keys = keys if keys is not None else KeyRing.generate()
+        if not isinstance(self.keys, KeyRing):
+            raise InvalidRequest("keys must be a KeyRing (for example KeyRing.generate())")
+        self.keys.active  # noqa: B018 - fail now, not at the first issue, if it cannot sign
+        if policy is not None and not isinstance(policy, Policy):
+            raise InvalidRequest("policy must be a Policy or None")
+        if token_format not in ("jws", "opaque"):
+            raise InvalidRequest(f"token_format must be 'jws' or 'opaque', not {token_format!r}")
+        self.policy = policy
+        self.max_ttl = seconds(max_ttl, "max_ttl")
+        self.default_ttl = self._bounded(default_ttl, "default_ttl")
+        self.leeway = check_leeway(leeway)
+        self.clock: Clock = clock if clock is not None else system_clock
+        self.opaque = token_format == "opaque"
+        # Dead leases are kept until their tokens cannot verify any more.
+        kept = 0.0 if retention is None else seconds(retention, "retention", allow_zero=True)
+        self.retention = max(self.leeway, kept)
+        self.reap_interval = seconds(reap_interval, "reap_interval")
+        self.next_sweep = 0.0
+        self.audit = Auditor(audit)
+        self.verifier = Verifier._online(
+            self.keys,
+            issuer=self.issuer,
+            audience=None,
+            leeway=self.leeway,
+            max_ttl=self.max_ttl + 1,  # token times are whole seconds
+            cache_size=cache_size,
+            clock=self.clock,
+        )
+        self.shell: Broker | AsyncBroker | None = None
+
+    # -- helpers without I/O ----------------------------------------------
+    def _bounded(self, ttl: object, name: str) -> float:
+        value = seconds(ttl, name)
+        if value > self.max_ttl:
+            raise InvalidRequest(
+                f"{name} {value:g}s exceeds the broker's max_ttl of {self.max_ttl:g}s"
+            )
+        return value
+
+    def _check_policy(self, lease: Lease) -> None:
+        if self.policy is not None:
+            decision = self.policy.evaluate(lease)
+            if not decision.allowed:
+                raise PolicyDenied(decision.reasons)
+
+    def _identity(self) -> tuple[str, str | None]:
+        """A new lease id and, for opaque tokens, the token (its id is its hash)."""
+        if self.opaque:
+            token, lease_id = tokens.new_opaque()
+            return lease_id, token
+        return secrets.token_urlsafe(16), None
+
+    def _token(self, lease: Lease, opaque: str | None, now: float) -> str:
+        if opaque is not None:
+            return opaque
+        key = self.keys.get(lease.key_id) if lease.key_id else None
+        if key is None or not key.private:
+            raise RenewalDenied(
+                f"lease {lease.id} was signed by key {lease.key_id}, which can no longer sign",
+                lease_id=lease.id,
+            )
+        return tokens.encode_jws(key, tokens.jws_payload(lease, self.issuer, int(now)))
+
+    def lease_id(self, ref: LeaseRef) -> str:
+        """The lease id from a Credential, a Lease, a token or an id."""
+        if isinstance(ref, Credential | Lease):
+            return ref.lease_id if isinstance(ref, Credential) else ref.id
+        if not isinstance(ref, str) or not ref:
+            raise InvalidRequest("expected a Credential, a Lease, a token or a lease id")
+        if tokens.is_opaque(ref):
+            return tokens.check_opaque(ref)
+        if ref.count(".") == 2:
+            return self.verifier.decode(ref).lease_id  # signature checked: no forged jti
+        return validate.text(ref, "lease id")
+
+    def _credential(self, token: str, lease: Lease) -> Credential:
+        return Credential(token, lease, broker=self.shell)
+
+    # -- operations ---------------------------------------------------------
+    def issue(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        ttl: Duration | None = None,
+        task: str | None = None,
+        owner: str | None = None,
+        purpose: str | None = None,
+        renewable: bool = True,
+        max_ttl: Duration | None = None,
+    ) -> Steps[Credential]:
+        """Validate, check policy, sign, store, then hand out the credential."""
+        now = self.clock()
+        life = self.default_ttl if ttl is None else self._bounded(ttl, "ttl")
+        cap = self._cap(life, renewable, max_ttl)
+        lease_id, opaque = self._identity()
+        lease = Lease(
+            id=lease_id,
+            subject=validate.text(subject, "subject"),
+            audience=validate.text(audience, "audience"),
+            scopes=validate.scopes(scopes),
+            issued_at=now,
+            expires_at=now + life,
+            max_expires_at=now + cap,
+            key_id=None if opaque is not None else self.keys.active.kid,
+            task=validate.optional_text(task, "task"),
+            owner=validate.optional_text(owner, "owner"),
+            purpose=validate.optional_text(purpose, "purpose", limit=validate.MAX_PURPOSE),
+            renewable=renewable,
+        )
+        self._check_policy(lease)
+        token = self._token(lease, opaque, now)
+        yield lambda store: store.add(lease)
+        self.audit.emit("issued", now, lease)
+        if now >= self.next_sweep:  # keeps memory bounded even with no reaper running
+            try:
+                yield from self.sweep()
+            except StoreError:  # the lease is stored: the caller still gets its token
+                log.warning("opportunistic sweep failed; the reaper will retry", exc_info=True)
+        return self._credential(token, lease)
+
+    def _cap(self, life: float, renewable: object, max_ttl: Duration | None) -> float:
+        """The lease's total lifetime, renewals included."""
+        if not isinstance(renewable, bool):
+            raise InvalidRequest("renewable must be True or False")
+        if not renewable:
+            return life
+        if max_ttl is None:
+            return self.max_ttl
+        cap = self._bounded(max_ttl, "max_ttl")
+        if cap < life:
+            raise InvalidRequest(f"max_ttl {cap:g}s is shorter than ttl {life:g}s")
+        return cap
+
+    def renew(self, ref: LeaseRef, ttl: Duration | None) -> Steps[Credential]:
+        """Extend an active, renewable lease (never past its cap) and re-sign its token."""
+        lease_id = self.lease_id(ref)
+        opaque = ref.token if isinstance(ref, Credential) and self.opaque else None
+        if isinstance(ref, str) and tokens.is_opaque(ref):
+            opaque = ref
+        extra = self.default_ttl if ttl is None else self._bounded(ttl, "ttl")
+        lease = yield from self._active(lease_id)
+        if not lease.renewable:
+            raise RenewalDenied(f"lease {lease_id} is not renewable", lease_id=lease_id)
+        now = self.clock()
+        cap = lease.max_expires_at
+        if lease.parent is not None:
+            parent = yield from self._active(lease.parent)
+            cap = min(cap, parent.expires_at)
+        if lease.expires_at >= cap:
+            raise RenewalDenied(
+                f"lease {lease_id} already expires at its maximum lifetime", lease_id=lease_id
+            )
+        if lease.key_id is None and opaque is None:
+            raise InvalidRequest("renewing an opaque lease needs its Credential or token")
+        expires_at = max(lease.expires_at, min(now + extra, cap))
+        self._check_policy(attrs.evolve(lease, expires_at=expires_at))
+        renewed = yield lambda store: store.extend(lease_id, expires_at=expires_at, at=now)
+        if renewed is None:
+            raise LeaseNotActive(f"lease {lease_id} died while renewing", lease_id=lease_id)
+        self.audit.emit("renewed", now, renewed)
+        return self._credential(self._token(renewed, opaque, now), renewed)
+
+    def attenuate(
+        self,
+        ref: LeaseRef,
+        scopes: Iterable[str] | str | None,
+        audience: str | None,
+        ttl: Duration | None,
+        purpose: str | None,
+    ) -> Steps[Credential]:
+        """A child lease: never wider scopes or audience, never outliving its parent."""
+        parent = yield from self._active(self.lease_id(ref))
+        now = self.clock()
+        child_scopes = parent.scopes if scopes is None else validate.scopes(scopes)
+        wider = [s for s in child_scopes if not any(covers(p, s) for p in parent.scopes)]
+        if wider:
+            raise InvalidRequest(
+                f"attenuation cannot widen: the parent lease lacks scopes {' '.join(wider)!r}"
+            )
+        child_audience = (
+            parent.audience if audience is None else validate.text(audience, "audience")
+        )
+        if not covers(parent.audience, child_audience):
+            raise InvalidRequest(
+                f"attenuation cannot widen: audience {child_audience!r} is outside "
+                f"the parent's {parent.audience!r}"
+            )
+        remaining = parent.expires_at - now
+        life = remaining if ttl is None else seconds(ttl, "ttl")
+        if life > remaining:
+            raise InvalidRequest(f"ttl {life:g}s exceeds the parent's remaining {remaining:.0f}s")
+        lease_id, opaque = self._identity()
+        child = attrs.evolve(
+            parent,
+            id=lease_id,
+            audience=child_audience,
+            scopes=child_scopes,
+            issued_at=now,
+            expires_at=now + life,
+            key_id=None if opaque is not None else self.keys.active.kid,
+            parent=parent.id,
+            purpose=parent.purpose
+            if purpose is None
+            else validate.text(purpose, "purpose", limit=validate.MAX_PURPOSE),
+        )
+        self._check_policy(child)
+        token = self._token(child, opaque, now)
+        added = yield lambda store: store.add(child)
+        if not added:  # the parent died between our read and the add
+            raise LeaseNotActive(
+                f"parent lease {parent.id} is no longer active", lease_id=parent.id
+            )
+        self.audit.emit("attenuated", now, child)
+        return self._credential(token, child)
+
+    def revoke(self, ref: LeaseRef, reason: str) -> Steps[bool]:
+        """Revoke a lease and its subtree; True if this call revoked it."""
+        lease_id = self.lease_id(ref)
+        reason = validate.text(reason, "reason")
+        now = self.clock()
+        revoked = yield lambda store: store.revoke(lease_id, at=now, reason=reason)
+        for lease in revoked:
+            self.audit.emit("revoked", now, lease, reason=reason)
+        return any(lease.id == lease_id for lease in revoked)
+
+    def revoke_where(self, where: LeaseFilter, reason: str) -> Steps[int]:
+        """Revoke every active lease matching ``where`` (and subtrees); the count."""
+        if where.is_empty():
+            raise InvalidRequest(
+                "revoke_where needs at least one of owner, subject, task, key_id, parent"
+            )
+        for name, value in attrs.asdict(where).items():
+            validate.optional_text(value, name)
+        reason = validate.text(reason, "reason")
+        now = self.clock()
+        revoked = yield lambda store: store.revoke_where(where, at=now, reason=reason)
+        for lease in revoked:
+            self.audit.emit("revoked", now, lease, reason=reason)
+        self.audit.emit(
+            "revoked_where", now, reason=reason, count=len(revoked), where=where.describe()
+        )
+        return len(revoked)
+
+    def leases(self, where: LeaseFilter, include_inactive: bool) -> Steps[list[Lease]]:
+        """Leases matching ``where``, oldest first; only active ones unless asked."""
+        found: list[Lease] = yield lambda store: store.find(where)
+        now = self.clock()
+        if not include_inactive:
+            found = [lease for lease in found if lease.is_active(now)]
+        return sorted(found, key=lambda lease: (lease.issued_at, lease.id))
+
+    def get(self, ref: LeaseRef) -> Steps[Lease]:
+        """The stored lease, or ``LeaseNotFound``."""
+        lease_id = self.lease_id(ref)
+        lease = yield lambda store: store.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id}", lease_id=lease_id)
+        return lease  # type: ignore[no-any-return]
+
+    def sweep(self) -> Steps[list[Lease]]:
+        """Claim every lease due by now (each exactly once), then purge the long dead."""
+        now = self.clock()
+        self.next_sweep = now + self.reap_interval
+        expired: list[Lease] = []
+        while True:
+            batch = yield lambda store: store.claim_expired(now, SWEEP_BATCH)
+            for lease in batch:
+                self.audit.emit("expired", now, lease)
+            expired.extend(batch)
+            if len(batch) < SWEEP_BATCH:
+                break
+        yield lambda store: store.purge(now - self.retention)
+        return expired
+
+    def _active(self, lease_id: str) -> Steps[Lease]:
+        lease: Lease | None = yield lambda store: store.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id}", lease_id=lease_id)
+        if not lease.is_active(self.clock()):
+            raise LeaseNotActive(
+                f"lease {lease_id} is {lease.status(self.clock())}", lease_id=lease_id
+            )
+        return lease
+
+    def task_id(self, name: str) -> str:
+        """A unique task id for one call of an ``ephemeral`` function."""
+        return f"{name}:{secrets.token_hex(6)}"

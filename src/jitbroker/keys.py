@@ -1,0 +1,491 @@
+"""Signing keys and the key ring.
+
+A ``Key`` pins exactly one algorithm: a token is verified with the algorithm of
+the key its ``kid`` names, never with one read from the token. Key ids are RFC
+7638 JWK thumbprints. Keys cannot be printed or pickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NoReturn
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from .errors import InvalidRequest
+
+__all__ = ["ALGORITHMS", "Key", "KeyRing"]
+
+ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256")
+TOKEN_TYPE = "at+jwt"
+MIN_RSA_BITS = 2048
+MIN_HMAC_BYTES = 32
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JOSE wants it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(value: object, member: str) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"JWK member {member!r} must be a non-empty base64url string")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except ValueError as exc:
+        raise InvalidRequest(f"JWK member {member!r} is not valid base64url") from exc
+
+
+def _int_member(jwk: Mapping[str, Any], member: str) -> int:
+    return int.from_bytes(_b64url_decode(jwk.get(member), member), "big")
+
+
+def _uint(value: int, length: int | None = None) -> str:
+    size = length if length is not None else max(1, (value.bit_length() + 7) // 8)
+    return b64url(value.to_bytes(size, "big"))
+
+
+def thumbprint(public_jwk: Mapping[str, str]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256) of the required members."""
+    required = {
+        "OKP": ("crv", "kty", "x"),
+        "EC": ("crv", "kty", "x", "y"),
+        "RSA": ("e", "kty", "n"),
+        "oct": ("k", "kty"),
+    }[public_jwk["kty"]]
+    canonical = json.dumps({m: public_jwk[m] for m in required}, separators=(",", ":"))
+    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+class Key:
+    """One key with one algorithm. Signs if it holds private material; always verifies.
+
+    ``header`` is the encoded JWS protected header, computed once because it is
+    the same for every token this key signs.
+    """
+
+    __slots__ = ("_material", "_public_jwk", "_verifier", "alg", "header", "kid", "private")
+
+    def __init__(self, alg: str, material: Any, public_jwk: dict[str, str] | None) -> None:
+        self.alg = alg
+        self._material = material
+        self._public_jwk = public_jwk
+        self.private = not isinstance(material, _PUBLIC_TYPES)
+        # Derived once: verification must not rebuild the public key per token.
+        self._verifier = material.public_key() if self.private and alg != "HS256" else material
+        self.kid = thumbprint(public_jwk if public_jwk is not None else _oct_jwk(material))
+        header = {"alg": alg, "typ": TOKEN_TYPE, "kid": self.kid}
+        self.header = b64url(json.dumps(header, separators=(",", ":")).encode("ascii"))
+
+    def __repr__(self) -> str:
+        kind = "private" if self.private else "public"
+        return f"<Key kid={self.kid!r} alg={self.alg!r} {kind}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("jitbroker keys cannot be pickled; export them with to_pem()/to_jwk()")
+
+    @property
+    def symmetric(self) -> bool:
+        """True for HMAC keys, which must never be published."""
+        return self.alg == "HS256"
+
+    def public_jwk(self) -> dict[str, str] | None:
+        """The public JWK (with ``kid``, ``alg``, ``use``), or None for an HMAC key."""
+        if self._public_jwk is None:
+            return None
+        return {**self._public_jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` with this key's pinned algorithm."""
+        if not self.private:
+            raise InvalidRequest(f"key {self.kid} is a public key and cannot sign")
+        m = self._material
+        if self.alg == "EdDSA":
+            return m.sign(data)  # type: ignore[no-any-return]
+        if self.alg == "ES256":
+            r, s = decode_dss_signature(m.sign(data, ec.ECDSA(hashes.SHA256())))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        if self.alg == "RS256":
+            return m.sign(data, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[no-any-return]
+        return hmac.digest(m, data, "sha256")
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        """True if ``signature`` over ``data`` verifies under this key and algorithm."""
+        v = self._verifier
+        try:
+            if self.alg == "EdDSA":
+                v.verify(signature, data)
+            elif self.alg == "ES256":
+                return self._verify_es256(signature, data)
+            elif self.alg == "RS256":
+                v.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+            else:
+                return hmac.compare_digest(hmac.digest(v, data, "sha256"), signature)
+        except InvalidSignature:
+            return False
+        return True
+
+    def _verify_es256(self, signature: bytes, data: bytes) -> bool:
+        # Raw r||s, each in [1, n-1]: r = s = 0 is the "psychic signature"
+        # (CVE-2022-21449) that broken verifiers accepted.
+        if len(signature) != 64:
+            return False
+        r = int.from_bytes(signature[:32], "big")
+        s = int.from_bytes(signature[32:], "big")
+        if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+            return False
+        self._verifier.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
+        return True
+
+    def public(self) -> Key:
+        """A verify-only copy of this key (the same key for a public or HMAC key)."""
+        if not self.private or self.symmetric:
+            return self
+        return Key(self.alg, self._material.public_key(), self._public_jwk)
+
+    def to_pem(self, password: bytes | None = None) -> bytes:
+        """PEM export: PKCS#8 for private keys (encrypted with ``password``), SPKI for public."""
+        if self.symmetric:
+            raise InvalidRequest("HMAC keys have no PEM form; use to_jwk(private=True)")
+        if not self.private:
+            return self._material.public_bytes(  # type: ignore[no-any-return]
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        enc: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password)
+            if password
+            else serialization.NoEncryption()
+        )
+        return self._material.private_bytes(  # type: ignore[no-any-return]
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
+        )
+
+    def to_jwk(self, *, private: bool = False) -> dict[str, str]:
+        """JWK export; ``private=True`` includes the secret members. Handle with care."""
+        if not private:
+            jwk = self.public_jwk()
+            if jwk is None:
+                raise InvalidRequest("an HMAC key has no public form; use private=True")
+            return jwk
+        if not self.private:
+            raise InvalidRequest(f"key {self.kid} holds no private material")
+        jwk = _private_jwk(self.alg, self._material)
+        return {**jwk, "kid": self.kid, "alg": self.alg}
+
+
+_PUBLIC_TYPES = (ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey, rsa.RSAPublicKey)
+
+
+def _oct_jwk(secret: bytes) -> dict[str, str]:
+    return {"kty": "oct", "k": b64url(secret)}
+
+
+def _public_jwk(pub: _PublicKey) -> dict[str, str]:
+    if isinstance(pub, ed25519.Ed25519PublicKey):
+        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        nums = pub.public_numbers()
+        return {"kty": "EC", "crv": "P-256", "x": _uint(nums.x, 32), "y": _uint(nums.y, 32)}
+    nums_rsa = pub.public_numbers()
+    return {"kty": "RSA", "n": _uint(nums_rsa.n), "e": _uint(nums_rsa.e)}
+
+
+def _private_jwk(alg: str, material: Any) -> dict[str, str]:
+    if alg == "HS256":
+        return _oct_jwk(material)
+    jwk = _public_jwk(material.public_key())
+    if alg == "EdDSA":
+        raw = material.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return {**jwk, "d": b64url(raw)}
+    if alg == "ES256":
+        return {**jwk, "d": _uint(material.private_numbers().private_value, 32)}
+    n = material.private_numbers()
+    extra = {"d": n.d, "p": n.p, "q": n.q, "dp": n.dmp1, "dq": n.dmq1, "qi": n.iqmp}
+    return {**jwk, **{k: _uint(v) for k, v in extra.items()}}
+
+
+def key_from_material(material: object) -> Key:
+    """Wrap a cryptography key object (or HMAC secret bytes), checking its strength."""
+    if isinstance(material, bytes | bytearray):
+        secret = bytes(material)
+        if len(secret) < MIN_HMAC_BYTES:
+            raise InvalidRequest(
+                f"HMAC secrets must be at least {MIN_HMAC_BYTES} bytes, got {len(secret)}"
+            )
+        return Key("HS256", secret, None)
+    if isinstance(material, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        alg = "EdDSA"
+    elif isinstance(material, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        if not isinstance(material.curve, ec.SECP256R1):
+            raise InvalidRequest(f"ES256 needs a P-256 key, got curve {material.curve.name}")
+        alg = "ES256"
+    elif isinstance(material, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        if material.key_size < MIN_RSA_BITS:
+            raise InvalidRequest(
+                f"RSA keys must be at least {MIN_RSA_BITS} bits, got {material.key_size}"
+            )
+        alg = "RS256"
+    else:
+        raise InvalidRequest(f"unsupported key type {type(material).__name__}")
+    pub = material if isinstance(material, _PUBLIC_TYPES) else material.public_key()
+    return Key(alg, material, _public_jwk(pub))
+
+
+def generate_key(alg: str = "EdDSA") -> Key:
+    """A fresh random key for ``alg``."""
+    if alg == "EdDSA":
+        return key_from_material(ed25519.Ed25519PrivateKey.generate())
+    if alg == "ES256":
+        return key_from_material(ec.generate_private_key(ec.SECP256R1()))
+    if alg == "RS256":
+        return key_from_material(rsa.generate_private_key(65537, MIN_RSA_BITS))
+    if alg == "HS256":
+        return key_from_material(secrets.token_bytes(MIN_HMAC_BYTES))
+    raise InvalidRequest(f"unsupported algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
+
+
+def key_from_pem(pem: bytes | str, password: bytes | None = None) -> Key:
+    """Load a PEM private key (PKCS#8 or traditional) or public key (SPKI)."""
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    material: object
+    try:
+        if b"PRIVATE KEY" in data:
+            material = serialization.load_pem_private_key(data, password=password)
+        else:
+            material = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # The message of cryptography's error can quote input; keep ours generic.
+        raise InvalidRequest(
+            "could not load the PEM key (wrong format, wrong or missing password?)"
+        ) from exc
+    return key_from_material(material)
+
+
+def key_from_jwk(jwk: Mapping[str, Any]) -> Key:
+    """Load a JWK: OKP/Ed25519, EC/P-256, RSA or oct; private if it has ``d`` (or ``k``)."""
+    if not isinstance(jwk, Mapping):
+        raise InvalidRequest("a JWK must be a JSON object")
+    kty = jwk.get("kty")
+    try:
+        key = _KTY_LOADERS[kty](jwk)  # type: ignore[index]
+    except KeyError:
+        raise InvalidRequest(f"unsupported JWK kty {kty!r}") from None
+    except ValueError as exc:
+        if isinstance(exc, InvalidRequest):
+            raise
+        raise InvalidRequest(f"invalid {kty} JWK: the key material is not valid") from exc
+    if "alg" in jwk and jwk["alg"] != key.alg:
+        raise InvalidRequest(f"JWK alg {jwk['alg']!r} does not match its key type ({key.alg})")
+    if "kid" in jwk and jwk["kid"] != key.kid:
+        raise InvalidRequest(
+            f"JWK kid {jwk['kid']!r} is not the key's RFC 7638 thumbprint {key.kid!r}"
+        )
+    return key
+
+
+def _okp_from_jwk(jwk: Mapping[str, Any]) -> Key:
+    if jwk.get("crv") != "Ed25519":
+        raise InvalidRequest(f"OKP JWKs must use crv Ed25519, got {jwk.get('crv')!r}")
+    if "d" in jwk:
+        priv = ed25519.Ed25519PrivateKey.from_private_bytes(_b64url_decode(jwk["d"], "d"))
+        key = key_from_material(priv)
+        if "x" in jwk and key._public_jwk != _okp_public(jwk):
+            raise InvalidRequest("OKP JWK: x does not match d")
+        return key
+    return key_from_material(
+        ed25519.Ed25519PublicKey.from_public_bytes(_b64url_decode(jwk.get("x"), "x"))
+    )
+
+
+def _okp_public(jwk: Mapping[str, Any]) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": jwk["x"]}
+
+
+def _ec_from_jwk(jwk: Mapping[str, Any]) -> Key:
+    if jwk.get("crv") != "P-256":
+        raise InvalidRequest(f"EC JWKs must use crv P-256, got {jwk.get('crv')!r}")
+    pub = ec.EllipticCurvePublicNumbers(
+        _int_member(jwk, "x"), _int_member(jwk, "y"), ec.SECP256R1()
+    )
+    if "d" in jwk:
+        return key_from_material(
+            ec.EllipticCurvePrivateNumbers(_int_member(jwk, "d"), pub).private_key()
+        )
+    return key_from_material(pub.public_key())
+
+
+def _rsa_from_jwk(jwk: Mapping[str, Any]) -> Key:
+    pub = rsa.RSAPublicNumbers(_int_member(jwk, "e"), _int_member(jwk, "n"))
+    if "d" not in jwk:
+        return key_from_material(pub.public_key())
+    nums = rsa.RSAPrivateNumbers(
+        p=_int_member(jwk, "p"),
+        q=_int_member(jwk, "q"),
+        d=_int_member(jwk, "d"),
+        dmp1=_int_member(jwk, "dp"),
+        dmq1=_int_member(jwk, "dq"),
+        iqmp=_int_member(jwk, "qi"),
+        public_numbers=pub,
+    )
+    return key_from_material(nums.private_key())
+
+
+def _oct_from_jwk(jwk: Mapping[str, Any]) -> Key:
+    return key_from_material(_b64url_decode(jwk.get("k"), "k"))
+
+
+_KTY_LOADERS = {
+    "OKP": _okp_from_jwk,
+    "EC": _ec_from_jwk,
+    "RSA": _rsa_from_jwk,
+    "oct": _oct_from_jwk,
+}
+
+
+class KeyRing:
+    """Signing keys by ``kid``: one active key signs, every key held verifies.
+
+    Changes replace the internal mapping wholesale (copy-on-write), so a
+    verification running in another thread never sees a half-updated ring.
+    """
+
+    __slots__ = ("_active", "_headers", "_keys")
+
+    def __init__(self, keys: Iterable[Key] = (), *, active: str | None = None) -> None:
+        self._keys: dict[str, Key] = {}
+        self._headers: dict[str, Key] = {}
+        self._active: str | None = None
+        for key in keys:
+            self.add(key)
+        if active is not None:
+            self.activate(active)
+        elif self._active is None:
+            self._active = next((k.kid for k in self._keys.values() if k.private), None)
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def generate(cls, alg: str = "EdDSA") -> KeyRing:
+        """A ring holding one fresh key for ``alg`` (EdDSA, ES256, RS256 or HS256)."""
+        return cls([generate_key(alg)])
+
+    @classmethod
+    def from_pem(cls, pem: bytes | str, password: bytes | None = None) -> KeyRing:
+        """A ring from one PEM key (a public key gives a verify-only ring)."""
+        return cls([key_from_pem(pem, password)])
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> KeyRing:
+        """A ring from one JWK (a public JWK gives a verify-only ring)."""
+        return cls([key_from_jwk(jwk)])
+
+    @classmethod
+    def from_jwks(cls, jwks: Mapping[str, Any]) -> KeyRing:
+        """A verify-only ring from a JWKS document ``{"keys": [...]}``."""
+        keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
+        if not isinstance(keys, list):
+            raise InvalidRequest('a JWKS must be an object with a "keys" list')
+        loaded = [key_from_jwk(k) for k in keys]
+        if any(k.private for k in loaded if not k.symmetric):
+            raise InvalidRequest("a JWKS for verification must not contain private keys")
+        return cls(loaded)
+
+    # -- membership -------------------------------------------------------
+    def add(self, key: Key, *, activate: bool = False) -> None:
+        """Add a key (verify-only unless ``activate``). Refuses duplicates and mixing HMAC."""
+        if key.kid in self._keys:
+            raise InvalidRequest(f"key ring already holds a key with kid {key.kid}")
+        if self._keys and any(k.symmetric != key.symmetric for k in self._keys.values()):
+            raise InvalidRequest("HMAC and asymmetric keys cannot share one key ring")
+        self._replace({**self._keys, key.kid: key})
+        if activate:
+            self.activate(key.kid)
+
+    def activate(self, kid: str) -> None:
+        """Make ``kid`` the signing key; it must hold private material."""
+        key = self._keys.get(kid)
+        if key is None:
+            raise InvalidRequest(f"no key with kid {kid} in the ring")
+        if not key.private:
+            raise InvalidRequest(f"key {kid} is a public key and cannot sign")
+        self._active = kid
+
+    def rotate(self) -> Key:
+        """Generate a new key with the active key's algorithm and make it active."""
+        alg = self.active.alg
+        key = generate_key(alg)
+        self.add(key, activate=True)
+        return key
+
+    def retire(self, kid: str) -> None:
+        """Drop ``kid`` at once: tokens it signed stop verifying. Not the active key."""
+        if kid == self._active:
+            raise InvalidRequest(f"key {kid} is active; rotate() before retiring it")
+        if kid not in self._keys:
+            raise InvalidRequest(f"no key with kid {kid} in the ring")
+        self._replace({k: v for k, v in self._keys.items() if k != kid})
+
+    def _replace(self, keys: dict[str, Key]) -> None:
+        # Headers first: a reader that sees the new header map finds its key in
+        # either map; both are swapped whole, never mutated in place.
+        self._headers = {k.header: k for k in keys.values()}
+        self._keys = keys
+
+    @property
+    def active(self) -> Key:
+        """The key that signs new tokens."""
+        if self._active is None:
+            raise InvalidRequest("this key ring holds no private key, so it cannot sign")
+        return self._keys[self._active]
+
+    def get(self, kid: str) -> Key | None:
+        """The key for ``kid``, or None."""
+        return self._keys.get(kid)
+
+    def by_header(self, header: str) -> Key | None:
+        """The key whose exact encoded JWS header is ``header`` (the verify fast path)."""
+        return self._headers.get(header)
+
+    def public(self) -> KeyRing:
+        """A verify-only copy of this ring (HMAC keys stay as they are)."""
+        return KeyRing([k.public() for k in self._keys.values()])
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The public JWKS: asymmetric public keys only, never an HMAC key or private member."""
+        keys = [k.public_jwk() for k in self._keys.values()]
+        return {"keys": [jwk for jwk in keys if jwk is not None]}
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self._keys.values()))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k.kid}:{k.alg}" for k in self._keys.values())
+        return f"<KeyRing active={self._active!r} keys=[{keys}]>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("jitbroker key rings cannot be pickled")

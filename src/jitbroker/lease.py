@@ -1,0 +1,155 @@
+"""The values: ``Lease`` (the authority record), ``Credential`` and ``Claims``.
+
+All three are frozen attrs classes; a change makes a new value. Only
+``Credential`` holds a secret (the token) and it is kept out of ``repr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from .errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from .broker import AsyncBroker, Broker
+
+__all__ = ["Claims", "Credential", "Lease"]
+
+
+@attrs.frozen(slots=True, weakref_slot=False)
+class Lease:
+    """The authority record behind a token; ``id`` is the token's ``jti``.
+
+    Times are POSIX seconds from the broker's clock. A lease is active while it
+    is not revoked and ``now < expires_at``; ``max_expires_at`` caps renewal.
+    """
+
+    id: str
+    subject: str
+    audience: str
+    scopes: tuple[str, ...]
+    issued_at: float
+    expires_at: float
+    max_expires_at: float
+    key_id: str | None = None
+    task: str | None = None
+    owner: str | None = None
+    purpose: str | None = None
+    parent: str | None = None
+    renewable: bool = True
+    revoked_at: float | None = None
+    revoke_reason: str | None = None
+
+    def is_active(self, now: float) -> bool:
+        """True if not revoked and not yet expired at ``now``."""
+        return self.revoked_at is None and now < self.expires_at
+
+    def status(self, now: float) -> str:
+        """``"active"``, ``"revoked"`` or ``"expired"`` at ``now``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "active" if now < self.expires_at else "expired"
+
+    @property
+    def scope(self) -> str:
+        """The scopes as one space-delimited string, as in the token."""
+        return " ".join(self.scopes)
+
+
+@attrs.frozen(slots=True, weakref_slot=False)
+class Credential:
+    """What ``issue`` returns: the token and its lease. ``repr`` never shows the token.
+
+    Usable as a context manager: the lease is revoked (reason ``"done"``) on exit.
+    """
+
+    token: str = attrs.field(repr=False)
+    lease: Lease
+    _broker: Broker | AsyncBroker | None = attrs.field(
+        default=None, repr=False, eq=False, alias="broker"
+    )
+
+    @property
+    def lease_id(self) -> str:
+        """The lease id, which is also the token's ``jti``."""
+        return self.lease.id
+
+    @property
+    def expires_at(self) -> float:
+        """When the lease expires (POSIX seconds)."""
+        return self.lease.expires_at
+
+    def revoke(self, reason: str = "done") -> bool:
+        """Revoke this credential's lease (and its descendants); True if it was active."""
+        from .broker import Broker
+
+        if not isinstance(self._broker, Broker):
+            raise InvalidRequest(
+                "this credential was issued by an AsyncBroker (use `await cred.arevoke()`)"
+                if self._broker is not None
+                else "this credential is not bound to a broker; call broker.revoke(cred)"
+            )
+        return self._broker.revoke(self, reason=reason)
+
+    async def arevoke(self, reason: str = "done") -> bool:
+        """Revoke through an ``AsyncBroker`` (or a ``Broker``) from async code."""
+        from .broker import AsyncBroker
+
+        if isinstance(self._broker, AsyncBroker):
+            return await self._broker.revoke(self, reason=reason)
+        return self.revoke(reason)
+
+    def __enter__(self) -> Credential:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.revoke("done" if exc_type is None else "failed")
+
+    async def __aenter__(self) -> Credential:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.arevoke("done" if exc_type is None else "failed")
+
+
+@attrs.frozen(slots=True, weakref_slot=False)
+class Claims:
+    """What ``verify`` returns: the checked claims as typed fields, plus ``raw``.
+
+    Times are the token's integer NumericDates. For an opaque token the claims
+    come from the lease and ``raw`` is empty.
+    """
+
+    lease_id: str
+    issuer: str
+    subject: str
+    audience: str
+    scopes: frozenset[str]
+    issued_at: int
+    not_before: int
+    expires_at: int
+    key_id: str | None = None
+    task: str | None = None
+    owner: str | None = None
+    purpose: str | None = None
+    parent: str | None = None
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def scope(self) -> str:
+        """The scopes as one space-delimited string (sorted)."""
+        return " ".join(sorted(self.scopes))

@@ -1,0 +1,153 @@
+"""The lease store protocol: a few small methods every store implements.
+
+Each method is atomic on its own. The broker never holds a store lock across
+calls; every invariant that needs two steps to agree is enforced inside one
+store call (``add`` refuses a child whose parent died, ``revoke`` takes the
+whole subtree, ``claim_expired`` hands each lease to exactly one caller).
+
+Stores translate their own errors: a failure to reach the backend becomes
+``StoreUnavailable`` with the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import attrs
+
+from ..lease import Lease
+
+__all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "as_async"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class LeaseFilter:
+    """Which leases an operation applies to: every given field must match (AND)."""
+
+    owner: str | None = None
+    subject: str | None = None
+    task: str | None = None
+    parent: str | None = None
+    key_id: str | None = None
+
+    def is_empty(self) -> bool:
+        """True if no field is set (it would match every lease)."""
+        return not any(attrs.astuple(self))
+
+    def matches(self, lease: Lease) -> bool:
+        """True if ``lease`` matches every set field."""
+        return all(
+            want is None or getattr(lease, name) == want
+            for name, want in attrs.asdict(self).items()
+        )
+
+    def describe(self) -> str:
+        """``owner='alice', task='job-42'``: for messages and audit events."""
+        return ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(self).items() if v is not None)
+
+
+@runtime_checkable
+class LeaseStore(Protocol):
+    """Where leases live. ``now`` is always passed in: stores never read a clock."""
+
+    #: False for stores that never block (MemoryStore): AsyncBroker calls them inline.
+    blocking: bool
+
+    def add(self, lease: Lease) -> bool:
+        """Store a new lease. If it has a parent that is not active at
+        ``lease.issued_at``, store nothing and return False."""
+        ...
+
+    def get(self, lease_id: str) -> Lease | None:
+        """The lease with this id, or None (never stored, or purged)."""
+        ...
+
+    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+        """Revoke the lease and its active descendants; return those that transitioned.
+
+        Only a lease active at ``at`` transitions; an unknown or dead lease gives ``[]``.
+        The change is durable and visible to every reader when this returns.
+        """
+        ...
+
+    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants."""
+        ...
+
+    def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
+        """Set a new expiry if the lease is active at ``at``; the updated lease, or None."""
+        ...
+
+    def find(self, where: LeaseFilter) -> list[Lease]:
+        """Every stored lease matching ``where`` (live or dead, not yet purged)."""
+        ...
+
+    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
+        ...
+
+    def purge(self, before: float) -> int:
+        """Delete dead leases (revoked or claimed expired) with ``expires_at < before``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files. Idempotent."""
+        ...
+
+
+class AsyncLeaseStore(Protocol):
+    """The async twin of ``LeaseStore``: the same methods, as coroutines."""
+
+    async def add(self, lease: Lease) -> bool: ...
+    async def get(self, lease_id: str) -> Lease | None: ...
+    async def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]: ...
+    async def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]: ...
+    async def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None: ...
+    async def find(self, where: LeaseFilter) -> list[Lease]: ...
+    async def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]: ...
+    async def purge(self, before: float) -> int: ...
+    async def close(self) -> None: ...
+
+
+_METHODS = ("add", "get", "revoke", "revoke_where", "extend", "find", "claim_expired", "purge")
+
+
+class _SyncAsAsync:
+    """Presents a sync store as an ``AsyncLeaseStore``.
+
+    A non-blocking store is called inline (no thread hop on the hot path); a
+    blocking one runs in the default executor so the event loop never stalls.
+    """
+
+    def __init__(self, store: LeaseStore) -> None:
+        self.sync = store
+        for name in _METHODS:
+            setattr(self, name, self._wrap(getattr(store, name), store.blocking))
+
+    @staticmethod
+    def _wrap(fn: Callable[..., T], blocking: bool) -> Callable[..., Any]:
+        if blocking:
+
+            async def threaded(*args: Any, **kwargs: Any) -> T:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+
+            return threaded
+
+        async def inline(*args: Any, **kwargs: Any) -> T:
+            return fn(*args, **kwargs)
+
+        return inline
+
+    async def close(self) -> None:
+        self.sync.close()
+
+
+def as_async(store: LeaseStore | AsyncLeaseStore) -> AsyncLeaseStore:
+    """The async view of ``store``: itself if it is async already."""
+    if isinstance(store, LeaseStore):
+        return _SyncAsAsync(store)  # type: ignore[return-value]
+    return store

@@ -1,0 +1,156 @@
+"""``MemoryStore``: the default, in-process, thread-safe store.
+
+Leases live in a dict; reads take no lock (a dict lookup is atomic), writes take
+one short lock. Expiry is ordered by a heap with lazy deletion: renewals push
+a new entry and stale ones are skipped when popped, so a sweep costs
+O(k log n) for k expired leases, never a scan. Dead leases wait in a second
+heap until their tokens can no longer verify, then they are purged, which
+keeps memory bounded by the number of live leases.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+
+import attrs
+
+from ..lease import Lease
+from .base import LeaseFilter
+
+__all__ = ["MemoryStore"]
+
+_INDEXED = ("owner", "subject", "task", "parent", "key_id")
+
+
+class MemoryStore:
+    """Leases in this process's memory; lost when it exits. Thread-safe."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self._leases: dict[str, Lease] = {}
+        self._claimed: set[str] = set()  # expired leases already handed to a sweeper
+        self._expiry: list[tuple[float, str]] = []  # (expires_at, id), lazily deleted
+        self._dead: list[tuple[float, str]] = []  # (expires_at, id) of dead leases
+        self._index: dict[str, dict[str, set[str]]] = {f: {} for f in _INDEXED}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore leases={len(self._leases)}>"
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    # -- the protocol ------------------------------------------------------
+    def add(self, lease: Lease) -> bool:
+        with self._lock:
+            if lease.parent is not None and not self._live(lease.parent, lease.issued_at):
+                return False
+            self._leases[lease.id] = lease
+            heapq.heappush(self._expiry, (lease.expires_at, lease.id))
+            for field, index in self._index.items():
+                value = getattr(lease, field)
+                if value is not None:
+                    index.setdefault(value, set()).add(lease.id)
+        return True
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+        with self._lock:
+            return self._revoke_tree([lease_id], at, reason)
+
+    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
+        with self._lock:
+            return self._revoke_tree([lease.id for lease in self._find(where)], at, reason)
+
+    def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
+        with self._lock:
+            if not self._live(lease_id, at):
+                return None
+            lease = attrs.evolve(self._leases[lease_id], expires_at=expires_at)
+            self._leases[lease_id] = lease
+            heapq.heappush(self._expiry, (expires_at, lease_id))
+            return lease
+
+    def find(self, where: LeaseFilter) -> list[Lease]:
+        with self._lock:
+            return self._find(where)
+
+    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        claimed: list[Lease] = []
+        with self._lock:
+            heap = self._expiry
+            while heap and heap[0][0] <= now and len(claimed) < limit:
+                due, lease_id = heapq.heappop(heap)
+                lease = self._leases.get(lease_id)
+                # Stale entries: purged, renewed since (expiry moved), revoked, claimed.
+                if lease is None or lease.expires_at != due or lease.revoked_at is not None:
+                    continue
+                if lease_id in self._claimed:
+                    continue
+                self._claimed.add(lease_id)
+                heapq.heappush(self._dead, (due, lease_id))
+                claimed.append(lease)
+        return claimed
+
+    def purge(self, before: float) -> int:
+        purged = 0
+        with self._lock:
+            heap = self._dead
+            while heap and heap[0][0] < before:
+                _, lease_id = heapq.heappop(heap)
+                lease = self._leases.pop(lease_id, None)
+                if lease is None:
+                    continue
+                self._claimed.discard(lease_id)
+                self._unindex(lease)
+                purged += 1
+        return purged
+
+    def close(self) -> None:
+        """Nothing to release; kept for the protocol."""
+
+    # -- helpers (caller holds the lock) ----------------------------------
+    def _live(self, lease_id: str, at: float) -> bool:
+        lease = self._leases.get(lease_id)
+        return lease is not None and lease.is_active(at) and lease_id not in self._claimed
+
+    def _find(self, where: LeaseFilter) -> list[Lease]:
+        sets = [
+            self._index[field].get(value, set())
+            for field, value in attrs.asdict(where).items()
+            if value is not None
+        ]
+        ids = min(sets, key=len) if sets else self._leases.keys()
+        leases = (self._leases[i] for i in ids)
+        return [lease for lease in leases if where.matches(lease)]
+
+    def _revoke_tree(self, roots: list[str], at: float, reason: str) -> list[Lease]:
+        # Walk down from each root; a dead lease's children were revoked with it,
+        # so the walk only descends through leases that transition now.
+        revoked: list[Lease] = []
+        stack = list(roots)
+        while stack:
+            lease_id = stack.pop()
+            if not self._live(lease_id, at):
+                continue
+            lease = attrs.evolve(self._leases[lease_id], revoked_at=at, revoke_reason=reason)
+            self._leases[lease_id] = lease
+            heapq.heappush(self._dead, (lease.expires_at, lease_id))
+            revoked.append(lease)
+            stack.extend(self._index["parent"].get(lease_id, ()))
+        return revoked
+
+    def _unindex(self, lease: Lease) -> None:
+        for field, index in self._index.items():
+            value = getattr(lease, field)
+            if value is None:
+                continue
+            ids = index.get(value)
+            if ids is not None:
+                ids.discard(lease.id)
+                if not ids:
+                    del index[value]

@@ -1,0 +1,217 @@
+"""Token minting and parsing: compact JWS and opaque tokens (the hot path).
+
+Parsing is strict and ordered so that nothing expensive or ambiguous happens
+before the cheap checks pass: a length cap, then the compact format (three
+base64url segments, canonical, unpadded), then the header (matched byte-exact
+against the headers our own keys produce, or parsed strictly), then the
+signature with the algorithm pinned by the key, and only then the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import secrets
+from types import MappingProxyType
+from typing import Any
+
+from .errors import BadSignature, MalformedToken, UnknownKey
+from .keys import TOKEN_TYPE, Key, KeyRing, b64url
+from .lease import Claims, Lease
+
+__all__ = ["OPAQUE_PREFIX", "decode_jws", "encode_jws", "is_opaque", "new_opaque"]
+
+MAX_TOKEN_LENGTH = 8192
+OPAQUE_PREFIX = "jbo_"
+_OPAQUE = re.compile(r"jbo_[A-Za-z0-9_-]{43}")
+_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# Final base64url characters whose unused low bits are zero: for a segment of
+# length 4k+2 the last character carries 4 spare bits, for 4k+3 it carries 2.
+_CANONICAL_LAST = {
+    2: frozenset("AQgw"),
+    3: frozenset("AEIMQUYcgkosw048"),
+}
+_REQUIRED_STR = ("iss", "sub", "aud", "jti")
+_REQUIRED_INT = ("iat", "nbf", "exp")
+_OPTIONAL_STR = ("task", "owner", "purpose", "parent")
+_FORBIDDEN_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64"})
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+# -- minting ----------------------------------------------------------------
+def jws_payload(lease: Lease, issuer: str, iat: int) -> dict[str, Any]:
+    """The JWT claims for ``lease``, signed at ``iat``. Times are whole seconds."""
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": lease.subject,
+        "aud": lease.audience,
+        "iat": iat,
+        "nbf": iat,
+        "exp": int(lease.expires_at),  # floor: the token never outlives its lease
+        "jti": lease.id,
+        "scope": " ".join(lease.scopes),
+    }
+    if lease.task is not None:
+        claims["task"] = lease.task
+    if lease.owner is not None:
+        claims["owner"] = lease.owner
+    if lease.purpose is not None:
+        claims["purpose"] = lease.purpose
+    if lease.parent is not None:
+        claims["parent"] = lease.parent
+    return claims
+
+
+def encode_jws(key: Key, claims: dict[str, Any]) -> str:
+    """Sign ``claims`` with ``key``; the protected header was encoded once, with the key."""
+    signing_input = key.header + "." + b64url(_dumps(claims).encode("ascii"))
+    return signing_input + "." + b64url(key.sign(signing_input.encode("ascii")))
+
+
+def new_opaque() -> tuple[str, str]:
+    """A fresh opaque token and its lease id (a hash: the store never sees the token)."""
+    token = OPAQUE_PREFIX + secrets.token_urlsafe(32)
+    return token, opaque_lease_id(token)
+
+
+def opaque_lease_id(token: str) -> str:
+    """The lease id of an opaque token: the first 128 bits of its SHA-256, base64url."""
+    return b64url(hashlib.sha256(token.encode("ascii")).digest()[:16])
+
+
+def is_opaque(token: str) -> bool:
+    """True if ``token`` has the opaque prefix (it may still be malformed)."""
+    return token.startswith(OPAQUE_PREFIX)
+
+
+def check_opaque(token: str) -> str:
+    """The lease id of a well-formed opaque token, or ``MalformedToken``."""
+    if not _OPAQUE.fullmatch(token):
+        raise MalformedToken("not a well-formed opaque token")
+    return opaque_lease_id(token)
+
+
+# -- parsing ----------------------------------------------------------------
+def b64decode(segment: str) -> bytes:
+    """Decode an unpadded base64url segment, refusing non-canonical encodings.
+
+    The caller has already checked the alphabet with ``_COMPACT``.
+    """
+    rem = len(segment) % 4
+    if rem == 1 or (rem and segment[-1] not in _CANONICAL_LAST[rem]):
+        raise MalformedToken("token segment is not canonical base64url")
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-rem % 4))
+    except binascii.Error as exc:  # pragma: no cover - excluded by the checks above
+        raise MalformedToken("token segment is not valid base64url") from exc
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise MalformedToken("token JSON has duplicate member names")
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise MalformedToken(f"token JSON contains {name}, which is not JSON")
+
+
+_loads = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants).decode
+
+
+def strict_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """Parse UTF-8 JSON that must be an object, with no duplicates, NaN or deep nesting."""
+    try:
+        obj = _loads(data.decode("utf-8"))
+    except MalformedToken:
+        raise
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
+        raise MalformedToken(f"token {what} is not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise MalformedToken(f"token {what} must be a JSON object")
+    return obj
+
+
+def decode_jws(token: object, keys: KeyRing) -> tuple[Key, dict[str, Any]]:
+    """Check format, header and signature; return the key and the (untyped) payload."""
+    if not isinstance(token, str):
+        raise MalformedToken(f"a token must be a string, not {type(token).__name__}")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise MalformedToken(f"token longer than {MAX_TOKEN_LENGTH} characters")
+    if not _COMPACT.fullmatch(token):
+        raise MalformedToken("not a compact JWS (three base64url segments separated by dots)")
+    header, payload, signature = token.split(".")
+    key = keys.by_header(header) or _key_from_header(header, keys)
+    sig = b64decode(signature)
+    signing_input = token[: len(header) + len(payload) + 1].encode("ascii")
+    if not key.verify(sig, signing_input):
+        raise BadSignature(f"signature does not verify under key {key.kid}")
+    return key, strict_json_object(b64decode(payload), "payload")
+
+
+def _key_from_header(segment: str, keys: KeyRing) -> Key:
+    """Slow path for headers our keys did not produce byte for byte: parse strictly."""
+    header = strict_json_object(b64decode(segment), "header")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg.lower() == "none":
+        raise MalformedToken("unsigned tokens (alg none) are never accepted")
+    forbidden = _FORBIDDEN_HEADERS.intersection(header)
+    if forbidden:
+        raise MalformedToken(f"header parameters {sorted(forbidden)} are not accepted")
+    typ = header.get("typ")
+    if typ not in (TOKEN_TYPE, "application/" + TOKEN_TYPE):
+        raise MalformedToken(f"token typ must be {TOKEN_TYPE!r}")
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise MalformedToken("token header has no kid")
+    key = keys.get(kid)
+    if key is None:
+        raise UnknownKey(f"no key with kid {kid[:64]!r}")
+    if alg != key.alg:
+        raise BadSignature(f"token alg {alg[:16]!r} does not match key {kid}'s alg {key.alg}")
+    return key
+
+
+def claims_from_payload(payload: dict[str, Any], key: Key) -> Claims:
+    """Type-check the payload into ``Claims``; required claims are always required."""
+    for name in _REQUIRED_STR:
+        if not isinstance(payload.get(name), str) or not payload[name]:
+            raise MalformedToken(f"claim {name!r} is required and must be a non-empty string")
+    for name in _REQUIRED_INT:
+        value = payload.get(name)
+        if type(value) is not int:  # bool and float are refused on purpose
+            raise MalformedToken(f"claim {name!r} is required and must be an integer")
+    for name in _OPTIONAL_STR:
+        if name in payload and not isinstance(payload[name], str):
+            raise MalformedToken(f"claim {name!r} must be a string")
+    return Claims(
+        lease_id=payload["jti"],
+        issuer=payload["iss"],
+        subject=payload["sub"],
+        audience=payload["aud"],
+        scopes=_scope_set(payload.get("scope", "")),
+        issued_at=payload["iat"],
+        not_before=payload["nbf"],
+        expires_at=payload["exp"],
+        key_id=key.kid,
+        task=payload.get("task"),
+        owner=payload.get("owner"),
+        purpose=payload.get("purpose"),
+        parent=payload.get("parent"),
+        raw=MappingProxyType(payload),
+    )
+
+
+def _scope_set(scope: object) -> frozenset[str]:
+    if not isinstance(scope, str):
+        raise MalformedToken("claim 'scope' must be a space-delimited string")
+    if not scope:
+        return frozenset()
+    items = scope.split(" ")
+    if "" in items:
+        raise MalformedToken("claim 'scope' has empty entries")
+    return frozenset(items)

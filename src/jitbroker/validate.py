@@ -1,0 +1,81 @@
+"""Checks of caller input, done before anything is signed or stored.
+
+Each check returns the normalized value or raises ``InvalidRequest`` with a
+message that says what to fix. None of them does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import InvalidRequest
+
+MAX_TEXT = 256
+MAX_PURPOSE = 1024
+MAX_SCOPES = 64
+MAX_SCOPE_LEN = 128
+# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+# Normalized scope tuples, memoized by input: validation runs once per distinct
+# scope list and leases with equal scopes share one tuple (less memory per lease).
+_scope_memo: dict[tuple[str, ...], tuple[str, ...]] = {}
+_SCOPE_MEMO_MAX = 4096
+
+
+def text(value: object, name: str, *, limit: int = MAX_TEXT) -> str:
+    """A required, printable, non-blank string of at most ``limit`` characters."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string, not {type(value).__name__}")
+    if not value or value.isspace():
+        raise InvalidRequest(f"{name} must not be empty")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} is {len(value)} characters; the limit is {limit}")
+    if not value.isprintable():
+        raise InvalidRequest(f"{name} must not contain control or non-printable characters")
+    return value
+
+
+def optional_text(value: object, name: str, *, limit: int = MAX_TEXT) -> str | None:
+    """Like ``text`` but None passes through."""
+    return None if value is None else text(value, name, limit=limit)
+
+
+def scopes(value: object) -> tuple[str, ...]:
+    """Scopes from an iterable of strings or one space-delimited string: sorted, unique."""
+    if isinstance(value, str):
+        raw = tuple(value.split(" ")) if value else ()
+    elif isinstance(value, Iterable) and not isinstance(value, bytes | bytearray | dict):
+        raw = tuple(value)
+    else:
+        raise InvalidRequest(
+            f"scopes must be a list of strings or one space-delimited string, "
+            f"not {type(value).__name__}"
+        )
+    try:
+        return _scope_memo[raw]
+    except (KeyError, TypeError):
+        pass
+    result = tuple(sorted({_scope(s) for s in raw}))
+    if len(result) > MAX_SCOPES:
+        raise InvalidRequest(f"{len(result)} scopes requested; the limit is {MAX_SCOPES}")
+    if len(_scope_memo) >= _SCOPE_MEMO_MAX:
+        _scope_memo.clear()
+    _scope_memo[raw] = result
+    return result
+
+
+def _scope(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"each scope must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidRequest("empty scope (check for doubled or trailing spaces)")
+    if len(value) > MAX_SCOPE_LEN:
+        raise InvalidRequest(f"a scope is {len(value)} characters; the limit is {MAX_SCOPE_LEN}")
+    if not _SCOPE_TOKEN.fullmatch(value):
+        raise InvalidRequest(
+            f"scope {value!r} is invalid: use printable ASCII without spaces, quotes "
+            f"or backslashes (RFC 6749 scope-token)"
+        )
+    return value

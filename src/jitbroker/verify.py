@@ -1,0 +1,248 @@
+"""``Verifier``: token verification on its own, for services that only check tokens.
+
+Online (a lease store is given) a token passes only if its signature, issuer,
+time window, audience and scopes check out AND its lease exists and is active.
+Offline (``offline=True``, no store) revocation only takes effect at expiry.
+
+A bounded cache maps a token to its signature-checked claims so a service that
+sees the same token on every request pays for the signature once. A hit still
+checks the key is held, the time window, audience, scopes and (online) the lease.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from cachetools import LRUCache
+
+from . import tokens, validate
+from ._drive import Steps, run
+from .clock import Clock, Duration, seconds, system_clock
+from .errors import (
+    InsufficientScope,
+    InvalidRequest,
+    MalformedToken,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenRevoked,
+    UnknownKey,
+    UnknownLease,
+    WrongAudience,
+    WrongIssuer,
+)
+from .keys import KeyRing
+from .lease import Claims, Lease
+from .stores.base import LeaseStore
+
+__all__ = ["MAX_LEEWAY", "Verifier"]
+
+MAX_LEEWAY = 60.0
+_NO_SCOPES: tuple[str, ...] = ()
+
+
+def check_leeway(value: Duration) -> float:
+    """Leeway is explicit and small: 0 to 60 seconds."""
+    leeway = seconds(value, "leeway", allow_zero=True)
+    if leeway > MAX_LEEWAY:
+        raise InvalidRequest(f"leeway is {leeway:g}s; at most {MAX_LEEWAY:g}s is allowed")
+    return leeway
+
+
+class Verifier:
+    """Verifies tokens against a key ring or a JWKS, optionally online against a store.
+
+    Args:
+        keys: a ``KeyRing`` (an HMAC ring must be the issuer's own) or a JWKS dict.
+        issuer: the exact ``iss`` to accept.
+        audience: the default audience for ``verify`` calls.
+        store: the lease store to check leases in (online verification).
+        offline: pass True, with no store, to verify signatures and claims only;
+            then a revoked token keeps verifying until it expires.
+        leeway: clock skew allowed on ``exp``/``nbf``/``iat`` (0..60 s, default 5).
+        max_ttl: refuse tokens whose ``exp - iat`` exceeds this many seconds.
+        cache_size: how many verified tokens to remember (0 disables the cache).
+        clock: the time source (default ``time.time``).
+    """
+
+    def __init__(
+        self,
+        keys: KeyRing | Mapping[str, Any],
+        *,
+        issuer: str,
+        audience: str | None = None,
+        store: LeaseStore | None = None,
+        offline: bool = False,
+        leeway: Duration = 5,
+        max_ttl: Duration | None = None,
+        cache_size: int = 4096,
+        clock: Clock = system_clock,
+    ) -> None:
+        if store is None and not offline:
+            raise InvalidRequest(
+                "pass store=... for online verification, or offline=True to accept "
+                "that revoked tokens verify until they expire"
+            )
+        if store is not None and offline:
+            raise InvalidRequest("offline=True and a store contradict each other; pick one")
+        self._init(keys, issuer, audience, leeway, max_ttl, cache_size, clock)
+        self.store = store
+        self.online = not offline
+
+    def _init(
+        self,
+        keys: KeyRing | Mapping[str, Any],
+        issuer: str,
+        audience: str | None,
+        leeway: Duration,
+        max_ttl: Duration | None,
+        cache_size: int,
+        clock: Clock,
+    ) -> None:
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing.from_jwks(keys)
+        self.issuer = validate.text(issuer, "issuer")
+        self.audience = validate.optional_text(audience, "audience")
+        self.leeway = check_leeway(leeway)
+        self.max_ttl = None if max_ttl is None else seconds(max_ttl, "max_ttl")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise InvalidRequest("cache_size must be a whole number >= 0")
+        self._cache: LRUCache[str, Claims] | None = LRUCache(cache_size) if cache_size else None
+        self._cache_lock = threading.Lock()
+        self.clock = clock
+
+    @classmethod
+    def _online(cls, keys: KeyRing, **options: Any) -> Verifier:
+        """A verifier whose lease checks are driven by the caller's store (Broker's)."""
+        self = cls.__new__(cls)
+        self._init(keys, **options)
+        self.store = None
+        self.online = True
+        return self
+
+    def __repr__(self) -> str:
+        mode = "online" if self.online else "offline"
+        return f"<Verifier issuer={self.issuer!r} {mode} keys={len(self.keys)}>"
+
+    # -- public -----------------------------------------------------------
+    def verify(
+        self, token: str, *, audience: str | None = None, scopes: Iterable[str] | str = ()
+    ) -> Claims:
+        """Verify ``token`` for ``audience`` and ``scopes``; raise an ``InvalidToken`` if not."""
+        return run(self.steps(token, audience, scopes), self.store)
+
+    def decode(self, token: str) -> Claims:
+        """Signature, format, issuer and lifetime checks only (cached); no time window."""
+        cache = self._cache
+        if cache is not None:
+            with self._cache_lock:
+                claims = cache.get(token)
+            if claims is not None:
+                if claims.key_id not in self.keys:  # its key was retired since
+                    raise UnknownKey(f"no key with kid {claims.key_id!r}")
+                return claims
+        key, payload = tokens.decode_jws(token, self.keys)
+        claims = tokens.claims_from_payload(payload, key)
+        if claims.issuer != self.issuer:
+            raise WrongIssuer(f"token issued by {claims.issuer[:128]!r}, not {self.issuer!r}")
+        if self.max_ttl is not None and claims.expires_at - claims.issued_at > self.max_ttl:
+            raise MalformedToken(f"token lifetime exceeds the maximum of {self.max_ttl:g}s")
+        if cache is not None:
+            with self._cache_lock:
+                cache[token] = claims
+        return claims
+
+    def steps(self, token: str, audience: str | None, scopes: Iterable[str] | str) -> Steps[Claims]:
+        """Verification as steps: yields the lease lookup when online (see ``_drive``)."""
+        if isinstance(token, str) and tokens.is_opaque(token):
+            return self._opaque_steps(token, audience, scopes)
+        return self._jws_steps(token, audience, scopes)
+
+    # -- the two token formats --------------------------------------------
+    def _jws_steps(
+        self, token: str, audience: str | None, scopes: Iterable[str] | str
+    ) -> Steps[Claims]:
+        claims = self.decode(token)
+        now = self.clock()
+        self._check_window(claims, now)
+        self._check_access(claims, audience, scopes)
+        if self.online:
+            lease = yield lambda store: store.get(claims.lease_id)
+            check_lease(claims, lease, self.clock())
+        return claims
+
+    def _opaque_steps(
+        self, token: str, audience: str | None, scopes: Iterable[str] | str
+    ) -> Steps[Claims]:
+        lease_id = tokens.check_opaque(token)
+        if not self.online:
+            raise UnknownLease("opaque tokens can only be verified online, against the store")
+        lease = yield lambda store: store.get(lease_id)
+        if lease is None:
+            raise UnknownLease("no lease for this token", lease_id=lease_id)
+        claims = claims_from_lease(lease, self.issuer)
+        check_lease(claims, lease, self.clock())
+        self._check_access(claims, audience, scopes)
+        return claims
+
+    # -- claim checks -----------------------------------------------------
+    def _check_window(self, claims: Claims, now: float) -> None:
+        leeway = self.leeway
+        if now >= claims.expires_at + leeway:
+            raise TokenExpired(
+                f"token for lease {claims.lease_id} expired at {claims.expires_at}",
+                expired_at=claims.expires_at,
+            )
+        if claims.not_before > now + leeway or claims.issued_at > now + leeway:
+            raise TokenNotYetValid(f"token for lease {claims.lease_id} is not valid yet")
+
+    def _check_access(
+        self, claims: Claims, audience: str | None, scopes: Iterable[str] | str
+    ) -> None:
+        want = audience if audience is not None else self.audience
+        if want is None:
+            raise InvalidRequest(
+                "verify needs an audience: pass audience=... here or to the Verifier"
+            )
+        if claims.audience != want:
+            raise WrongAudience(f"token is for audience {claims.audience[:128]!r}, not {want!r}")
+        required = validate.scopes(scopes) if scopes else _NO_SCOPES
+        if not claims.scopes.issuperset(required):
+            missing = set(required) - claims.scopes
+            raise InsufficientScope(
+                f"token lacks scopes {' '.join(sorted(missing))!r}", missing=missing
+            )
+
+
+def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
+    """The online check: the lease exists, is active, and is the token's."""
+    if lease is None:
+        raise UnknownLease(f"no lease {claims.lease_id} in the store", lease_id=claims.lease_id)
+    if lease.revoked_at is not None:
+        raise TokenRevoked(
+            f"lease {lease.id} was revoked ({lease.revoke_reason})",
+            lease_id=lease.id,
+            reason=lease.revoke_reason,
+        )
+    if now >= lease.expires_at:
+        raise TokenExpired(f"lease {lease.id} expired", expired_at=lease.expires_at)
+    if lease.subject != claims.subject or lease.audience != claims.audience:
+        raise UnknownLease(f"lease {lease.id} does not match the token", lease_id=lease.id)
+
+
+def claims_from_lease(lease: Lease, issuer: str) -> Claims:
+    """Claims for an opaque token: everything comes from its lease."""
+    return Claims(
+        lease_id=lease.id,
+        issuer=issuer,
+        subject=lease.subject,
+        audience=lease.audience,
+        scopes=frozenset(lease.scopes),
+        issued_at=int(lease.issued_at),
+        not_before=int(lease.issued_at),
+        expires_at=int(lease.expires_at),
+        task=lease.task,
+        owner=lease.owner,
+        purpose=lease.purpose,
+        parent=lease.parent,
+    )
