@@ -133,10 +133,14 @@ class Broker(_Base):
         max_ttl: Duration | None = None,
     ) -> Credential:
         """Mint a credential; its lease is stored before the token is returned."""
-        steps = self._core.issue(
+        core = self._core
+        lease, token = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
         )
-        return run(steps, self.store)
+        self.store.add(lease)  # raises if the store fails: the token never leaves
+        if core.sweep_due():
+            self._sweep_quietly()
+        return core.issued(lease, token)
 
     def verify(self, token: str, *, audience: str, scopes: Iterable[str] | str = ()) -> Claims:
         """Verify online: signature, issuer, time, audience, scopes and an active lease."""
@@ -197,6 +201,14 @@ class Broker(_Base):
     def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once) and purge long-dead records."""
         return run(self._core.sweep(), self.store)
+
+    def _sweep_quietly(self) -> None:
+        # The opportunistic sweep inside issue: the lease is already stored, so
+        # a failure here must not cost the caller its token.
+        try:
+            self.sweep()
+        except JitBrokerError:
+            log.warning("opportunistic sweep failed; the reaper will retry", exc_info=True)
 
     @contextlib.contextmanager
     def task(self, task: str, **issue: Any) -> Iterator[Credential]:
@@ -303,10 +315,14 @@ class AsyncBroker(_Base):
         max_ttl: Duration | None = None,
     ) -> Credential:
         """Mint a credential; its lease is stored before the token is returned."""
-        steps = self._core.issue(
+        core = self._core
+        lease, token = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
         )
-        return await arun(steps, self._astore)
+        await self._astore.add(lease)  # raises if the store fails: the token never leaves
+        if core.sweep_due():
+            await self._sweep_quietly()
+        return core.issued(lease, token)
 
     async def verify(
         self, token: str, *, audience: str, scopes: Iterable[str] | str = ()
@@ -369,6 +385,12 @@ class AsyncBroker(_Base):
     async def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once) and purge long-dead records."""
         return await arun(self._core.sweep(), self._astore)
+
+    async def _sweep_quietly(self) -> None:
+        try:
+            await self.sweep()
+        except JitBrokerError:
+            log.warning("opportunistic sweep failed; the reaper will retry", exc_info=True)
 
     @contextlib.asynccontextmanager
     async def task(self, task: str, **issue: Any) -> AsyncIterator[Credential]:

@@ -24,6 +24,8 @@ def system_clock() -> float:
 
 def seconds(value: object, name: str, *, allow_zero: bool = False) -> float:
     """Convert a caller's duration (seconds or ``timedelta``) to float seconds, or refuse it."""
+    if type(value) is int and value > 0:  # the common case, checked first
+        return float(value)
     if isinstance(value, timedelta):
         value = value.total_seconds()
     # bool is an int subclass; ttl=True is a bug in the caller, not one second.

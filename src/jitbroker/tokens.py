@@ -13,8 +13,8 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import re
-import secrets
 from types import MappingProxyType
 from typing import Any
 
@@ -26,7 +26,7 @@ __all__ = ["OPAQUE_PREFIX", "decode_jws", "encode_jws", "is_opaque", "new_opaque
 
 MAX_TOKEN_LENGTH = 8192
 OPAQUE_PREFIX = "jbo_"
-_OPAQUE = re.compile(r"jbo_[A-Za-z0-9_-]{43}")
+_OPAQUE = re.compile(r"jbo_[0-9a-f]{64}")
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Final base64url characters whose unused low bits are zero: for a segment of
 # length 4k+2 the last character carries 4 spare bits, for 4k+3 it carries 2.
@@ -71,15 +71,21 @@ def encode_jws(key: Key, claims: dict[str, Any]) -> str:
     return signing_input + "." + b64url(key.sign(signing_input.encode("ascii")))
 
 
+def new_lease_id() -> str:
+    """128 random bits, hex: the ``jti`` of a JWS token."""
+    return os.urandom(16).hex()
+
+
 def new_opaque() -> tuple[str, str]:
-    """A fresh opaque token and its lease id (a hash: the store never sees the token)."""
-    token = OPAQUE_PREFIX + secrets.token_urlsafe(32)
+    """A fresh opaque token (256 random bits) and its lease id, which is a hash of it:
+    the store never sees the token."""
+    token = OPAQUE_PREFIX + os.urandom(32).hex()
     return token, opaque_lease_id(token)
 
 
 def opaque_lease_id(token: str) -> str:
-    """The lease id of an opaque token: the first 128 bits of its SHA-256, base64url."""
-    return b64url(hashlib.sha256(token.encode("ascii")).digest()[:16])
+    """The lease id of an opaque token: the first 128 bits of its SHA-256, hex."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()[:32]
 
 
 def is_opaque(token: str) -> bool:

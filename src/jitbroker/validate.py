@@ -20,12 +20,16 @@ _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 # Normalized scope tuples, memoized by input: validation runs once per distinct
 # scope list and leases with equal scopes share one tuple (less memory per lease).
-_scope_memo: dict[tuple[str, ...], tuple[str, ...]] = {}
+_scope_memo: dict[tuple[object, ...], tuple[str, ...]] = {}
 _SCOPE_MEMO_MAX = 4096
 
 
 def text(value: object, name: str, *, limit: int = MAX_TEXT) -> str:
     """A required, printable, non-blank string of at most ``limit`` characters."""
+    # One compound test on the hot path; the checks below only word the error.
+    ok = isinstance(value, str) and 0 < len(value) <= limit
+    if ok and value.isprintable() and not value.isspace():  # type: ignore[attr-defined]
+        return value  # type: ignore[return-value]
     if not isinstance(value, str):
         raise InvalidRequest(f"{name} must be a string, not {type(value).__name__}")
     if not value or value.isspace():
@@ -44,7 +48,10 @@ def optional_text(value: object, name: str, *, limit: int = MAX_TEXT) -> str | N
 
 def scopes(value: object) -> tuple[str, ...]:
     """Scopes from an iterable of strings or one space-delimited string: sorted, unique."""
-    if isinstance(value, str):
+    raw: tuple[object, ...]
+    if isinstance(value, list | tuple):  # the common case, before the slow ABC check
+        raw = tuple(value)
+    elif isinstance(value, str):
         raw = tuple(value.split(" ")) if value else ()
     elif isinstance(value, Iterable) and not isinstance(value, bytes | bytearray | dict):
         raw = tuple(value)

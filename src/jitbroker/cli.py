@@ -1,0 +1,138 @@
+"""The ``jitbroker`` command. ``jitbroker demo`` walks through a credential's life."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from . import __version__
+from .broker import Broker
+from .errors import InvalidToken
+from .keys import KeyRing
+from .lease import Credential, Lease
+from .testing import FakeClock
+
+__all__ = ["main"]
+
+AUDIENCE = "db:orders"
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+
+
+def _lease_line(lease: Lease, now: float) -> str:
+    parent = f", child of {lease.parent[:8]}…" if lease.parent else ""
+    return (
+        f"lease {lease.id[:8]}… {lease.status(now):7} subject={lease.subject} "
+        f"scopes={lease.scope!r} expires {_when(lease.expires_at)}{parent}"
+    )
+
+
+class Demo:
+    """A scripted walk-through on the embedded default store, with a simulated clock."""
+
+    def __init__(self, out: Callable[[str], object] = print) -> None:
+        self.out = out
+        self.clock = FakeClock()
+        self.broker = Broker(
+            issuer="urn:example:broker",
+            keys=KeyRing.generate("EdDSA"),
+            clock=self.clock,
+            default_ttl=60,
+            max_ttl=600,
+        )
+        self.step_no = 0
+
+    def step(self, title: str) -> None:
+        self.step_no += 1
+        self.out(f"\n{self.step_no}. {title}")
+
+    def say(self, text: str) -> None:
+        self.out(f"   {text}")
+
+    def check(self, cred: Credential, scopes: Sequence[str] = ()) -> None:
+        """Verify online and print the outcome (never the token)."""
+        try:
+            claims = self.broker.verify(cred.token, audience=AUDIENCE, scopes=scopes)
+        except InvalidToken as exc:
+            self.say(f"verify -> REJECTED: {type(exc).__name__}: {exc}")
+        else:
+            self.say(
+                f"verify -> ok: sub={claims.subject} aud={claims.audience} "
+                f"scope={claims.scope!r} task={claims.task}"
+            )
+
+    def run(self) -> None:
+        b = self.broker
+        self.out("jitbroker demo: one task's credential, from birth to death")
+        self.out(f"(in-memory store, EdDSA key {b.keys.active.kid[:12]}…, simulated clock)")
+
+        self.step("A CI job asks for read/write access to the orders database for its task")
+        with b.task(
+            "nightly-export",
+            subject="svc:ci-deploy",
+            audience=AUDIENCE,
+            scopes=["orders:read", "orders:write"],
+            ttl=60,
+            owner="alice@example.com",
+            purpose="nightly export",
+        ) as cred:
+            self.say(_lease_line(cred.lease, self.clock()))
+            self.say(f"the token never prints: token in repr(cred)? {cred.token in repr(cred)}")
+            self.check(cred, ["orders:read"])
+
+            self.step("The job runs long: 45 s later it renews (same lease, fresh token)")
+            self.clock.advance(45)
+            renewed = b.renew(cred, ttl=60)
+            self.say(_lease_line(renewed.lease, self.clock()))
+            self.check(renewed, ["orders:write"])
+
+            self.step("It hands a read-only, 30 s credential to a helper (attenuation)")
+            child = b.attenuate(renewed, scopes=["orders:read"], ttl=30)
+            self.say(_lease_line(child.lease, self.clock()))
+            self.check(child, ["orders:read"])
+            self.say("asking the child for orders:write:")
+            self.check(child, ["orders:write"])
+            self.say(f"active leases of the task: {len(list(b.leases(task='nightly-export')))}")
+
+        self.step("The task ends: every lease of the task is revoked, children included")
+        self.check(renewed)
+        self.check(child)
+
+        self.step("A lease nobody revokes dies at its TTL: the reaper sweeps it")
+        short = b.issue("svc:report", AUDIENCE, ["orders:read"], ttl=30, owner="bob@example.com")
+        self.say(_lease_line(short.lease, self.clock()))
+        self.clock.advance(31)
+        self.say("31 s later...")
+        for lease in b.sweep():
+            self.say(f"swept: lease {lease.id[:8]}… of {lease.subject} expired")
+        self.check(short)
+
+        self.step("Inventory: what is still alive?")
+        alive = list(b.leases())
+        self.say(f"{len(alive)} active leases" + ("" if alive else " - nothing outlived its task"))
+        for lease in b.leases(include_inactive=True):
+            reason = f" ({lease.revoke_reason})" if lease.revoke_reason else ""
+            self.say(_lease_line(lease, self.clock()) + reason)
+        self.out(
+            "\nOffline verifiers can use the public JWKS: " + str(len(b.jwks()["keys"])) + " key"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jitbroker`` command."""
+    parser = argparse.ArgumentParser(prog="jitbroker", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"jitbroker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="walk through issuing, verifying and killing a credential")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        Demo().run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The README quickstart, the demo and the benchmark script keep working as shipped."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jitbroker.cli import Demo, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_quickstart_runs_as_pasted(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README has no python quickstart"
+    exec(compile(blocks[0], "README.md", "exec"), {})  # noqa: S102 - our own README
+    out = capsys.readouterr().out
+    assert "ok: svc:ci-deploy orders:read" in out
+    assert "rejected: task-ended" in out
+
+
+def test_demo_walks_through_and_never_prints_a_token() -> None:
+    lines: list[str] = []
+    demo = Demo(out=lines.append)
+    demo.run()
+    text = "\n".join(lines)
+    for expected in ("TokenRevoked", "task-ended", "InsufficientScope", "swept:", "TokenExpired"):
+        assert expected in text
+    assert "Traceback" not in text
+    assert "eyJ" not in text  # no JWS (base64 of '{"') anywhere
+    assert list(demo.broker.leases()) == []
+
+
+def test_demo_command_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    assert "nothing outlived its task" in capsys.readouterr().out
+
+
+def test_benchmark_script_smoke() -> None:
+    """Not a timing test: the script must run; its figures are read by people."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--only",
+            "issue",
+            "--only",
+            "verify",
+            "--only",
+            "opaque",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "verify online EdDSA / jwt.decode" in run.stdout
