@@ -24,14 +24,23 @@ from typing import Any
 
 import jwt
 
-from jitbroker import Broker, KeyRing, MemoryStore
+from jitbroker import Broker, KeyRing, LeaseStore, MemoryStore
 from jitbroker.lease import Lease
 
 ISSUER = "urn:example:broker"
 AUDIENCE = "db:orders"
 SCOPES = ["orders:read"]
-CLAIMS = {"subject": "svc:ci-deploy", "audience": AUDIENCE, "scopes": SCOPES, "ttl": 600}
-EXTRA = {"task": "job-42", "owner": "alice@example.com", "purpose": "nightly export"}
+CLAIMS: dict[str, Any] = {
+    "subject": "svc:ci-deploy",
+    "audience": AUDIENCE,
+    "scopes": SCOPES,
+    "ttl": 600,
+}
+EXTRA: dict[str, Any] = {
+    "task": "job-42",
+    "owner": "alice@example.com",
+    "purpose": "nightly export",
+}
 
 
 def per_call(fn: Callable[[], object], number: int) -> float:
@@ -136,7 +145,7 @@ class Bench:
         headers = {"kid": self.key.kid, "typ": "at+jwt"}
 
         def ours() -> object:
-            return broker.issue(**CLAIMS, **EXTRA)  # type: ignore[arg-type]
+            return broker.issue(**CLAIMS, **EXTRA)
 
         def theirs() -> object:
             return jwt.encode(pyjwt_payload(int(time.time())), private, "EdDSA", headers)
@@ -151,7 +160,7 @@ class Bench:
 
         def fresh() -> None:
             # New tokens every repeat: every verify is a cache miss (full signature check).
-            pool[:] = [broker.issue(**CLAIMS, **EXTRA).token for _ in range(self.number)]  # type: ignore[arg-type]
+            pool[:] = [broker.issue(**CLAIMS, **EXTRA).token for _ in range(self.number)]
             theirs_pool[:] = [
                 jwt.encode(pyjwt_payload(int(time.time())), self.private, "EdDSA", headers)
                 for _ in range(self.number)
@@ -171,7 +180,7 @@ class Bench:
         result = compare(ours, theirs, self.number, self.repeat, setup=fresh)
         self.row("verify online EdDSA / jwt.decode", *result, 1.00)
 
-        token = broker.issue(**CLAIMS, **EXTRA).token  # type: ignore[arg-type]
+        token = broker.issue(**CLAIMS, **EXTRA).token
         jtoken = theirs_pool[0]
 
         def cached() -> object:
@@ -188,7 +197,7 @@ class Bench:
         secret = secrets.token_bytes(32)
 
         def ours() -> object:
-            return broker.issue(**CLAIMS, **EXTRA)  # type: ignore[arg-type]
+            return broker.issue(**CLAIMS, **EXTRA)
 
         def theirs() -> object:
             return jwt.encode(pyjwt_payload(int(time.time())), secret, "HS256")
@@ -207,10 +216,10 @@ class Bench:
         fill(large.store, big_n, self.key.kid)
 
         def on_small() -> object:
-            return small.issue(**CLAIMS, **EXTRA)  # type: ignore[arg-type]
+            return small.issue(**CLAIMS, **EXTRA)
 
         def on_large() -> object:
-            return large.issue(**CLAIMS, **EXTRA)  # type: ignore[arg-type]
+            return large.issue(**CLAIMS, **EXTRA)
 
         result = compare(on_large, on_small, self.number, self.repeat)
         self.row(f"issue with {big_n:,} leases / with 1,000", *result, 1.20)
@@ -224,7 +233,7 @@ class Bench:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(n):
             # Realistic mix: every lease has its own task id; the rest repeats.
-            broker.issue(**CLAIMS, task=f"job-{i}", owner=EXTRA["owner"], purpose=EXTRA["purpose"])  # type: ignore[arg-type]
+            broker.issue(**CLAIMS, task=f"job-{i}", owner=EXTRA["owner"], purpose=EXTRA["purpose"])
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
@@ -242,7 +251,7 @@ class Bench:
         )
 
 
-def fill(store: MemoryStore, n: int, kid: str) -> None:
+def fill(store: LeaseStore, n: int, kid: str) -> None:
     """Put ``n`` active leases straight into the store (no signing: only size matters)."""
     now = time.time()
     for i in range(n):

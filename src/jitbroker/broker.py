@@ -274,7 +274,7 @@ class Broker(_Base):
         while not self._stop.wait(self._core.reap_interval):
             try:
                 self.sweep()
-            except JitBrokerError:
+            except Exception:  # the reaper must outlive a bad sweep; it retries
                 log.warning("reaper sweep failed; retrying next interval", exc_info=True)
 
     def __enter__(self) -> Broker:
@@ -447,7 +447,7 @@ class AsyncBroker(_Base):
             await asyncio.sleep(self._core.reap_interval)
             try:
                 await self.sweep()
-            except JitBrokerError:
+            except Exception:  # the reaper must outlive a bad sweep; it retries
                 log.warning("reaper sweep failed; retrying next interval", exc_info=True)
 
     async def __aenter__(self) -> AsyncBroker:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
@@ -369,9 +370,10 @@ class KeyRing:
     verification running in another thread never sees a half-updated ring.
     """
 
-    __slots__ = ("_active", "_headers", "_keys")
+    __slots__ = ("_active", "_headers", "_keys", "_lock")
 
     def __init__(self, keys: Iterable[Key] = (), *, active: str | None = None) -> None:
+        self._lock = threading.RLock()  # serializes writers; readers never lock
         self._keys: dict[str, Key] = {}
         self._headers: dict[str, Key] = {}
         self._active: str | None = None
@@ -412,6 +414,10 @@ class KeyRing:
     # -- membership -------------------------------------------------------
     def add(self, key: Key, *, activate: bool = False) -> None:
         """Add a key (verify-only unless ``activate``). Refuses duplicates and mixing HMAC."""
+        with self._lock:
+            self._add(key, activate)
+
+    def _add(self, key: Key, activate: bool) -> None:
         if key.kid in self._keys:
             raise InvalidRequest(f"key ring already holds a key with kid {key.kid}")
         if self._keys and any(k.symmetric != key.symmetric for k in self._keys.values()):
@@ -438,11 +444,12 @@ class KeyRing:
 
     def retire(self, kid: str) -> None:
         """Drop ``kid`` at once: tokens it signed stop verifying. Not the active key."""
-        if kid == self._active:
-            raise InvalidRequest(f"key {kid} is active; rotate() before retiring it")
-        if kid not in self._keys:
-            raise InvalidRequest(f"no key with kid {kid} in the ring")
-        self._replace({k: v for k, v in self._keys.items() if k != kid})
+        with self._lock:
+            if kid == self._active:
+                raise InvalidRequest(f"key {kid} is active; rotate() before retiring it")
+            if kid not in self._keys:
+                raise InvalidRequest(f"no key with kid {kid} in the ring")
+            self._replace({k: v for k, v in self._keys.items() if k != kid})
 
     def _replace(self, keys: dict[str, Key]) -> None:
         # Headers first: a reader that sees the new header map finds its key in
