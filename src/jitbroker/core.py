@@ -211,9 +211,9 @@ class Core:
     def renew(self, ref: LeaseRef, ttl: Duration | None) -> Steps[Credential]:
         """Extend an active, renewable lease (never past its cap) and re-sign its token."""
         lease_id = self.lease_id(ref)
-        opaque = ref.token if isinstance(ref, Credential) and self.opaque else None
-        if isinstance(ref, str) and tokens.is_opaque(ref):
-            opaque = ref
+        # An opaque token cannot be re-derived from its hash: renewal hands the same one back.
+        token = ref.token if isinstance(ref, Credential) else ref
+        opaque = token if isinstance(token, str) and tokens.is_opaque(token) else None
         extra = self.default_ttl if ttl is None else self._bounded(ttl, "ttl")
         lease = yield from self._active(lease_id)
         if not lease.renewable:
