@@ -15,6 +15,7 @@ from .errors import InvalidRequest
 
 Clock = Callable[[], float]
 Duration = int | float | timedelta
+_EXACT = 2**53  # ints below this convert to float exactly
 
 
 def system_clock() -> float:
@@ -24,7 +25,7 @@ def system_clock() -> float:
 
 def seconds(value: object, name: str, *, allow_zero: bool = False) -> float:
     """Convert a caller's duration (seconds or ``timedelta``) to float seconds, or refuse it."""
-    if type(value) is int and value > 0:  # the common case, checked first
+    if type(value) is int and 0 < value < _EXACT:  # the common case, checked first
         return float(value)
     if isinstance(value, timedelta):
         value = value.total_seconds()
@@ -33,7 +34,10 @@ def seconds(value: object, name: str, *, allow_zero: bool = False) -> float:
         raise InvalidRequest(
             f"{name} must be a number of seconds or a timedelta, not {type(value).__name__}"
         )
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        result = math.inf
     if not math.isfinite(result):
         raise InvalidRequest(f"{name} must be a finite number of seconds, got {value!r}")
     if result < 0 or (result == 0 and not allow_zero):

@@ -46,8 +46,8 @@ def b64url(data: bytes) -> str:
 def _b64url_decode(value: object, member: str) -> bytes:
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"JWK member {member!r} must be a non-empty base64url string")
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    try:  # validate=True: a stray character is an error, not silently dropped
+        return base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
     except ValueError as exc:
         raise InvalidRequest(f"JWK member {member!r} is not valid base64url") from exc
 
@@ -167,6 +167,8 @@ class Key:
             return self._material.public_bytes(  # type: ignore[no-any-return]
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
+        if password is not None and not password:
+            raise InvalidRequest("an empty password would write an unencrypted key; pass None")
         enc: serialization.KeySerializationEncryption = (
             serialization.BestAvailableEncryption(password)
             if password
@@ -287,10 +289,11 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> Key:
     if not isinstance(jwk, Mapping):
         raise InvalidRequest("a JWK must be a JSON object")
     kty = jwk.get("kty")
+    loader = _KTY_LOADERS.get(kty) if isinstance(kty, str) else None
+    if loader is None:
+        raise InvalidRequest(f"unsupported JWK kty {str(kty)[:32]!r}")
     try:
-        key = _KTY_LOADERS[kty](jwk)  # type: ignore[index]
-    except KeyError:
-        raise InvalidRequest(f"unsupported JWK kty {kty!r}") from None
+        key = loader(jwk)
     except ValueError as exc:
         if isinstance(exc, InvalidRequest):
             raise
@@ -407,8 +410,10 @@ class KeyRing:
         if not isinstance(keys, list):
             raise InvalidRequest('a JWKS must be an object with a "keys" list')
         loaded = [key_from_jwk(k) for k in keys]
-        if any(k.private for k in loaded if not k.symmetric):
-            raise InvalidRequest("a JWKS for verification must not contain private keys")
+        if any(k.private for k in loaded):  # HMAC keys are secrets too
+            raise InvalidRequest(
+                "a JWKS for verification must not contain private keys or HMAC secrets"
+            )
         return cls(loaded)
 
     # -- membership -------------------------------------------------------

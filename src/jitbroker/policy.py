@@ -42,6 +42,22 @@ def _audiences(value: Iterable[str] | str) -> tuple[str, ...]:
     return _strings(value, "audiences")
 
 
+def _scope_grants(value: Iterable[str] | str) -> tuple[str, ...]:
+    # One string is a space-delimited list, never an iterable of characters
+    # (a lone "*" among them would grant every scope).
+    items = tuple(value.split()) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(i, str) and i for i in items):
+        raise InvalidRequest("Rule.scopes must be non-empty strings")
+    return items
+
+
+def _rules(value: Iterable[Rule]) -> tuple[Rule, ...]:
+    rules = tuple(value)
+    if not all(isinstance(r, Rule) for r in rules):
+        raise InvalidRequest("Policy rules must be Rule instances")
+    return rules
+
+
 def _ttl(value: object) -> float | None:
     return None if value is None else seconds(value, "Rule.max_ttl")
 
@@ -52,7 +68,7 @@ class Rule:
 
     subjects: tuple[str, ...] = attrs.field(converter=_subjects)
     audiences: tuple[str, ...] = attrs.field(converter=_audiences)
-    scopes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    scopes: tuple[str, ...] = attrs.field(default=(), converter=_scope_grants)
     max_ttl: float | None = attrs.field(default=None, converter=_ttl)
     owner_required: bool = False
     purpose_required: bool = False
@@ -76,7 +92,8 @@ class Rule:
         if missing:
             out.append(f"{self.label()} does not grant scopes {' '.join(missing)!r}")
         ttl = lease.max_expires_at - lease.issued_at
-        if self.max_ttl is not None and ttl > self.max_ttl:
+        # A millisecond of slack: the lifetime is a difference of float epoch times.
+        if self.max_ttl is not None and ttl > self.max_ttl + 1e-3:
             out.append(f"{self.label()} allows at most {self.max_ttl:g}s, asked for {ttl:g}s")
         if self.owner_required and not lease.owner:
             out.append(f"{self.label()} requires an owner")
@@ -100,7 +117,7 @@ class Decision:
 class Policy:
     """A list of rules. Once a policy is set, anything no rule grants is denied."""
 
-    rules: tuple[Rule, ...] = attrs.field(converter=tuple)
+    rules: tuple[Rule, ...] = attrs.field(converter=_rules)
 
     def evaluate(self, lease: Lease) -> Decision:
         """Decide whether the proposed ``lease`` may exist, with every reason if not."""

@@ -1,0 +1,371 @@
+"""Request validation: bad arguments raise InvalidRequest naming the field to fix."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from jitbroker import Broker, KeyRing, MemoryStore, Verifier
+from jitbroker.errors import InvalidRequest, JitBrokerError
+from jitbroker.testing import TEST_ISSUER, FakeClock
+
+ISSUE: dict[str, Any] = {
+    "subject": "svc:ci-deploy",
+    "audience": "db:orders",
+    "scopes": ["orders:read"],
+    "ttl": 60,
+}
+
+
+def refused(broker: Broker, field: str, **overrides: Any) -> InvalidRequest:
+    """Issue with ``overrides``; assert it is refused and the message names ``field``."""
+    stored = len(list(broker.leases(include_inactive=True)))
+    with pytest.raises(InvalidRequest) as info:
+        broker.issue(**{**ISSUE, **overrides})
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, JitBrokerError)
+    assert field in str(info.value), str(info.value)
+    assert len(list(broker.leases(include_inactive=True))) == stored, "nothing may be stored"
+    return info.value
+
+
+def test_valid_request_is_issued(jitbroker_broker: Broker) -> None:
+    cred = jitbroker_broker.issue(**ISSUE)
+    assert cred.lease.subject == "svc:ci-deploy"
+    assert cred.lease.scopes == ("orders:read",)
+
+
+# -- text fields ------------------------------------------------------------------
+@pytest.mark.parametrize("subject", ["", " ", "   ", "\t", "\u3000"])
+def test_empty_or_blank_subject(jitbroker_broker: Broker, subject: str) -> None:
+    refused(jitbroker_broker, "subject", subject=subject)
+
+
+@pytest.mark.parametrize("subject", [None, 42, b"svc:ci", ["svc:ci"], 1.5])
+def test_non_str_subject(jitbroker_broker: Broker, subject: object) -> None:
+    error = refused(jitbroker_broker, "subject", subject=subject)
+    assert "must be a string" in str(error)
+
+
+@pytest.mark.parametrize("field", ["subject", "audience", "owner", "task", "purpose"])
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1b", "\r", "\x7f", "\u202e"], ids=repr)
+def test_control_characters(jitbroker_broker: Broker, field: str, char: str) -> None:
+    error = refused(jitbroker_broker, field, **{field: f"abc{char}def"})
+    assert "control" in str(error)
+
+
+@pytest.mark.parametrize("field", ["owner", "task", "purpose"])
+@pytest.mark.parametrize("value", ["", "  ", 7])
+def test_optional_text_must_be_text_when_given(
+    jitbroker_broker: Broker, field: str, value: object
+) -> None:
+    refused(jitbroker_broker, field, **{field: value})
+
+
+def test_optional_text_may_be_none(jitbroker_broker: Broker) -> None:
+    lease = jitbroker_broker.issue(**ISSUE, owner=None, task=None, purpose=None).lease
+    assert (lease.owner, lease.task, lease.purpose) == (None, None, None)
+
+
+def test_subject_too_long(jitbroker_broker: Broker) -> None:
+    error = refused(jitbroker_broker, "subject", subject="s" * 257)
+    assert "256" in str(error)
+    assert jitbroker_broker.issue(**{**ISSUE, "subject": "s" * 256}).lease.subject == "s" * 256
+
+
+@pytest.mark.parametrize("field", ["audience", "owner", "task"])
+def test_other_text_too_long(jitbroker_broker: Broker, field: str) -> None:
+    refused(jitbroker_broker, field, **{field: "x" * 257})
+
+
+def test_purpose_allows_longer_text(jitbroker_broker: Broker) -> None:
+    assert jitbroker_broker.issue(**ISSUE, purpose="p" * 1024).lease.purpose == "p" * 1024
+    refused(jitbroker_broker, "purpose", purpose="p" * 1025)
+
+
+def test_unicode_text_is_fine(jitbroker_broker: Broker) -> None:
+    lease = jitbroker_broker.issue(**ISSUE, owner="zoë@example.com", purpose="nächtlich").lease
+    assert lease.owner == "zoë@example.com"
+
+
+# -- ttl ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "ttl",
+    [
+        0,
+        -1,
+        0.0,
+        -0.0,
+        -0.5,
+        timedelta(0),
+        timedelta(seconds=-5),
+        math.nan,
+        math.inf,
+        -math.inf,
+        True,
+        False,
+        "60",
+        b"60",
+        [60],
+    ],
+    ids=repr,
+)
+def test_bad_ttl(jitbroker_broker: Broker, ttl: object) -> None:
+    refused(jitbroker_broker, "ttl", ttl=ttl)
+
+
+def test_ttl_over_max_ttl(jitbroker_broker: Broker) -> None:
+    error = refused(jitbroker_broker, "ttl", ttl=3601)
+    assert "3600" in str(error)
+    refused(jitbroker_broker, "ttl", ttl=timedelta(hours=2))
+
+
+def test_huge_int_ttl(jitbroker_broker: Broker) -> None:
+    refused(jitbroker_broker, "ttl", ttl=10**400)
+
+
+def test_max_ttl_shorter_than_ttl(jitbroker_broker: Broker) -> None:
+    error = refused(jitbroker_broker, "max_ttl", ttl=60, max_ttl=30)
+    assert "ttl" in str(error)
+
+
+def test_max_ttl_over_broker_max(jitbroker_broker: Broker) -> None:
+    refused(jitbroker_broker, "max_ttl", ttl=60, max_ttl=7200)
+
+
+@pytest.mark.parametrize("max_ttl", [0, -1, math.nan, True, "90"], ids=repr)
+def test_bad_max_ttl(jitbroker_broker: Broker, max_ttl: object) -> None:
+    refused(jitbroker_broker, "max_ttl", max_ttl=max_ttl)
+
+
+@pytest.mark.parametrize("renewable", [1, 0, "yes", None, "False"], ids=repr)
+def test_renewable_not_a_bool(jitbroker_broker: Broker, renewable: object) -> None:
+    refused(jitbroker_broker, "renewable", renewable=renewable)
+
+
+def test_timedelta_ttl(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    lease = jitbroker_broker.issue(**{**ISSUE, "ttl": timedelta(minutes=1, seconds=30)}).lease
+    assert lease.issued_at == jitbroker_clock()
+    assert lease.expires_at - lease.issued_at == 90
+
+
+def test_float_ttl(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    lease = jitbroker_broker.issue(**{**ISSUE, "ttl": 12.5}).lease
+    assert lease.expires_at == jitbroker_clock() + 12.5
+
+
+def test_default_ttl(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    lease = jitbroker_broker.issue(**{**ISSUE, "ttl": None}).lease
+    assert lease.expires_at == jitbroker_clock() + 300
+
+
+def test_ttl_equal_to_max_ttl(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    lease = jitbroker_broker.issue(**{**ISSUE, "ttl": 3600}).lease
+    assert lease.expires_at == jitbroker_clock() + 3600
+
+
+def test_max_ttl_caps_lifetime(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    lease = jitbroker_broker.issue(**ISSUE, max_ttl=timedelta(minutes=2)).lease
+    assert lease.max_expires_at == jitbroker_clock() + 120
+    fixed = jitbroker_broker.issue(**ISSUE, renewable=False).lease
+    assert fixed.max_expires_at == fixed.expires_at
+
+
+# -- scopes -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "scopes",
+    [["orders read"], ["orders:read", "a\tb"], ["x\ny"], ("orders:read ",), [" orders"]],
+    ids=repr,
+)
+def test_whitespace_inside_a_scope(jitbroker_broker: Broker, scopes: list[str]) -> None:
+    refused(jitbroker_broker, "scope", scopes=scopes)
+
+
+@pytest.mark.parametrize(
+    "scopes", [[1], ["orders:read", None], [b"orders:read"], [["orders:read"]]], ids=repr
+)
+def test_non_string_scopes(jitbroker_broker: Broker, scopes: list[object]) -> None:
+    error = refused(jitbroker_broker, "scope", scopes=scopes)
+    assert "must be a string" in str(error)
+
+
+@pytest.mark.parametrize(
+    "scopes",
+    [b"orders:read", bytearray(b"orders:read"), {"orders:read": True}, 42, None],
+    ids=repr,
+)
+def test_scopes_of_the_wrong_type(jitbroker_broker: Broker, scopes: object) -> None:
+    refused(jitbroker_broker, "scopes", scopes=scopes)
+
+
+@pytest.mark.parametrize(
+    "scopes", ["orders:read  orders:write", "orders:read ", " orders:read", " "], ids=repr
+)
+def test_empty_scope_in_string_form(jitbroker_broker: Broker, scopes: str) -> None:
+    error = refused(jitbroker_broker, "scope", scopes=scopes)
+    assert "empty scope" in str(error)
+
+
+def test_empty_scope_in_list_form(jitbroker_broker: Broker) -> None:
+    refused(jitbroker_broker, "scope", scopes=["orders:read", ""])
+
+
+@pytest.mark.parametrize(
+    "scope", ['orders:"read"', "orders\\read", "ordérs", "orders\x00"], ids=repr
+)
+def test_scope_with_forbidden_characters(jitbroker_broker: Broker, scope: str) -> None:
+    refused(jitbroker_broker, "scope", scopes=[scope])
+    refused(jitbroker_broker, "scope", scopes=f"orders:write {scope}")
+
+
+def test_too_many_scopes(jitbroker_broker: Broker) -> None:
+    error = refused(jitbroker_broker, "scopes", scopes=[f"s{i}" for i in range(65)])
+    assert "64" in str(error)
+    cred = jitbroker_broker.issue(**{**ISSUE, "scopes": [f"s{i}" for i in range(64)]})
+    assert len(cred.lease.scopes) == 64
+
+
+def test_scope_too_long(jitbroker_broker: Broker) -> None:
+    error = refused(jitbroker_broker, "scope", scopes=["s" * 129])
+    assert "128" in str(error)
+    assert jitbroker_broker.issue(**{**ISSUE, "scopes": ["s" * 128]}).lease.scopes == ("s" * 128,)
+
+
+def test_scopes_string_equals_list(jitbroker_broker: Broker) -> None:
+    as_list = jitbroker_broker.issue(**{**ISSUE, "scopes": ["orders:write", "orders:read"]})
+    as_str = jitbroker_broker.issue(**{**ISSUE, "scopes": "orders:write orders:read"})
+    assert as_list.lease.scopes == as_str.lease.scopes == ("orders:read", "orders:write")
+
+
+def test_scopes_deduplicated_and_sorted(jitbroker_broker: Broker) -> None:
+    cred = jitbroker_broker.issue(**{**ISSUE, "scopes": ["b", "a", "c", "a", "b"]})
+    assert cred.lease.scopes == ("a", "b", "c")
+    claims = jitbroker_broker.verify(cred.token, audience="db:orders")
+    assert claims.raw["scope"] == "a b c"
+    dup = jitbroker_broker.issue(**{**ISSUE, "scopes": "z y z"})
+    assert dup.lease.scopes == ("y", "z")
+
+
+@pytest.mark.parametrize(
+    "scopes", [(), [], "", iter(["orders:read"]), {"orders:read"}, frozenset({"a", "b"})]
+)
+def test_other_scope_iterables(jitbroker_broker: Broker, scopes: Any) -> None:
+    expected = tuple(sorted(scopes)) if isinstance(scopes, set | frozenset) else None
+    lease = jitbroker_broker.issue(**{**ISSUE, "scopes": scopes}).lease
+    if expected is not None:
+        assert lease.scopes == expected
+    assert all(isinstance(s, str) for s in lease.scopes)
+
+
+def test_refused_scope_is_not_remembered(jitbroker_broker: Broker) -> None:
+    # The normalization memo must never turn a refusal into an acceptance.
+    for _ in range(2):
+        refused(jitbroker_broker, "scope", scopes=["orders read"])
+        refused(jitbroker_broker, "scopes", scopes=[f"s{i}" for i in range(65)])
+
+
+# -- Broker construction -------------------------------------------------------------
+def make_broker(**options: Any) -> Broker:
+    return Broker(**{"issuer": TEST_ISSUER, "keys": KeyRing.generate(), **options})
+
+
+@pytest.mark.parametrize("leeway", [61, 60.5, timedelta(minutes=2), -1, math.nan, math.inf])
+def test_broker_bad_leeway(leeway: object) -> None:
+    with pytest.raises(InvalidRequest, match="leeway"):
+        make_broker(leeway=leeway)
+
+
+@pytest.mark.parametrize("leeway", [0, 60, timedelta(seconds=30), 2.5])
+def test_broker_good_leeway(leeway: object) -> None:
+    make_broker(leeway=leeway).close()
+
+
+def test_broker_default_ttl_over_max_ttl() -> None:
+    with pytest.raises(InvalidRequest, match="default_ttl"):
+        make_broker(default_ttl=600, max_ttl=300)
+
+
+@pytest.mark.parametrize(("name", "value"), [("default_ttl", 0), ("max_ttl", -5)])
+def test_broker_bad_ttls(name: str, value: object) -> None:
+    with pytest.raises(InvalidRequest, match=name):
+        make_broker(**{name: value})
+
+
+@pytest.mark.parametrize("token_format", ["jwt", "JWS", "", None, "opaque "])
+def test_broker_bad_token_format(token_format: object) -> None:
+    with pytest.raises(InvalidRequest, match="token_format"):
+        make_broker(token_format=token_format)
+
+
+@pytest.mark.parametrize(
+    "keys", ["secret", b"0" * 32, {"keys": []}, object()], ids=["str", "bytes", "jwks", "object"]
+)
+def test_broker_keys_not_a_keyring(keys: object) -> None:
+    with pytest.raises(InvalidRequest, match="KeyRing"):
+        make_broker(keys=keys)
+
+
+def test_broker_verify_only_keyring() -> None:
+    verify_only = KeyRing.from_jwks(KeyRing.generate().jwks())
+    with pytest.raises(InvalidRequest, match="cannot sign"):
+        make_broker(keys=verify_only)
+    with pytest.raises(InvalidRequest, match="cannot sign"):
+        make_broker(keys=KeyRing())
+
+
+@pytest.mark.parametrize("issuer", ["", " ", "urn:\nx", 5])
+def test_broker_bad_issuer(issuer: object) -> None:
+    with pytest.raises(InvalidRequest, match="issuer"):
+        make_broker(issuer=issuer)
+
+
+def test_broker_policy_must_be_a_policy() -> None:
+    with pytest.raises(InvalidRequest, match="policy"):
+        make_broker(policy=[])
+
+
+# -- Verifier construction and audience ------------------------------------------------
+def test_verifier_needs_store_or_offline() -> None:
+    with pytest.raises(InvalidRequest, match="offline=True"):
+        Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER)
+
+
+def test_verifier_store_and_offline_contradict() -> None:
+    with pytest.raises(InvalidRequest, match="offline"):
+        Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER, store=MemoryStore(), offline=True)
+
+
+def test_verifier_bad_leeway() -> None:
+    with pytest.raises(InvalidRequest, match="leeway"):
+        Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER, offline=True, leeway=120)
+
+
+def test_verify_without_any_audience(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    cred = jitbroker_broker.issue(**ISSUE)
+    verifier = Verifier(
+        jitbroker_broker.jwks(), issuer=TEST_ISSUER, offline=True, clock=jitbroker_clock
+    )
+    with pytest.raises(InvalidRequest, match="audience"):
+        verifier.verify(cred.token)
+    online = Verifier(
+        jitbroker_broker.keys, issuer=TEST_ISSUER, store=MemoryStore(), clock=jitbroker_clock
+    )
+    with pytest.raises(InvalidRequest, match="audience"):
+        online.verify(cred.token)
+    with pytest.raises(InvalidRequest, match="audience"):
+        jitbroker_broker.verify(cred.token, audience=None)  # type: ignore[arg-type]
+
+
+def test_verifier_default_audience(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:
+    cred = jitbroker_broker.issue(**ISSUE)
+    verifier = Verifier(
+        jitbroker_broker.jwks(),
+        issuer=TEST_ISSUER,
+        audience="db:orders",
+        offline=True,
+        clock=jitbroker_clock,
+    )
+    assert verifier.verify(cred.token).lease_id == cred.lease_id
