@@ -248,21 +248,23 @@ def test_audience_wildcard(jitbroker_clock: FakeClock) -> None:
     assert reasons == ("rule for svc:a does not grant audience 'api:orders'",)
 
 
-def test_rule_max_ttl_counts_the_whole_lifetime(jitbroker_clock: FakeClock) -> None:
+def test_rule_max_ttl_bounds_the_whole_life_through_renewals(jitbroker_clock: FakeClock) -> None:
     rule = grant(subjects="svc:a", audiences="api", scopes=["read"], max_ttl=60, name="short")
     broker = make_broker(jitbroker_clock, rule)
     assert broker.issue("svc:a", "api", ["read"], ttl=60, renewable=False).lease.renewable is False
-    assert broker.issue("svc:a", "api", ["read"], ttl=30, max_ttl=60).lease.renewable is True
     assert denied(broker, "svc:a", "api", ["read"], ttl=61, renewable=False) == (
         "short allows at most 60s, asked for 61s",
     )
-    # Renewable up to the broker's max_ttl (3600 s): the lifetime is too long.
-    assert denied(broker, "svc:a", "api", ["read"], ttl=30) == (
-        "short allows at most 60s, asked for 3600s",
-    )
-    assert denied(broker, "svc:a", "api", ["read"], ttl=30, max_ttl=90) == (
-        "short allows at most 60s, asked for 90s",
-    )
+    # A renewable lease is judged on the life granted so far; each renewal is judged again.
+    cred = broker.issue("svc:a", "api", ["read"], ttl=30)
+    jitbroker_clock.advance(20)
+    renewed = broker.renew(cred, ttl=40)  # life so far: 20 + 40 = 60 s, allowed
+    assert renewed.lease.expires_at - renewed.lease.issued_at == pytest.approx(60)
+    jitbroker_clock.advance(10)
+    with pytest.raises(PolicyDenied) as info:
+        broker.renew(renewed, ttl=40)  # would make 70 s
+    assert info.value.reasons == ("short allows at most 60s, asked for 70s",)
+    assert broker.lease(cred).expires_at == renewed.lease.expires_at  # nothing changed
 
 
 def test_rule_max_ttl_boundary_is_exact(jitbroker_clock: FakeClock) -> None:
@@ -324,7 +326,7 @@ def test_every_reason_is_listed(jitbroker_clock: FakeClock) -> None:
     assert reasons == (
         "strict does not grant audience 'db:payments'",
         "strict does not grant scopes 'payments:write'",
-        "strict allows at most 60s, asked for 3600s",
+        "strict allows at most 60s, asked for 120s",
         "strict requires an owner",
         "strict requires a purpose",
         "strict does not allow renewable leases (pass renewable=False)",

@@ -22,7 +22,7 @@ from ._drive import arun, run
 from .audit import Sink
 from .clock import Clock, Duration
 from .core import Core, LeaseRef, TokenFormat
-from .errors import InvalidRequest, JitBrokerError
+from .errors import InvalidRequest
 from .keys import KeyRing
 from .lease import Claims, Credential, Lease
 from .policy import Policy
@@ -33,6 +33,18 @@ __all__ = ["AsyncBroker", "Broker"]
 
 log = logging.getLogger("jitbroker")
 R = TypeVar("R")
+
+
+def _name(fn: Callable[..., object]) -> str:
+    """A readable prefix for the task ids of an ephemeral function (or callable object)."""
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
+
+
+def _is_async(fn: Callable[..., object]) -> bool:
+    """True for ``async def`` functions and objects with an ``async def __call__``."""
+    call = getattr(fn, "__call__", None)  # noqa: B004 - we want the method itself
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
 
 
 class _Base:
@@ -207,7 +219,7 @@ class Broker(_Base):
         # a failure here must not cost the caller its token.
         try:
             self.sweep()
-        except JitBrokerError:
+        except Exception:  # any failure: the lease is stored, the token must go out
             log.warning("opportunistic sweep failed; the reaper will retry", exc_info=True)
 
     @contextlib.contextmanager
@@ -230,13 +242,13 @@ class Broker(_Base):
         """Decorate ``fn(cred, ...)``: each call runs in its own task (sync or async def)."""
 
         def decorate(fn: Callable[..., R]) -> Callable[..., R]:
-            name = f"{fn.__module__}.{fn.__qualname__}"
-            if inspect.iscoroutinefunction(fn):
+            name = _name(fn)
+            if _is_async(fn):
 
                 @functools.wraps(fn)
                 async def acall(*args: Any, **kwargs: Any) -> Any:
                     with self.task(self._core.task_id(name), **issue) as cred:
-                        return await fn(cred, *args, **kwargs)
+                        return await fn(cred, *args, **kwargs)  # type: ignore[misc]
 
                 return acall  # type: ignore[return-value]
 
@@ -389,7 +401,7 @@ class AsyncBroker(_Base):
     async def _sweep_quietly(self) -> None:
         try:
             await self.sweep()
-        except JitBrokerError:
+        except Exception:  # any failure: the lease is stored, the token must go out
             log.warning("opportunistic sweep failed; the reaper will retry", exc_info=True)
 
     @contextlib.asynccontextmanager
@@ -410,9 +422,9 @@ class AsyncBroker(_Base):
         """Decorate ``async def fn(cred, ...)``: each call runs in its own task."""
 
         def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-            if not inspect.iscoroutinefunction(fn):
+            if not _is_async(fn):
                 raise InvalidRequest("AsyncBroker.ephemeral decorates async def functions")
-            name = f"{fn.__module__}.{fn.__qualname__}"
+            name = _name(fn)
 
             @functools.wraps(fn)
             async def call(*args: Any, **kwargs: Any) -> R:

@@ -29,7 +29,7 @@ from .errors import (
     PolicyDenied,
     RenewalDenied,
 )
-from .keys import KeyRing
+from .keys import Key, KeyRing
 from .lease import Credential, Lease
 from .policy import Policy, covers
 from .stores.base import LeaseFilter
@@ -120,13 +120,20 @@ class Core:
     def _token(self, lease: Lease, opaque: str | None, now: float) -> str:
         if opaque is not None:
             return opaque
+        return tokens.encode_jws(
+            self._signer(lease), tokens.jws_payload(lease, self.issuer, int(now))
+        )
+
+    def _signer(self, lease: Lease) -> Key:
+        """The key that signs ``lease``'s tokens: the one recorded on the lease, so
+        ``revoke_where(key_id=...)`` stays truthful across rotations."""
         key = self.keys.get(lease.key_id) if lease.key_id else None
         if key is None or not key.private:
             raise RenewalDenied(
                 f"lease {lease.id} was signed by key {lease.key_id}, which can no longer sign",
                 lease_id=lease.id,
             )
-        return tokens.encode_jws(key, tokens.jws_payload(lease, self.issuer, int(now)))
+        return key
 
     def lease_id(self, ref: LeaseRef) -> str:
         """The lease id from a Credential, a Lease, a token or an id."""
@@ -138,7 +145,10 @@ class Core:
             return tokens.check_opaque(ref)
         if ref.count(".") == 2:
             return self.verifier.decode(ref).lease_id  # signature checked: no forged jti
-        return validate.text(ref, "lease id")
+        if not tokens.is_lease_id(ref):
+            # Never echo the value: it may be a token with a prefix ("Bearer ...").
+            raise InvalidRequest("expected a Credential, a Lease, a token or a lease id")
+        return ref
 
     def _credential(self, token: str, lease: Lease) -> Credential:
         return Credential(token, lease, self.shell)
@@ -231,7 +241,11 @@ class Core:
             raise InvalidRequest("renewing an opaque lease needs its Credential or token")
         expires_at = max(lease.expires_at, min(now + extra, cap))
         self._check_policy(attrs.evolve(lease, expires_at=expires_at))
-        renewed = yield lambda store: store.extend(lease_id, expires_at=expires_at, at=now)
+        if opaque is None:
+            self._signer(lease)  # before extending: a failed renewal changes nothing
+        renewed = lease
+        if expires_at > lease.expires_at:  # a no-op renewal writes nothing
+            renewed = yield lambda store: store.extend(lease_id, expires_at=expires_at, at=now)
         if renewed is None:
             raise LeaseNotActive(f"lease {lease_id} died while renewing", lease_id=lease_id)
         self.audit.emit("renewed", now, renewed)

@@ -120,6 +120,7 @@ class Key:
             return m.sign(data)  # type: ignore[no-any-return]
         if self.alg == "ES256":
             r, s = decode_dss_signature(m.sign(data, ec.ECDSA(hashes.SHA256())))
+            s = min(s, _P256_ORDER - s)  # low-S: exactly one valid encoding per signature
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
         if self.alg == "RS256":
             return m.sign(data, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[no-any-return]
@@ -148,7 +149,9 @@ class Key:
             return False
         r = int.from_bytes(signature[:32], "big")
         s = int.from_bytes(signature[32:], "big")
-        if not (0 < r < _P256_ORDER and 0 < s < _P256_ORDER):
+        # High-S is refused too: (r, n - s) would be a second valid encoding of
+        # the same signature (malleability); we only ever sign with low S.
+        if not (0 < r < _P256_ORDER and 0 < s <= _P256_ORDER // 2):
             return False
         self._verifier.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
         return True

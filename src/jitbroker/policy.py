@@ -91,7 +91,9 @@ class Rule:
         missing = [s for s in lease.scopes if not any(covers(g, s) for g in self.scopes)]
         if missing:
             out.append(f"{self.label()} does not grant scopes {' '.join(missing)!r}")
-        ttl = lease.max_expires_at - lease.issued_at
+        # The life granted so far: renewals are evaluated again with their new
+        # expiry, so the rule bounds the whole life without forcing max_ttl= on issue.
+        ttl = lease.expires_at - lease.issued_at
         # A millisecond of slack: the lifetime is a difference of float epoch times.
         if self.max_ttl is not None and ttl > self.max_ttl + 1e-3:
             out.append(f"{self.label()} allows at most {self.max_ttl:g}s, asked for {ttl:g}s")

@@ -25,7 +25,9 @@ from .lease import Claims, Lease
 __all__ = ["OPAQUE_PREFIX", "decode_jws", "encode_jws", "is_opaque", "new_opaque"]
 
 MAX_TOKEN_LENGTH = 8192
+MAX_NUMERIC_DATE = 2**53  # time claims beyond this are refused, not overflowed
 OPAQUE_PREFIX = "jbo_"
+_LEASE_ID = re.compile(r"[0-9a-f]{32}")
 _OPAQUE = re.compile(r"jbo_[0-9a-f]{64}")
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Final base64url characters whose unused low bits are zero: for a segment of
@@ -74,6 +76,11 @@ def encode_jws(key: Key, claims: dict[str, Any]) -> str:
 def new_lease_id() -> str:
     """128 random bits, hex: the ``jti`` of a JWS token."""
     return os.urandom(16).hex()
+
+
+def is_lease_id(value: str) -> bool:
+    """True if ``value`` has the form of a lease id (32 lowercase hex characters)."""
+    return _LEASE_ID.fullmatch(value) is not None
 
 
 def new_opaque() -> tuple[str, str]:
@@ -191,6 +198,8 @@ def claims_from_payload(payload: dict[str, Any], key: Key) -> Claims:
         value = payload.get(name)
         if type(value) is not int:  # bool and float are refused on purpose
             raise MalformedToken(f"claim {name!r} is required and must be an integer")
+        if not 0 <= value < MAX_NUMERIC_DATE:  # also keeps float arithmetic exact
+            raise MalformedToken(f"claim {name!r} is out of range")
     for name in _OPTIONAL_STR:
         if name in payload and not isinstance(payload[name], str):
             raise MalformedToken(f"claim {name!r} must be a string")

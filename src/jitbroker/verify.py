@@ -133,6 +133,8 @@ class Verifier:
 
     def decode(self, token: str) -> Claims:
         """Signature, format, issuer and lifetime checks only (cached); no time window."""
+        if type(token) is not str:  # before the cache: it hashes the token
+            raise MalformedToken(f"a token must be a string, not {type(token).__name__}")
         cache = self._cache
         if cache is not None:
             with self._cache_lock:
@@ -226,7 +228,13 @@ def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
         )
     if now >= lease.expires_at:
         raise TokenExpired(f"lease {lease.id} expired", expired_at=lease.expires_at)
-    if lease.subject != claims.subject or lease.audience != claims.audience:
+    # The token must not claim more than its lease holds (defence in depth
+    # against a signed token that disagrees with the authority record).
+    if (
+        lease.subject != claims.subject
+        or lease.audience != claims.audience
+        or not claims.scopes.issubset(lease.scopes)
+    ):
         raise UnknownLease(f"lease {lease.id} does not match the token", lease_id=lease.id)
 
 
