@@ -62,3 +62,24 @@ def test_benchmark_script_smoke() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "verify online EdDSA / jwt.decode" in run.stdout
+
+
+DOC_BLOCKS = [
+    pytest.param(doc, i, code, id=f"{doc}#{i}")
+    for doc in ("docs/concepts.md", "docs/security.md")
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S))
+]
+
+
+@pytest.mark.parametrize(("doc", "index", "code"), DOC_BLOCKS)
+def test_doc_examples_run(
+    doc: str, index: int, code: str, pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "def test_" in code:
+        # A pytest example: run it as a test file, with the plugin loaded from
+        # its pytest11 entry point exactly as a user's project would.
+        pytester.makepyfile(code)
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        result.assert_outcomes(passed=code.count("def test_"))
+        return
+    exec(compile(code, f"{doc}#{index}", "exec"), {"__name__": "__main__"})  # noqa: S102
