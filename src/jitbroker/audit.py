@@ -48,10 +48,11 @@ class Auditor:
 
     def emit(self, action: str, at: float, lease: Lease | None = None, **details: Any) -> None:
         """Emit one event; does nothing (cheaply) when nobody listens."""
-        if not self.sinks and not log.isEnabledFor(logging.INFO):
+        logged = log.isEnabledFor(logging.INFO)
+        if not self.sinks and not logged:
             return
         event = AuditEvent(action, at, lease, **details)
-        if log.isEnabledFor(logging.INFO):
+        if logged:
             who = f" lease={lease.id} subject={lease.subject}" if lease is not None else ""
             log.info("%s%s", action, who, extra={"jitbroker": event.to_dict()})
         for sink in self.sinks:

@@ -110,10 +110,6 @@ class _Base:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} issuer={self.issuer!r} store={self.store!r}>"
 
-    @staticmethod
-    def _where(**fields: str | None) -> LeaseFilter:
-        return LeaseFilter(**fields)
-
 
 class Broker(_Base):
     """Issues, verifies, renews and revokes task-scoped credentials (synchronous API).
@@ -177,7 +173,7 @@ class Broker(_Base):
         reason: str = "revoked",
     ) -> int:
         """Revoke every active lease matching all given fields; returns how many."""
-        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
         return run(self._core.revoke_where(where, reason), self.store)
 
     def attenuate(
@@ -207,7 +203,7 @@ class Broker(_Base):
         include_inactive: bool = False,
     ) -> Iterator[Lease]:
         """Iterate leases matching the filters, oldest first (active ones by default)."""
-        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
         return iter(run(self._core.leases(where, include_inactive), self.store))
 
     def sweep(self) -> list[Lease]:
@@ -361,7 +357,7 @@ class AsyncBroker(_Base):
         reason: str = "revoked",
     ) -> int:
         """Revoke every active lease matching all given fields; returns how many."""
-        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
         return await arun(self._core.revoke_where(where, reason), self._astore)
 
     async def attenuate(
@@ -391,7 +387,7 @@ class AsyncBroker(_Base):
         include_inactive: bool = False,
     ) -> list[Lease]:
         """Leases matching the filters, oldest first (active ones by default)."""
-        where = self._where(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
         return await arun(self._core.leases(where, include_inactive), self._astore)
 
     async def sweep(self) -> list[Lease]:

@@ -170,7 +170,7 @@ class Verifier:
         self._check_access(claims, audience, scopes)
         if self.online:
             lease = yield lambda store: store.get(claims.lease_id)
-            check_lease(claims, lease, self.clock())
+            check_lease(claims, lease, self.clock())  # after the lookup: no stale "now"
         return claims
 
     def _opaque_steps(
