@@ -369,3 +369,61 @@ def test_verifier_default_audience(jitbroker_broker: Broker, jitbroker_clock: Fa
         clock=jitbroker_clock,
     )
     assert verifier.verify(cred.token).lease_id == cred.lease_id
+
+
+# -- the memo of validated text, and the fast value builders --------------------
+def test_text_memo_never_widens_a_smaller_limit() -> None:
+    from jitbroker import validate
+
+    value = "x" * 200
+    assert validate.text(value, "subject") == value  # now memoized
+    with pytest.raises(InvalidRequest, match="limit is 100"):
+        validate.text(value, "field", limit=100)
+
+
+def test_text_memo_hands_back_a_plain_str() -> None:
+    from jitbroker import validate
+
+    class Sneaky(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash("svc:memo")
+
+    validate.text("svc:memo", "subject")
+    got = validate.text(Sneaky("\x00 not printable"), "subject")
+    assert type(got) is str  # the validated value, not the caller's
+    assert got == "svc:memo"
+    fresh = type("Plain", (str,), {})("svc:other-subclass")
+    assert validate.text(fresh, "subject") is fresh  # validated, but never memoized
+    assert all(type(v) is str for v in validate._text_memo.values())
+
+
+def test_text_memo_is_bounded() -> None:
+    from jitbroker import validate
+
+    for i in range(validate._SCOPE_MEMO_MAX + 10):
+        validate.text(f"task-{i}", "task")
+    assert len(validate._text_memo) <= validate._SCOPE_MEMO_MAX
+
+
+def test_fast_builders_make_the_real_values() -> None:
+    import pickle
+
+    import attrs
+
+    from jitbroker.lease import Credential, Lease, new_credential, new_lease
+
+    args = ("0" * 32, "svc:a", "api", ("read",), 1.0, 2.0, 3.0, "kid", "t", "o", "p", None, True)
+    built = new_lease(*args)
+    assert type(built) is Lease
+    assert built == Lease(*args)
+    assert hash(built) == hash(Lease(*args))
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        built.subject = "svc:other"  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(built)) == built  # noqa: S301 - our own bytes
+    cred = new_credential("secret-token", built, None)
+    assert type(cred) is Credential
+    assert cred == Credential("secret-token", built, None)
+    assert "secret-token" not in repr(cred)

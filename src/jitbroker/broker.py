@@ -142,11 +142,11 @@ class Broker(_Base):
     ) -> Credential:
         """Mint a credential; its lease is stored before the token is returned."""
         core = self._core
-        lease, token = core.plan_issue(
+        lease, token, sweep_due = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
         )
         self.store.add(lease)  # raises if the store fails: the token never leaves
-        if core.sweep_due():
+        if sweep_due:
             self._sweep_quietly()
         return core.issued(lease, token)
 
@@ -324,11 +324,11 @@ class AsyncBroker(_Base):
     ) -> Credential:
         """Mint a credential; its lease is stored before the token is returned."""
         core = self._core
-        lease, token = core.plan_issue(
+        lease, token, sweep_due = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
         )
         await self._astore.add(lease)  # raises if the store fails: the token never leaves
-        if core.sweep_due():
+        if sweep_due:
             await self._sweep_quietly()
         return core.issued(lease, token)
 

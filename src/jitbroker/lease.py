@@ -6,9 +6,9 @@ All three are frozen attrs classes; a change makes a new value. Only
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .broker import AsyncBroker, Broker
 
 __all__ = ["Claims", "Credential", "Lease"]
+T = TypeVar("T", bound=attrs.AttrsInstance)
 
 
 @attrs.frozen(slots=True, weakref_slot=False)
@@ -153,3 +154,34 @@ class Claims:
     def scope(self) -> str:
         """The scopes as one space-delimited string (sorted)."""
         return " ".join(sorted(self.scopes))
+
+
+def _builder(cls: type[T]) -> Callable[..., T]:
+    """A positional constructor of the frozen attrs class ``cls``, for hot paths.
+
+    A frozen ``__init__`` sets each field through ``object.__setattr__`` (~45 ns a
+    field: 0.7 us for a Lease, a sixth of an opaque ``issue``). This fills a
+    mutable twin with the same slots by plain assignment, then relabels it as
+    ``cls``. CPython only allows that ``__class__`` assignment between identical
+    slot layouts, so if the twin ever drifted from ``cls`` it would raise, never
+    build a malformed value. Neither constructor validates, so both give equal
+    values.
+    """
+    relabel = object.__setattr__
+
+    def __attrs_post_init__(self: object) -> None:
+        relabel(self, "__class__", cls)
+
+    fields = {f.name: attrs.field(default=f.default) for f in attrs.fields(cls)}
+    return attrs.make_class(
+        f"_{cls.__name__}Builder",
+        fields,
+        class_body={"__attrs_post_init__": __attrs_post_init__},
+        slots=True,
+        weakref_slot=False,
+        eq=False,
+    )
+
+
+new_lease = _builder(Lease)
+new_credential = _builder(Credential)

@@ -22,13 +22,26 @@ _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # scope list and leases with equal scopes share one tuple (less memory per lease).
 _scope_memo: dict[tuple[object, ...], tuple[str, ...]] = {}
 _SCOPE_MEMO_MAX = 4096
+# Strings that passed ``text`` with the default limit, keyed by themselves: the
+# same subject, audience and owner come back on every issue. A hit returns the
+# stored str, never the caller's object (a str subclass cannot lie its way in).
+_text_memo: dict[str, str] = {}
 
 
 def text(value: object, name: str, *, limit: int = MAX_TEXT) -> str:
     """A required, printable, non-blank string of at most ``limit`` characters."""
+    if limit >= MAX_TEXT:
+        try:
+            return _text_memo[value]  # type: ignore[index]
+        except (KeyError, TypeError):
+            pass
     # One compound test on the hot path; the checks below only word the error.
     ok = isinstance(value, str) and 0 < len(value) <= limit
     if ok and value.isprintable() and not value.isspace():  # type: ignore[attr-defined]
+        if type(value) is str and len(value) <= MAX_TEXT:
+            if len(_text_memo) >= _SCOPE_MEMO_MAX:
+                _text_memo.clear()
+            _text_memo[value] = value
         return value  # type: ignore[return-value]
     if not isinstance(value, str):
         raise InvalidRequest(f"{name} must be a string, not {type(value).__name__}")

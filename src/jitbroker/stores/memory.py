@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Collection
+from heapq import heappush
 
 import attrs
 
@@ -32,10 +33,10 @@ class _Index:
         self._map: dict[str, str | set[str]] = {}
 
     def add(self, value: str, lease_id: str) -> None:
-        current = self._map.get(value)
-        if current is None:
-            self._map[value] = lease_id
-        elif isinstance(current, str):
+        current = self._map.setdefault(value, lease_id)  # one lookup in the common case
+        if current is lease_id:
+            return
+        if isinstance(current, str):
             self._map[value] = {current, lease_id}
         else:
             current.add(lease_id)
@@ -71,6 +72,7 @@ class MemoryStore:
         self._by_task = _Index()
         self._by_parent = _Index()
         self._lock = threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
 
     def __repr__(self) -> str:
         return f"<MemoryStore leases={len(self._leases)}>"
@@ -80,15 +82,19 @@ class MemoryStore:
 
     # -- the protocol ------------------------------------------------------
     def add(self, lease: Lease) -> bool:
-        with self._lock:
-            if lease.parent is not None and not self._live(lease.parent, lease.issued_at):
-                return False
-            self._leases[lease.id] = lease
-            heapq.heappush(self._expiry, (lease.expires_at, lease.id))
-            if lease.task is not None:
-                self._by_task.add(lease.task, lease.id)
-            if lease.parent is not None:
-                self._by_parent.add(lease.parent, lease.id)
+        lease_id, parent, task = lease.id, lease.parent, lease.task
+        self._acquire()  # not `with`: half the cost, and this is on every issue
+        try:
+            if parent is not None:
+                if not self._live(parent, lease.issued_at):
+                    return False
+                self._by_parent.add(parent, lease_id)
+            self._leases[lease_id] = lease
+            heappush(self._expiry, (lease.expires_at, lease_id))
+            if task is not None:
+                self._by_task.add(task, lease_id)
+        finally:
+            self._release()
         return True
 
     def get(self, lease_id: str) -> Lease | None:
