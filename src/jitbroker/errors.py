@@ -21,6 +21,7 @@
     │   └── RenewalDenied            not renewable, or at its maximum lifetime
     ├── StoreError
     │   └── StoreUnavailable         the store could not be reached; nothing was issued
+    ├── KeySourceError               a JWKS URL could not be fetched, or was refused
     └── InvalidRequest (ValueError)  a bad argument; the message says what to fix
 
 Messages name the lease id, times and scopes involved, never a token or key.
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidToken",
     "JitBrokerError",
+    "KeySourceError",
     "LeaseError",
     "LeaseNotActive",
     "LeaseNotFound",
@@ -153,6 +155,10 @@ class StoreError(JitBrokerError):
 
 class StoreUnavailable(StoreError):
     """The lease store could not be reached; the operation did not happen."""
+
+
+class KeySourceError(JitBrokerError):
+    """A JWKS URL could not be fetched, or what it served is not a public JWKS."""
 
 
 class InvalidRequest(JitBrokerError, ValueError):

@@ -11,6 +11,7 @@ checks the key is held, the time window, audience, scopes and (online) the lease
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from .clock import Clock, Duration, seconds, system_clock
 from .errors import (
     InsufficientScope,
     InvalidRequest,
+    KeySourceError,
     MalformedToken,
     TokenExpired,
     TokenNotYetValid,
@@ -32,6 +34,7 @@ from .errors import (
     WrongAudience,
     WrongIssuer,
 )
+from .jwks import MAX_JWKS_BYTES, JWKSource, parse_jwks
 from .keys import KeyRing
 from .lease import Claims, Lease
 from .stores.base import LeaseStore
@@ -90,6 +93,44 @@ class Verifier:
         self.store = store
         self.online = not offline
 
+    @classmethod
+    def from_jwks_url(
+        cls,
+        url: str,
+        *,
+        allow_http: bool = False,
+        timeout: Duration = 5,
+        max_age: Duration = 3600,
+        min_refresh_interval: Duration = 60,
+        **options: Any,
+    ) -> Verifier:
+        """A verifier whose keys come from a JWKS URL (see ``JWKSource``): https
+        only unless ``allow_http``, refetched on an unknown ``kid`` at most once
+        per ``min_refresh_interval``. ``options`` are the constructor's."""
+        source = JWKSource(
+            url,
+            allow_http=allow_http,
+            timeout=timeout,
+            max_age=max_age,
+            min_refresh_interval=min_refresh_interval,
+            clock=options.get("clock", system_clock),
+        )
+        self = cls(source.keys, **options)
+        self.source = source
+        return self
+
+    @classmethod
+    def from_jwks_file(cls, path: str | os.PathLike[str], **options: Any) -> Verifier:
+        """A verifier whose keys are the public JWKS in the file at ``path``."""
+        try:
+            with open(path, "rb") as fh:
+                body = fh.read(MAX_JWKS_BYTES + 1)
+        except OSError as exc:
+            raise KeySourceError(f"could not read the JWKS file {path}: {exc}") from exc
+        if len(body) > MAX_JWKS_BYTES:
+            raise KeySourceError(f"the JWKS file {path} is larger than {MAX_JWKS_BYTES} bytes")
+        return cls(parse_jwks(body, str(path)), **options)
+
     def _init(
         self,
         keys: KeyRing | Mapping[str, Any],
@@ -110,6 +151,7 @@ class Verifier:
         self._cache: LRUCache[str, Claims] | None = LRUCache(cache_size) if cache_size else None
         self._cache_lock = threading.Lock()
         self.clock = clock
+        self.source: JWKSource | None = None
 
     @classmethod
     def _online(cls, keys: KeyRing, **options: Any) -> Verifier:
@@ -143,7 +185,17 @@ class Verifier:
                 if claims.key_id not in self.keys:  # its key was retired since
                     raise UnknownKey(f"no key with kid {claims.key_id!r}")
                 return claims
-        key, payload = tokens.decode_jws(token, self.keys)
+        source = self.source
+        if source is not None and source.stale(self.clock()) and source.refresh():
+            self.keys = source.keys
+        try:
+            key, payload = tokens.decode_jws(token, self.keys)
+        except UnknownKey:
+            # A new key the issuer published since our fetch? Refetch, rate-limited.
+            if source is None or not source.refresh():
+                raise
+            self.keys = source.keys
+            key, payload = tokens.decode_jws(token, self.keys)
         claims = tokens.claims_from_payload(payload, key)
         if claims.issuer != self.issuer:
             raise WrongIssuer(f"token issued by {claims.issuer[:128]!r}, not {self.issuer!r}")
