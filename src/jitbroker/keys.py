@@ -7,8 +7,6 @@ the key its ``kid`` names, never with one read from the token. Key ids are RFC
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import json
 import secrets
@@ -25,52 +23,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from .errors import InvalidRequest
+from .jwk import b64url, material_from_jwk, oct_jwk, private_jwk, public_jwk, thumbprint
 
-__all__ = ["ALGORITHMS", "Key", "KeyRing"]
+__all__ = ["ALGORITHMS", "Key", "KeyRing", "b64url", "thumbprint"]
 
 ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256")
 TOKEN_TYPE = "at+jwt"
 MIN_RSA_BITS = 2048
 MIN_HMAC_BYTES = 32
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-
-_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-_PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url, as JOSE wants it."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_decode(value: object, member: str) -> bytes:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequest(f"JWK member {member!r} must be a non-empty base64url string")
-    try:  # validate=True: a stray character is an error, not silently dropped
-        return base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
-    except ValueError as exc:
-        raise InvalidRequest(f"JWK member {member!r} is not valid base64url") from exc
-
-
-def _int_member(jwk: Mapping[str, Any], member: str) -> int:
-    return int.from_bytes(_b64url_decode(jwk.get(member), member), "big")
-
-
-def _uint(value: int, length: int | None = None) -> str:
-    size = length if length is not None else max(1, (value.bit_length() + 7) // 8)
-    return b64url(value.to_bytes(size, "big"))
-
-
-def thumbprint(public_jwk: Mapping[str, str]) -> str:
-    """RFC 7638 JWK thumbprint (SHA-256) of the required members."""
-    required = {
-        "OKP": ("crv", "kty", "x"),
-        "EC": ("crv", "kty", "x", "y"),
-        "RSA": ("e", "kty", "n"),
-        "oct": ("k", "kty"),
-    }[public_jwk["kty"]]
-    canonical = json.dumps({m: public_jwk[m] for m in required}, separators=(",", ":"))
-    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
 
 
 class Key:
@@ -89,7 +50,7 @@ class Key:
         self.private = not isinstance(material, _PUBLIC_TYPES)
         # Derived once: verification must not rebuild the public key per token.
         self._verifier = material.public_key() if self.private and alg != "HS256" else material
-        self.kid = thumbprint(public_jwk if public_jwk is not None else _oct_jwk(material))
+        self.kid = thumbprint(public_jwk if public_jwk is not None else oct_jwk(material))
         header = {"alg": alg, "typ": TOKEN_TYPE, "kid": self.kid}
         self.header = b64url(json.dumps(header, separators=(",", ":")).encode("ascii"))
 
@@ -190,44 +151,11 @@ class Key:
             return jwk
         if not self.private:
             raise InvalidRequest(f"key {self.kid} holds no private material")
-        jwk = _private_jwk(self.alg, self._material)
+        jwk = private_jwk(self.alg, self._material)
         return {**jwk, "kid": self.kid, "alg": self.alg}
 
 
 _PUBLIC_TYPES = (ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey, rsa.RSAPublicKey)
-
-
-def _oct_jwk(secret: bytes) -> dict[str, str]:
-    return {"kty": "oct", "k": b64url(secret)}
-
-
-def _public_jwk(pub: _PublicKey) -> dict[str, str]:
-    if isinstance(pub, ed25519.Ed25519PublicKey):
-        raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
-    if isinstance(pub, ec.EllipticCurvePublicKey):
-        nums = pub.public_numbers()
-        return {"kty": "EC", "crv": "P-256", "x": _uint(nums.x, 32), "y": _uint(nums.y, 32)}
-    nums_rsa = pub.public_numbers()
-    return {"kty": "RSA", "n": _uint(nums_rsa.n), "e": _uint(nums_rsa.e)}
-
-
-def _private_jwk(alg: str, material: Any) -> dict[str, str]:
-    if alg == "HS256":
-        return _oct_jwk(material)
-    jwk = _public_jwk(material.public_key())
-    if alg == "EdDSA":
-        raw = material.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
-        return {**jwk, "d": b64url(raw)}
-    if alg == "ES256":
-        return {**jwk, "d": _uint(material.private_numbers().private_value, 32)}
-    n = material.private_numbers()
-    extra = {"d": n.d, "p": n.p, "q": n.q, "dp": n.dmp1, "dq": n.dmq1, "qi": n.iqmp}
-    return {**jwk, **{k: _uint(v) for k, v in extra.items()}}
 
 
 def key_from_material(material: object) -> Key:
@@ -254,7 +182,7 @@ def key_from_material(material: object) -> Key:
     else:
         raise InvalidRequest(f"unsupported key type {type(material).__name__}")
     pub = material if isinstance(material, _PUBLIC_TYPES) else material.public_key()
-    return Key(alg, material, _public_jwk(pub))
+    return Key(alg, material, public_jwk(pub))
 
 
 def generate_key(alg: str = "EdDSA") -> Key:
@@ -291,16 +219,13 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> Key:
     """Load a JWK: OKP/Ed25519, EC/P-256, RSA or oct; private if it has ``d`` (or ``k``)."""
     if not isinstance(jwk, Mapping):
         raise InvalidRequest("a JWK must be a JSON object")
-    kty = jwk.get("kty")
-    loader = _KTY_LOADERS.get(kty) if isinstance(kty, str) else None
-    if loader is None:
-        raise InvalidRequest(f"unsupported JWK kty {str(kty)[:32]!r}")
     try:
-        key = loader(jwk)
+        material = material_from_jwk(jwk)
     except ValueError as exc:
         if isinstance(exc, InvalidRequest):
             raise
-        raise InvalidRequest(f"invalid {kty} JWK: the key material is not valid") from exc
+        raise InvalidRequest(f"invalid {jwk['kty']} JWK: the key material is not valid") from exc
+    key = key_from_material(material)
     if "alg" in jwk and jwk["alg"] != key.alg:
         raise InvalidRequest(f"JWK alg {jwk['alg']!r} does not match its key type ({key.alg})")
     if "kid" in jwk and jwk["kid"] != key.kid:
@@ -308,65 +233,6 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> Key:
             f"JWK kid {jwk['kid']!r} is not the key's RFC 7638 thumbprint {key.kid!r}"
         )
     return key
-
-
-def _okp_from_jwk(jwk: Mapping[str, Any]) -> Key:
-    if jwk.get("crv") != "Ed25519":
-        raise InvalidRequest(f"OKP JWKs must use crv Ed25519, got {jwk.get('crv')!r}")
-    if "d" in jwk:
-        priv = ed25519.Ed25519PrivateKey.from_private_bytes(_b64url_decode(jwk["d"], "d"))
-        key = key_from_material(priv)
-        if "x" in jwk and key._public_jwk != _okp_public(jwk):
-            raise InvalidRequest("OKP JWK: x does not match d")
-        return key
-    return key_from_material(
-        ed25519.Ed25519PublicKey.from_public_bytes(_b64url_decode(jwk.get("x"), "x"))
-    )
-
-
-def _okp_public(jwk: Mapping[str, Any]) -> dict[str, str]:
-    return {"kty": "OKP", "crv": "Ed25519", "x": jwk["x"]}
-
-
-def _ec_from_jwk(jwk: Mapping[str, Any]) -> Key:
-    if jwk.get("crv") != "P-256":
-        raise InvalidRequest(f"EC JWKs must use crv P-256, got {jwk.get('crv')!r}")
-    pub = ec.EllipticCurvePublicNumbers(
-        _int_member(jwk, "x"), _int_member(jwk, "y"), ec.SECP256R1()
-    )
-    if "d" in jwk:
-        return key_from_material(
-            ec.EllipticCurvePrivateNumbers(_int_member(jwk, "d"), pub).private_key()
-        )
-    return key_from_material(pub.public_key())
-
-
-def _rsa_from_jwk(jwk: Mapping[str, Any]) -> Key:
-    pub = rsa.RSAPublicNumbers(_int_member(jwk, "e"), _int_member(jwk, "n"))
-    if "d" not in jwk:
-        return key_from_material(pub.public_key())
-    nums = rsa.RSAPrivateNumbers(
-        p=_int_member(jwk, "p"),
-        q=_int_member(jwk, "q"),
-        d=_int_member(jwk, "d"),
-        dmp1=_int_member(jwk, "dp"),
-        dmq1=_int_member(jwk, "dq"),
-        iqmp=_int_member(jwk, "qi"),
-        public_numbers=pub,
-    )
-    return key_from_material(nums.private_key())
-
-
-def _oct_from_jwk(jwk: Mapping[str, Any]) -> Key:
-    return key_from_material(_b64url_decode(jwk.get("k"), "k"))
-
-
-_KTY_LOADERS = {
-    "OKP": _okp_from_jwk,
-    "EC": _ec_from_jwk,
-    "RSA": _rsa_from_jwk,
-    "oct": _oct_from_jwk,
-}
 
 
 class KeyRing:
