@@ -15,7 +15,7 @@ from .errors import (
     PolicyDenied,
     StoreError,
 )
-from .keys import KeyRing
+from .keyring import KeyRing
 from .lease import Claims, Credential, Lease
 from .policy import Policy, Rule
 from .stores import LeaseFilter, LeaseStore, MemoryStore

@@ -23,7 +23,8 @@ from .audit import Sink
 from .clock import Clock, Duration
 from .core import Core, LeaseRef, TokenFormat
 from .errors import InvalidRequest
-from .keys import KeyRing
+from .keyring import KeyRing
+from .keys import Key
 from .lease import Claims, Credential, Lease
 from .policy import Policy
 from .stores.base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
@@ -106,6 +107,12 @@ class _Base:
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """Public keys for offline verifiers (never an HMAC key or a private member)."""
         return self._core.keys.jwks()
+
+    def rotate_keys(self) -> Key:
+        """Make a new signing key. The previous one stops signing new leases,
+        still verifies (and re-signs renewals of its leases), and is dropped by
+        the sweep once max TTL plus leeway have passed: no token outlives it."""
+        return self._core.rotate_keys()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} issuer={self.issuer!r} store={self.store!r}>"
@@ -209,6 +216,11 @@ class Broker(_Base):
     def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once) and purge long-dead records."""
         return run(self._core.sweep(), self.store)
+
+    def retire_key(self, kid: str, *, revoke: bool = True, reason: str = "key-retired") -> int:
+        """Drop signing key ``kid`` at once and (by default) revoke every lease it
+        signed; returns how many were revoked."""
+        return run(self._core.retire_key(kid, revoke, reason), self.store)
 
     def _sweep_quietly(self) -> None:
         # The opportunistic sweep inside issue: the lease is already stored, so
@@ -393,6 +405,13 @@ class AsyncBroker(_Base):
     async def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once) and purge long-dead records."""
         return await arun(self._core.sweep(), self._astore)
+
+    async def retire_key(
+        self, kid: str, *, revoke: bool = True, reason: str = "key-retired"
+    ) -> int:
+        """Drop signing key ``kid`` at once and (by default) revoke every lease it
+        signed; returns how many were revoked."""
+        return await arun(self._core.retire_key(kid, revoke, reason), self._astore)
 
     async def _sweep_quietly(self) -> None:
         try:

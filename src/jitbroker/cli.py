@@ -1,4 +1,8 @@
-"""The ``jitbroker`` command. ``jitbroker demo`` walks through a credential's life."""
+"""The ``jitbroker`` command.
+
+``jitbroker demo`` walks through a credential's life; ``jitbroker keys ...``
+manages a key directory (``cli_keys``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from . import __version__
+from . import __version__, cli_keys
 from .broker import Broker
-from .errors import InvalidToken
-from .keys import KeyRing
+from .errors import InvalidRequest, InvalidToken
+from .keyring import KeyRing
 from .lease import Credential, Lease
 from .testing import FakeClock
 
@@ -128,9 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"jitbroker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="walk through issuing, verifying and killing a credential")
+    cli_keys.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        Demo().run()
+    try:
+        if args.command == "demo":
+            Demo().run()
+        elif args.command == "keys":
+            cli_keys.run(args)
+    except InvalidRequest as exc:
+        print(f"jitbroker: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

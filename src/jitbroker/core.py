@@ -29,7 +29,8 @@ from .errors import (
     PolicyDenied,
     RenewalDenied,
 )
-from .keys import Key, KeyRing
+from .keyring import KeyRing
+from .keys import Key
 from .lease import Credential, Lease, new_credential, new_lease
 from .policy import Policy, covers
 from .stores.base import LeaseFilter
@@ -326,6 +327,23 @@ class Core:
         )
         return len(revoked)
 
+    def rotate_keys(self) -> Key:
+        """A new signing key; the old one is dropped once no token it signed can
+        verify any more (max TTL plus leeway from now: renewals never pass that)."""
+        key = self.keys.rotate(grace=self.max_ttl + self.leeway, now=self.clock())
+        self.audit.emit("key_rotated", self.clock(), where=f"key_id={key.kid!r}")
+        return key
+
+    def retire_key(self, kid: str, revoke: bool, reason: str) -> Steps[int]:
+        """Drop ``kid`` now (its tokens stop verifying) and, if ``revoke``, revoke
+        the leases it signed. The key goes first: if the store then fails, its
+        tokens are already dead and ``revoke_where(key_id=...)`` can be retried."""
+        self.keys.retire(validate.text(kid, "kid"))
+        self.audit.emit("key_retired", self.clock(), reason=reason, where=f"key_id={kid!r}")
+        if not revoke:
+            return 0
+        return (yield from self.revoke_where(LeaseFilter(key_id=kid), reason))
+
     def leases(self, where: LeaseFilter, include_inactive: bool) -> Steps[list[Lease]]:
         """Leases matching ``where``, oldest first; only active ones unless asked."""
         found: list[Lease] = yield lambda store: store.find(where)
@@ -346,6 +364,8 @@ class Core:
         """Claim every lease due by now (each exactly once), then purge the long dead."""
         now = self.clock()
         self.next_sweep = now + self.reap_interval
+        for kid in self.keys.prune(now):  # rotated-out keys whose grace period ended
+            self.audit.emit("key_dropped", now, where=f"key_id={kid!r}")
         expired: list[Lease] = []
         while True:
             batch = yield lambda store: store.claim_expired(now, SWEEP_BATCH)

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from .clock import Clock, Duration, seconds, system_clock
 from .errors import InvalidRequest, KeySourceError, MalformedToken
-from .keys import KeyRing
+from .keyring import KeyRing
 from .tokens import strict_json_object
 
 __all__ = ["MAX_JWKS_BYTES", "JWKSource", "parse_jwks"]

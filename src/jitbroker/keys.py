@@ -1,4 +1,4 @@
-"""Signing keys and the key ring.
+"""Signing keys: one ``Key`` per key, loaded, generated or exported.
 
 A ``Key`` pins exactly one algorithm: a token is verified with the algorithm of
 the key its ``kid`` names, never with one read from the token. Key ids are RFC
@@ -10,8 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from .errors import InvalidRequest
 from .jwk import b64url, material_from_jwk, oct_jwk, private_jwk, public_jwk, thumbprint
 
-__all__ = ["ALGORITHMS", "Key", "KeyRing", "b64url", "thumbprint"]
+__all__ = ["ALGORITHMS", "Key", "b64url", "thumbprint"]
 
 ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256")
 TOKEN_TYPE = "at+jwt"
@@ -233,140 +232,3 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> Key:
             f"JWK kid {jwk['kid']!r} is not the key's RFC 7638 thumbprint {key.kid!r}"
         )
     return key
-
-
-class KeyRing:
-    """Signing keys by ``kid``: one active key signs, every key held verifies.
-
-    Changes replace the internal mapping wholesale (copy-on-write), so a
-    verification running in another thread never sees a half-updated ring.
-    """
-
-    __slots__ = ("_active", "_headers", "_keys", "_lock")
-
-    def __init__(self, keys: Iterable[Key] = (), *, active: str | None = None) -> None:
-        self._lock = threading.RLock()  # serializes writers; readers never lock
-        self._keys: dict[str, Key] = {}
-        self._headers: dict[str, Key] = {}
-        self._active: str | None = None
-        for key in keys:
-            self.add(key)
-        if active is not None:
-            self.activate(active)
-        elif self._active is None:
-            self._active = next((k.kid for k in self._keys.values() if k.private), None)
-
-    # -- construction -----------------------------------------------------
-    @classmethod
-    def generate(cls, alg: str = "EdDSA") -> KeyRing:
-        """A ring holding one fresh key for ``alg`` (EdDSA, ES256, RS256 or HS256)."""
-        return cls([generate_key(alg)])
-
-    @classmethod
-    def from_pem(cls, pem: bytes | str, password: bytes | None = None) -> KeyRing:
-        """A ring from one PEM key (a public key gives a verify-only ring)."""
-        return cls([key_from_pem(pem, password)])
-
-    @classmethod
-    def from_jwk(cls, jwk: Mapping[str, Any]) -> KeyRing:
-        """A ring from one JWK (a public JWK gives a verify-only ring)."""
-        return cls([key_from_jwk(jwk)])
-
-    @classmethod
-    def from_jwks(cls, jwks: Mapping[str, Any]) -> KeyRing:
-        """A verify-only ring from a JWKS document ``{"keys": [...]}``."""
-        keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
-        if not isinstance(keys, list):
-            raise InvalidRequest('a JWKS must be an object with a "keys" list')
-        loaded = [key_from_jwk(k) for k in keys]
-        if any(k.private for k in loaded):  # HMAC keys are secrets too
-            raise InvalidRequest(
-                "a JWKS for verification must not contain private keys or HMAC secrets"
-            )
-        return cls(loaded)
-
-    # -- membership -------------------------------------------------------
-    def add(self, key: Key, *, activate: bool = False) -> None:
-        """Add a key (verify-only unless ``activate``). Refuses duplicates and mixing HMAC."""
-        with self._lock:
-            self._add(key, activate)
-
-    def _add(self, key: Key, activate: bool) -> None:
-        if key.kid in self._keys:
-            raise InvalidRequest(f"key ring already holds a key with kid {key.kid}")
-        if self._keys and any(k.symmetric != key.symmetric for k in self._keys.values()):
-            raise InvalidRequest("HMAC and asymmetric keys cannot share one key ring")
-        self._replace({**self._keys, key.kid: key})
-        if activate:
-            self.activate(key.kid)
-
-    def activate(self, kid: str) -> None:
-        """Make ``kid`` the signing key; it must hold private material."""
-        key = self._keys.get(kid)
-        if key is None:
-            raise InvalidRequest(f"no key with kid {kid} in the ring")
-        if not key.private:
-            raise InvalidRequest(f"key {kid} is a public key and cannot sign")
-        self._active = kid
-
-    def rotate(self) -> Key:
-        """Generate a new key with the active key's algorithm and make it active."""
-        alg = self.active.alg
-        key = generate_key(alg)
-        self.add(key, activate=True)
-        return key
-
-    def retire(self, kid: str) -> None:
-        """Drop ``kid`` at once: tokens it signed stop verifying. Not the active key."""
-        with self._lock:
-            if kid == self._active:
-                raise InvalidRequest(f"key {kid} is active; rotate() before retiring it")
-            if kid not in self._keys:
-                raise InvalidRequest(f"no key with kid {kid} in the ring")
-            self._replace({k: v for k, v in self._keys.items() if k != kid})
-
-    def _replace(self, keys: dict[str, Key]) -> None:
-        # Headers first: a reader that sees the new header map finds its key in
-        # either map; both are swapped whole, never mutated in place.
-        self._headers = {k.header: k for k in keys.values()}
-        self._keys = keys
-
-    @property
-    def active(self) -> Key:
-        """The key that signs new tokens."""
-        if self._active is None:
-            raise InvalidRequest("this key ring holds no private key, so it cannot sign")
-        return self._keys[self._active]
-
-    def get(self, kid: str) -> Key | None:
-        """The key for ``kid``, or None."""
-        return self._keys.get(kid)
-
-    def by_header(self, header: str) -> Key | None:
-        """The key whose exact encoded JWS header is ``header`` (the verify fast path)."""
-        return self._headers.get(header)
-
-    def public(self) -> KeyRing:
-        """A verify-only copy of this ring (HMAC keys stay as they are)."""
-        return KeyRing([k.public() for k in self._keys.values()])
-
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        """The public JWKS: asymmetric public keys only, never an HMAC key or private member."""
-        keys = [k.public_jwk() for k in self._keys.values()]
-        return {"keys": [jwk for jwk in keys if jwk is not None]}
-
-    def __contains__(self, kid: object) -> bool:
-        return kid in self._keys
-
-    def __iter__(self) -> Iterator[Key]:
-        return iter(list(self._keys.values()))
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __repr__(self) -> str:
-        keys = ", ".join(f"{k.kid}:{k.alg}" for k in self._keys.values())
-        return f"<KeyRing active={self._active!r} keys=[{keys}]>"
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("jitbroker key rings cannot be pickled")

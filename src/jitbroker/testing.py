@@ -30,7 +30,7 @@ from datetime import timedelta
 import pytest
 
 from .broker import Broker
-from .keys import KeyRing
+from .keyring import KeyRing
 from .stores.memory import MemoryStore
 
 __all__ = ["TEST_ISSUER", "FakeClock"]

@@ -19,7 +19,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import BadSignature, MalformedToken, UnknownKey
-from .keys import TOKEN_TYPE, Key, KeyRing, b64url
+from .keyring import KeyRing
+from .keys import TOKEN_TYPE, Key, b64url
 from .lease import Claims, Lease
 
 __all__ = ["OPAQUE_PREFIX", "decode_jws", "encode_jws", "is_opaque", "new_identity"]

@@ -35,7 +35,7 @@ from .errors import (
     WrongIssuer,
 )
 from .jwks import MAX_JWKS_BYTES, JWKSource, parse_jwks
-from .keys import KeyRing
+from .keyring import KeyRing
 from .lease import Claims, Lease
 from .stores.base import LeaseStore
 

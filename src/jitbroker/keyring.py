@@ -1,0 +1,286 @@
+"""``KeyRing``: the keys a broker signs and verifies with, and their lifecycle.
+
+One key is active and signs new leases; every key held verifies. ``rotate``
+makes a new signer and, with a grace period, schedules the old one to be
+dropped by ``prune``; ``retire`` drops a key at once. Changes replace the
+internal mappings wholesale (copy-on-write), so a verification in another
+thread never sees a half-updated ring. A ring can be saved to and loaded from a
+key directory (``save_dir``/``from_dir``), a file or an environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .clock import Duration, seconds
+from .errors import InvalidRequest
+from .keys import Key, generate_key, key_from_jwk, key_from_pem
+
+__all__ = ["KeyRing"]
+
+MANIFEST = "keyring.json"
+
+
+def _key_from_text(data: bytes, password: bytes | None, where: str) -> Key:
+    """A PEM or JWK key from file or environment contents; errors name ``where``."""
+    text = data.strip()
+    try:
+        if text.startswith(b"-----BEGIN"):
+            return key_from_pem(text, password)
+        try:
+            jwk = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequest("neither a PEM key nor a JSON JWK") from exc
+        return key_from_jwk(jwk)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{where}: {exc}") from exc
+
+
+def _key_file(key: Key, password: bytes | None) -> tuple[str, bytes]:
+    if key.symmetric:  # no PEM form; the JWK holds the secret in the clear
+        return f"{key.kid}.key.jwk", json.dumps(key.to_jwk(private=True)).encode()
+    return f"{key.kid}.key.pem", key.to_pem(password if key.private else None)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600 from the start, replacing it atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class KeyRing:
+    """Signing keys by ``kid``: one active key signs, every key held verifies.
+
+    Changes replace the internal mapping wholesale (copy-on-write), so a
+    verification running in another thread never sees a half-updated ring.
+    """
+
+    __slots__ = ("_active", "_drop_at", "_headers", "_keys", "_lock")
+
+    def __init__(self, keys: Iterable[Key] = (), *, active: str | None = None) -> None:
+        self._lock = threading.RLock()  # serializes writers; readers never lock
+        self._keys: dict[str, Key] = {}
+        self._headers: dict[str, Key] = {}
+        self._active: str | None = None
+        self._drop_at: dict[str, float] = {}  # kid -> when a rotated-out key is dropped
+        for key in keys:
+            self.add(key)
+        if active is not None:
+            self.activate(active)
+        elif self._active is None:
+            self._active = next((k.kid for k in self._keys.values() if k.private), None)
+
+    # -- construction -----------------------------------------------------
+    @classmethod
+    def generate(cls, alg: str = "EdDSA") -> KeyRing:
+        """A ring holding one fresh key for ``alg`` (EdDSA, ES256, RS256 or HS256)."""
+        return cls([generate_key(alg)])
+
+    @classmethod
+    def from_pem(cls, pem: bytes | str, password: bytes | None = None) -> KeyRing:
+        """A ring from one PEM key (a public key gives a verify-only ring)."""
+        return cls([key_from_pem(pem, password)])
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> KeyRing:
+        """A ring from one JWK (a public JWK gives a verify-only ring)."""
+        return cls([key_from_jwk(jwk)])
+
+    @classmethod
+    def from_jwks(cls, jwks: Mapping[str, Any]) -> KeyRing:
+        """A verify-only ring from a JWKS document ``{"keys": [...]}``."""
+        keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
+        if not isinstance(keys, list):
+            raise InvalidRequest('a JWKS must be an object with a "keys" list')
+        loaded = [key_from_jwk(k) for k in keys]
+        if any(k.private for k in loaded):  # HMAC keys are secrets too
+            raise InvalidRequest(
+                "a JWKS for verification must not contain private keys or HMAC secrets"
+            )
+        return cls(loaded)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], password: bytes | None = None) -> KeyRing:
+        """A ring from one key in a file: PEM (optionally encrypted) or a JWK."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidRequest(f"could not read the key file {path}: {exc.strerror}") from exc
+        return cls([_key_from_text(data, password, f"key file {path}")])
+
+    @classmethod
+    def from_env(cls, name: str, password: bytes | None = None) -> KeyRing:
+        """A ring from one key (PEM or JWK) in the environment variable ``name``."""
+        value = os.environ.get(name)
+        if not value:
+            raise InvalidRequest(f"environment variable {name} is not set or empty")
+        return cls([_key_from_text(value.encode(), password, f"environment variable {name}")])
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str], password: bytes | None = None) -> KeyRing:
+        """The ring ``save_dir`` wrote: its keys, its signer, and their drop times."""
+        folder = Path(path)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            keys = [
+                _key_from_text((folder / name).read_bytes(), password, f"{folder / name}")
+                for name in manifest["keys"]
+            ]
+            ring = cls(keys, active=manifest["active"])
+            ring._drop_at = {str(k): float(v) for k, v in manifest["drop_at"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if isinstance(exc, InvalidRequest):
+                raise
+            raise InvalidRequest(f"{folder} is not a readable jitbroker key directory") from exc
+        return ring
+
+    def save_dir(self, path: str | os.PathLike[str], password: bytes | None = None) -> None:
+        """Write every key (PKCS#8 PEM, encrypted with ``password``; an HMAC key as
+        a JWK) into the directory ``path``, readable by its owner only, plus a
+        manifest naming the signer and drop times. Files of dropped keys are removed."""
+        folder = Path(path)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._lock:
+            names = {}
+            for key in self._keys.values():
+                name, data = _key_file(key, password)
+                _write_private(folder / name, data)
+                names[key.kid] = name
+            manifest = {
+                "active": self._active,
+                "keys": sorted(names.values()),
+                "drop_at": dict(self._drop_at),
+            }
+        _write_private(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
+        for stale in folder.glob("*.key.*"):
+            if stale.name not in names.values():
+                stale.unlink()
+
+    # -- membership -------------------------------------------------------
+    def add(self, key: Key, *, activate: bool = False) -> None:
+        """Add a key (verify-only unless ``activate``). Refuses duplicates and mixing HMAC."""
+        with self._lock:
+            self._add(key, activate)
+
+    def _add(self, key: Key, activate: bool) -> None:
+        if key.kid in self._keys:
+            raise InvalidRequest(f"key ring already holds a key with kid {key.kid}")
+        if self._keys and any(k.symmetric != key.symmetric for k in self._keys.values()):
+            raise InvalidRequest("HMAC and asymmetric keys cannot share one key ring")
+        self._replace({**self._keys, key.kid: key})
+        if activate:
+            self.activate(key.kid)
+
+    def activate(self, kid: str) -> None:
+        """Make ``kid`` the signing key; it must hold private material."""
+        key = self._keys.get(kid)
+        if key is None:
+            raise InvalidRequest(f"no key with kid {kid} in the ring")
+        if not key.private:
+            raise InvalidRequest(f"key {kid} is a public key and cannot sign")
+        self._active = kid
+
+    def rotate(self, *, grace: Duration | None = None, now: float | None = None) -> Key:
+        """Generate a new key with the active key's algorithm and make it the signer.
+
+        The previous signer stops signing new leases but keeps verifying (and
+        re-signing renewals of the leases it signed). With ``grace`` it is
+        dropped by ``prune`` once ``grace`` seconds have passed since ``now``
+        (default: the system clock); choose at least the broker's max TTL plus
+        leeway, as ``Broker.rotate_keys`` does, so no token outlives its key.
+        Without ``grace`` it stays until ``retire``.
+        """
+        with self._lock:
+            previous = self.active
+            key = generate_key(previous.alg)
+            self._add(key, activate=True)
+            if grace is not None:
+                start = time.time() if now is None else now
+                self._drop_at[previous.kid] = start + seconds(grace, "grace", allow_zero=True)
+            return key
+
+    def prune(self, now: float) -> list[str]:
+        """Drop the rotated-out keys whose grace period ended by ``now``; their kids."""
+        with self._lock:
+            due = [kid for kid, at in self._drop_at.items() if at <= now]
+            if due:
+                self._forget(due)
+            return due
+
+    def drops_at(self, kid: str) -> float | None:
+        """When ``prune`` drops ``kid`` (rotated out with a grace period), or None."""
+        return self._drop_at.get(kid)
+
+    def retire(self, kid: str) -> None:
+        """Drop ``kid`` at once: tokens it signed stop verifying. Not the active key.
+
+        This ends no lease; ``Broker.retire_key(kid)`` also revokes the leases it signed.
+        """
+        with self._lock:
+            if kid == self._active:
+                raise InvalidRequest(f"key {kid} is active; rotate() before retiring it")
+            if kid not in self._keys:
+                raise InvalidRequest(f"no key with kid {kid} in the ring")
+            self._forget([kid])
+
+    def _forget(self, kids: list[str]) -> None:
+        for kid in kids:
+            self._drop_at.pop(kid, None)
+        self._replace({k: v for k, v in self._keys.items() if k not in kids})
+
+    def _replace(self, keys: dict[str, Key]) -> None:
+        # Headers first: a reader that sees the new header map finds its key in
+        # either map; both are swapped whole, never mutated in place.
+        self._headers = {k.header: k for k in keys.values()}
+        self._keys = keys
+
+    @property
+    def active(self) -> Key:
+        """The key that signs new tokens."""
+        if self._active is None:
+            raise InvalidRequest("this key ring holds no private key, so it cannot sign")
+        return self._keys[self._active]
+
+    def get(self, kid: str) -> Key | None:
+        """The key for ``kid``, or None."""
+        return self._keys.get(kid)
+
+    def by_header(self, header: str) -> Key | None:
+        """The key whose exact encoded JWS header is ``header`` (the verify fast path)."""
+        return self._headers.get(header)
+
+    def public(self) -> KeyRing:
+        """A verify-only copy of this ring (HMAC keys stay as they are)."""
+        return KeyRing([k.public() for k in self._keys.values()])
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The public JWKS: asymmetric public keys only, never an HMAC key or private member."""
+        keys = [k.public_jwk() for k in self._keys.values()]
+        return {"keys": [jwk for jwk in keys if jwk is not None]}
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self._keys.values()))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k.kid}:{k.alg}" for k in self._keys.values())
+        return f"<KeyRing active={self._active!r} keys=[{keys}]>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("jitbroker key rings cannot be pickled")

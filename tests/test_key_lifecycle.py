@@ -1,0 +1,281 @@
+"""Key rotation with a grace period, retirement with revocation, and key storage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from jitbroker import AsyncBroker, Broker, KeyRing, MemoryStore
+from jitbroker.cli import main
+from jitbroker.errors import InvalidRequest, LeaseNotActive, RenewalDenied, UnknownKey
+from jitbroker.testing import TEST_ISSUER, FakeClock
+
+
+@pytest.fixture
+def broker(jitbroker_clock: FakeClock) -> Broker:
+    return Broker(
+        issuer=TEST_ISSUER,
+        keys=KeyRing.generate(),
+        store=MemoryStore(),
+        clock=jitbroker_clock,
+        max_ttl=600,
+        leeway=5,
+    )
+
+
+# -- rotation ---------------------------------------------------------------
+def test_rotate_keys_signs_new_leases_with_the_new_key(broker: Broker) -> None:
+    old = broker.keys.active.kid
+    new = broker.rotate_keys()
+    assert broker.keys.active is new
+    assert new.kid != old
+    assert broker.issue("svc:a", "api", ttl=60).lease.key_id == new.kid
+
+
+def test_old_key_keeps_verifying_and_renewing_during_grace(
+    broker: Broker, jitbroker_clock: FakeClock
+) -> None:
+    cred = broker.issue("svc:a", "api", ttl=60)
+    old = broker.keys.active.kid
+    broker.rotate_keys()
+    assert broker.keys.drops_at(old) == jitbroker_clock() + 605  # max_ttl + leeway
+    jitbroker_clock.advance(50)
+    renewed = broker.renew(cred, ttl=60)
+    assert renewed.lease.key_id == old  # re-signed by the key that signed the lease
+    assert broker.verify(renewed.token, audience="api").key_id == old
+
+
+def test_old_key_is_dropped_by_the_sweep_after_grace(
+    broker: Broker, jitbroker_clock: FakeClock
+) -> None:
+    old = broker.keys.active.kid
+    broker.rotate_keys()
+    jitbroker_clock.advance(604)
+    broker.sweep()
+    assert old in broker.keys
+    jitbroker_clock.advance(1)
+    broker.sweep()
+    assert old not in broker.keys
+    assert old not in {k["kid"] for k in broker.jwks()["keys"]}
+
+
+def test_no_token_outlives_its_key(broker: Broker, jitbroker_clock: FakeClock) -> None:
+    """Every token the old key signed (renewals included) is expired by drop time."""
+    cred = broker.issue("svc:a", "api", ttl=60)
+    old = broker.keys.active.kid
+    broker.rotate_keys()
+    drop_at = broker.keys.drops_at(old)
+    assert drop_at is not None
+    latest = cred
+    while True:
+        jitbroker_clock.advance(55)
+        try:
+            latest = broker.renew(latest, ttl=60)
+        except (RenewalDenied, LeaseNotActive):
+            break
+    assert latest.expires_at + broker._core.leeway <= drop_at
+
+
+def test_rotate_without_grace_keeps_the_old_key(jitbroker_clock: FakeClock) -> None:
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate()
+    assert ring.drops_at(old) is None
+    assert ring.prune(jitbroker_clock() + 10**9) == []
+    assert old in ring
+
+
+def test_prune_only_drops_due_keys() -> None:
+    ring = KeyRing.generate()
+    first = ring.active.kid
+    ring.rotate(grace=100, now=1000.0)
+    second = ring.active.kid
+    ring.rotate(grace=100, now=1050.0)
+    assert ring.prune(1099.0) == []
+    assert ring.prune(1100.0) == [first]
+    assert ring.prune(1150.0) == [second]
+    assert len(ring) == 1
+
+
+def test_rotate_refuses_a_bad_grace() -> None:
+    with pytest.raises(InvalidRequest, match="grace"):
+        KeyRing.generate().rotate(grace=-1)
+
+
+# -- retirement ---------------------------------------------------------------
+def test_retire_key_revokes_the_leases_it_signed(broker: Broker) -> None:
+    old_creds = [broker.issue("svc:a", "api", ttl=60) for _ in range(3)]
+    old = broker.keys.active.kid
+    broker.rotate_keys()
+    kept = broker.issue("svc:a", "api", ttl=60)
+    assert broker.retire_key(old) == 3
+    assert old not in broker.keys
+    for cred in old_creds:
+        with pytest.raises(UnknownKey):
+            broker.verify(cred.token, audience="api")
+        lease = broker.lease(cred.lease_id)
+        assert lease is not None
+        assert lease.revoke_reason == "key-retired"
+    assert broker.verify(kept.token, audience="api").key_id == kept.lease.key_id
+
+
+def test_retire_key_without_revoke_leaves_leases(broker: Broker) -> None:
+    cred = broker.issue("svc:a", "api", ttl=60)
+    old = broker.keys.active.kid
+    broker.rotate_keys()
+    assert broker.retire_key(old, revoke=False) == 0
+    lease = broker.lease(cred.lease_id)
+    assert lease is not None
+    assert lease.revoked_at is None
+
+
+def test_retire_key_refuses_the_active_key(broker: Broker) -> None:
+    cred = broker.issue("svc:a", "api", ttl=60)
+    with pytest.raises(InvalidRequest, match="active"):
+        broker.retire_key(broker.keys.active.kid)
+    assert broker.verify(cred.token, audience="api")
+
+
+def test_retired_key_opaque_leases_are_untouched(jitbroker_clock: FakeClock) -> None:
+    broker = Broker(issuer=TEST_ISSUER, token_format="opaque", clock=jitbroker_clock)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    old = broker.keys.active.kid
+    broker.rotate_keys()
+    assert broker.retire_key(old) == 0  # opaque leases are signed by no key
+    assert broker.verify(cred.token, audience="api").lease_id == cred.lease_id
+
+
+def test_async_broker_retire_key(jitbroker_clock: FakeClock) -> None:
+    async def scenario() -> None:
+        broker = AsyncBroker(issuer=TEST_ISSUER, clock=jitbroker_clock)
+        cred = await broker.issue("svc:a", "api", ttl=60)
+        old = broker.keys.active.kid
+        broker.rotate_keys()
+        assert await broker.retire_key(old) == 1
+        lease = await broker.lease(cred.lease_id)
+        assert lease is not None
+        assert lease.revoke_reason == "key-retired"
+        with pytest.raises(UnknownKey):
+            await broker.verify(cred.token, audience="api")
+
+    asyncio.run(scenario())
+
+
+# -- storage ------------------------------------------------------------------
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "RS256", "HS256"])
+def test_save_dir_round_trips(tmp_path: Path, alg: str) -> None:
+    ring = KeyRing.generate(alg)
+    ring.rotate(grace=60, now=1000.0)
+    ring.save_dir(tmp_path / "keys", password=b"correct horse")
+    loaded = KeyRing.from_dir(tmp_path / "keys", password=b"correct horse")
+    assert {k.kid for k in loaded} == {k.kid for k in ring}
+    assert loaded.active.kid == ring.active.kid
+    assert loaded._drop_at == ring._drop_at
+    data = b"payload"
+    assert ring.active.verify(loaded.active.sign(data), data)
+
+
+def test_save_dir_files_are_private(tmp_path: Path) -> None:
+    KeyRing.generate().save_dir(tmp_path / "keys")
+    folder = tmp_path / "keys"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_save_dir_removes_files_of_dropped_keys(tmp_path: Path) -> None:
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate()
+    ring.save_dir(tmp_path)
+    ring.retire(old)
+    ring.save_dir(tmp_path)
+    assert not any(old in p.name for p in tmp_path.iterdir())
+
+
+def test_from_dir_with_a_wrong_password(tmp_path: Path) -> None:
+    KeyRing.generate().save_dir(tmp_path, password=b"right password")
+    with pytest.raises(InvalidRequest, match="password"):
+        KeyRing.from_dir(tmp_path, password=b"wrong password")
+
+
+@pytest.mark.parametrize("manifest", [None, "not json", "[]", '{"keys": []}'])
+def test_from_dir_refuses_what_is_not_a_key_directory(tmp_path: Path, manifest: str | None) -> None:
+    if manifest is not None:
+        (tmp_path / "keyring.json").write_text(manifest)
+    with pytest.raises(InvalidRequest, match="key directory"):
+        KeyRing.from_dir(tmp_path)
+
+
+def test_from_file_pem_and_jwk(tmp_path: Path) -> None:
+    key = KeyRing.generate("ES256").active
+    (tmp_path / "k.pem").write_bytes(key.to_pem(b"pw"))
+    (tmp_path / "k.jwk").write_text(json.dumps(key.to_jwk(private=True)))
+    assert KeyRing.from_file(tmp_path / "k.pem", password=b"pw").active.kid == key.kid
+    assert KeyRing.from_file(tmp_path / "k.jwk").active.kid == key.kid
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"-----BEGIN PRIVATE KEY-----\nxx\n"])
+def test_from_file_refuses_bad_content(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "k").write_bytes(content)
+    with pytest.raises(InvalidRequest, match="key file"):
+        KeyRing.from_file(tmp_path / "k")
+
+
+def test_from_file_missing(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="could not read"):
+        KeyRing.from_file(tmp_path / "absent.pem")
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = KeyRing.generate().active
+    monkeypatch.setenv("JB_TEST_KEY", key.to_pem().decode())
+    assert KeyRing.from_env("JB_TEST_KEY").active.kid == key.kid
+    monkeypatch.setenv("JB_TEST_KEY", "not a key")
+    with pytest.raises(InvalidRequest, match="JB_TEST_KEY") as info:
+        KeyRing.from_env("JB_TEST_KEY")
+    assert "not a key" not in str(info.value)  # the value is never echoed
+    monkeypatch.delenv("JB_TEST_KEY")
+    with pytest.raises(InvalidRequest, match="not set"):
+        KeyRing.from_env("JB_TEST_KEY")
+
+
+# -- the command line -----------------------------------------------------------
+def test_cli_generate_rotate_retire_show_public(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "keys"
+    monkeypatch.setenv("JB_PASS", "a long passphrase")
+    pw = ["--password-env", "JB_PASS"]
+    assert main(["keys", "generate", str(folder), "--alg", "ES256", *pw]) == 0
+    first = KeyRing.from_dir(folder, b"a long passphrase").active.kid
+    assert main(["keys", "rotate", str(folder), "--grace", "60", *pw]) == 0
+    ring = KeyRing.from_dir(folder, b"a long passphrase")
+    assert ring.active.kid != first
+    assert ring.drops_at(first) is not None
+    capsys.readouterr()
+    assert main(["keys", "show-public", str(folder), *pw]) == 0
+    jwks = json.loads(capsys.readouterr().out)
+    assert {k["kid"] for k in jwks["keys"]} == {first, ring.active.kid}
+    assert all("d" not in k for k in jwks["keys"])
+    assert main(["keys", "retire", str(folder), first, *pw]) == 0
+    assert first not in KeyRing.from_dir(folder, b"a long passphrase")
+    for path in folder.iterdir():
+        assert b"PRIVATE KEY-----\nMI" not in path.read_bytes() or b"ENCRYPTED" in path.read_bytes()
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "generate", str(tmp_path / "k")]) == 0
+    assert main(["keys", "generate", str(tmp_path / "k")]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["keys", "show-public", str(tmp_path / "nothing")]) == 2
+    assert main(["keys", "rotate", str(tmp_path / "k"), "--password-env", "JB_UNSET_VAR"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "JB_UNSET_VAR" in err
+    assert os.environ.get("JB_UNSET_VAR") is None
