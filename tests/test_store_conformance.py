@@ -14,10 +14,12 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import attrs
 import pytest
 
+from conftest import server_or_skip
 from jitbroker.lease import Lease
 from jitbroker.stores.base import LeaseFilter, LeaseStore
 from jitbroker.stores.memory import MemoryStore
@@ -29,8 +31,15 @@ def memory_store(tmp_path: Path) -> LeaseStore:
     return MemoryStore()
 
 
+def redis_store(tmp_path: Path) -> LeaseStore:
+    server_or_skip("Redis", "127.0.0.1", 6379)
+    from jitbroker.stores.redis import RedisStore
+
+    return RedisStore("redis://127.0.0.1:6379/0", prefix=f"jbtest-{uuid4().hex}")
+
+
 # One entry per implementation, e.g. pytest.param(sqlite_store, id="sqlite").
-STORES = [pytest.param(memory_store, id="memory")]
+STORES = [pytest.param(memory_store, id="memory"), pytest.param(redis_store, id="redis")]
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 TTL = 60.0
@@ -81,6 +90,9 @@ class TestLeaseStoreConformance:
         factory: StoreFactory = request.param
         store = factory(tmp_path)
         yield store
+        clear = getattr(store, "clear", None)
+        if clear is not None:  # a shared server: drop this test's keys
+            clear()
         store.close()
 
     def add(self, store: LeaseStore, *leases: Lease) -> None:

@@ -1,6 +1,22 @@
-"""Lease stores: ``MemoryStore`` (default); shared stores arrive behind the same protocol."""
+"""Lease stores: ``MemoryStore`` (default), ``RedisStore`` (loaded on first use: it needs
+the `jitbroker[redis]` extra); all behind the one protocol in ``base``."""
+
+from typing import TYPE_CHECKING, Any
 
 from .base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
 from .memory import MemoryStore
 
+if TYPE_CHECKING:
+    from .redis import RedisStore as RedisStore
+
 __all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "MemoryStore", "as_async"]
+
+
+def __getattr__(name: str) -> Any:
+    # Stores with a driver are imported on first use, so `import jitbroker` works
+    # without the driver installed. Kept out of __all__: `import *` stays safe too.
+    if name == "RedisStore":
+        from .redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,447 @@
+"""``RedisStore``: leases in Redis, shared by every process and host that points at it.
+
+Every mutating call is one Lua script, so it is one round trip and atomic: the
+checks that ``LeaseStore`` promises (a child of a dead parent is refused, a
+subtree is revoked whole, an expired lease is claimed by exactly one reaper)
+hold across any number of brokers without a lock.
+
+Key layout, for a store with prefix ``p`` (``{p}`` is a Redis Cluster hash tag,
+so every key of one store lives in one slot and the scripts may touch them all)::
+
+    {p}:lease:<id>            hash: the lease, one field per codec column
+                              (absent field = None); dead ones carry a TTL
+    {p}:exp                   zset: id -> expires_at of leases neither revoked nor
+                              claimed; membership *is* "still awaiting its claim"
+    {p}:dead                  zset: JSON [id, task, parent, owner, subject, key_id]
+                              -> expires_at of revoked or claimed leases, for purge
+    {p}:all                   set: every stored id (``find`` with an empty filter)
+    {p}:idx:<field>:<value>   set: ids whose task/parent/owner/subject/key_id is value
+    {p}:revoked               pub/sub channel: JSON list of the ids each revoke took
+
+The scripts are declared with the three fixed keys and build the per-lease keys
+from the prefix; all share the hash tag, so Redis Cluster routes them to the one
+node that owns the slot (tests run against a single node).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import InvalidRequest, StoreError, StoreUnavailable
+from ..lease import Lease
+from .base import LeaseFilter
+from .codec import from_mapping, to_mapping
+
+__all__ = ["RedisStore"]
+
+# -- the Lua scripts -----------------------------------------------------------
+# Every script gets KEYS = (exp, dead, all) and ARGV[1] = key prefix "{p}:",
+# ARGV[2] = retention in ms (0: dead records keep no TTL); its own arguments
+# follow from ARGV[3]. Times arrive as Python's repr of a float and are written
+# back as those same strings: Lua's tostring() keeps only 14 digits.
+
+_PRELUDE = """
+local EXP, DEAD, ALL = KEYS[1], KEYS[2], KEYS[3]
+local BASE, RETENTION = ARGV[1], tonumber(ARGV[2])
+local INDEXED = {'task', 'parent', 'owner', 'subject', 'key_id'}
+
+local function lease_key(id) return BASE .. 'lease:' .. id end
+local function index_key(field, value) return BASE .. 'idx:' .. field .. ':' .. value end
+
+-- Active at `at`: still in EXP (not revoked, not claimed) and not yet expired.
+-- EXP's score is kept equal to the record's expires_at by add and extend.
+local function live(id, at)
+  local expires_at = redis.call('ZSCORE', EXP, id)
+  return expires_at ~= false and tonumber(at) < tonumber(expires_at)
+end
+
+-- The record's index values ({} if there is no record) and its DEAD member:
+-- JSON [id, task, parent, owner, subject, key_id], '' for a missing value.
+local function indexed(id, key)
+  local values = redis.call('HMGET', key, unpack(INDEXED))
+  local entry = {id}
+  for i = 1, #INDEXED do entry[i + 1] = values[i] or '' end
+  return values, cjson.encode(entry)
+end
+
+-- A lease dies (revoked or claimed): it leaves EXP and enters DEAD. The DEAD
+-- member carries its index values, so purge can unindex it even after Redis
+-- itself dropped the record at the end of its retention TTL.
+local function bury(id, key)
+  local _, entry = indexed(id, key)
+  redis.call('ZREM', EXP, id)
+  redis.call('ZADD', DEAD, redis.call('HGET', key, 'expires_at'), entry)
+  if RETENTION > 0 then redis.call('PEXPIRE', key, RETENTION) end
+end
+
+-- Ids matching every (field, value) pair given from ARGV[first]: the
+-- intersection of their index sets, or every id if no pair is given.
+local function matching(first)
+  local sets = {}
+  for i = first, #ARGV, 2 do sets[#sets + 1] = index_key(ARGV[i], ARGV[i + 1]) end
+  if #sets == 0 then return redis.call('SMEMBERS', ALL) end
+  return redis.call('SINTER', unpack(sets))
+end
+"""
+
+# ARGV: id, parent ('' if none), issued_at, expires_at, revoked ('1'/'0'), then
+# the record's field/value pairs. 1 if stored; 0 (nothing written) if the parent
+# is not active at issued_at.
+_ADD = """
+local id, parent, issued_at, expires_at = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if parent ~= '' and not live(parent, issued_at) then return 0 end
+local key = lease_key(id)
+-- An id stored again (a caller's bug, ids are random) replaces the old record
+-- whole: its index entries and DEAD member go, and so do its fields and TTL.
+local old, old_entry = indexed(id, key)
+for i, field in ipairs(INDEXED) do
+  if old[i] then redis.call('SREM', index_key(field, old[i]), id) end
+end
+redis.call('ZREM', DEAD, old_entry)
+redis.call('DEL', key)
+redis.call('HSET', key, unpack(ARGV, 8))
+local values = indexed(id, key)
+for i, field in ipairs(INDEXED) do
+  if values[i] then redis.call('SADD', index_key(field, values[i]), id) end
+end
+redis.call('SADD', ALL, id)
+if ARGV[7] == '1' then bury(id, key) else redis.call('ZADD', EXP, expires_at, id) end
+return 1
+"""
+
+# Walks down from the roots. A lease that is already dead had its subtree
+# revoked with it (or its children expired first), so the walk only descends
+# through leases that transition now: each revoked exactly once, whoever races.
+_REVOKE_TREE = """
+local function revoke_tree(roots, at, reason)
+  local revoked, ids, stack = {}, {}, roots
+  while #stack > 0 do
+    local id = table.remove(stack)
+    if live(id, at) then
+      local key = lease_key(id)
+      redis.call('HSET', key, 'revoked_at', at, 'revoke_reason', reason)
+      bury(id, key)
+      revoked[#revoked + 1] = redis.call('HGETALL', key)
+      ids[#ids + 1] = id
+      for _, child in ipairs(redis.call('SMEMBERS', index_key('parent', id))) do
+        stack[#stack + 1] = child
+      end
+    end
+  end
+  -- For revocation caches in other processes; costs nothing without subscribers.
+  if #ids > 0 then redis.call('PUBLISH', BASE .. 'revoked', cjson.encode(ids)) end
+  return revoked
+end
+"""
+
+# ARGV: at, reason, id. The records that transitioned.
+_REVOKE = "return revoke_tree({ARGV[5]}, ARGV[3], ARGV[4])"
+
+# ARGV: at, reason, then the filter's field/value pairs. The records that transitioned.
+_REVOKE_WHERE = "return revoke_tree(matching(5), ARGV[3], ARGV[4])"
+
+# ARGV: id, expires_at, at. The updated record, or {} if the lease is not active.
+# ZADD moves the lease's place in EXP, so a renewed lease is claimed at its new expiry.
+_EXTEND = """
+local id, expires_at = ARGV[3], ARGV[4]
+if not live(id, ARGV[5]) then return {} end
+local key = lease_key(id)
+redis.call('HSET', key, 'expires_at', expires_at)
+redis.call('ZADD', EXP, expires_at, id)
+return redis.call('HGETALL', key)
+"""
+
+# ARGV: the filter's field/value pairs. The matching records (read only).
+_FIND = """
+local found = {}
+for _, id in ipairs(matching(3)) do
+  local record = redis.call('HGETALL', lease_key(id))
+  if #record > 0 then found[#found + 1] = record end  -- {} once Redis dropped it
+end
+return found
+"""
+
+# ARGV: now, limit. Pops up to `limit` leases due by `now` from EXP; being one
+# script, two reapers can never pop the same lease.
+_CLAIM_EXPIRED = """
+local now, limit, claimed = ARGV[3], tonumber(ARGV[4]), {}
+while #claimed < limit do
+  local due = redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, limit - #claimed)
+  if #due == 0 then break end
+  for _, id in ipairs(due) do
+    local key = lease_key(id)
+    local record = redis.call('HGETALL', key)
+    if #record == 0 then
+      redis.call('ZREM', EXP, id)  -- the record was deleted behind our back
+    else
+      bury(id, key)
+      claimed[#claimed + 1] = record
+    end
+  end
+end
+return claimed
+"""
+
+# ARGV: before, limit. Deletes and unindexes up to `limit` dead leases with
+# expires_at < before; {entries handled, records deleted}.
+_PURGE = """
+local entries = redis.call('ZRANGEBYSCORE', DEAD, '-inf', '(' .. ARGV[3], 'LIMIT', 0, ARGV[4])
+local purged = 0
+for _, entry in ipairs(entries) do
+  local values = cjson.decode(entry)
+  local id = values[1]
+  -- A stale member of an id stored again after Redis dropped its old record
+  -- must not take the new, live one with it.
+  if redis.call('ZSCORE', EXP, id) == false then
+    for i, field in ipairs(INDEXED) do
+      local value = values[i + 1]
+      if value ~= '' then redis.call('SREM', index_key(field, value), id) end
+    end
+    redis.call('SREM', ALL, id)
+    purged = purged + redis.call('DEL', lease_key(id))  -- 0 if Redis dropped it already
+  end
+  redis.call('ZREM', DEAD, entry)
+end
+return {#entries, purged}
+"""
+
+#: Dead entries one purge script handles: bounds how long it holds the server.
+PURGE_BATCH = 1000
+
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id")
+
+
+class RedisStore:
+    """Leases in Redis (sync, redis-py), shared by every broker that uses the same
+    server and ``prefix``. Install with ``pip install 'jitbroker[redis]'``.
+
+    ``url_or_client`` is a ``redis://`` URL (the store then owns the client and
+    ``close`` closes it; socket timeouts go in the query, e.g.
+    ``?socket_timeout=2``) or an existing ``redis.Redis`` (left open by ``close``).
+
+    Each mutating method is one Lua script: one round trip, atomic. Revocations
+    are also published on the channel ``{prefix}:revoked`` (a JSON list of ids).
+
+    Key expiry: when a lease dies (revoked or claimed), its record gets a TTL of
+    ``retention`` seconds counted from that moment on the *server's* clock,
+    never from the lease's own timestamps (which come from the broker's clock and
+    may be anywhere in time). It is a backstop that bounds memory if nobody
+    purges: ``purge`` still deletes dead records on the broker's schedule and
+    unindexes them, including those Redis already dropped. Keep ``retention``
+    longer than the broker's purge horizon (max TTL + leeway + its retention) so
+    dead records stay visible to ``find`` until purged; ``None`` disables it.
+
+    The layout is Redis Cluster compatible: every key carries the hash tag
+    ``{prefix}``. Errors reaching Redis raise ``StoreUnavailable``, any other
+    Redis error ``StoreError``, each with the original as ``__cause__``.
+    """
+
+    blocking = True
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis,
+        prefix: str = "jitbroker",
+        *,
+        retention: float | None = 86_400.0,
+    ) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise InvalidRequest(f"prefix must be non-empty and free of braces, got {prefix!r}")
+        if retention is not None and not (retention > 0 and math.isfinite(retention)):
+            raise InvalidRequest(f"retention must be positive seconds or None, got {retention!r}")
+        self._owns_client = isinstance(url_or_client, str)
+        if isinstance(url_or_client, str):
+            # No client-side retries: a retried script after a lost reply would
+            # run twice (a revoke then reports [] for what it did revoke), and
+            # backoff turns an outage into seconds of waiting per call. Callers
+            # get StoreUnavailable at once and decide whether to retry.
+            url_or_client = redis.Redis.from_url(
+                url_or_client,
+                retry=Retry(NoBackoff(), 0),
+                socket_connect_timeout=5,
+                socket_timeout=5,
+            )
+        self._client = url_or_client
+        self.prefix = prefix
+        self._base = f"{{{prefix}}}:"
+        self._keys = (self._base + "exp", self._base + "dead", self._base + "all")
+        # Fixed leading ARGV of every script (see the scripts' header).
+        self._head = (self._base, 0 if retention is None else max(1, round(retention * 1000)))
+        # register_script does no I/O: a script is loaded on its first call
+        # (EVALSHA, then SCRIPT LOAD on NOSCRIPT) and is one EVALSHA afterwards.
+        script = self._client.register_script
+        self._add = script(_PRELUDE + _ADD)
+        self._revoke = script(_PRELUDE + _REVOKE_TREE + _REVOKE)
+        self._revoke_where = script(_PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
+        self._extend = script(_PRELUDE + _EXTEND)
+        self._find = script(_PRELUDE + _FIND)
+        self._claim_expired = script(_PRELUDE + _CLAIM_EXPIRED)
+        self._purge = script(_PRELUDE + _PURGE)
+
+    def __repr__(self) -> str:
+        return f"<RedisStore prefix={self.prefix!r}>"  # never the URL: it may hold a password
+
+    # -- the protocol ------------------------------------------------------
+    def add(self, lease: Lease) -> bool:
+        """Store ``lease``; False (nothing written) if its parent is not active."""
+        args = (
+            lease.id,
+            lease.parent or "",
+            _time("issued_at", lease.issued_at),
+            _time("expires_at", lease.expires_at),
+            "0" if lease.revoked_at is None else "1",
+            *_record(lease),
+        )
+        with _translated("store a lease"):
+            return bool(self._run(self._add, *args))
+
+    def get(self, lease_id: str) -> Lease | None:
+        """The lease with this id, or None."""
+        with _translated("read a lease"):
+            record = self._client.hgetall(self._base + "lease:" + lease_id)
+        return _lease_from(cast("Mapping[Any, Any]", record)) if record else None
+
+    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+        """Revoke the lease and its active descendants; those that transitioned."""
+        with _translated("revoke a lease"):
+            return _leases(self._run(self._revoke, _time("at", at), reason, lease_id))
+
+    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants."""
+        with _translated("revoke leases"):
+            found = self._run(self._revoke_where, _time("at", at), reason, *_filter(where))
+        return _leases(found)
+
+    def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
+        """Set a new expiry if the lease is active and unclaimed at ``at``."""
+        args = (lease_id, _time("expires_at", expires_at), _time("at", at))
+        with _translated("extend a lease"):
+            record = self._run(self._extend, *args)
+        return _lease_from(_pairs(record)) if record else None
+
+    def find(self, where: LeaseFilter) -> list[Lease]:
+        """Every stored lease matching ``where`` (live or dead, not yet purged)."""
+        with _translated("find leases"):
+            found = _leases(self._run(self._find, *_filter(where)))
+        # The sets are exact; this only guards against an id re-added with new values.
+        return [lease for lease in found if where.matches(lease)]
+
+    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
+        with _translated("claim expired leases"):
+            return _leases(self._run(self._claim_expired, _time("now", now), int(limit)))
+
+    def purge(self, before: float) -> int:
+        """Delete and unindex dead leases with ``expires_at < before``; how many."""
+        purged, cutoff = 0, _time("before", before)
+        with _translated("purge dead leases"):
+            while True:  # one script per batch, so a big purge never stalls the server
+                handled, deleted = self._run(self._purge, cutoff, PURGE_BATCH)
+                purged += int(deleted)
+                if int(handled) < PURGE_BATCH:
+                    return purged
+
+    def close(self) -> None:
+        """Close the client if this store created it from a URL. Idempotent."""
+        if self._owns_client:
+            with _translated("close the connection"):
+                self._client.close()
+
+    # -- beyond the protocol -----------------------------------------------
+    def clear(self) -> int:
+        """Delete every key of this store's prefix; how many (tests, teardown).
+
+        Uses SCAN, so it is not atomic: do not call it while brokers are running.
+        """
+        pattern = _glob_escape(self._base) + "*"
+        deleted = 0
+        with _translated("clear the store"):
+            batch: list[Any] = []
+            for key in self._client.scan_iter(match=pattern, count=500):
+                batch.append(key)
+                if len(batch) == 500:
+                    deleted += int(self._client.unlink(*batch))
+                    batch.clear()
+            if batch:
+                deleted += int(self._client.unlink(*batch))
+        return deleted
+
+    def _run(self, script: Any, *args: Any) -> Any:
+        return script(keys=self._keys, args=(*self._head, *args))
+
+
+# -- helpers (no I/O: shared with an asyncio twin when one arrives) ----------
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Redis errors become ours at the boundary, the original chained as cause."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # incl. BusyLoadingError
+        raise StoreUnavailable(f"could not reach Redis to {action}: {exc}") from exc
+    except redis.RedisError as exc:
+        raise StoreError(f"Redis failed to {action}: {exc}") from exc
+
+
+def _record(lease: Lease) -> list[str]:
+    """The lease as HSET field/value pairs; a None field is left out."""
+    pairs: list[str] = []
+    for name, value in to_mapping(lease).items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, float | int):
+            text = _time(name, value)
+        else:
+            text = str(value)
+        pairs += (name, text)
+    return pairs
+
+
+def _time(name: str, value: float) -> str:
+    """``value`` as the shortest string that reads back as the same float.
+
+    Checked before any I/O: Redis runs a script's commands up to a failing one
+    (no rollback), and a ZADD of nan would fail halfway through a script.
+    """
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number of seconds, got {value!r}")
+    return repr(value)
+
+
+def _filter(where: LeaseFilter) -> list[str]:
+    """The filter's set fields as field/value pairs, the scripts' ``matching`` input."""
+    pairs: list[str] = []
+    for name in _FILTER_FIELDS:
+        value = getattr(where, name)
+        if value is not None:
+            pairs += (name, value)
+    return pairs
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    """An HGETALL reply as returned from Lua (a flat field, value list)."""
+    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def _lease_from(record: Mapping[Any, Any]) -> Lease:
+    return from_mapping({_text(name): value for name, value in record.items()})
+
+
+def _leases(records: Sequence[Sequence[Any]]) -> list[Lease]:
+    return [_lease_from(_pairs(flat)) for flat in records]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
