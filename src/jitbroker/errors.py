@@ -13,7 +13,9 @@
     │   ├── InsufficientScope        .missing lists the scopes it lacks
     │   ├── TokenRevoked             its lease was revoked (.reason)
     │   ├── UnknownKey               kid not in the key ring
-    │   └── UnknownLease             online check: no such lease in the store
+    │   ├── UnknownLease             online check: no such lease in the store
+    │   └── InvalidProof             a key-bound token without a valid DPoP proof
+    │       └── ProofReplayed        the proof was already used
     ├── PolicyDenied                 .reasons lists every reason
     ├── LeaseError
     │   ├── LeaseNotFound
@@ -34,6 +36,7 @@ from collections.abc import Iterable
 __all__ = [
     "BadSignature",
     "InsufficientScope",
+    "InvalidProof",
     "InvalidRequest",
     "InvalidToken",
     "JitBrokerError",
@@ -43,6 +46,7 @@ __all__ = [
     "LeaseNotFound",
     "MalformedToken",
     "PolicyDenied",
+    "ProofReplayed",
     "RenewalDenied",
     "StoreError",
     "StoreUnavailable",
@@ -119,6 +123,14 @@ class UnknownLease(InvalidToken):
     def __init__(self, message: str, *, lease_id: str | None = None) -> None:
         super().__init__(message)
         self.lease_id = lease_id
+
+
+class InvalidProof(InvalidToken):
+    """The token is bound to a holder key and the DPoP proof is missing or wrong."""
+
+
+class ProofReplayed(InvalidProof):
+    """The DPoP proof was presented before: each proof is good for one request."""
 
 
 class PolicyDenied(JitBrokerError):

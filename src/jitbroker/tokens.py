@@ -46,6 +46,7 @@ _REQUIRED_INT = ("iat", "nbf", "exp")
 _OPTIONAL_STR = ("task", "owner", "purpose", "parent")
 _FORBIDDEN_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64"})
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+json_text = _dumps  # compact ASCII JSON, as every JOSE segment we write
 
 
 # -- minting ----------------------------------------------------------------
