@@ -29,6 +29,7 @@ from .lease import Claims, Credential, Lease
 from .policy import Policy
 from .stores.base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
 from .stores.memory import MemoryStore
+from .verify import Request
 
 __all__ = ["AsyncBroker", "Broker"]
 
@@ -146,20 +147,36 @@ class Broker(_Base):
         purpose: str | None = None,
         renewable: bool = True,
         max_ttl: Duration | None = None,
+        holder_key: object = None,
     ) -> Credential:
-        """Mint a credential; its lease is stored before the token is returned."""
+        """Mint a credential; its lease is stored before the token is returned.
+
+        ``holder_key`` (a public key, ``Key`` or JWK) binds the token to that key:
+        it then verifies only with a DPoP proof signed by the key.
+        """
         core = self._core
         lease, token, sweep_due = core.plan_issue(
-            subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
+            subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
         self.store.add(lease)  # raises if the store fails: the token never leaves
         if sweep_due:
             self._sweep_quietly()
         return core.issued(lease, token)
 
-    def verify(self, token: str, *, audience: str, scopes: Iterable[str] | str = ()) -> Claims:
-        """Verify online: signature, issuer, time, audience, scopes and an active lease."""
-        return run(self._core.verifier.steps(token, audience, scopes), self.store)
+    def verify(
+        self,
+        token: str,
+        *,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        proof: str | None = None,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> Claims:
+        """Verify online: signature, issuer, time, audience, scopes and an active
+        lease; for a key-bound token also the request's DPoP ``proof``."""
+        steps = self._core.verifier.steps(token, audience, scopes, Request(proof, method, url))
+        return run(steps, self.store)
 
     def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
         """Extend the lease (capped at its max lifetime) and return a fresh token."""
@@ -333,11 +350,16 @@ class AsyncBroker(_Base):
         purpose: str | None = None,
         renewable: bool = True,
         max_ttl: Duration | None = None,
+        holder_key: object = None,
     ) -> Credential:
-        """Mint a credential; its lease is stored before the token is returned."""
+        """Mint a credential; its lease is stored before the token is returned.
+
+        ``holder_key`` (a public key, ``Key`` or JWK) binds the token to that key:
+        it then verifies only with a DPoP proof signed by the key.
+        """
         core = self._core
         lease, token, sweep_due = core.plan_issue(
-            subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl
+            subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
         await self._astore.add(lease)  # raises if the store fails: the token never leaves
         if sweep_due:
@@ -345,10 +367,19 @@ class AsyncBroker(_Base):
         return core.issued(lease, token)
 
     async def verify(
-        self, token: str, *, audience: str, scopes: Iterable[str] | str = ()
+        self,
+        token: str,
+        *,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        proof: str | None = None,
+        method: str | None = None,
+        url: str | None = None,
     ) -> Claims:
-        """Verify online: signature, issuer, time, audience, scopes and an active lease."""
-        return await arun(self._core.verifier.steps(token, audience, scopes), self._astore)
+        """Verify online: signature, issuer, time, audience, scopes and an active
+        lease; for a key-bound token also the request's DPoP ``proof``."""
+        steps = self._core.verifier.steps(token, audience, scopes, Request(proof, method, url))
+        return await arun(steps, self._astore)
 
     async def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
         """Extend the lease (capped at its max lifetime) and return a fresh token."""

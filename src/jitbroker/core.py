@@ -22,6 +22,7 @@ from . import tokens, validate
 from ._drive import Steps
 from .audit import Auditor, Sink
 from .clock import Clock, Duration, seconds, system_clock
+from .dpop import holder_thumbprint
 from .errors import (
     InvalidRequest,
     LeaseNotActive,
@@ -157,6 +158,7 @@ class Core:
         purpose: str | None = None,
         renewable: bool = True,
         max_ttl: Duration | None = None,
+        holder_key: object = None,
     ) -> tuple[Lease, str, bool]:
         """Validate, check policy and sign: the lease to store, its token, and
         whether a sweep is due (no sweep ran for ``reap_interval``; ``issue`` then
@@ -189,6 +191,9 @@ class Core:
             None if purpose is None else validate.text(purpose, "purpose", limit=MAX_PURPOSE),
             None,  # parent
             renewable,
+            None,  # revoked_at
+            None,  # revoke_reason
+            None if holder_key is None else holder_thumbprint(holder_key),
         )
         if self.policy is not None:  # inline: a call is a measurable cost here
             self._check_policy(lease)

@@ -44,6 +44,7 @@ class Lease:
     renewable: bool = True
     revoked_at: float | None = None
     revoke_reason: str | None = None
+    holder: str | None = None  # jkt of the key a DPoP proof must be signed with
 
     def is_active(self, now: float) -> bool:
         """True if not revoked and not yet expired at ``now``."""
@@ -148,6 +149,7 @@ class Claims:
     owner: str | None = None
     purpose: str | None = None
     parent: str | None = None
+    holder: str | None = None
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property

@@ -33,6 +33,7 @@ _urandom = os.urandom
 # BLAKE2s (RFC 7693): a cryptographic hash, and the cheapest one to call here.
 _hash = hashlib.blake2s
 _LEASE_ID = re.compile(r"[0-9a-f]{32}")
+_JKT = re.compile(r"[A-Za-z0-9_-]{43}")
 _OPAQUE = re.compile(r"jbo_[0-9a-f]{64}")
 _COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # Final base64url characters whose unused low bits are zero: for a segment of
@@ -70,6 +71,8 @@ def jws_payload(lease: Lease, issuer: str, iat: int) -> dict[str, Any]:
         claims["purpose"] = lease.purpose
     if lease.parent is not None:
         claims["parent"] = lease.parent
+    if lease.holder is not None:
+        claims["cnf"] = {"jkt": lease.holder}  # RFC 9449 section 6.1
     return claims
 
 
@@ -225,8 +228,18 @@ def claims_from_payload(payload: dict[str, Any], key: Key) -> Claims:
         owner=payload.get("owner"),
         purpose=payload.get("purpose"),
         parent=payload.get("parent"),
+        holder=_holder(payload),
         raw=MappingProxyType(payload),
     )
+
+
+def _holder(payload: dict[str, Any]) -> str | None:
+    if "cnf" not in payload:
+        return None
+    cnf = payload["cnf"]
+    if not isinstance(cnf, dict) or set(cnf) != {"jkt"} or not _JKT.fullmatch(str(cnf["jkt"])):
+        raise MalformedToken("claim 'cnf' must be {\"jkt\": <a SHA-256 JWK thumbprint>}")
+    return str(cnf["jkt"])
 
 
 def _scope_set(scope: object) -> frozenset[str]:

@@ -14,15 +14,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachetools import LRUCache
 
 from . import tokens, validate
 from ._drive import Steps, run
 from .clock import Clock, Duration, seconds, system_clock
+from .dpop import ProofChecker
 from .errors import (
     InsufficientScope,
+    InvalidProof,
     InvalidRequest,
     KeySourceError,
     MalformedToken,
@@ -39,10 +41,21 @@ from .keyring import KeyRing
 from .lease import Claims, Lease
 from .stores.base import LeaseStore
 
-__all__ = ["MAX_LEEWAY", "Verifier"]
+__all__ = ["MAX_LEEWAY", "Request", "Verifier"]
 
 MAX_LEEWAY = 60.0
 _NO_SCOPES: tuple[str, ...] = ()
+
+
+class Request(NamedTuple):
+    """What a request brings besides the token, for key-bound tokens (DPoP)."""
+
+    proof: str | None = None
+    method: str | None = None
+    url: str | None = None
+
+
+NO_REQUEST = Request()
 
 
 def check_leeway(value: Duration) -> float:
@@ -152,6 +165,7 @@ class Verifier:
         self._cache_lock = threading.Lock()
         self.clock = clock
         self.source: JWKSource | None = None
+        self.proofs = ProofChecker(leeway=self.leeway, clock=clock)
 
     @classmethod
     def _online(cls, keys: KeyRing, **options: Any) -> Verifier:
@@ -168,10 +182,22 @@ class Verifier:
 
     # -- public -----------------------------------------------------------
     def verify(
-        self, token: str, *, audience: str | None = None, scopes: Iterable[str] | str = ()
+        self,
+        token: str,
+        *,
+        audience: str | None = None,
+        scopes: Iterable[str] | str = (),
+        proof: str | None = None,
+        method: str | None = None,
+        url: str | None = None,
     ) -> Claims:
-        """Verify ``token`` for ``audience`` and ``scopes``; raise an ``InvalidToken`` if not."""
-        return run(self.steps(token, audience, scopes), self.store)
+        """Verify ``token`` for ``audience`` and ``scopes``; raise an ``InvalidToken`` if not.
+
+        A token bound to a holder key (``cnf.jkt``) also needs the request's DPoP
+        ``proof`` (the ``DPoP`` header), its HTTP ``method`` and its ``url``.
+        """
+        request = Request(proof, method, url)
+        return run(self.steps(token, audience, scopes, request), self.store)
 
     def decode(self, token: str) -> Claims:
         """Signature, format, issuer and lifetime checks only (cached); no time window."""
@@ -206,15 +232,21 @@ class Verifier:
                 cache[token] = claims
         return claims
 
-    def steps(self, token: str, audience: str | None, scopes: Iterable[str] | str) -> Steps[Claims]:
+    def steps(
+        self,
+        token: str,
+        audience: str | None,
+        scopes: Iterable[str] | str,
+        request: Request = NO_REQUEST,
+    ) -> Steps[Claims]:
         """Verification as steps: yields the lease lookup when online (see ``_drive``)."""
         if isinstance(token, str) and tokens.is_opaque(token):
-            return self._opaque_steps(token, audience, scopes)
-        return self._jws_steps(token, audience, scopes)
+            return self._opaque_steps(token, audience, scopes, request)
+        return self._jws_steps(token, audience, scopes, request)
 
     # -- the two token formats --------------------------------------------
     def _jws_steps(
-        self, token: str, audience: str | None, scopes: Iterable[str] | str
+        self, token: str, audience: str | None, scopes: Iterable[str] | str, request: Request
     ) -> Steps[Claims]:
         claims = self.decode(token)
         now = self.clock()
@@ -223,10 +255,12 @@ class Verifier:
         if self.online:
             lease = yield lambda store: store.get(claims.lease_id)
             check_lease(claims, lease, self.clock())  # after the lookup: no stale "now"
+        if claims.holder is not None:
+            self._check_proof(claims.holder, token, request)
         return claims
 
     def _opaque_steps(
-        self, token: str, audience: str | None, scopes: Iterable[str] | str
+        self, token: str, audience: str | None, scopes: Iterable[str] | str, request: Request
     ) -> Steps[Claims]:
         lease_id = tokens.check_opaque(token)
         if not self.online:
@@ -237,7 +271,20 @@ class Verifier:
         claims = claims_from_lease(lease, self.issuer)
         check_lease(claims, lease, self.clock())
         self._check_access(claims, audience, scopes)
+        if claims.holder is not None:
+            self._check_proof(claims.holder, token, request)
         return claims
+
+    def _check_proof(self, jkt: str, token: str, request: Request) -> None:
+        # Last: a proof is only spent (remembered against replay) by a request
+        # whose token passed every other check.
+        if request.method is None or request.url is None:
+            raise InvalidProof(
+                "this token is bound to a key: verify it with proof=, method= and url="
+            )
+        self.proofs.check(
+            request.proof, method=request.method, url=request.url, token=token, jkt=jkt
+        )
 
     # -- claim checks -----------------------------------------------------
     def _check_window(self, claims: Claims, now: float) -> None:
@@ -285,6 +332,7 @@ def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
     if (
         lease.subject != claims.subject
         or lease.audience != claims.audience
+        or lease.holder != claims.holder
         or not claims.scopes.issubset(lease.scopes)
     ):
         raise UnknownLease(f"lease {lease.id} does not match the token", lease_id=lease.id)
@@ -305,4 +353,5 @@ def claims_from_lease(lease: Lease, issuer: str) -> Claims:
         owner=lease.owner,
         purpose=lease.purpose,
         parent=lease.parent,
+        holder=lease.holder,
     )

@@ -1,0 +1,395 @@
+"""Sender-constrained tokens: issue(holder_key=...) and DPoP proofs (RFC 9449)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from jitbroker import Broker, KeyRing, Verifier
+from jitbroker.dpop import holder_thumbprint, make_proof, normalize_uri, token_hash
+from jitbroker.errors import (
+    InvalidProof,
+    InvalidRequest,
+    MalformedToken,
+    ProofReplayed,
+    TokenRevoked,
+)
+from jitbroker.jwk import b64url
+from jitbroker.keys import Key, generate_key
+from jitbroker.testing import TEST_ISSUER, FakeClock
+
+URL = "https://api.example.com/orders"
+
+
+@pytest.fixture
+def holder() -> Key:
+    return generate_key("ES256")
+
+
+def payload(token: str) -> dict[str, Any]:
+    segment = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))))
+
+
+def proof_for(key: Key, token: str, clock: FakeClock, method: str = "GET", url: str = URL) -> str:
+    return make_proof(key, method, url, token=token, now=clock())
+
+
+def forge(key: Key, header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """A proof with any header and claims, signed by ``key``."""
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
+    return signing_input + "." + b64url(key.sign(signing_input.encode()))
+
+
+def good_claims(token: str, clock: FakeClock) -> dict[str, Any]:
+    return {"jti": "j1", "htm": "GET", "htu": URL, "iat": int(clock()), "ath": token_hash(token)}
+
+
+def public_header(key: Key) -> dict[str, Any]:
+    jwk = {k: v for k, v in (key.public_jwk() or {}).items() if k not in ("kid", "use")}
+    return {"typ": "dpop+jwt", "alg": key.alg, "jwk": jwk}
+
+
+# -- binding at issue ------------------------------------------------------------
+@pytest.mark.parametrize("form", ["key", "public-key", "jwk", "cryptography"])
+def test_issue_binds_the_token_to_the_holder_key(
+    jitbroker_broker: Broker, holder: Key, form: str
+) -> None:
+    given: object = {
+        "key": holder,
+        "public-key": holder.public(),
+        "jwk": holder.public_jwk(),
+        "cryptography": holder._verifier,
+    }[form]
+    cred = jitbroker_broker.issue("svc:a", "api", ["read"], ttl=60, holder_key=given)
+    assert cred.lease.holder == holder.kid
+    assert payload(cred.token)["cnf"] == {"jkt": holder.kid}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"0" * 32,
+        {"kty": "oct", "k": "A" * 43},
+        "a string",
+        42,
+    ],
+    ids=["hmac-bytes", "oct-jwk", "string", "int"],
+)
+def test_holder_key_must_be_an_asymmetric_public_key(jitbroker_broker: Broker, bad: object) -> None:
+    with pytest.raises(InvalidRequest):
+        jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=bad)
+    assert list(jitbroker_broker.leases()) == []
+
+
+def test_holder_key_given_as_a_private_jwk_is_refused(jitbroker_broker: Broker) -> None:
+    private = generate_key("EdDSA").to_jwk(private=True)
+    with pytest.raises(InvalidRequest, match="public key"):
+        jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=private)
+
+
+# -- verification ---------------------------------------------------------------
+def test_a_bound_token_verifies_with_a_fresh_proof(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    claims = jitbroker_broker.verify(
+        cred.token,
+        audience="api",
+        proof=proof_for(holder, cred.token, jitbroker_clock),
+        method="GET",
+        url=URL + "?page=2",  # the query is not part of htu
+    )
+    assert claims.holder == holder.kid
+
+
+def test_a_stolen_token_without_the_key_is_rejected(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    with pytest.raises(InvalidProof, match="proof"):
+        jitbroker_broker.verify(cred.token, audience="api")
+    with pytest.raises(InvalidProof):
+        jitbroker_broker.verify(cred.token, audience="api", method="GET", url=URL)
+    thief = generate_key("ES256")  # a valid proof, by the wrong key
+    with pytest.raises(InvalidProof, match="another key"):
+        jitbroker_broker.verify(
+            cred.token,
+            audience="api",
+            proof=proof_for(thief, cred.token, jitbroker_clock),
+            method="GET",
+            url=URL,
+        )
+
+
+def test_a_replayed_proof_is_rejected(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    proof = proof_for(holder, cred.token, jitbroker_clock)
+    jitbroker_broker.verify(cred.token, audience="api", proof=proof, method="GET", url=URL)
+    with pytest.raises(ProofReplayed):
+        jitbroker_broker.verify(cred.token, audience="api", proof=proof, method="GET", url=URL)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"method": "POST"}, "method"),
+        ({"url": "https://api.example.com/admin"}, "URI"),
+        ({"url": "https://evil.example.com/orders"}, "URI"),
+        ({"url": "http://api.example.com/orders"}, "URI"),
+    ],
+)
+def test_a_proof_covers_one_request(
+    jitbroker_broker: Broker,
+    holder: Key,
+    jitbroker_clock: FakeClock,
+    change: dict[str, str],
+    message: str,
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    request = {"method": "GET", "url": URL, **change}
+    with pytest.raises(InvalidProof, match=message):
+        jitbroker_broker.verify(
+            cred.token,
+            audience="api",
+            proof=proof_for(holder, cred.token, jitbroker_clock),
+            **request,
+        )
+
+
+def test_a_proof_covers_one_token(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    first = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    second = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    proof = proof_for(holder, first.token, jitbroker_clock)
+    with pytest.raises(InvalidProof, match="access token"):
+        jitbroker_broker.verify(second.token, audience="api", proof=proof, method="GET", url=URL)
+
+
+@pytest.mark.parametrize(("age", "ok"), [(-6, False), (-4, True), (64, True), (66, False)])
+def test_a_proof_is_fresh_for_a_minute(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock, age: int, ok: bool
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=600, holder_key=holder.public())
+    proof = make_proof(holder, "GET", URL, token=cred.token, now=jitbroker_clock() - age)
+    if ok:
+        jitbroker_broker.verify(cred.token, audience="api", proof=proof, method="GET", url=URL)
+    else:
+        with pytest.raises(InvalidProof, match="too old or from the future"):
+            jitbroker_broker.verify(cred.token, audience="api", proof=proof, method="GET", url=URL)
+
+
+def test_revocation_is_reported_before_the_proof_is_spent(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    proof = proof_for(holder, cred.token, jitbroker_clock)
+    jitbroker_broker.revoke(cred)
+    with pytest.raises(TokenRevoked):
+        jitbroker_broker.verify(cred.token, audience="api", proof=proof, method="GET", url=URL)
+
+
+def test_a_bearer_token_ignores_a_proof(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60)
+    claims = jitbroker_broker.verify(
+        cred.token, audience="api", proof="whatever", method="GET", url=URL
+    )
+    assert claims.holder is None
+
+
+def test_binding_survives_renewal_and_attenuation(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ["read", "write"], ttl=60, holder_key=holder)
+    renewed = jitbroker_broker.renew(cred, ttl=60)
+    child = jitbroker_broker.attenuate(cred, scopes=["read"])
+    for token in (renewed.token, child.token):
+        assert payload(token)["cnf"] == {"jkt": holder.kid}
+        with pytest.raises(InvalidProof):
+            jitbroker_broker.verify(token, audience="api")
+        jitbroker_broker.verify(
+            token,
+            audience="api",
+            proof=proof_for(holder, token, jitbroker_clock),
+            method="GET",
+            url=URL,
+        )
+
+
+def test_opaque_tokens_can_be_bound(jitbroker_clock: FakeClock, holder: Key) -> None:
+    broker = Broker(issuer=TEST_ISSUER, token_format="opaque", clock=jitbroker_clock)
+    cred = broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    with pytest.raises(InvalidProof):
+        broker.verify(cred.token, audience="api")
+    claims = broker.verify(
+        cred.token,
+        audience="api",
+        proof=proof_for(holder, cred.token, jitbroker_clock),
+        method="GET",
+        url=URL,
+    )
+    assert claims.holder == holder.kid
+
+
+def test_an_offline_verifier_checks_proofs_too(jitbroker_clock: FakeClock, holder: Key) -> None:
+    broker = Broker(issuer=TEST_ISSUER, clock=jitbroker_clock)
+    verifier = Verifier(
+        broker.jwks(), issuer=TEST_ISSUER, audience="api", offline=True, clock=jitbroker_clock
+    )
+    cred = broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    with pytest.raises(InvalidProof):
+        verifier.verify(cred.token)
+    proof = proof_for(holder, cred.token, jitbroker_clock)
+    verifier.verify(cred.token, proof=proof, method="GET", url=URL)
+    with pytest.raises(ProofReplayed):
+        verifier.verify(cred.token, proof=proof, method="GET", url=URL)
+
+
+def test_a_token_whose_cnf_disagrees_with_its_lease_is_rejected(
+    jitbroker_broker: Broker, holder: Key
+) -> None:
+    """A bound lease's token minted without cnf (or the reverse) is not the lease's."""
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    claims = payload(cred.token)
+    del claims["cnf"]
+    key = jitbroker_broker.keys.active
+    from jitbroker.tokens import encode_jws
+
+    unbound = encode_jws(key, claims)
+    from jitbroker.errors import UnknownLease
+
+    with pytest.raises(UnknownLease, match="does not match"):
+        jitbroker_broker.verify(unbound, audience="api")
+
+
+@pytest.mark.parametrize(
+    "cnf",
+    [{"jkt": 1}, {"jkt": "short"}, {"jkt": "A" * 43, "x5t#S256": "B" * 43}, "A" * 43, []],
+)
+def test_a_malformed_cnf_claim_is_refused(jitbroker_broker: Broker, cnf: object) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60)
+    from jitbroker.tokens import encode_jws
+
+    claims = {**payload(cred.token), "cnf": cnf}
+    with pytest.raises(MalformedToken, match="cnf"):
+        jitbroker_broker.verify(encode_jws(jitbroker_broker.keys.active, claims), audience="api")
+
+
+# -- hostile proofs ---------------------------------------------------------------
+def hostile_cases(holder: Key, token: str, clock: FakeClock) -> dict[str, str]:
+    good = good_claims(token, clock)
+    header = public_header(holder)
+    private_jwk = {k: v for k, v in holder.to_jwk(private=True).items() if k != "kid"}
+    hmac_key = KeyRing.generate("HS256").active
+    return {
+        "not-a-jws": "x.y",
+        "huge": "a" * 5000 + ".b.c",
+        "alg-none": b64url(json.dumps({**header, "alg": "none"}).encode())
+        + "."
+        + b64url(json.dumps(good).encode())
+        + ".",
+        "alg-hs256": forge(hmac_key, {**header, "alg": "HS256"}, good),
+        "typ-jwt": forge(holder, {**header, "typ": "JWT"}, good),
+        "no-jwk": forge(holder, {"typ": "dpop+jwt", "alg": holder.alg}, good),
+        "private-jwk": forge(holder, {**header, "jwk": private_jwk}, good),
+        "jku": forge(holder, {**header, "jku": "https://evil/jwks"}, good),
+        "crit": forge(holder, {**header, "crit": ["exp"]}, good),
+        "alg-mismatch": forge(holder, {**header, "alg": "EdDSA"}, good),
+        "no-jti": forge(holder, header, {k: v for k, v in good.items() if k != "jti"}),
+        "long-jti": forge(holder, header, {**good, "jti": "j" * 200}),
+        "no-ath": forge(holder, header, {k: v for k, v in good.items() if k != "ath"}),
+        "iat-string": forge(holder, header, {**good, "iat": str(good["iat"])}),
+        "iat-bool": forge(holder, header, {**good, "iat": True}),
+        "bad-signature": proof_for(holder, token, clock)[:-4] + "AAAA",
+        "duplicate-member": b64url(b'{"typ":"dpop+jwt","typ":"dpop+jwt","alg":"ES256"}')
+        + "."
+        + b64url(json.dumps(good).encode())
+        + ".AAAA",
+    }
+
+
+HOSTILE = [
+    "not-a-jws",
+    "huge",
+    "alg-none",
+    "alg-hs256",
+    "typ-jwt",
+    "no-jwk",
+    "private-jwk",
+    "jku",
+    "crit",
+    "alg-mismatch",
+    "no-jti",
+    "long-jti",
+    "no-ath",
+    "iat-string",
+    "iat-bool",
+    "bad-signature",
+    "duplicate-member",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_proofs_are_rejected(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock, name: str
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    cases = hostile_cases(holder, cred.token, jitbroker_clock)
+    assert set(cases) == set(HOSTILE)
+    with pytest.raises(InvalidProof):
+        jitbroker_broker.verify(
+            cred.token, audience="api", proof=cases[name], method="GET", url=URL
+        )
+    # ...and the genuine article still passes afterwards
+    jitbroker_broker.verify(
+        cred.token,
+        audience="api",
+        proof=proof_for(holder, cred.token, jitbroker_clock),
+        method="GET",
+        url=URL,
+    )
+
+
+# -- helpers -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "htu"),
+    [
+        ("HTTPS://API.Example.com:443/a?b=c#d", "https://api.example.com/a"),
+        ("http://h:80", "http://h/"),
+        ("https://h:8443/x", "https://h:8443/x"),
+        ("https://[::1]/x", "https://[::1]/x"),
+    ],
+)
+def test_normalize_uri(url: str, htu: str) -> None:
+    assert normalize_uri(url) == htu
+
+
+@pytest.mark.parametrize("url", ["ftp://h/x", "/relative", "https://", 7])
+def test_normalize_uri_refuses(url: object) -> None:
+    with pytest.raises(InvalidRequest):
+        normalize_uri(url)  # type: ignore[arg-type]
+
+
+def test_holder_thumbprint_matches_the_key_id() -> None:
+    ed = ed25519.Ed25519PrivateKey.generate()
+    assert holder_thumbprint(ed.public_key()) == holder_thumbprint(ed)
+    p256 = generate_key("ES256")
+    assert holder_thumbprint(p256.public_jwk()) == p256.kid
+    with pytest.raises(InvalidRequest):
+        holder_thumbprint(ec.generate_private_key(ec.SECP384R1()).public_key())
+
+
+def test_make_proof_needs_a_private_asymmetric_key(holder: Key) -> None:
+    with pytest.raises(InvalidRequest):
+        make_proof(holder.public(), "GET", URL)
+    with pytest.raises(InvalidRequest):
+        make_proof(KeyRing.generate("HS256").active, "GET", URL)
