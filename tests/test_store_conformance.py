@@ -130,6 +130,7 @@ class TestLeaseStoreConformance:
             purpose="nightly export: ünïcode ✓",
             parent=None,
             renewable=False,
+            holder="h" * 43,
         )
         assert store.add(lease) is True
         got = store.get(lease.id)
