@@ -27,6 +27,7 @@ from .keyring import KeyRing
 from .keys import Key
 from .lease import Claims, Credential, Lease
 from .policy import Policy
+from .revocations import RevocationCache
 from .stores.base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
 from .stores.memory import MemoryStore
 from .verify import Request
@@ -68,7 +69,10 @@ class _Base:
         reap_interval: Duration = 1.0,
         cache_size: int = 4096,
         audit: Iterable[Sink] = (),
+        revocations: RevocationCache | None = None,
     ) -> None:
+        if revocations is not None and not isinstance(revocations, RevocationCache):
+            raise InvalidRequest("revocations must be a RevocationCache (store.revocations())")
         self._core = Core(
             issuer=issuer,
             keys=keys,
@@ -84,6 +88,8 @@ class _Base:
             audit=audit,
         )
         self._core.shell = self  # type: ignore[assignment]
+        # With a shared store's revocation feed, verify skips the store while it is live.
+        self._core.verifier.revocations = revocations
         self.store = MemoryStore() if store is None else store
         self._setup()
 

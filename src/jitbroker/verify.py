@@ -39,6 +39,7 @@ from .errors import (
 from .jwks import MAX_JWKS_BYTES, JWKSource, parse_jwks
 from .keyring import KeyRing
 from .lease import Claims, Lease
+from .revocations import RevocationCache
 from .stores.base import LeaseStore
 
 __all__ = ["MAX_LEEWAY", "Request", "Verifier"]
@@ -80,7 +81,12 @@ class Verifier:
         max_ttl: refuse tokens whose ``exp - iat`` exceeds this many seconds.
         cache_size: how many verified tokens to remember (0 disables the cache).
         clock: the time source (default ``time.time``).
+        revocations: with a store, a ``RevocationCache`` (``store.revocations()``)
+            that answers for the store while its feed is live: JWS tokens then
+            verify with no store round trip.
     """
+
+    revocations: RevocationCache | None
 
     def __init__(
         self,
@@ -94,7 +100,10 @@ class Verifier:
         max_ttl: Duration | None = None,
         cache_size: int = 4096,
         clock: Clock = system_clock,
+        revocations: RevocationCache | None = None,
     ) -> None:
+        if revocations is not None and store is None:
+            raise InvalidRequest("a revocation cache stands in for a store: pass store= too")
         if store is None and not offline:
             raise InvalidRequest(
                 "pass store=... for online verification, or offline=True to accept "
@@ -105,6 +114,7 @@ class Verifier:
         self._init(keys, issuer, audience, leeway, max_ttl, cache_size, clock)
         self.store = store
         self.online = not offline
+        self.revocations = revocations
 
     @classmethod
     def from_jwks_url(
@@ -165,6 +175,7 @@ class Verifier:
         self._cache_lock = threading.Lock()
         self.clock = clock
         self.source: JWKSource | None = None
+        self.revocations = None
         self.proofs = ProofChecker(leeway=self.leeway, clock=clock)
 
     @classmethod
@@ -253,8 +264,19 @@ class Verifier:
         self._check_window(claims, now)
         self._check_access(claims, audience, scopes)
         if self.online:
-            lease = yield lambda store: store.get(claims.lease_id)
-            check_lease(claims, lease, self.clock())  # after the lookup: no stale "now"
+            cache = self.revocations
+            if cache is not None and cache.fresh():
+                # The feed is current: the signature proves the lease was stored
+                # (invariant 1) and the cache knows every revocation since.
+                if cache.revoked(claims.lease_id):
+                    raise TokenRevoked(
+                        f"lease {claims.lease_id} was revoked",
+                        lease_id=claims.lease_id,
+                        reason=None,  # the feed carries ids only
+                    )
+            else:
+                lease = yield lambda store: store.get(claims.lease_id)
+                check_lease(claims, lease, self.clock())  # after the lookup: no stale "now"
         if claims.holder is not None:
             self._check_proof(claims.holder, token, request)
         return claims

@@ -25,7 +25,12 @@ node that owns the slot (tests run against a single node).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -36,10 +41,16 @@ from redis.retry import Retry
 
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
+from ..revocations import RevocationCache
 from .base import LeaseFilter
 from .codec import from_mapping, to_mapping
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("jitbroker")
+#: A resync loads revocations of leases that expired up to this long ago: tokens
+#: verify until exp plus leeway, and leeway is at most 60 s.
+RESYNC_MARGIN = 60.0
 
 # -- the Lua scripts -----------------------------------------------------------
 # Every script gets KEYS = (exp, dead, all) and ARGV[1] = key prefix "{p}:",
@@ -355,6 +366,80 @@ class RedisStore:
                 self._client.close()
 
     # -- beyond the protocol -----------------------------------------------
+    def revoked_since(self, since: float) -> list[str]:
+        """Ids of dead leases (revoked, or claimed expired) whose ``expires_at`` is
+        at or after ``since``: what a revocation cache must know after a resync."""
+        with _translated("read recent revocations"):
+            entries = self._client.zrangebyscore(self._keys[1], _time("since", since), "+inf")
+        return [str(json.loads(entry)[0]) for entry in cast("list[bytes]", entries)]
+
+    def revocations(
+        self, *, window: float = 86_400.0, max_staleness: float = 5.0, heartbeat: float = 1.0
+    ) -> RevocationCache:
+        """A ``RevocationCache`` fed by this store's revocation channel, for
+        ``Verifier(..., store=store, revocations=...)``: online verification of
+        JWS tokens with no round trip while the feed is live (see
+        ``jitbroker.revocations``). ``window`` must be at least the longest
+        token lifetime plus leeway. ``close()`` the cache to stop its thread."""
+        cache = RevocationCache(window=window, max_staleness=max_staleness)
+        stop = threading.Event()
+        feed = threading.Thread(
+            target=self._feed,
+            args=(cache, stop, heartbeat),
+            name="jitbroker-revocations",
+            daemon=True,
+        )
+
+        def halt() -> None:
+            stop.set()
+            feed.join(timeout=heartbeat + 5)
+
+        cache.attach(halt)
+        feed.start()
+        return cache
+
+    def _feed(self, cache: RevocationCache, stop: threading.Event, heartbeat: float) -> None:
+        """Subscribe, resync, then follow the channel; on any failure mark the cache
+        down and start over (subscribe first, so nothing falls between)."""
+        pause = 0.1
+        while not stop.is_set():
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self._base + "revoked")
+                _await_subscription(pubsub, heartbeat)
+                cache.resync(self.revoked_since(time.time() - RESYNC_MARGIN))
+                pause = 0.1
+                self._follow(pubsub, cache, stop, heartbeat)
+            except (redis.RedisError, StoreError, OSError, ValueError) as exc:
+                log.warning("revocation feed interrupted, verifying against the store: %s", exc)
+            finally:
+                cache.down()
+                with contextlib.suppress(redis.RedisError, OSError):
+                    pubsub.close()
+            stop.wait(pause)
+            pause = min(pause * 2, 5.0)
+
+    @staticmethod
+    def _follow(
+        pubsub: Any, cache: RevocationCache, stop: threading.Event, heartbeat: float
+    ) -> None:
+        pinged = time.monotonic()
+        while not stop.is_set():
+            message = pubsub.get_message(timeout=heartbeat / 4)
+            if message is not None:
+                kind = message["type"]
+                if kind == "message":
+                    ids = json.loads(message["data"])  # ValueError: resync, never skip
+                    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                        raise ValueError("unexpected revocation message")
+                    cache.add(ids)
+                    cache.alive()
+                elif kind == "pong":
+                    cache.alive()
+            if time.monotonic() - pinged >= heartbeat:
+                pubsub.ping()
+                pinged = time.monotonic()
+
     def clear(self) -> int:
         """Delete every key of this store's prefix; how many (tests, teardown).
 
@@ -375,6 +460,16 @@ class RedisStore:
 
     def _run(self, script: Any, *args: Any) -> Any:
         return script(keys=self._keys, args=(*self._head, *args))
+
+
+def _await_subscription(pubsub: Any, timeout: float) -> None:
+    """Block until the server confirms the subscription (then no message is lost)."""
+    deadline = time.monotonic() + max(timeout, 1.0) * 5
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None and message["type"] == "subscribe":
+            return
+    raise redis.TimeoutError("no subscription confirmation from Redis")
 
 
 # -- helpers (no I/O: shared with an asyncio twin when one arrives) ----------

@@ -1,0 +1,222 @@
+"""Revocation caches: verifying with no store round trip while the feed is live,
+and falling back to the store (fail closed) when it is not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from uuid import uuid4
+
+import pytest
+
+from conftest import server_or_skip
+from jitbroker import Broker, KeyRing, Verifier
+from jitbroker.errors import InvalidRequest, StoreUnavailable, TokenRevoked
+from jitbroker.lease import Lease
+from jitbroker.revocations import RevocationCache
+from jitbroker.stores.redis import RedisStore
+from jitbroker.testing import TEST_ISSUER
+from test_store_redis import PrivateServer, fast_client, private_server  # noqa: F401
+
+
+class Ticks:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def wait_for(condition: Callable[[], bool], limit: float = 5.0) -> bool:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# -- the cache on its own ----------------------------------------------------------
+def test_a_new_cache_is_stale_until_its_first_resync() -> None:
+    ticks = Ticks()
+    cache = RevocationCache(window=60, max_staleness=5, clock=ticks)
+    assert not cache.fresh()
+    cache.resync(["a"])
+    assert cache.fresh()
+    assert cache.revoked("a")
+    assert not cache.revoked("b")
+
+
+def test_the_cache_goes_stale_without_news_and_when_down() -> None:
+    ticks = Ticks()
+    cache = RevocationCache(window=60, max_staleness=5, clock=ticks)
+    cache.resync([])
+    ticks.now += 5
+    assert cache.fresh()
+    ticks.now += 0.1
+    assert not cache.fresh()
+    cache.alive()
+    assert cache.fresh()
+    cache.down()
+    assert not cache.fresh()
+
+
+def test_ids_are_kept_for_the_window_then_forgotten() -> None:
+    ticks = Ticks()
+    cache = RevocationCache(window=60, clock=ticks)
+    cache.resync(["a"])
+    ticks.now += 59
+    cache.alive()
+    assert cache.revoked("a")
+    ticks.now += 1
+    cache.alive()
+    assert not cache.revoked("a")
+
+
+def test_too_many_ids_make_the_cache_stale_never_forgetful() -> None:
+    ticks = Ticks()
+    cache = RevocationCache(window=60, max_entries=3, clock=ticks)
+    cache.resync(["a", "b", "c"])
+    assert cache.fresh()
+    cache.add(["d"])
+    assert not cache.fresh()  # the verifier asks the store again
+    assert all(cache.revoked(i) for i in "abcd")
+
+
+def test_close_stops_the_feed_once() -> None:
+    stops: list[int] = []
+    cache = RevocationCache(window=60)
+    cache.attach(lambda: stops.append(1))
+    cache.resync([])
+    cache.close()
+    cache.close()
+    assert stops == [1]
+    assert not cache.fresh()
+
+
+def test_a_cache_needs_a_store() -> None:
+    with pytest.raises(InvalidRequest, match="store"):
+        Verifier(
+            KeyRing.generate().jwks(),
+            issuer=TEST_ISSUER,
+            offline=True,
+            revocations=RevocationCache(window=60),
+        )
+
+
+# -- fed by Redis -----------------------------------------------------------------
+class CountingStore(RedisStore):
+    """Counts the lease lookups a verifier makes (the round trips a cache saves)."""
+
+    gets = 0
+
+    def get(self, lease_id: str) -> Lease | None:
+        self.gets += 1
+        return super().get(lease_id)
+
+
+@pytest.fixture
+def store() -> Iterator[CountingStore]:
+    server_or_skip("Redis", "127.0.0.1", 6379)
+    store = CountingStore(fast_client(), prefix=f"jbtest-{uuid4().hex}")
+    yield store
+    store.clear()
+
+
+def live_cache(store: RedisStore) -> RevocationCache:
+    cache = store.revocations(max_staleness=1.0, heartbeat=0.1)
+    assert wait_for(cache.fresh), "the revocation feed did not come up"
+    return cache
+
+
+def test_verify_with_a_live_cache_makes_no_round_trip(store: CountingStore) -> None:
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cache = live_cache(store)
+    try:
+        verifier = Verifier(
+            broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+        )
+        cred = broker.issue("svc:a", "api", ttl=60)
+        for _ in range(20):
+            assert verifier.verify(cred.token).lease_id == cred.lease_id
+        assert store.gets == 0
+        broker.revoke(cred)
+        assert wait_for(lambda: cache.revoked(cred.lease_id))
+        with pytest.raises(TokenRevoked):
+            verifier.verify(cred.token)
+        assert store.gets == 0
+    finally:
+        cache.close()
+
+
+def test_subtree_and_task_revocations_reach_the_cache(store: CountingStore) -> None:
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cache = live_cache(store)
+    try:
+        with broker.task(
+            "job-1", subject="svc:a", audience="api", scopes=["read", "write"]
+        ) as parent:
+            child = broker.attenuate(parent, scopes=["read"])
+        assert wait_for(lambda: cache.revoked(parent.lease_id) and cache.revoked(child.lease_id))
+    finally:
+        cache.close()
+
+
+def test_revocations_before_the_feed_started_are_resynced(store: CountingStore) -> None:
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    broker.revoke(cred)
+    cache = live_cache(store)
+    try:
+        assert cache.revoked(cred.lease_id)
+    finally:
+        cache.close()
+
+
+def test_a_broker_can_verify_through_the_cache(store: CountingStore) -> None:
+    cache = live_cache(store)
+    try:
+        broker = Broker(issuer=TEST_ISSUER, store=store, revocations=cache)
+        cred = broker.issue("svc:a", "api", ttl=60)
+        broker.verify(cred.token, audience="api")
+        assert store.gets == 0
+    finally:
+        cache.close()
+
+
+def test_a_dead_feed_falls_back_to_the_store_and_fails_closed(
+    private_server: PrivateServer,  # noqa: F811 - the fixture
+) -> None:
+    store = CountingStore(fast_client(private_server.port), prefix="jbtest")
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    cache = store.revocations(max_staleness=0.5, heartbeat=0.1)
+    try:
+        assert wait_for(cache.fresh)
+        verifier = Verifier(
+            broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+        )
+        verifier.verify(cred.token)
+        assert store.gets == 0
+        private_server.kill()
+        assert wait_for(lambda: not cache.fresh(), limit=3.0)
+        with pytest.raises(StoreUnavailable):
+            verifier.verify(cred.token)  # stale cache: asks the store, which is down
+        private_server.start()
+        assert wait_for(cache.fresh, limit=10.0), "the feed did not resync after a restart"
+        verifier.verify(cred.token)
+    finally:
+        cache.close()
+        private_server.kill()
+
+
+def test_feed_thread_stops_on_close(store: CountingStore) -> None:
+    import threading
+
+    cache = live_cache(store)
+    cache.close()
+    assert wait_for(
+        lambda: not any(t.name == "jitbroker-revocations" for t in threading.enumerate())
+    )
