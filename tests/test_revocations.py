@@ -14,6 +14,7 @@ from jitbroker import Broker, KeyRing, Verifier
 from jitbroker.errors import InvalidRequest, StoreUnavailable, TokenRevoked
 from jitbroker.lease import Lease
 from jitbroker.revocations import RevocationCache
+from jitbroker.stores.postgres import PostgresStore
 from jitbroker.stores.redis import RedisStore
 from jitbroker.testing import TEST_ISSUER
 from test_store_redis import PrivateServer, fast_client, private_server  # noqa: F401
@@ -27,6 +28,9 @@ class Ticks:
 
     def __call__(self) -> float:
         return self.now
+
+
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def wait_for(condition: Callable[[], bool], limit: float = 5.0) -> bool:
@@ -106,7 +110,7 @@ def test_a_cache_needs_a_store() -> None:
         )
 
 
-# -- fed by Redis -----------------------------------------------------------------
+# -- fed by Redis pub/sub or PostgreSQL LISTEN ---------------------------------------
 class CountingStore(RedisStore):
     """Counts the lease lookups a verifier makes (the round trips a cache saves)."""
 
@@ -117,21 +121,38 @@ class CountingStore(RedisStore):
         return super().get(lease_id)
 
 
-@pytest.fixture
-def store() -> Iterator[CountingStore]:
-    server_or_skip("Redis", "127.0.0.1", 6379)
-    store = CountingStore(fast_client(), prefix=f"jbtest-{uuid4().hex}")
-    yield store
-    store.clear()
+class CountingPostgresStore(PostgresStore):
+    gets = 0
+
+    def get(self, lease_id: str) -> Lease | None:
+        self.gets += 1
+        return super().get(lease_id)
 
 
-def live_cache(store: RedisStore) -> RevocationCache:
+Counting = CountingStore | CountingPostgresStore
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def store(request: pytest.FixtureRequest) -> Iterator[Counting]:
+    made: Counting
+    if request.param == "redis":
+        server_or_skip("Redis", "127.0.0.1", 6379)
+        made = CountingStore(fast_client(), prefix=f"jbtest-{uuid4().hex}")
+    else:
+        server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+        made = CountingPostgresStore(PG_DSN, schema=f"jbtest_{uuid4().hex}")
+    yield made
+    made.clear()
+    made.close()
+
+
+def live_cache(store: Counting) -> RevocationCache:
     cache = store.revocations(max_staleness=1.0, heartbeat=0.1)
     assert wait_for(cache.fresh), "the revocation feed did not come up"
     return cache
 
 
-def test_verify_with_a_live_cache_makes_no_round_trip(store: CountingStore) -> None:
+def test_verify_with_a_live_cache_makes_no_round_trip(store: Counting) -> None:
     broker = Broker(issuer=TEST_ISSUER, store=store)
     cache = live_cache(store)
     try:
@@ -151,7 +172,7 @@ def test_verify_with_a_live_cache_makes_no_round_trip(store: CountingStore) -> N
         cache.close()
 
 
-def test_subtree_and_task_revocations_reach_the_cache(store: CountingStore) -> None:
+def test_subtree_and_task_revocations_reach_the_cache(store: Counting) -> None:
     broker = Broker(issuer=TEST_ISSUER, store=store)
     cache = live_cache(store)
     try:
@@ -164,7 +185,7 @@ def test_subtree_and_task_revocations_reach_the_cache(store: CountingStore) -> N
         cache.close()
 
 
-def test_revocations_before_the_feed_started_are_resynced(store: CountingStore) -> None:
+def test_revocations_before_the_feed_started_are_resynced(store: Counting) -> None:
     broker = Broker(issuer=TEST_ISSUER, store=store)
     cred = broker.issue("svc:a", "api", ttl=60)
     broker.revoke(cred)
@@ -175,7 +196,7 @@ def test_revocations_before_the_feed_started_are_resynced(store: CountingStore) 
         cache.close()
 
 
-def test_a_broker_can_verify_through_the_cache(store: CountingStore) -> None:
+def test_a_broker_can_verify_through_the_cache(store: Counting) -> None:
     cache = live_cache(store)
     try:
         broker = Broker(issuer=TEST_ISSUER, store=store, revocations=cache)
@@ -212,7 +233,7 @@ def test_a_dead_feed_falls_back_to_the_store_and_fails_closed(
         private_server.kill()
 
 
-def test_feed_thread_stops_on_close(store: CountingStore) -> None:
+def test_feed_thread_stops_on_close(store: Counting) -> None:
     import threading
 
     cache = live_cache(store)

@@ -23,12 +23,17 @@ from conftest import server_or_skip
 from jitbroker.lease import Lease
 from jitbroker.stores.base import LeaseFilter, LeaseStore
 from jitbroker.stores.memory import MemoryStore
+from jitbroker.stores.sqlite import SQLiteStore
 
 StoreFactory = Callable[[Path], LeaseStore]
 
 
 def memory_store(tmp_path: Path) -> LeaseStore:
     return MemoryStore()
+
+
+def sqlite_store(tmp_path: Path) -> LeaseStore:
+    return SQLiteStore(tmp_path / "leases.db")
 
 
 def redis_store(tmp_path: Path) -> LeaseStore:
@@ -38,8 +43,22 @@ def redis_store(tmp_path: Path) -> LeaseStore:
     return RedisStore("redis://127.0.0.1:6379/0", prefix=f"jbtest-{uuid4().hex}")
 
 
+def postgres_store(tmp_path: Path) -> LeaseStore:
+    server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+    from jitbroker.stores.postgres import PostgresStore
+
+    return PostgresStore(
+        "postgresql://postgres@127.0.0.1:5432/test", schema=f"jbtest_{uuid4().hex}"
+    )
+
+
 # One entry per implementation, e.g. pytest.param(sqlite_store, id="sqlite").
-STORES = [pytest.param(memory_store, id="memory"), pytest.param(redis_store, id="redis")]
+STORES = [
+    pytest.param(memory_store, id="memory"),
+    pytest.param(sqlite_store, id="sqlite"),
+    pytest.param(redis_store, id="redis"),
+    pytest.param(postgres_store, id="postgres"),
+]
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 TTL = 60.0

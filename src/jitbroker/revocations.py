@@ -24,13 +24,22 @@ one round trip.
 from __future__ import annotations
 
 import heapq
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 from .clock import Duration, seconds
 
-__all__ = ["RevocationCache"]
+__all__ = ["RevocationCache", "parse_ids", "start_feed"]
+
+log = logging.getLogger("jitbroker")
+#: A resync loads revocations of leases that expired up to this long ago: tokens
+#: verify until exp plus leeway, and leeway is at most 60 s.
+RESYNC_MARGIN = 60.0
+#: One connection's life: subscribe, resync, follow; returns or raises when it ends.
+Session = Callable[["RevocationCache", threading.Event], None]
 
 
 class RevocationCache:
@@ -120,3 +129,41 @@ class RevocationCache:
         while order and order[0][0] <= now:
             _, lease_id = heapq.heappop(order)
             self._ids.pop(lease_id, None)
+
+
+def start_feed(cache: RevocationCache, session: Session, *, heartbeat: float) -> RevocationCache:
+    """Run ``session`` in a daemon thread until ``cache.close()``: whenever it ends
+    (a lost connection, a bad message), mark the cache down and start a new one,
+    backing off up to 5 s. Each session must subscribe before it resyncs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        pause = 0.1
+        while not stop.is_set():
+            try:
+                session(cache, stop)
+            except Exception as exc:
+                log.warning("revocation feed interrupted, verifying against the store: %s", exc)
+            finally:
+                pause = 0.1 if cache.fresh() else min(pause * 2, 5.0)
+                cache.down()
+            stop.wait(pause)
+
+    thread = threading.Thread(target=loop, name="jitbroker-revocations", daemon=True)
+
+    def halt() -> None:
+        stop.set()
+        thread.join(timeout=heartbeat + 10)
+
+    cache.attach(halt)
+    thread.start()
+    return cache
+
+
+def parse_ids(payload: str | bytes) -> list[str]:
+    """The lease ids of one revocation message (a JSON list of strings); a
+    ``ValueError`` for anything else, which ends the session: resync, never skip."""
+    ids = json.loads(payload)
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError("unexpected revocation message")
+    return ids

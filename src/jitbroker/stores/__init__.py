@@ -1,15 +1,25 @@
-"""Lease stores: ``MemoryStore`` (default), ``RedisStore`` (loaded on first use: it needs
-the `jitbroker[redis]` extra); all behind the one protocol in ``base``."""
+"""Lease stores: ``MemoryStore`` (default), ``RedisStore`` and ``PostgresStore`` (loaded
+on first use: they need the `jitbroker[redis]` / `jitbroker[postgres]` extras); all behind
+the one protocol in ``base``."""
 
 from typing import TYPE_CHECKING, Any
 
 from .base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
 from .memory import MemoryStore
+from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:
+    from .postgres import PostgresStore as PostgresStore
     from .redis import RedisStore as RedisStore
 
-__all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "MemoryStore", "as_async"]
+__all__ = [
+    "AsyncLeaseStore",
+    "LeaseFilter",
+    "LeaseStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "as_async",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from .redis import RedisStore
 
         return RedisStore
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,7 +61,8 @@ def _field(name: str, value: Any) -> Any:
     if value is None and name in _NULLABLE:
         return None
     if name in _TEXT or name in _NULLABLE - {"revoked_at"}:
-        if isinstance(value, str) and value:
+        # Only the identifying fields must be non-empty; the rest round-trip as given.
+        if isinstance(value, str) and (value or name not in _TEXT):
             return value
     elif name == "scopes":
         if isinstance(value, str):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import threading
 import time
@@ -41,16 +40,11 @@ from redis.retry import Retry
 
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
-from ..revocations import RevocationCache
+from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
 from .base import LeaseFilter
 from .codec import from_mapping, to_mapping
 
 __all__ = ["RedisStore"]
-
-log = logging.getLogger("jitbroker")
-#: A resync loads revocations of leases that expired up to this long ago: tokens
-#: verify until exp plus leeway, and leeway is at most 60 s.
-RESYNC_MARGIN = 60.0
 
 # -- the Lua scripts -----------------------------------------------------------
 # Every script gets KEYS = (exp, dead, all) and ARGV[1] = key prefix "{p}:",
@@ -382,63 +376,19 @@ class RedisStore:
         ``jitbroker.revocations``). ``window`` must be at least the longest
         token lifetime plus leeway. ``close()`` the cache to stop its thread."""
         cache = RevocationCache(window=window, max_staleness=max_staleness)
-        stop = threading.Event()
-        feed = threading.Thread(
-            target=self._feed,
-            args=(cache, stop, heartbeat),
-            name="jitbroker-revocations",
-            daemon=True,
-        )
 
-        def halt() -> None:
-            stop.set()
-            feed.join(timeout=heartbeat + 5)
-
-        cache.attach(halt)
-        feed.start()
-        return cache
-
-    def _feed(self, cache: RevocationCache, stop: threading.Event, heartbeat: float) -> None:
-        """Subscribe, resync, then follow the channel; on any failure mark the cache
-        down and start over (subscribe first, so nothing falls between)."""
-        pause = 0.1
-        while not stop.is_set():
+        def session(cache: RevocationCache, stop: threading.Event) -> None:
             pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self._base + "revoked")
                 _await_subscription(pubsub, heartbeat)
                 cache.resync(self.revoked_since(time.time() - RESYNC_MARGIN))
-                pause = 0.1
-                self._follow(pubsub, cache, stop, heartbeat)
-            except (redis.RedisError, StoreError, OSError, ValueError) as exc:
-                log.warning("revocation feed interrupted, verifying against the store: %s", exc)
+                _follow(pubsub, cache, stop, heartbeat)
             finally:
-                cache.down()
                 with contextlib.suppress(redis.RedisError, OSError):
                     pubsub.close()
-            stop.wait(pause)
-            pause = min(pause * 2, 5.0)
 
-    @staticmethod
-    def _follow(
-        pubsub: Any, cache: RevocationCache, stop: threading.Event, heartbeat: float
-    ) -> None:
-        pinged = time.monotonic()
-        while not stop.is_set():
-            message = pubsub.get_message(timeout=heartbeat / 4)
-            if message is not None:
-                kind = message["type"]
-                if kind == "message":
-                    ids = json.loads(message["data"])  # ValueError: resync, never skip
-                    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                        raise ValueError("unexpected revocation message")
-                    cache.add(ids)
-                    cache.alive()
-                elif kind == "pong":
-                    cache.alive()
-            if time.monotonic() - pinged >= heartbeat:
-                pubsub.ping()
-                pinged = time.monotonic()
+        return start_feed(cache, session, heartbeat=heartbeat)
 
     def clear(self) -> int:
         """Delete every key of this store's prefix; how many (tests, teardown).
@@ -460,6 +410,22 @@ class RedisStore:
 
     def _run(self, script: Any, *args: Any) -> Any:
         return script(keys=self._keys, args=(*self._head, *args))
+
+
+def _follow(pubsub: Any, cache: RevocationCache, stop: threading.Event, heartbeat: float) -> None:
+    """Add each published revocation; a PING every ``heartbeat`` proves the link."""
+    pinged = time.monotonic()
+    while not stop.is_set():
+        message = pubsub.get_message(timeout=heartbeat / 4)
+        if message is not None:
+            if message["type"] == "message":
+                cache.add(parse_ids(message["data"]))
+                cache.alive()
+            elif message["type"] == "pong":
+                cache.alive()
+        if time.monotonic() - pinged >= heartbeat:
+            pubsub.ping()
+            pinged = time.monotonic()
 
 
 def _await_subscription(pubsub: Any, timeout: float) -> None:

@@ -1,0 +1,751 @@
+"""``PostgresStore`` beyond the conformance suite: its schema and migrations, the
+locks that keep concurrent callers honest (driven step by step from a second
+connection), the revocation channel, error translation, its connection pool,
+several processes reaping one store, and a private PostgreSQL server stopped
+and restarted under a live store.
+
+The shared server is the one CI starts at 127.0.0.1:5432; every test works in a
+random schema (``jbtest_<hex>``) and drops it at the end. Waits are short polls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from glob import glob
+from pathlib import Path
+from typing import Any, LiteralString
+from uuid import uuid4
+
+import attrs
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from conftest import server_or_skip
+from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable
+from jitbroker.lease import Lease
+from jitbroker.stores import postgres as postgres_module
+from jitbroker.stores.base import LeaseFilter
+from jitbroker.stores.codec import COLUMNS, to_row
+from jitbroker.stores.postgres import SCHEMA_VERSION, PostgresStore
+
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+POLL = 0.01
+POLL_LIMIT = 5.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make(lease_id: str, *, at: float = T0, ttl: float = 60.0, **fields: Any) -> Lease:
+    values: dict[str, Any] = {"subject": "svc:a", "audience": "api", "scopes": ("read",)}
+    values.update(fields)
+    return Lease(id=lease_id, issued_at=at, expires_at=at + ttl, max_expires_at=at + 3600, **values)
+
+
+def ids(leases: list[Lease]) -> set[str]:
+    return {lease.id for lease in leases}
+
+
+def poll(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + POLL_LIMIT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def new_schema() -> str:
+    return f"jbtest_{uuid4().hex}"
+
+
+@pytest.fixture
+def admin() -> Iterator[psycopg.Connection[Any]]:
+    """A plain autocommit connection to the shared server, to look and to poke."""
+    server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def new_store(admin: psycopg.Connection[Any]) -> Iterator[Callable[..., PostgresStore]]:
+    """Builds stores in fresh random schemas; drops every schema at the end.
+
+    Each store gets its own ``application_name`` (its schema name), so a test
+    can find that store's sessions in ``pg_stat_activity``.
+    """
+    made: list[PostgresStore] = []
+
+    def build(dsn_or_pool: Any = None, **options: Any) -> PostgresStore:
+        schema = options.setdefault("schema", new_schema())
+        store = PostgresStore(dsn_or_pool or f"{DSN}?application_name={schema}", **options)
+        made.append(store)
+        return store
+
+    yield build
+    for store in made:
+        store.close()
+    for schema in {store.schema for store in made}:
+        admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def store(new_store: Callable[..., PostgresStore]) -> PostgresStore:
+    return new_store()
+
+
+def table(store: PostgresStore) -> sql.Composed:
+    return sql.SQL("{}.leases").format(sql.Identifier(store.schema))
+
+
+def lock_row(store: PostgresStore, lease_id: str, mode: LiteralString) -> sql.Composed:
+    """A statement that locks the lease's row (in the caller's transaction)."""
+    query = sql.SQL("SELECT 1 FROM {} WHERE id = {} {}")
+    return query.format(table(store), sql.Literal(lease_id), sql.SQL(mode))
+
+
+def sessions(admin: psycopg.Connection[Any], store: PostgresStore, *, waiting: bool) -> int:
+    """How many of the store's sessions exist (or wait for a lock, if ``waiting``)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+    if waiting:
+        query += " AND wait_event_type = 'Lock'"
+    row = admin.execute(query, (store.schema,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class Background:
+    """Runs ``fn`` in a thread at once; ``result`` joins it and returns or raises."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,))
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._outcome["result"] = fn()
+        except Exception as exc:
+            self._outcome["error"] = exc
+
+    def result(self) -> Any:
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]
+
+
+# -- construction -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "schema",
+    ["", "Upper", "1abc", "a-b", "with space", 'x"; DROP TABLE y; --', "pg_catalog", "a" * 56],
+)
+def test_the_schema_name_must_be_a_plain_identifier(schema: str) -> None:
+    with pytest.raises(InvalidRequest):
+        PostgresStore(DSN, schema=schema)  # refused before any I/O
+
+
+@pytest.mark.parametrize(("size", "timeout"), [(0, 1.0), (1, 0.0), (1, float("nan"))])
+def test_pool_settings_must_make_sense(size: int, timeout: float) -> None:
+    with pytest.raises(InvalidRequest):
+        PostgresStore(DSN, pool_size=size, pool_timeout=timeout)
+
+
+def test_a_bad_dsn_is_refused_without_echoing_it() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        PostgresStore("host=db password=hunter2 nonsense")
+    assert "hunter2" not in str(info.value)
+    assert info.value.__cause__ is None
+
+
+def test_repr_never_shows_the_dsn(new_store: Callable[..., PostgresStore]) -> None:
+    store = new_store("postgresql://postgres:hunter2@127.0.0.1:5432/test", schema="jbtest_repr")
+    assert repr(store) == "<PostgresStore schema='jbtest_repr'>"
+    assert store.blocking is True
+
+
+def test_lazy_export() -> None:
+    import jitbroker.stores
+
+    assert jitbroker.stores.PostgresStore is PostgresStore
+    assert "PostgresStore" not in jitbroker.stores.__all__  # `import *` never needs psycopg
+
+
+def test_jitbroker_imports_without_psycopg() -> None:
+    code = """if True:
+        import sys
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name == "psycopg" or name.startswith("psycopg."):
+                    raise ImportError("psycopg is not installed")
+
+        sys.meta_path.insert(0, Blocker())
+        import jitbroker, jitbroker.stores
+        assert not [name for name in sys.modules if name.startswith("psycopg")]
+        try:
+            jitbroker.stores.PostgresStore
+        except ImportError:
+            print("ok")
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# -- schema and migrations ----------------------------------------------------
+def test_the_table_holds_every_lease_field(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    # A field added to Lease needs a migration adding its column: this says so.
+    rows = admin.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = 'leases'",
+        (store.schema,),
+    ).fetchall()
+    assert {row[0] for row in rows} == {*COLUMNS, "claimed"}
+
+
+def test_the_indexes(admin: psycopg.Connection[Any], store: PostgresStore) -> None:
+    rows = admin.execute(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'leases'",
+        (store.schema,),
+    ).fetchall()
+    assert {row[0] for row in rows} == {
+        "leases_pkey",
+        *(f"leases_{name}" for name in ("task", "parent", "owner", "subject", "key_id")),
+        "leases_due",
+        "leases_dead",
+    }
+
+
+def test_the_version_is_recorded(admin: psycopg.Connection[Any], store: PostgresStore) -> None:
+    query = sql.SQL("SELECT version FROM {}.jitbroker_meta").format(sql.Identifier(store.schema))
+    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_reopening_keeps_the_data(new_store: Callable[..., PostgresStore]) -> None:
+    first = new_store()
+    assert first.add(make("a")) is True
+    again = new_store(schema=first.schema)
+    assert again.get("a") == make("a")
+
+
+def test_concurrent_openers_of_a_new_schema_all_succeed(
+    new_store: Callable[..., PostgresStore],
+) -> None:
+    schema, count = new_schema(), 6
+    barrier = threading.Barrier(count)
+    errors: list[Exception] = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            store = new_store(schema=schema)
+        except Exception as exc:
+            errors.append(exc)
+            return
+        store.add(make(f"by-{threading.get_ident()}"))
+
+    threads = [threading.Thread(target=open_store) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len(new_store(schema=schema).find(LeaseFilter())) == count
+
+
+def test_a_newer_schema_is_refused(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    store = new_store()
+    admin.execute(
+        sql.SQL("UPDATE {}.jitbroker_meta SET version = %s").format(sql.Identifier(store.schema)),
+        (SCHEMA_VERSION + 1,),
+    )
+    with pytest.raises(StoreError, match="newer") as info:
+        new_store(schema=store.schema)
+    assert not isinstance(info.value, StoreUnavailable)
+
+
+def test_clear_drops_the_schema(admin: psycopg.Connection[Any], store: PostgresStore) -> None:
+    store.add(make("a"))
+    store.clear()
+    row = admin.execute(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (store.schema,)
+    ).fetchone()
+    assert row == (0,)
+    with pytest.raises(StoreError) as info:  # the table is gone: an error, not an outage
+        store.get("a")
+    assert not isinstance(info.value, StoreUnavailable)
+    assert isinstance(info.value.__cause__, psycopg.Error)
+
+
+# -- values -------------------------------------------------------------------
+def test_floats_round_trip_exactly(store: PostgresStore) -> None:
+    issued, expires, at = T0 + 0.1 + 1e-7, T0 + 1 / 3, T0 + 0.2 + 3e-7
+    lease = make("a", at=issued, ttl=expires - issued)
+    assert store.add(lease) is True
+    extended = store.extend("a", expires_at=T0 + 2 / 3, at=at)
+    assert extended is not None
+    assert extended.expires_at == T0 + 2 / 3
+    (revoked,) = store.revoke("a", at=at, reason="x")
+    assert (
+        store.get("a")
+        == revoked
+        == attrs.evolve(lease, expires_at=T0 + 2 / 3, revoked_at=at, revoke_reason="x")
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_times_are_refused_before_any_io(store: PostgresStore, bad: float) -> None:
+    calls: list[Callable[[], object]] = [
+        lambda: store.add(make("a", ttl=bad)),
+        lambda: store.add(make("b", at=bad)),
+        lambda: store.revoke("a", at=bad, reason="x"),
+        lambda: store.revoke_where(LeaseFilter(task="t"), at=bad, reason="x"),
+        lambda: store.extend("a", expires_at=bad, at=T0),
+        lambda: store.extend("a", expires_at=T0, at=bad),
+        lambda: store.claim_expired(bad),
+        lambda: store.purge(bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRequest):
+            call()
+    assert store.find(LeaseFilter()) == []
+
+
+def test_an_id_stored_again_replaces_the_old_row_whole(store: PostgresStore) -> None:
+    store.add(make("a", task="old", ttl=1))
+    assert ids(store.claim_expired(T0 + 1)) == {"a"}
+    renewed = make("a", task="new", ttl=10)
+    assert store.add(renewed) is True
+    assert store.get("a") == renewed
+    assert store.find(LeaseFilter(task="old")) == []
+    assert store.claim_expired(T0 + 10) == [renewed]  # no longer marked claimed
+
+
+def test_a_corrupt_row_is_a_store_error(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("a"))
+    admin.execute(sql.SQL("UPDATE {} SET subject = '' WHERE id = 'a'").format(table(store)))
+    with pytest.raises(StoreError):
+        store.get("a")
+
+
+def test_limit_zero_claims_nothing(store: PostgresStore) -> None:
+    store.add(make("a", ttl=1))
+    assert store.claim_expired(T0 + 10, limit=0) == []
+    assert ids(store.claim_expired(T0 + 10, limit=1)) == {"a"}
+
+
+# -- atomicity under contention, one step at a time -------------------------
+def test_revoke_takes_a_child_committed_while_it_waited(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    # Another broker's add is halfway: it holds the parent FOR SHARE and has
+    # inserted the child, not yet committed. The revoke must wait for it and
+    # then take the child too, although its first snapshot could not see it.
+    parent = make("parent", task="t")
+    child = make("child", at=T0 + 1, ttl=30, parent="parent", task="t")
+    store.add(parent)
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    values = sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS))
+    with admin.transaction():
+        admin.execute(lock_row(store, "parent", "FOR SHARE"))
+        admin.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(table(store), columns, values),
+            to_row(child),
+        )
+        revoke = Background(lambda: store.revoke("parent", at=T0 + 5, reason="x"))
+        assert poll(lambda: sessions(admin, store, waiting=True) == 1)
+    assert ids(revoke.result()) == {"parent", "child"}
+    got = store.get("child")
+    assert got is not None
+    assert got.revoked_at == T0 + 5
+
+
+def test_add_refuses_a_child_of_a_parent_revoked_while_it_waited(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("parent"))
+    child = make("child", at=T0 + 1, ttl=30, parent="parent")
+    with admin.transaction():
+        admin.execute(
+            sql.SQL("UPDATE {} SET revoked_at = %s WHERE id = 'parent'").format(table(store)),
+            (T0 + 1,),
+        )
+        add = Background(lambda: store.add(child))
+        assert poll(lambda: sessions(admin, store, waiting=True) == 1)
+    assert add.result() is False
+    assert store.get("child") is None
+
+
+def test_claim_skips_rows_locked_by_another_reaper(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("a", ttl=1))
+    store.add(make("b", ttl=2))
+    with admin.transaction():
+        admin.execute(lock_row(store, "a", "FOR UPDATE"))
+        assert ids(store.claim_expired(T0 + 10)) == {"b"}  # does not wait for "a"
+    assert ids(store.claim_expired(T0 + 10)) == {"a"}
+
+
+def test_separate_stores_claim_disjoint_leases(new_store: Callable[..., PostgresStore]) -> None:
+    first = new_store()
+    second = new_store(schema=first.schema)
+    for i in range(10):
+        first.add(make(f"l{i}", ttl=1 + i))
+    batches = [store.claim_expired(T0 + 100, limit=3) for store in (first, second) * 3]
+    claimed = [lease.id for batch in batches for lease in batch]
+    assert sorted(claimed) == sorted(f"l{i}" for i in range(10))
+
+
+CLAIMER = """if True:
+    import json, os, sys, time
+    from jitbroker.stores.postgres import PostgresStore
+
+    dsn, schema, ready, go, now = sys.argv[1:6]
+    store = PostgresStore(dsn, schema=schema)
+    open(ready, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    claimed = []
+    while batch := store.claim_expired(float(now), limit=5):
+        claimed += [lease.id for lease in batch]
+    store.close()
+    print(json.dumps(claimed))
+"""
+
+
+def test_claim_expired_is_exactly_once_across_processes(
+    store: PostgresStore, tmp_path: Path
+) -> None:
+    count, workers = 400, 4
+    for i in range(count):
+        store.add(make(f"l{i:03}", ttl=1 + i % 11))
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-c", CLAIMER, DSN, store.schema]
+    procs = [
+        subprocess.Popen(
+            [*command, str(tmp_path / f"ready{n}"), str(go), str(T0 + 100)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for n in range(workers)
+    ]
+    try:
+        assert poll(lambda: all((tmp_path / f"ready{n}").exists() for n in range(workers)))
+        go.touch()
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    claimed = [lease_id for out, _ in outputs for lease_id in json.loads(out)]
+    assert len(claimed) == count
+    assert set(claimed) == {f"l{i:03}" for i in range(count)}
+
+
+# -- the revocation channel ---------------------------------------------------
+@pytest.fixture
+def listener(store: PostgresStore) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(store.channel)))
+        yield conn
+
+
+def heard(conn: psycopg.Connection[Any], want: int) -> list[str]:
+    """The ids announced until ``want`` of them arrived (or a 5 s timeout)."""
+    got: list[str] = []
+    for notify in conn.notifies(timeout=POLL_LIMIT):
+        got += json.loads(notify.payload)
+        if len(got) >= want:
+            break
+    return got
+
+
+def test_revocations_are_announced(store: PostgresStore, listener: psycopg.Connection[Any]) -> None:
+    assert store.channel == f"{store.schema}_revoked"
+    store.add(make("root"))
+    store.add(make("child", at=T0 + 1, parent="root"))
+    assert store.revoke("nope", at=T0 + 2, reason="x") == []  # nothing revoked, nothing said
+    store.revoke("root", at=T0 + 2, reason="x")
+    assert sorted(heard(listener, 2)) == ["child", "root"]
+
+
+def test_a_big_revocation_is_announced_in_pieces(
+    store: PostgresStore, listener: psycopg.Connection[Any]
+) -> None:
+    leases = [make(uuid4().hex, task="big") for _ in range(600)]  # ~21 kB of ids
+    for lease in leases:
+        store.add(lease)
+    assert len(store.revoke_where(LeaseFilter(task="big"), at=T0 + 1, reason="x")) == 600
+    got = heard(listener, 600)
+    assert sorted(got) == sorted(lease.id for lease in leases)
+
+
+def test_payloads_stay_under_the_notify_limit() -> None:
+    lease_ids = [f"{i:040}" for i in range(1000)]
+    payloads = postgres_module._payloads(lease_ids)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= postgres_module.NOTIFY_LIMIT for p in payloads)
+    assert [i for p in payloads for i in json.loads(p)] == lease_ids
+
+
+# -- the pool and borrowed pools ------------------------------------------------
+def test_close_releases_the_connections_and_a_later_call_reconnects(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("a"))
+    assert sessions(admin, store, waiting=False) >= 1
+    store.close()
+    assert poll(lambda: sessions(admin, store, waiting=False) == 0)
+    store.close()
+    assert store.get("a") == make("a")
+
+
+def test_an_exhausted_pool_is_unavailable(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    store = new_store(pool_size=1, pool_timeout=0.2)
+    store.add(make("a"))
+    with admin.transaction():
+        admin.execute(lock_row(store, "a", "FOR UPDATE"))
+        revoke = Background(lambda: store.revoke("a", at=T0 + 1, reason="x"))
+        assert poll(lambda: sessions(admin, store, waiting=True) == 1)
+        with pytest.raises(StoreUnavailable, match="pool_size"):
+            store.get("a")  # the only connection waits for the lock
+    assert ids(revoke.result()) == {"a"}
+    assert store.get("a") is not None
+
+
+def test_a_dead_connection_is_replaced(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("a"))
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (store.schema,),
+    )
+    assert poll(lambda: sessions(admin, store, waiting=False) == 0)
+    assert store.get("a") == make("a")  # the idle connection was noticed dead, not used
+
+
+class BorrowedPool:
+    """A stand-in for ``psycopg_pool.ConnectionPool``: one non-autocommit
+    connection with a dict row factory, lent under a lock."""
+
+    def __init__(self) -> None:
+        self.conn = psycopg.connect(DSN, row_factory=dict_row)
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.lock:
+            try:
+                yield self.conn
+            finally:
+                if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    self.conn.rollback()
+
+
+def test_works_with_a_borrowed_pool(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    pool = BorrowedPool()
+    try:
+        store = new_store(pool)
+        parent = make("p", task="t")
+        assert store.add(parent) is True
+        assert store.add(make("c", at=T0 + 1, parent="p", task="t")) is True
+        assert store.get("p") == parent
+        assert ids(store.find(LeaseFilter(task="t"))) == {"p", "c"}
+        assert ids(store.revoke("p", at=T0 + 2, reason="x")) == {"p", "c"}
+        # Committed, not left in an open transaction: another session sees it.
+        row = admin.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE revoked_at IS NOT NULL").format(table(store))
+        ).fetchone()
+        assert row == (2,)
+        store.close()
+        assert not pool.conn.closed  # the pool is the caller's
+    finally:
+        pool.conn.close()
+
+
+# -- a private server, stopped and started under a live store -----------------
+class PrivateServer:
+    """A throwaway PostgreSQL cluster in a temporary directory, on a Unix socket."""
+
+    def __init__(self, bindir: Path, base: Path) -> None:
+        self.bindir, self.base, self.data = bindir, base, base / "data"
+        self.port = free_port()
+        self.dsn = f"host={base} port={self.port} user=postgres dbname=postgres"
+        # initdb refuses to run as root: run the server as the postgres user.
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(base, account.pw_uid, account.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+
+    def run(self, tool: str, *args: str) -> None:
+        command = [*self.prefix, str(self.bindir / tool), *args]
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def init(self) -> None:
+        self.run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        settings = f"listen_addresses = ''\nunix_socket_directories = '{self.base}'\n"
+        settings += f"port = {self.port}\nfsync = off\n"
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(settings)
+
+    def start(self) -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-w", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self.run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def postgres_bindir() -> Path | None:
+    found = shutil.which("initdb")
+    candidates = [Path(found).parent] if found else []
+    candidates += [Path(p) for p in sorted(glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for bindir in candidates:
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    return None
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[PrivateServer]:
+    bindir = postgres_bindir()
+    problem = None
+    if bindir is None:
+        problem = "the PostgreSQL server binaries (initdb, pg_ctl) are not installed"
+    elif os.geteuid() == 0 and shutil.which("runuser") is None:
+        problem = "running as root without runuser to drop to the postgres user"
+    if problem is not None or bindir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{problem}; under CI=true the private server tests must run")
+        pytest.skip(str(problem))
+    base = Path(tempfile.mkdtemp(prefix="jbpg-"))  # short: a socket path is at most ~100 bytes
+    server = PrivateServer(bindir, base)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        if server.running():
+            server.stop("fast")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def private_store(private_server: PrivateServer) -> Iterator[PostgresStore]:
+    store = PostgresStore(private_server.dsn, schema=new_schema())
+    yield store
+    if not private_server.running():
+        private_server.start()
+    store.clear()
+    store.close()
+
+
+def test_a_stopped_server_is_unavailable_then_the_same_store_recovers(
+    private_server: PrivateServer, private_store: PostgresStore
+) -> None:
+    store = private_store
+    assert store.add(make("before")) is True
+    private_server.stop()
+    with pytest.raises(StoreUnavailable) as info:
+        store.add(make("during"))
+    assert isinstance(info.value.__cause__, psycopg.Error)
+    with pytest.raises(StoreUnavailable):
+        store.get("before")
+    calls: list[Callable[[], object]] = [
+        lambda: store.revoke("before", at=T0 + 1, reason="x"),
+        lambda: store.claim_expired(T0 + 100),
+        lambda: store.find(LeaseFilter()),
+    ]
+    for call in calls:
+        with pytest.raises(StoreUnavailable):
+            call()
+    private_server.start()
+    assert store.get("during") is None  # the failed add wrote nothing
+    assert store.get("before") == make("before")  # and nothing else happened either
+    assert store.add(make("after")) is True
+    assert ids(store.find(LeaseFilter())) == {"before", "after"}
+
+
+def test_idle_connections_survive_a_restart(
+    private_server: PrivateServer, private_store: PostgresStore
+) -> None:
+    store = private_store
+    store.add(make("a"))  # leaves a pooled connection to a server about to go away
+    private_server.stop()
+    private_server.start()
+    assert store.get("a") == make("a")  # not a StoreUnavailable from the stale connection
+
+
+def test_a_transaction_cut_short_writes_nothing(
+    private_server: PrivateServer, private_store: PostgresStore
+) -> None:
+    # The add waits on its parent's lock when the server goes down mid-transaction.
+    store = private_store
+    store.add(make("parent"))
+    child = make("child", at=T0 + 1, parent="parent")
+    holder = psycopg.connect(private_server.dsn, autocommit=True)
+    try:
+        holder.execute("BEGIN")
+        holder.execute(lock_row(store, "parent", "FOR UPDATE"))
+        add = Background(lambda: store.add(child))
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        assert poll(lambda: holder.execute(waiting).fetchone() == (1,))
+        private_server.stop()
+        with pytest.raises(StoreUnavailable):
+            add.result()
+    finally:
+        holder.close()
+    private_server.start()
+    assert store.get("child") is None
+    assert store.add(child) is True
+
+
+def test_opening_with_the_server_down_is_unavailable(private_server: PrivateServer) -> None:
+    private_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable):
+            PostgresStore(private_server.dsn, schema=new_schema())
+    finally:
+        private_server.start()
