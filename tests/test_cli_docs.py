@@ -66,7 +66,7 @@ def test_benchmark_script_smoke() -> None:
 
 DOC_BLOCKS = [
     pytest.param(doc, i, code, id=f"{doc}#{i}")
-    for doc in ("docs/concepts.md", "docs/security.md")
+    for doc in ("docs/concepts.md", "docs/security.md", "docs/stores.md")
     for i, code in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S))
 ]
 
