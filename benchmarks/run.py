@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import secrets
 import statistics
 import sys
@@ -26,6 +27,7 @@ import jwt
 
 from jitbroker import Broker, Credential, KeyRing, LeaseStore, MemoryStore
 from jitbroker.lease import Lease
+from jitbroker.testing import FakeClock
 
 ISSUER = "urn:example:broker"
 SUBJECT = "svc:ci-deploy"
@@ -283,6 +285,30 @@ class Bench:
                     clear()
                 store.close()
 
+    def revoke_and_sweep(self, name: str, store: LeaseStore, number: int, repeat: int) -> None:
+        ours = Broker(issuer=ISSUER, keys=self.ring, store=store)
+        base = Broker(issuer=ISSUER, keys=self.ring)
+        a: list[float] = []
+        b: list[float] = []
+        for _ in range(repeat):
+            mine, theirs = revoke_pair(ours, base, number)
+            a.append(per_call(mine, number))
+            b.append(per_call(theirs, number))
+        self.row(f"{name}: revoke / MemoryStore", statistics.median(a), statistics.median(b), None)
+        clock = FakeClock()
+        swept: list[float] = []
+        for broker in (
+            Broker(issuer=ISSUER, keys=self.ring, store=store, clock=clock),
+            Broker(issuer=ISSUER, keys=self.ring, clock=clock),
+        ):
+            for _ in range(number):
+                broker.issue(SUBJECT, AUDIENCE, SCOPES, 60, task=TASK)
+            clock.advance(61)
+            start = time.perf_counter()
+            assert len(broker.sweep()) >= number
+            swept.append((time.perf_counter() - start) / number)
+        self.row(f"{name}: sweep, per expired lease / MemoryStore", swept[0], swept[1], None)
+
     def compare_store(self, name: str, store: LeaseStore) -> None:
         number, repeat = max(50, self.number // 10), max(3, self.repeat // 3)
         ours = Broker(issuer=ISSUER, keys=self.ring, store=store)
@@ -302,6 +328,7 @@ class Bench:
             *compare(verify_ours, verify_base, number, repeat),
             None,
         )
+        self.revoke_and_sweep(name, store, number, repeat)
         counter = getattr(store, "commands", None)
         if counter is not None:
             for op, target, call in (
@@ -329,6 +356,13 @@ class Bench:
             result = compare(verify_fast, verify_base, number, repeat)
             cache.close()
             self.row(f"{name}: verify, live revocation cache / MemoryStore", *result, 1.10)
+
+
+def revoke_pair(ours: Broker, base: Broker, number: int) -> tuple[Callable[[], object], ...]:
+    """Revoke calls over fresh credentials, ours and the MemoryStore baseline."""
+    pools = [[issuing(b)() for _ in range(number)] for b in (ours, base)]
+    iters = [iter(pool) for pool in pools]
+    return (lambda: ours.revoke(next(iters[0])), lambda: base.revoke(next(iters[1])))
 
 
 # Targets from the stores issue (stores without one are reported only).
@@ -359,7 +393,20 @@ def shared_stores() -> list[tuple[str, Callable[[], LeaseStore]]]:
         store.commands = lambda: sent[0]  # type: ignore[attr-defined]
         return store
 
-    return [("redis", redis_store)]
+    def sqlite_store() -> LeaseStore:
+        import tempfile
+
+        from jitbroker.stores.sqlite import SQLiteStore
+
+        return SQLiteStore(os.path.join(tempfile.mkdtemp(prefix="jbbench-"), "leases.db"))
+
+    def postgres_store() -> LeaseStore:
+        from jitbroker.stores.postgres import PostgresStore
+
+        dsn = os.environ.get("JITBROKER_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+        return PostgresStore(dsn, schema=f"jbbench_{secrets.token_hex(8)}")
+
+    return [("sqlite", sqlite_store), ("redis", redis_store), ("postgres", postgres_store)]
 
 
 def fill(store: LeaseStore, n: int, kid: str) -> None:

@@ -36,7 +36,7 @@ class LeaseFilter:
 
     def is_empty(self) -> bool:
         """True if no field is set (it would match every lease)."""
-        return not any(attrs.astuple(self))
+        return all(value is None for value in attrs.astuple(self))
 
     def matches(self, lease: Lease) -> bool:
         """True if ``lease`` matches every set field."""
