@@ -12,11 +12,13 @@ Stores translate their own errors: a failure to reach the backend becomes
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
+from ..errors import InvalidRequest
 from ..lease import Lease
 
 __all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "as_async"]
@@ -147,7 +149,10 @@ class _SyncAsAsync:
 
 
 def as_async(store: LeaseStore | AsyncLeaseStore) -> AsyncLeaseStore:
-    """The async view of ``store``: itself if it is async already."""
+    """The async view of ``store``: itself if it is async already (its methods are
+    coroutine functions; the protocol check alone cannot tell, it only sees names)."""
+    if inspect.iscoroutinefunction(getattr(store, "add", None)):
+        return store  # type: ignore[return-value]
     if isinstance(store, LeaseStore):
         return _SyncAsAsync(store)  # type: ignore[return-value]
-    return store
+    raise InvalidRequest("store must implement LeaseStore or its async twin AsyncLeaseStore")

@@ -1,0 +1,80 @@
+"""Run an async store through the sync conformance suite.
+
+``SyncOverAsync(factory)`` starts an event loop in a thread, builds the async
+store on it, and exposes the ``LeaseStore`` methods as blocking calls that run
+the coroutines on that loop. Several test threads may call at once (the loop
+interleaves them), which is what the suite's concurrency tests need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class SyncOverAsync:
+    """A blocking facade over an async store living on its own event loop."""
+
+    blocking = True
+
+    def __init__(self, factory: Callable[[], Awaitable[Any]]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.store: Any = self._call(_awaited(factory))
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._call(method(*args, **kwargs))
+
+        return call
+
+    def add(self, lease: Any) -> bool:
+        return bool(self._call(self.store.add(lease)))
+
+    def get(self, lease_id: str) -> Any:
+        return self._call(self.store.get(lease_id))
+
+    def revoke(self, lease_id: str, *, at: float, reason: str) -> Any:
+        return self._call(self.store.revoke(lease_id, at=at, reason=reason))
+
+    def revoke_where(self, where: Any, *, at: float, reason: str) -> Any:
+        return self._call(self.store.revoke_where(where, at=at, reason=reason))
+
+    def extend(self, lease_id: str, *, expires_at: float, at: float) -> Any:
+        return self._call(self.store.extend(lease_id, expires_at=expires_at, at=at))
+
+    def find(self, where: Any) -> Any:
+        return self._call(self.store.find(where))
+
+    def claim_expired(self, now: float, limit: int = 1000) -> Any:
+        return self._call(self.store.claim_expired(now, limit))
+
+    def purge(self, before: float) -> int:
+        return int(self._call(self.store.purge(before)))
+
+    def close(self) -> None:
+        """Close the store, then stop the loop and its thread. Idempotent."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self.store.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+
+async def _awaited(factory: Callable[[], Awaitable[T]]) -> T:
+    return await factory()
