@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -26,6 +27,9 @@ class SyncOverAsync:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.store: Any = self._call(_awaited(factory))
+        # The loop outlives close(): like a sync store, a closed one may be used
+        # again (the conformance fixture clears a store its test has closed).
+        self._stop = weakref.finalize(self, _stop_loop, self._loop, self._thread)
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
@@ -65,15 +69,14 @@ class SyncOverAsync:
         return int(self._call(self.store.purge(before)))
 
     def close(self) -> None:
-        """Close the store, then stop the loop and its thread. Idempotent."""
-        if self._loop.is_closed():
-            return
-        try:
-            self._call(self.store.close())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+        """Close the store (idempotent); the loop stops once the facade is gone."""
+        self._call(self.store.close())
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+    loop.close()
 
 
 async def _awaited(factory: Callable[[], Awaitable[T]]) -> T:

@@ -43,6 +43,17 @@ def redis_store(tmp_path: Path) -> LeaseStore:
     return RedisStore("redis://127.0.0.1:6379/0", prefix=f"jbtest-{uuid4().hex}")
 
 
+def async_redis_store(tmp_path: Path) -> LeaseStore:
+    server_or_skip("Redis", "127.0.0.1", 6379)
+    from async_adapter import SyncOverAsync
+    from jitbroker.stores.redis_async import AsyncRedisStore
+
+    async def build() -> AsyncRedisStore:  # on the facade's loop: connections belong to it
+        return AsyncRedisStore("redis://127.0.0.1:6379/0", prefix=f"jbtest-{uuid4().hex}")
+
+    return SyncOverAsync(build)
+
+
 def postgres_store(tmp_path: Path) -> LeaseStore:
     server_or_skip("PostgreSQL", "127.0.0.1", 5432)
     from jitbroker.stores.postgres import PostgresStore
@@ -57,6 +68,7 @@ STORES = [
     pytest.param(memory_store, id="memory"),
     pytest.param(sqlite_store, id="sqlite"),
     pytest.param(redis_store, id="redis"),
+    pytest.param(async_redis_store, id="redis-async"),
     pytest.param(postgres_store, id="postgres"),
 ]
 

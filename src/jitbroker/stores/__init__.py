@@ -1,6 +1,6 @@
-"""Lease stores: ``MemoryStore`` (default), ``RedisStore`` and ``PostgresStore`` (loaded
-on first use: they need the `jitbroker[redis]` / `jitbroker[postgres]` extras); all behind
-the one protocol in ``base``."""
+"""Lease stores: ``MemoryStore`` (default), ``RedisStore`` (and ``AsyncRedisStore`` for
+asyncio) and ``PostgresStore`` (loaded on first use: they need the `jitbroker[redis]` /
+`jitbroker[postgres]` extras); all behind the one protocol in ``base``."""
 
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +11,7 @@ from .sqlite import SQLiteStore
 if TYPE_CHECKING:
     from .postgres import PostgresStore as PostgresStore
     from .redis import RedisStore as RedisStore
+    from .redis_async import AsyncRedisStore as AsyncRedisStore
 
 __all__ = [
     "AsyncLeaseStore",
@@ -29,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from .redis import RedisStore
 
         return RedisStore
+    if name == "AsyncRedisStore":
+        from .redis_async import AsyncRedisStore
+
+        return AsyncRedisStore
     if name == "PostgresStore":
         from .postgres import PostgresStore
 

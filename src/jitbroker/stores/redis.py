@@ -28,16 +28,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import operator
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .._drive import Step, Steps, run
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
 from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
@@ -222,8 +224,143 @@ PURGE_BATCH = 1000
 
 _FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id")
 
+#: What a store built from a URL gives its client (sync or asyncio) besides
+#: ``retry=Retry(NoBackoff(), 0)``. No client-side retries: a retried script
+#: after a lost reply would run twice (a revoke then reports [] for what it did
+#: revoke), and backoff turns an outage into seconds of waiting per call.
+#: Callers get StoreUnavailable at once and decide whether to retry.
+CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
 
-class RedisStore:
+C = TypeVar("C")
+
+
+class RedisLeases(Generic[C]):
+    """What ``RedisStore`` and ``AsyncRedisStore`` share: the options, the key
+    layout, the scripts, and every operation written once as steps (calls on the
+    client, see ``jitbroker._drive``). The sync store runs the steps and the
+    async one awaits them: only the waiting differs. Not public API.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | C,
+        prefix: str = "jitbroker",
+        *,
+        retention: float | None = 86_400.0,
+    ) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise InvalidRequest(f"prefix must be non-empty and free of braces, got {prefix!r}")
+        if retention is not None and not (retention > 0 and math.isfinite(retention)):
+            raise InvalidRequest(f"retention must be positive seconds or None, got {retention!r}")
+        self._owns_client = isinstance(url_or_client, str)
+        self._client: C = (
+            self._connect(url_or_client) if isinstance(url_or_client, str) else url_or_client
+        )
+        self.prefix = prefix
+        self._base = f"{{{prefix}}}:"
+        self._keys = (self._base + "exp", self._base + "dead", self._base + "all")
+        # Fixed leading ARGV of every script (see the scripts' header).
+        self._head = (self._base, 0 if retention is None else max(1, round(retention * 1000)))
+        # register_script does no I/O: a script is loaded on its first call
+        # (EVALSHA, then SCRIPT LOAD on NOSCRIPT) and is one EVALSHA afterwards.
+        script = cast("Any", self._client).register_script
+        self._add = script(_PRELUDE + _ADD)
+        self._revoke = script(_PRELUDE + _REVOKE_TREE + _REVOKE)
+        self._revoke_where = script(_PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
+        self._extend = script(_PRELUDE + _EXTEND)
+        self._find = script(_PRELUDE + _FIND)
+        self._claim_expired = script(_PRELUDE + _CLAIM_EXPIRED)
+        self._purge = script(_PRELUDE + _PURGE)
+
+    def _connect(self, url: str) -> C:
+        """The client a store owns when given a URL (see ``CLIENT_OPTIONS``)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        # Never the URL: it may hold a password.
+        return f"<{type(self).__name__} prefix={self.prefix!r}>"
+
+    # -- every operation once, as steps --------------------------------------
+    # A step is a call on the client (``operator.methodcaller`` for a plain
+    # command); a generator and a step per call cost microseconds next to the
+    # round trip, and buy one copy of each operation for both stores. Times are
+    # checked (``_time``) before the first step, so a bad one does no I/O.
+    def _script(self, script: Any, *args: Any) -> Step:
+        argv = (*self._head, *args)
+        return lambda client: script(keys=self._keys, args=argv, client=client)
+
+    def _add_steps(self, lease: Lease) -> Steps[bool]:
+        args = (
+            lease.id,
+            lease.parent or "",
+            _time("issued_at", lease.issued_at),
+            _time("expires_at", lease.expires_at),
+            "0" if lease.revoked_at is None else "1",
+            *_record(lease),
+        )
+        with _translated("store a lease"):
+            return bool((yield self._script(self._add, *args)))
+
+    def _get_steps(self, lease_id: str) -> Steps[Lease | None]:
+        key = self._base + "lease:" + lease_id
+        with _translated("read a lease"):
+            record = yield operator.methodcaller("hgetall", key)
+        return _lease_from(record) if record else None
+
+    def _revoke_steps(self, lease_id: str, at: float, reason: str) -> Steps[list[Lease]]:
+        step = self._script(self._revoke, _time("at", at), reason, lease_id)
+        with _translated("revoke a lease"):
+            return _leases((yield step))
+
+    def _revoke_where_steps(self, where: LeaseFilter, at: float, reason: str) -> Steps[list[Lease]]:
+        step = self._script(self._revoke_where, _time("at", at), reason, *_filter(where))
+        with _translated("revoke leases"):
+            return _leases((yield step))
+
+    def _extend_steps(self, lease_id: str, expires_at: float, at: float) -> Steps[Lease | None]:
+        args = (lease_id, _time("expires_at", expires_at), _time("at", at))
+        with _translated("extend a lease"):
+            record = yield self._script(self._extend, *args)
+        return _lease_from(_pairs(record)) if record else None
+
+    def _find_steps(self, where: LeaseFilter) -> Steps[list[Lease]]:
+        with _translated("find leases"):
+            found = _leases((yield self._script(self._find, *_filter(where))))
+        # The sets are exact; this only guards against an id re-added with new values.
+        return [lease for lease in found if where.matches(lease)]
+
+    def _claim_expired_steps(self, now: float, limit: int) -> Steps[list[Lease]]:
+        step = self._script(self._claim_expired, _time("now", now), int(limit))
+        with _translated("claim expired leases"):
+            return _leases((yield step))
+
+    def _purge_steps(self, before: float) -> Steps[int]:
+        purged, cutoff = 0, _time("before", before)
+        with _translated("purge dead leases"):
+            while True:  # one script per batch, so a big purge never stalls the server
+                handled, deleted = yield self._script(self._purge, cutoff, PURGE_BATCH)
+                purged += int(deleted)
+                if int(handled) < PURGE_BATCH:
+                    return purged
+
+    def _revoked_since_steps(self, since: float) -> Steps[list[str]]:
+        dead, low = self._keys[1], _time("since", since)
+        with _translated("read recent revocations"):
+            entries = yield operator.methodcaller("zrangebyscore", dead, low, "+inf")
+        return [str(json.loads(entry)[0]) for entry in entries]
+
+    def _clear_steps(self) -> Steps[int]:
+        pattern, cursor, deleted = _glob_escape(self._base) + "*", 0, 0
+        with _translated("clear the store"):
+            while True:  # SCAN page by page: never one long KEYS on a shared server
+                cursor, keys = yield operator.methodcaller("scan", cursor, match=pattern, count=500)
+                if keys:
+                    deleted += int((yield operator.methodcaller("unlink", *keys)))
+                if int(cursor) == 0:
+                    return deleted
+
+
+class RedisStore(RedisLeases[redis.Redis]):
     """Leases in Redis (sync, redis-py), shared by every broker that uses the same
     server and ``prefix``. Install with ``pip install 'jitbroker[redis]'``.
 
@@ -246,112 +383,46 @@ class RedisStore:
     The layout is Redis Cluster compatible: every key carries the hash tag
     ``{prefix}``. Errors reaching Redis raise ``StoreUnavailable``, any other
     Redis error ``StoreError``, each with the original as ``__cause__``.
+    ``AsyncRedisStore`` is the same store for asyncio code.
     """
 
     blocking = True
 
-    def __init__(
-        self,
-        url_or_client: str | redis.Redis,
-        prefix: str = "jitbroker",
-        *,
-        retention: float | None = 86_400.0,
-    ) -> None:
-        if not prefix or "{" in prefix or "}" in prefix:
-            raise InvalidRequest(f"prefix must be non-empty and free of braces, got {prefix!r}")
-        if retention is not None and not (retention > 0 and math.isfinite(retention)):
-            raise InvalidRequest(f"retention must be positive seconds or None, got {retention!r}")
-        self._owns_client = isinstance(url_or_client, str)
-        if isinstance(url_or_client, str):
-            # No client-side retries: a retried script after a lost reply would
-            # run twice (a revoke then reports [] for what it did revoke), and
-            # backoff turns an outage into seconds of waiting per call. Callers
-            # get StoreUnavailable at once and decide whether to retry.
-            url_or_client = redis.Redis.from_url(
-                url_or_client,
-                retry=Retry(NoBackoff(), 0),
-                socket_connect_timeout=5,
-                socket_timeout=5,
-            )
-        self._client = url_or_client
-        self.prefix = prefix
-        self._base = f"{{{prefix}}}:"
-        self._keys = (self._base + "exp", self._base + "dead", self._base + "all")
-        # Fixed leading ARGV of every script (see the scripts' header).
-        self._head = (self._base, 0 if retention is None else max(1, round(retention * 1000)))
-        # register_script does no I/O: a script is loaded on its first call
-        # (EVALSHA, then SCRIPT LOAD on NOSCRIPT) and is one EVALSHA afterwards.
-        script = self._client.register_script
-        self._add = script(_PRELUDE + _ADD)
-        self._revoke = script(_PRELUDE + _REVOKE_TREE + _REVOKE)
-        self._revoke_where = script(_PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
-        self._extend = script(_PRELUDE + _EXTEND)
-        self._find = script(_PRELUDE + _FIND)
-        self._claim_expired = script(_PRELUDE + _CLAIM_EXPIRED)
-        self._purge = script(_PRELUDE + _PURGE)
-
-    def __repr__(self) -> str:
-        return f"<RedisStore prefix={self.prefix!r}>"  # never the URL: it may hold a password
+    def _connect(self, url: str) -> redis.Redis:
+        return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **CLIENT_OPTIONS)
 
     # -- the protocol ------------------------------------------------------
     def add(self, lease: Lease) -> bool:
         """Store ``lease``; False (nothing written) if its parent is not active."""
-        args = (
-            lease.id,
-            lease.parent or "",
-            _time("issued_at", lease.issued_at),
-            _time("expires_at", lease.expires_at),
-            "0" if lease.revoked_at is None else "1",
-            *_record(lease),
-        )
-        with _translated("store a lease"):
-            return bool(self._run(self._add, *args))
+        return run(self._add_steps(lease), self._client)
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None."""
-        with _translated("read a lease"):
-            record = self._client.hgetall(self._base + "lease:" + lease_id)
-        return _lease_from(cast("Mapping[Any, Any]", record)) if record else None
+        return run(self._get_steps(lease_id), self._client)
 
     def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
         """Revoke the lease and its active descendants; those that transitioned."""
-        with _translated("revoke a lease"):
-            return _leases(self._run(self._revoke, _time("at", at), reason, lease_id))
+        return run(self._revoke_steps(lease_id, at, reason), self._client)
 
     def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
         """Revoke every active lease matching ``where`` and their descendants."""
-        with _translated("revoke leases"):
-            found = self._run(self._revoke_where, _time("at", at), reason, *_filter(where))
-        return _leases(found)
+        return run(self._revoke_where_steps(where, at, reason), self._client)
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
         """Set a new expiry if the lease is active and unclaimed at ``at``."""
-        args = (lease_id, _time("expires_at", expires_at), _time("at", at))
-        with _translated("extend a lease"):
-            record = self._run(self._extend, *args)
-        return _lease_from(_pairs(record)) if record else None
+        return run(self._extend_steps(lease_id, expires_at, at), self._client)
 
     def find(self, where: LeaseFilter) -> list[Lease]:
         """Every stored lease matching ``where`` (live or dead, not yet purged)."""
-        with _translated("find leases"):
-            found = _leases(self._run(self._find, *_filter(where)))
-        # The sets are exact; this only guards against an id re-added with new values.
-        return [lease for lease in found if where.matches(lease)]
+        return run(self._find_steps(where), self._client)
 
     def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
         """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
-        with _translated("claim expired leases"):
-            return _leases(self._run(self._claim_expired, _time("now", now), int(limit)))
+        return run(self._claim_expired_steps(now, limit), self._client)
 
     def purge(self, before: float) -> int:
         """Delete and unindex dead leases with ``expires_at < before``; how many."""
-        purged, cutoff = 0, _time("before", before)
-        with _translated("purge dead leases"):
-            while True:  # one script per batch, so a big purge never stalls the server
-                handled, deleted = self._run(self._purge, cutoff, PURGE_BATCH)
-                purged += int(deleted)
-                if int(handled) < PURGE_BATCH:
-                    return purged
+        return run(self._purge_steps(before), self._client)
 
     def close(self) -> None:
         """Close the client if this store created it from a URL. Idempotent."""
@@ -363,9 +434,7 @@ class RedisStore:
     def revoked_since(self, since: float) -> list[str]:
         """Ids of dead leases (revoked, or claimed expired) whose ``expires_at`` is
         at or after ``since``: what a revocation cache must know after a resync."""
-        with _translated("read recent revocations"):
-            entries = self._client.zrangebyscore(self._keys[1], _time("since", since), "+inf")
-        return [str(json.loads(entry)[0]) for entry in cast("list[bytes]", entries)]
+        return run(self._revoked_since_steps(since), self._client)
 
     def revocations(
         self, *, window: float = 86_400.0, max_staleness: float = 5.0, heartbeat: float = 1.0
@@ -395,21 +464,7 @@ class RedisStore:
 
         Uses SCAN, so it is not atomic: do not call it while brokers are running.
         """
-        pattern = _glob_escape(self._base) + "*"
-        deleted = 0
-        with _translated("clear the store"):
-            batch: list[Any] = []
-            for key in self._client.scan_iter(match=pattern, count=500):
-                batch.append(key)
-                if len(batch) == 500:
-                    deleted += int(self._client.unlink(*batch))
-                    batch.clear()
-            if batch:
-                deleted += int(self._client.unlink(*batch))
-        return deleted
-
-    def _run(self, script: Any, *args: Any) -> Any:
-        return script(keys=self._keys, args=(*self._head, *args))
+        return run(self._clear_steps(), self._client)
 
 
 def _follow(pubsub: Any, cache: RevocationCache, stop: threading.Event, heartbeat: float) -> None:
@@ -438,7 +493,7 @@ def _await_subscription(pubsub: Any, timeout: float) -> None:
     raise redis.TimeoutError("no subscription confirmation from Redis")
 
 
-# -- helpers (no I/O: shared with an asyncio twin when one arrives) ----------
+# -- helpers (no I/O) ----------------------------------------------------------
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
     """Redis errors become ours at the boundary, the original chained as cause."""

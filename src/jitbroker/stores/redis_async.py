@@ -1,0 +1,93 @@
+"""``AsyncRedisStore``: ``RedisStore`` for asyncio code, on ``redis.asyncio``.
+
+Nothing here decides anything: the key layout, the Lua scripts, the argument
+building, the reply parsing, the time checks and the error translation all
+live once in ``jitbroker.stores.redis`` (``RedisLeases``), written as steps
+that the sync store runs and this one awaits (see ``jitbroker._drive``). The
+two stores read and write the same keys, so they can share one prefix.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .._drive import arun
+from ..lease import Lease
+from .base import LeaseFilter
+from .redis import CLIENT_OPTIONS, RedisLeases, _translated
+
+__all__ = ["AsyncRedisStore"]
+
+
+class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
+    """Leases in Redis for ``AsyncBroker``: ``RedisStore``'s behaviour, guarantees
+    and options, with every method a coroutine (so no thread hop per call).
+
+    ``url_or_client`` is a ``redis://`` URL (the store then owns a
+    ``redis.asyncio.Redis`` without retries and with 5 s socket timeouts, and
+    ``close`` closes it) or an existing ``redis.asyncio.Redis`` (left open).
+    Build the store, or at least use it, on one event loop: redis.asyncio
+    connections belong to the loop that opened them.
+
+    Errors reaching Redis raise ``StoreUnavailable``, any other Redis error
+    ``StoreError``, each with the original as ``__cause__``. For a revocation
+    cache, use ``RedisStore(url, prefix).revocations()``: its feed runs in a
+    thread of its own either way.
+    """
+
+    def _connect(self, url: str) -> redis.asyncio.Redis:
+        return redis.asyncio.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **CLIENT_OPTIONS)
+
+    # -- the protocol ------------------------------------------------------
+    async def add(self, lease: Lease) -> bool:
+        """Store ``lease``; False (nothing written) if its parent is not active."""
+        return await arun(self._add_steps(lease), self._client)
+
+    async def get(self, lease_id: str) -> Lease | None:
+        """The lease with this id, or None."""
+        return await arun(self._get_steps(lease_id), self._client)
+
+    async def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+        """Revoke the lease and its active descendants; those that transitioned."""
+        return await arun(self._revoke_steps(lease_id, at, reason), self._client)
+
+    async def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants."""
+        return await arun(self._revoke_where_steps(where, at, reason), self._client)
+
+    async def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
+        """Set a new expiry if the lease is active and unclaimed at ``at``."""
+        return await arun(self._extend_steps(lease_id, expires_at, at), self._client)
+
+    async def find(self, where: LeaseFilter) -> list[Lease]:
+        """Every stored lease matching ``where`` (live or dead, not yet purged)."""
+        return await arun(self._find_steps(where), self._client)
+
+    async def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
+        return await arun(self._claim_expired_steps(now, limit), self._client)
+
+    async def purge(self, before: float) -> int:
+        """Delete and unindex dead leases with ``expires_at < before``; how many."""
+        return await arun(self._purge_steps(before), self._client)
+
+    async def close(self) -> None:
+        """Close the client if this store created it from a URL. Idempotent."""
+        if self._owns_client:
+            with _translated("close the connection"):
+                await self._client.aclose()
+
+    # -- beyond the protocol -----------------------------------------------
+    async def revoked_since(self, since: float) -> list[str]:
+        """Ids of dead leases (revoked, or claimed expired) whose ``expires_at`` is
+        at or after ``since``: what a revocation cache must know after a resync."""
+        return await arun(self._revoked_since_steps(since), self._client)
+
+    async def clear(self) -> int:
+        """Delete every key of this store's prefix; how many (tests, teardown).
+
+        Uses SCAN, so it is not atomic: do not call it while brokers are running.
+        """
+        return await arun(self._clear_steps(), self._client)
