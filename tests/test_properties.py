@@ -7,6 +7,7 @@ JSON-like value raises ``InvalidRequest`` and nothing else.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable
 from typing import Any
 
@@ -15,7 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jitbroker import Broker, InvalidRequest, KeyRing, Verifier
-from jitbroker.errors import InvalidToken
+from jitbroker.errors import InvalidToken, KeySourceError
+from jitbroker.jwks import parse_jwks
 from jitbroker.keys import b64url
 from jitbroker.testing import TEST_ISSUER, FakeClock
 
@@ -223,3 +225,22 @@ def test_from_jwks_unhashable_kty(kty: object) -> None:
     # Once a TypeError from the loader table lookup; the property above found it.
     with pytest.raises(InvalidRequest):
         KeyRing.from_jwks({"keys": [{"kty": kty}]})
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.binary(max_size=400)
+    | jwks_like.map(lambda doc: json.dumps(doc).encode())
+    | st.text(max_size=200).map(str.encode)
+)
+@example(b'{"keys": [], "keys": []}')
+@example(b'{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": NaN}]}')
+@example(b"\xff\xfe{}")
+@example(b"[" * 5000)
+def test_jwks_bytes_only_raise_key_source_error(body: bytes) -> None:
+    """What a JWKS URL or file serves: anything but a public JWKS is a KeySourceError."""
+    try:
+        ring = parse_jwks(body, "https://issuer.example/jwks.json")
+    except KeySourceError:
+        return
+    assert all(not key.private for key in ring)
