@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jitbroker import Broker, KeyRing, Lease, MemoryStore, Policy, PolicyDenied, Rule
 from jitbroker.errors import InvalidRequest, JitBrokerError
@@ -465,3 +467,128 @@ def test_rule_and_policy_type_check(tmp_path: Path) -> None:
         ]
     )
     assert status == 0, out + err
+
+
+# -- loading policies from data and TOML --------------------------------------------
+POLICY_TOML = """
+[[rule]]
+name = "ci deploys"
+subjects = ["svc:ci-*"]
+audiences = ["db:orders"]
+scopes = ["orders:read", "orders:write"]
+max_ttl = 600
+owner_required = true
+
+[[rule]]
+subjects = "svc:report"
+audiences = ["api"]
+scopes = "reports:*"
+renewable = false
+"""
+
+
+def test_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY_TOML)
+    policy = Policy.from_toml(path)
+    assert [r.name for r in policy.rules] == ["ci deploys", None]
+    first, second = policy.rules
+    assert first.subjects == ("svc:ci-*",)
+    assert first.max_ttl == 600
+    assert first.owner_required is True
+    assert second.scopes == ("reports:*",)
+    assert second.renewable is False
+
+
+def test_from_dict_equals_the_rules_written_by_hand() -> None:
+    policy = Policy.from_dict(
+        {"rules": [{"subjects": ["svc:a"], "audiences": ["api"], "scopes": ["read"]}]}
+    )
+    assert policy == Policy([Rule(subjects=["svc:a"], audiences=["api"], scopes=["read"])])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "one non-empty list of rules"),
+        ({"rules": []}, "one non-empty list of rules"),
+        ({"rules": [], "rule": []}, "one non-empty list of rules"),
+        ({"rules": [{}], "extra": 1}, "unknown top-level keys \\['extra'\\]"),
+        ({"rules": ["x"]}, "rule 1: a rule must be a table"),
+        ({"rules": [{"audiences": ["a"]}]}, "rule 1: field 'subjects' is required"),
+        ({"rules": [{"subjects": [], "audiences": ["a"]}]}, "rule 1: field 'subjects'"),
+        ({"rules": [{"subjects": ["s"], "audiences": [1]}]}, "rule 1: field 'audiences'"),
+        ({"rules": [{"subjects": ["s"], "audiences": ["a"], "scopes": [""]}]}, "'scopes'"),
+        ({"rules": [{"subjects": ["s"], "audiences": ["a"], "max_ttl": True}]}, "'max_ttl'"),
+        ({"rules": [{"subjects": ["s"], "audiences": ["a"], "max_ttl": -1}]}, "'max_ttl'"),
+        ({"rules": [{"subjects": ["s"], "audiences": ["a"], "max_ttl": float("inf")}]}, "max_ttl"),
+        (
+            {"rules": [{"subjects": ["s"], "audiences": ["a"], "owner_required": "yes"}]},
+            "'owner_required' must be true or false",
+        ),
+        (
+            {"rules": [{"name": "x", "subjects": ["s"], "audiences": ["a"], "scope": ["r"]}]},
+            "rule 1 \\(x\\): unknown fields \\['scope'\\]",
+        ),
+        (
+            {"rules": [{"subjects": ["s"], "audiences": ["a"]}, {"subjects": ["s"]}]},
+            "rule 2: field 'audiences' is required",
+        ),
+    ],
+)
+def test_from_dict_errors_name_the_rule_and_field(data: Any, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message) as raised:
+        Policy.from_dict(data, source="policy.toml")
+    assert str(raised.value).startswith("policy.toml")
+
+
+def test_from_toml_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="cannot read"):
+        Policy.from_toml(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[rule]\nsubjects = ")
+    with pytest.raises(InvalidRequest, match=r"bad\.toml: not valid TOML"):
+        Policy.from_toml(bad)
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('[[rule]]\nsubjects = ["s"]\naudiences = ["a"]\nmax_ttl = "1h"\n')
+    with pytest.raises(InvalidRequest, match=r"wrong\.toml: rule 1: field 'max_ttl'"):
+        Policy.from_toml(wrong)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+rule_like = st.dictionaries(
+    st.sampled_from(
+        [
+            "subjects",
+            "audiences",
+            "scopes",
+            "max_ttl",
+            "owner_required",
+            "purpose_required",
+            "renewable",
+            "name",
+            "other",
+        ]
+    ),
+    json_values,
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.fixed_dictionaries({"rules": st.lists(rule_like | json_values, max_size=3)})
+    | st.dictionaries(st.text(max_size=6), json_values)
+    | json_values
+)
+def test_from_dict_only_raises_invalid_request(data: Any) -> None:
+    try:
+        policy = Policy.from_dict(data)
+    except InvalidRequest:
+        return
+    assert all(isinstance(rule, Rule) for rule in policy.rules)

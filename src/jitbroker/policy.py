@@ -8,8 +8,12 @@ rule grants all of it; otherwise ``PolicyDenied`` lists every reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase
+from typing import Any
 
 import attrs
 
@@ -106,6 +110,64 @@ class Rule:
         return out
 
 
+_RULE_FIELDS = {
+    "subjects",
+    "audiences",
+    "scopes",
+    "max_ttl",
+    "owner_required",
+    "purpose_required",
+    "renewable",
+    "name",
+}
+
+
+def _rule_from(entry: object, where: str) -> Rule:
+    """One rule from plain data, every field checked before ``Rule`` sees it."""
+    if not isinstance(entry, Mapping):
+        raise InvalidRequest(f"{where}: a rule must be a table of fields")
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise InvalidRequest(f"{where}: field 'name' must be a non-empty string")
+    if name:
+        where = f"{where} ({name})"
+    unknown = sorted(str(k) for k in entry if k not in _RULE_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown fields {unknown}")
+    for field in ("subjects", "audiences"):
+        if field not in entry:
+            raise InvalidRequest(f"{where}: field {field!r} is required")
+        _check_strings(entry[field], where, field, allow_empty=False)
+    _check_strings(entry.get("scopes", []), where, "scopes", allow_empty=True)
+    ttl = entry.get("max_ttl")
+    if ttl is not None and (
+        isinstance(ttl, bool)
+        or not isinstance(ttl, int | float)
+        or not math.isfinite(ttl)
+        or ttl <= 0
+    ):
+        raise InvalidRequest(f"{where}: field 'max_ttl' must be a positive number of seconds")
+    for flag in ("owner_required", "purpose_required", "renewable"):
+        if flag in entry and not isinstance(entry[flag], bool):
+            raise InvalidRequest(f"{where}: field {flag!r} must be true or false")
+    try:
+        return Rule(**entry)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{where}: {exc}") from exc
+
+
+def _check_strings(value: object, where: str, field: str, *, allow_empty: bool) -> None:
+    items = value.split() if isinstance(value, str) and field == "scopes" else value
+    if isinstance(items, str):
+        items = [items]
+    if (
+        not isinstance(items, list)
+        or not all(isinstance(i, str) and i and i.isprintable() for i in items)
+        or (not items and not allow_empty)
+    ):
+        raise InvalidRequest(f"{where}: field {field!r} must be a list of non-empty strings")
+
+
 @attrs.frozen
 class Decision:
     """The outcome of evaluating a request: allowed, the granting rule, or every reason."""
@@ -120,6 +182,33 @@ class Policy:
     """A list of rules. Once a policy is set, anything no rule grants is denied."""
 
     rules: tuple[Rule, ...] = attrs.field(converter=_rules)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "policy") -> Policy:
+        """A policy from plain data: ``{"rules": [{"subjects": [...], ...}, ...]}``
+        (``rule`` is accepted too, as TOML's ``[[rule]]`` tables give). Errors name
+        ``source``, the rule and the field."""
+        if not isinstance(data, Mapping):
+            raise InvalidRequest(f"{source}: expected a table with a list of rules")
+        extra = set(data) - {"rules", "rule"}
+        if extra:
+            raise InvalidRequest(f"{source}: unknown top-level keys {sorted(map(str, extra))}")
+        rules = data.get("rules", data.get("rule"))
+        if len(set(data) & {"rules", "rule"}) != 1 or not isinstance(rules, list) or not rules:
+            raise InvalidRequest(f"{source}: expected one non-empty list of rules under 'rules'")
+        return cls([_rule_from(entry, f"{source}: rule {i + 1}") for i, entry in enumerate(rules)])
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Policy:
+        """A policy from a TOML file of ``[[rule]]`` tables (see ``from_dict``)."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise InvalidRequest(f"{path}: cannot read the policy file ({exc.strerror})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidRequest(f"{path}: not valid TOML: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
 
     def evaluate(self, lease: Lease) -> Decision:
         """Decide whether the proposed ``lease`` may exist, with every reason if not."""
