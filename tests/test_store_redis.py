@@ -489,3 +489,72 @@ def test_an_id_stored_again_replaces_the_old_record_whole(store: RedisStore) -> 
     assert store.revoke_where(LeaseFilter(owner="o"), at=T0, reason="x") == []
     assert store.purge(T0 + 1000) == 0  # the old record's DEAD entry went with it
     assert store.get("a") == again
+
+
+# -- several OS processes ---------------------------------------------------------
+CLAIMER = """if True:
+    import json, os, sys, time
+    from jitbroker.stores.redis import RedisStore
+
+    url, prefix, ready, go, now = sys.argv[1:6]
+    store = RedisStore(url, prefix=prefix)
+    open(ready, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    claimed = []
+    while batch := store.claim_expired(float(now), limit=5):
+        claimed += [lease.id for lease in batch]
+    store.close()
+    print(json.dumps(claimed))
+"""
+
+
+def test_claim_expired_is_exactly_once_across_processes(store: RedisStore, tmp_path: Path) -> None:
+    import sys
+
+    count, workers = 400, 4
+    for i in range(count):
+        store.add(make(f"l{i:03}", ttl=1 + i % 11))
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CLAIMER,
+                URL,
+                store.prefix,
+                str(tmp_path / f"ready{n}"),
+                str(go),
+                str(T0 + 100),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for n in range(workers)
+    ]
+    try:
+        assert poll_long(lambda: all((tmp_path / f"ready{n}").exists() for n in range(workers)))
+        go.touch()
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    claimed = [lease_id for out, _ in outputs for lease_id in json.loads(out)]
+    assert sorted(claimed) == [f"l{i:03}" for i in range(count)]  # each exactly once
+
+
+def poll_long(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 30
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
