@@ -27,6 +27,10 @@ from jitbroker.stores.sqlite import SQLiteStore
 
 StoreFactory = Callable[[Path], LeaseStore]
 
+# The servers CI starts (see .ci/run); tests/test_store_processes.py reuses them.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
 
 def memory_store(tmp_path: Path) -> LeaseStore:
     return MemoryStore()
@@ -40,7 +44,7 @@ def redis_store(tmp_path: Path) -> LeaseStore:
     server_or_skip("Redis", "127.0.0.1", 6379)
     from jitbroker.stores.redis import RedisStore
 
-    return RedisStore("redis://127.0.0.1:6379/0", prefix=f"jbtest-{uuid4().hex}")
+    return RedisStore(REDIS_URL, prefix=f"jbtest-{uuid4().hex}")
 
 
 def async_redis_store(tmp_path: Path) -> LeaseStore:
@@ -49,7 +53,7 @@ def async_redis_store(tmp_path: Path) -> LeaseStore:
     from jitbroker.stores.redis_async import AsyncRedisStore
 
     async def build() -> AsyncRedisStore:  # on the facade's loop: connections belong to it
-        return AsyncRedisStore("redis://127.0.0.1:6379/0", prefix=f"jbtest-{uuid4().hex}")
+        return AsyncRedisStore(REDIS_URL, prefix=f"jbtest-{uuid4().hex}")
 
     return SyncOverAsync(build)
 
@@ -58,9 +62,7 @@ def postgres_store(tmp_path: Path) -> LeaseStore:
     server_or_skip("PostgreSQL", "127.0.0.1", 5432)
     from jitbroker.stores.postgres import PostgresStore
 
-    return PostgresStore(
-        "postgresql://postgres@127.0.0.1:5432/test", schema=f"jbtest_{uuid4().hex}"
-    )
+    return PostgresStore(POSTGRES_DSN, schema=f"jbtest_{uuid4().hex}")
 
 
 # One entry per implementation, e.g. pytest.param(sqlite_store, id="sqlite").
