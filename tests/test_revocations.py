@@ -3,11 +3,16 @@ and falling back to the store (fail closed) when it is not."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 from uuid import uuid4
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from conftest import server_or_skip
 from jitbroker import Broker, KeyRing, Verifier
@@ -234,10 +239,71 @@ def test_a_dead_feed_falls_back_to_the_store_and_fails_closed(
 
 
 def test_feed_thread_stops_on_close(store: Counting) -> None:
-    import threading
-
     cache = live_cache(store)
     cache.close()
     assert wait_for(
         lambda: not any(t.name == "jitbroker-revocations" for t in threading.enumerate())
     )
+
+
+class PlainPool:
+    """Lends connections the way ``psycopg_pool.ConnectionPool`` does with its
+    defaults: not in autocommit mode, committed when handed back in a
+    transaction, then kept for the next borrower (here with a dict row factory)."""
+
+    def __init__(self) -> None:
+        self.idle: list[psycopg.Connection[Any]] = []
+        self.made: list[psycopg.Connection[Any]] = []
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.lock:
+            conn = self.idle.pop() if self.idle else None
+        if conn is None:
+            conn = psycopg.connect(PG_DSN, row_factory=dict_row)
+            self.made.append(conn)
+        try:
+            yield conn
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+                conn.commit()
+        finally:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            with self.lock:
+                self.idle.append(conn)
+
+    def close(self) -> None:
+        for conn in self.made:
+            conn.close()
+
+
+def test_the_postgres_feed_listens_on_a_pool_without_autocommit() -> None:
+    # A LISTEN in an uncommitted transaction never hears anything, while the
+    # heartbeat kept the cache fresh: revoked tokens were accepted.
+    server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+    pool = PlainPool()
+    store = CountingPostgresStore(pool, schema=f"jbtest_{uuid4().hex}")
+    try:
+        broker = Broker(issuer=TEST_ISSUER, store=store)
+        cache = live_cache(store)
+        try:
+            cred = broker.issue("svc:a", "api", ttl=60)
+            broker.revoke(cred)
+            assert wait_for(lambda: cache.revoked(cred.lease_id)), "the feed heard nothing"
+            verifier = Verifier(
+                broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+            )
+            with pytest.raises(TokenRevoked):
+                verifier.verify(cred.token)
+        finally:
+            cache.close()
+        # Handed back as it was lent: not in autocommit mode, and no longer listening.
+        for conn in pool.made:
+            assert not conn.autocommit
+            assert conn.execute("SELECT pg_listening_channels()").fetchall() == []
+            conn.rollback()
+    finally:
+        store.clear()
+        store.close()
+        pool.close()

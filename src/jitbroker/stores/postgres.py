@@ -183,11 +183,13 @@ _CLAIM_EXPIRED = """
 """
 
 # Served by leases_dead: the predicate is the index's own.
-_LISTEN = "LISTEN {channel}"
 _REVOKED_SINCE = """
 SELECT id FROM {schema}.leases
 WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
 """
+_LISTEN = "LISTEN {channel}"
+_UNLISTEN = "UNLISTEN {channel}"
+_LISTENING = "SELECT %s IN (SELECT pg_listening_channels())"
 _PURGE = """
     DELETE FROM {schema}.leases
     WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at < %(before)s
@@ -381,16 +383,21 @@ class PostgresStore:
         least the longest token lifetime plus leeway; ``close()`` the cache to
         stop its thread."""
         cache = RevocationCache(window=window, max_staleness=max_staleness)
-        listen = self._sql.listen
 
         def session(cache: RevocationCache, stop: threading.Event) -> None:
-            with _translated("listen for revocations"), self._source.connection() as conn:
-                conn.execute(listen)  # autocommit: listening from here on
-                cache.resync(self.revoked_since(time.time() - RESYNC_MARGIN))
+            with (
+                _translated("listen for revocations"),
+                self._source.connection() as conn,
+                self._listening(conn) as cur,
+            ):
+                # On the listening connection itself: a pool of one still works.
+                since = time.time() - RESYNC_MARGIN
+                rows = cur.execute(self._sql.revoked_since, (since,)).fetchall()
+                cache.resync([str(row[0]) for row in rows])
                 while not stop.is_set():
                     for notice in conn.notifies(timeout=heartbeat):
                         cache.add(parse_ids(notice.payload))
-                    conn.execute("SELECT 1")  # a round trip proves the link is alive
+                    self._check_listening(cur)  # a round trip proves the link is alive
                     cache.alive()
 
         return start_feed(cache, session, heartbeat=heartbeat)
@@ -450,6 +457,43 @@ class PostgresStore:
                 cur.execute(self._sql.compose(statement))
         cur.execute(self._sql.compose(_SET_VERSION), (SCHEMA_VERSION,))
 
+    @contextmanager
+    def _listening(self, conn: psycopg.Connection[Any]) -> Iterator[Cursor]:
+        """LISTEN on ``conn`` and confirm it took; on exit UNLISTEN and give the
+        connection back in the mode it came in.
+
+        PostgreSQL delivers notifications only between transactions, and a
+        LISTEN takes effect only when its transaction commits. On a connection
+        that is not in autocommit mode (``psycopg_pool``'s default) the LISTEN
+        and every heartbeat would sit in one open transaction: nothing would
+        arrive while the heartbeat kept the cache fresh. So the feed listens in
+        autocommit mode, whatever the pool's setting.
+        """
+        autocommit = conn.autocommit
+        if not autocommit:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()  # lent mid-transaction: nothing of ours is in it
+            conn.autocommit = True
+        try:
+            with conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(self._sql.listen)
+                self._check_listening(cur)
+                yield cur
+        finally:
+            # A broken connection fails both, and its pool discards it anyway.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(self._sql.unlisten)
+            with contextlib.suppress(psycopg.Error):
+                conn.autocommit = autocommit
+
+    def _check_listening(self, cur: Cursor) -> None:
+        """Fail the session unless this connection is listening on the channel
+        (a pooler that switched server sessions under us, a LISTEN that never
+        committed): the cache must not look live without a working feed."""
+        row = cur.execute(_LISTENING, (self.channel,)).fetchone()
+        if row is None or not row[0]:
+            raise StoreError(f"not listening on {self.channel!r}: the connection lost its LISTEN")
+
     def _revoke_tree(
         self, cur: Cursor, query: Query, params: dict[str, Any], at: float, reason: str
     ) -> list[Lease]:
@@ -499,6 +543,7 @@ class _Statements:
         self.purge = self.render(_PURGE)
         self.revoked_since = self.render(_REVOKED_SINCE)
         self.listen = self.render(_LISTEN)
+        self.unlisten = self.render(_UNLISTEN)
         self.drop_schema = self.render(_DROP_SCHEMA)
         digest = hashlib.blake2b(f"jitbroker:{schema}".encode(), digest_size=8).digest()
         self.lock_key = int.from_bytes(digest, "big", signed=True)  # a bigint advisory key
