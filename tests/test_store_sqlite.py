@@ -28,6 +28,7 @@ import attrs
 import pytest
 
 from jitbroker import AsyncBroker, Broker, KeyRing
+from jitbroker.audit import AuditEvent
 from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable, TokenRevoked
 from jitbroker.lease import Lease
 from jitbroker.stores import sqlite as sqlite_module
@@ -382,12 +383,14 @@ Spawn = Callable[..., subprocess.Popen[str]]
 
 @pytest.fixture
 def spawn() -> Iterator[Spawn]:
-    """Starts ``python -c PRELUDE + code path``; reaps every child at the end."""
+    """Starts ``python -c PRELUDE + code path [args]``; reaps every child at the end."""
     children: list[subprocess.Popen[str]] = []
 
-    def start(code: str, path: Path, *, prelude: str = PRELUDE) -> subprocess.Popen[str]:
+    def start(
+        code: str, path: Path, *, prelude: str = PRELUDE, args: list[str] | None = None
+    ) -> subprocess.Popen[str]:
         child = subprocess.Popen(
-            [sys.executable, "-c", prelude + code, str(path)],
+            [sys.executable, "-c", prelude + code, str(path), *(args or [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -462,34 +465,95 @@ while True:
     assert pragma(path, "integrity_check") == "ok"
 
 
+# Brokers in child processes: each has its own clock and writes its audit events
+# to its own JSON-lines file (argv[2]), which the test reads back.
+BROKER_PRELUDE = """
+import json, sys
+from jitbroker import Broker, KeyRing, core
+from jitbroker.stores.sqlite import SQLiteStore
+from jitbroker.testing import FakeClock
+T0 = 1_767_225_600.0
+def say(*words):
+    print(*words, flush=True)
+audit = open(sys.argv[2], "a", encoding="utf-8")
+def sink(event):  # one line per event, flushed: a SIGKILL loses none that fired
+    print(json.dumps(event.to_dict()), file=audit, flush=True)
+clock = FakeClock(T0)
+broker = Broker(
+    keys=KeyRing.generate("EdDSA"), store=SQLiteStore(sys.argv[1], timeout=30),
+    clock=clock, audit=[sink],
+)
+"""
+
+
+def expired_events(audit: Path) -> list[str]:
+    """Ids of the leases a broker reported expired, in its audit file's order."""
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    return [event["lease"]["id"] for event in events if event["action"] == "expired"]
+
+
 @needs_sigkill
-def test_leases_that_expired_while_nothing_ran_are_claimed_once(path: Path, spawn: Spawn) -> None:
-    child = spawn(
+def test_leases_that_expired_while_nothing_ran_expire_once(path: Path, spawn: Spawn) -> None:
+    audits = [path.parent / f"audit-{name}.jsonl" for name in ("first", "second", "third")]
+    first = spawn(
         """
-for i in range(40):
-    store.add(make(f"l{i}", ttl=10 + i))
-say(json.dumps(sorted(lease.id for lease in store.claim_expired(T0 + 20))))
+ids = [broker.issue("svc:a", "api", ["read"], 10 + i % 40).lease_id for i in range(400)]
+say(json.dumps(ids))
+clock.set(T0 + 20)
+say(json.dumps(sorted(lease.id for lease in broker.sweep())))
 sys.stdin.readline()  # stay up until killed: no clean close, the WAL is left behind
 """,
         path,
+        prelude=BROKER_PRELUDE,
+        args=[str(audits[0])],
     )
-    claimed_before = set(json.loads(read_line(child)))
-    kill(child)
-    assert claimed_before == {f"l{i}" for i in range(11)}  # due by T0 + 20
+    issued: list[str] = json.loads(read_line(first))
+    swept_before = json.loads(read_line(first))
+    kill(first)
+    assert swept_before == sorted(issued[i] for i in range(400) if i % 40 <= 10)  # ttl <= 20
+    assert sorted(expired_events(audits[0])) == swept_before
 
-    # Two brokers come back much later and sweep the same file.
-    first, second = SQLiteStore(path), SQLiteStore(path)
-    claimed = [
-        lease.id
-        for _ in range(10)
-        for store in (first, second)
-        for lease in store.claim_expired(T0 + 1000, limit=3)
+    # Two brokers in two processes come back much later and sweep the same file
+    # at the same moment, in batches of 3 so that their claims interleave.
+    later = [
+        spawn(
+            """
+core.SWEEP_BATCH = 3
+clock.set(T0 + 1000)
+say("ready")
+sys.stdin.readline()
+say(json.dumps([lease.id for lease in broker.sweep()]))
+broker.close()
+""",
+            path,
+            prelude=BROKER_PRELUDE,
+            args=[str(audit)],
+        )
+        for audit in audits[1:]
     ]
-    assert sorted(claimed) == sorted(f"l{i}" for i in range(11, 40))
-    first.close()
-    second.close()
-    reopened = SQLiteStore(path)
-    assert reopened.claim_expired(T0 + 10_000) == []
+    for child in later:
+        assert read_line(child) == "ready"
+    for child in later:
+        tell(child, "go")
+    swept = [json.loads(read_line(child)) for child in later]
+    for child in later:
+        assert child.wait(timeout=CHILD_TIMEOUT) == 0
+    for audit, ids in zip(audits[1:], swept, strict=True):
+        assert expired_events(audit) == ids  # one event per lease its sweep returned
+    # Each lease's expiry event fired exactly once, across all three brokers.
+    assert sorted(lease_id for audit in audits for lease_id in expired_events(audit)) == sorted(
+        issued
+    )
+
+    events: list[AuditEvent] = []
+    reopened = Broker(
+        keys=KeyRing.generate("EdDSA"),
+        store=SQLiteStore(path),
+        clock=lambda: T0 + 10_000,
+        audit=[events.append],
+    )
+    assert reopened.sweep() == []
+    assert [event for event in events if event.action == "expired"] == []
     reopened.close()
 
 
