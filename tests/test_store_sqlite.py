@@ -424,8 +424,11 @@ def tell(child: subprocess.Popen[str], line: str) -> None:
 def kill(child: subprocess.Popen[str]) -> list[str]:
     """SIGKILL the child; the complete lines it printed before dying."""
     child.send_signal(signal.SIGKILL)
-    out, _ = child.communicate(timeout=CHILD_TIMEOUT)
-    assert child.returncode == -signal.SIGKILL
+    # Read through the same buffer read_line used: communicate() would read the
+    # pipe's fd directly and lose lines readline had already buffered.
+    assert child.stdout is not None
+    out = child.stdout.read()
+    assert child.wait(timeout=CHILD_TIMEOUT) == -signal.SIGKILL
     return out.split("\n")[:-1]  # a cut-off last line is no commit
 
 
