@@ -22,6 +22,15 @@ Revocations are announced with ``pg_notify('<schema>_revoked', '["id", ...]')``
 (a JSON list of the ids one revoke took, split so each payload stays under
 PostgreSQL's 8000-byte limit) inside the revoking transaction, so listeners
 hear of it when it commits, and only then.
+
+There is no asyncio PostgreSQL store (yet). ``AsyncBroker`` takes this one
+through ``as_async`` (``stores.base``): the store is ``blocking``, so each call
+runs in the event loop's default executor (``asyncio.to_thread``) and the loop
+never waits on PostgreSQL. Concurrent calls are therefore bounded by that
+executor's threads (``min(32, cpu count + 4)`` unless the application sets its
+own) and by ``pool_size``; a call that finds every connection busy waits up to
+``pool_timeout`` in its thread, not in the loop. The revocation feed has a
+thread of its own either way.
 """
 
 from __future__ import annotations
