@@ -35,6 +35,26 @@ from jitbroker.testing import TEST_ISSUER, FakeClock
 from jitbroker.tokens import encode_jws
 
 AUDIENCE = "api"
+# Every advisory this file covers; each must be named, literally, in the
+# docstring of a test (so `grep CVE-...` finds its regression).
+ADVISORIES = (
+    "CVE-2015-9235",
+    "CVE-2022-29217",
+    "CVE-2024-33663",
+    "CVE-2024-37568",
+    "CVE-2026-48526",
+    "CVE-2022-21449",
+    "CVE-2022-23540",
+    "CVE-2024-53861",
+    "CVE-2025-61920",
+    "CVE-2026-48525",
+    "CVE-2026-32597",
+    "CVE-2018-0114",
+    "CVE-2026-27962",
+    "CVE-2026-48524",
+    "CVE-2026-48522",
+    "CVE-2022-39227",
+)
 
 
 def enc(obj: object) -> str:
@@ -88,8 +108,9 @@ def test_control_the_helpers_make_tokens_that_verify(broker: Broker, cred: Crede
 def test_public_key_used_as_hmac_secret(
     broker: Broker, cred: Credential, cve: str, form: str
 ) -> None:
-    """The classic: sign HS256 with the bytes of our own public key. The key
-    behind ``kid`` is asymmetric, so its alg is pinned and HS256 never applies."""
+    """CVE-2015-9235, CVE-2022-29217, CVE-2024-33663, CVE-2024-37568: the classic,
+    sign HS256 with the bytes of our own public key. The key behind ``kid`` is
+    asymmetric, so its alg is pinned and HS256 never applies."""
     key = broker.keys.active
     public = key._verifier
     secret = {
@@ -107,8 +128,8 @@ def test_public_key_used_as_hmac_secret(
 
 
 def test_cve_2026_48526_alg_switch_between_asymmetric_algorithms(broker: Broker) -> None:
-    """A token signed by a key of another algorithm, claiming our kid: the header
-    alg must equal the pinned alg of the key the kid names."""
+    """CVE-2026-48526: a token signed by a key of another algorithm, claiming our
+    kid. The header alg must equal the pinned alg of the key the kid names."""
     cred = broker.issue("svc:a", AUDIENCE, ttl=60)
     mine = broker.keys.active
     other_alg = "ES256" if mine.alg != "ES256" else "EdDSA"
@@ -118,7 +139,8 @@ def test_cve_2026_48526_alg_switch_between_asymmetric_algorithms(broker: Broker)
 
 
 def test_cve_2026_48526_verify_only_ring_never_accepts_hs256(jitbroker_clock: FakeClock) -> None:
-    """A verifier holding only a public key cannot be talked into HMAC mode."""
+    """CVE-2026-48526: a verifier holding only a public key cannot be talked into
+    HMAC mode."""
     broker = Broker(issuer=TEST_ISSUER, clock=jitbroker_clock)
     verifier = Verifier(
         broker.jwks(), issuer=TEST_ISSUER, audience=AUDIENCE, offline=True, clock=jitbroker_clock
@@ -132,6 +154,7 @@ def test_cve_2026_48526_verify_only_ring_never_accepts_hs256(jitbroker_clock: Fa
 
 
 def test_cve_2026_48526_jwks_mixing_hmac_and_asymmetric_is_refused() -> None:
+    """CVE-2026-48526: one ring never holds both an HMAC secret and public keys."""
     public = generate_key("EdDSA").public_jwk()
     oct_key = {"kty": "oct", "k": b64url(b"k" * 32)}
     with pytest.raises(InvalidRequest):
@@ -159,6 +182,7 @@ P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 def test_cve_2022_21449_psychic_ecdsa_signatures(
     jitbroker_clock: FakeClock, signature: bytes
 ) -> None:
+    """CVE-2022-21449: an all-zero (or r, s out of range) ES256 signature."""
     broker = Broker(issuer=TEST_ISSUER, keys=KeyRing.generate("ES256"), clock=jitbroker_clock)
     cred = broker.issue("svc:a", AUDIENCE, ttl=60)
     header, payload, _ = cred.token.split(".")
@@ -172,6 +196,7 @@ def test_cve_2022_21449_psychic_ecdsa_signatures(
 def test_cve_2022_23540_alg_none(
     broker: Broker, cred: Credential, alg: str, signature: str
 ) -> None:
+    """CVE-2022-23540: an unsigned token (alg none, in any case) is never accepted."""
     key = broker.keys.active
     header = enc({"alg": alg, "typ": "at+jwt", "kid": key.kid})
     token = f"{header}.{enc(claims_of(cred.token))}.{signature}"
@@ -193,6 +218,7 @@ def test_cve_2022_23540_alg_none(
     ids=["suffix", "prefix", "superstring", "case", "space", "list", "object"],
 )
 def test_cve_2024_53861_partial_issuer_match(broker: Broker, cred: Credential, issuer: Any) -> None:
+    """CVE-2024-53861: iss is compared whole and exactly, never as a substring."""
     token = encode_jws(broker.keys.active, {**claims_of(cred.token), "iss": issuer})
     rejects(broker, token, WrongIssuer if isinstance(issuer, str) else MalformedToken)
 
@@ -204,6 +230,7 @@ def test_cve_2024_53861_partial_issuer_match(broker: Broker, cred: Credential, i
     ["huge-header", "huge-payload", "huge-signature", "ten-megabytes", "many-dots", "deep-json"],
 )
 def test_unbounded_segments(broker: Broker, cred: Credential, cve: str, shape: str) -> None:
+    """CVE-2025-61920, CVE-2026-48525: huge segments are refused by the length cap."""
     header, payload, signature = cred.token.split(".")
     token = {
         "huge-header": f"{'A' * 100_000}.{payload}.{signature}",
@@ -219,7 +246,7 @@ def test_unbounded_segments(broker: Broker, cred: Credential, cve: str, shape: s
 def test_cve_2026_48525_huge_integers_and_nesting_inside_the_cap(
     broker: Broker, cred: Credential
 ) -> None:
-    """Inside the length cap: a 4,000-digit exp and 2,000 nested arrays."""
+    """CVE-2026-48525, inside the length cap: a 4,000-digit exp and 2,000 nested arrays."""
     key = broker.keys.active
     for digits in (4000, 5000):  # under and over CPython's int-parsing limit
         big = json.dumps(claims_of(cred.token)).replace('"exp": ', f'"exp": {"9" * digits}, "x": ')
@@ -238,6 +265,7 @@ def test_cve_2026_48525_huge_integers_and_nesting_inside_the_cap(
 # -- crit ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("crit", [["exp"], ["b64"], ["x-unknown"], [], "exp"])
 def test_cve_2026_32597_crit_header(broker: Broker, cred: Credential, crit: Any) -> None:
+    """CVE-2026-32597: a crit header is refused, whatever it lists."""
     key = broker.keys.active
     header = {"alg": key.alg, "typ": "at+jwt", "kid": key.kid, "crit": crit}
     rejects(broker, signed(key, header, claims_of(cred.token)), MalformedToken)
@@ -246,7 +274,8 @@ def test_cve_2026_32597_crit_header(broker: Broker, cred: Credential, crit: Any)
 # -- embedded keys --------------------------------------------------------------------------
 @pytest.mark.parametrize("cve", ["CVE-2018-0114", "CVE-2026-27962"])
 def test_embedded_jwk_header(broker: Broker, cred: Credential, cve: str) -> None:
-    """The attacker signs with their own key and ships it in the header."""
+    """CVE-2018-0114, CVE-2026-27962: the attacker signs with their own key and
+    ships it in the header."""
     attacker = generate_key(broker.keys.active.alg)
     header = {"alg": attacker.alg, "typ": "at+jwt", "jwk": attacker.public_jwk()}
     rejects(broker, signed(attacker, header, claims_of(cred.token)), MalformedToken)
@@ -265,6 +294,7 @@ def test_embedded_jwk_header(broker: Broker, cred: Credential, cve: str) -> None
 def test_cve_2018_0114_key_fetching_headers(
     broker: Broker, cred: Credential, name: str, value: Any
 ) -> None:
+    """CVE-2018-0114: headers that point at keys (jku, x5u, x5c) are refused."""
     key = broker.keys.active
     header = {"alg": key.alg, "typ": "at+jwt", "kid": key.kid, name: value}
     rejects(broker, signed(key, header, claims_of(cred.token)), MalformedToken)
@@ -305,6 +335,7 @@ def jwks_server(jitbroker_clock: FakeClock) -> Iterator[JWKSServer]:
 def test_cve_2026_48524_unknown_kid_refetch_storm(
     jwks_server: JWKSServer, jitbroker_clock: FakeClock
 ) -> None:
+    """CVE-2026-48524: a flood of unknown kids costs one JWKS refetch, not fifty."""
     verifier = Verifier.from_jwks_url(
         jwks_server.url,
         allow_http=True,
@@ -344,11 +375,14 @@ def test_cve_2026_48524_unknown_kid_refetch_storm(
     ],
 )
 def test_cve_2026_48522_jwks_url_schemes(url: str) -> None:
+    """CVE-2026-48522: only https (or http when allowed) JWKS URLs are fetched."""
     with pytest.raises(InvalidRequest):
         Verifier.from_jwks_url(url, issuer=TEST_ISSUER, offline=True)
 
 
 def test_cve_2026_48522_a_redirect_to_file_is_refused(jwks_server: JWKSServer) -> None:
+    """CVE-2026-48522: a redirect cannot reach a scheme the URL could not name."""
+
     class Redirect(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(302)
@@ -377,8 +411,9 @@ def test_cve_2026_48522_a_redirect_to_file_is_refused(jwks_server: JWKSServer) -
 
 # -- JSON serialization mixing ------------------------------------------------------------------
 def test_cve_2022_39227_json_serialization_mixing(broker: Broker, cred: Credential) -> None:
-    """python-jwt accepted a JSON-serialized token whose keys smuggled a second,
-    forged payload past the signature. Only the compact form is accepted here."""
+    """CVE-2022-39227: python-jwt accepted a JSON-serialized token whose keys
+    smuggled a second, forged payload past the signature. Only the compact form
+    is accepted here."""
     header, payload, signature = cred.token.split(".")
     forged = enc({**claims_of(cred.token), "sub": "svc:admin", "scope": "read admin"})
     mixed = json.dumps(
@@ -441,3 +476,17 @@ def test_lifetime_beyond_max_ttl_is_refused(broker: Broker, cred: Credential) ->
     claims = claims_of(cred.token)
     claims["exp"] = claims["iat"] + 10 * 3600
     rejects(broker, encode_jws(broker.keys.active, claims), MalformedToken)
+
+
+# -- the index ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cve", ADVISORIES)
+def test_every_advisory_names_its_regression(cve: str) -> None:
+    """The list above is the contract: each id appears literally in a test docstring."""
+    tests = {
+        name: fn
+        for name, fn in globals().items()
+        if name.startswith("test_")
+        and callable(fn)
+        and name != "test_every_advisory_names_its_regression"
+    }
+    assert any(cve in (fn.__doc__ or "") for fn in tests.values()), f"no test names {cve}"

@@ -17,8 +17,18 @@ from typing import Any
 
 import pytest
 
-from jitbroker import AuditEvent, Broker, Credential, KeyRing, Lease, LeaseFilter, MemoryStore
+from jitbroker import (
+    AuditEvent,
+    Broker,
+    Credential,
+    KeyRing,
+    Lease,
+    LeaseFilter,
+    MemoryStore,
+    Verifier,
+)
 from jitbroker.errors import LeaseNotActive, TokenExpired, TokenRevoked
+from jitbroker.keys import generate_key
 from jitbroker.testing import TEST_ISSUER, FakeClock
 
 THREADS = 8
@@ -157,6 +167,55 @@ def test_verify_races_revoke_without_unexpected_errors() -> None:
     run_threads(worker)
     assert set(outcomes) <= {"ok", "revoked"}
     assert len(outcomes) == THREADS * ITERATIONS
+
+
+def test_key_swaps_never_hide_a_key_still_held() -> None:
+    """Copy-on-write key ring: threads verify tokens of the old and the active
+    key while another thread rotates, prunes and retires other keys. Every
+    verification passes (no UnknownKey, no KeyError) and both keys survive."""
+    clock = FakeClock()
+    ring = KeyRing.generate("EdDSA")
+    broker = Broker(issuer=TEST_ISSUER, keys=ring, store=MemoryStore(), clock=clock)
+    old = broker.issue("svc:a", AUDIENCE, SCOPES, ttl=300)
+    ring.rotate()  # no grace: the old key verifies until retired
+    active = broker.issue("svc:a", AUDIENCE, SCOPES, ttl=300)
+    held = {old.lease.key_id, active.lease.key_id}
+    tokens = [old.token, active.token]
+    verifiers = [  # uncached: every call looks the key up; cached: every hit checks the kid
+        Verifier(
+            ring, issuer=TEST_ISSUER, audience=AUDIENCE, offline=True, clock=clock, cache_size=size
+        )
+        for size in (0, 4096)
+    ]
+    finished: list[int] = []
+    rounds = 0
+
+    def churn() -> None:
+        nonlocal rounds
+        ring.rotate()  # the active key is demoted while its tokens are verified
+        while len(finished) < THREADS - 1 or rounds < 30:
+            rounds += 1
+            ring.rotate(grace=0, now=float(rounds))  # schedules the last churn key
+            assert ring.prune(float(rounds)) != []
+            previous = ring.active.kid
+            ring.rotate()
+            ring.retire(previous)
+            extra = generate_key("EdDSA")
+            ring.add(extra)
+            ring.retire(extra.kid)
+
+    def verify(i: int) -> None:
+        try:
+            for n in range(ITERATIONS):
+                claims = verifiers[n % 2].verify(tokens[(n + i) % 2], scopes=SCOPES)
+                assert claims.key_id in held
+        finally:
+            finished.append(i)
+
+    run_threads(lambda i: churn() if i == 0 else verify(i))
+    assert rounds >= 30
+    assert held <= {key.kid for key in ring}
+    assert len(ring) == 3  # the two held keys and the last churn signer
 
 
 def test_revocation_is_visible_to_brokers_sharing_the_store() -> None:

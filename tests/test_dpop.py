@@ -10,7 +10,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from jitbroker import Broker, KeyRing, Verifier
-from jitbroker.dpop import holder_thumbprint, make_proof, normalize_uri, token_hash
+from jitbroker.dpop import (
+    ProofChecker,
+    holder_thumbprint,
+    make_proof,
+    normalize_uri,
+    token_hash,
+)
 from jitbroker.errors import (
     InvalidProof,
     InvalidRequest,
@@ -393,3 +399,47 @@ def test_make_proof_needs_a_private_asymmetric_key(holder: Key) -> None:
         make_proof(holder.public(), "GET", URL)
     with pytest.raises(InvalidRequest):
         make_proof(KeyRing.generate("HS256").active, "GET", URL)
+
+
+# -- the replay cache -------------------------------------------------------------
+def test_a_full_replay_cache_refuses_new_proofs_instead_of_forgetting_old_ones(
+    jitbroker_clock: FakeClock,
+) -> None:
+    """Flooding the cache must not evict a jti that is still inside its window:
+    the replay of the first proof stays refused, and new proofs fail closed."""
+    checker = ProofChecker(replay_cache_size=4, clock=jitbroker_clock)
+    victim, flooder = generate_key("ES256"), generate_key("EdDSA")
+    token = "header.payload.signature"  # a proof only hashes the token it covers
+
+    def check(key: Key, proof: str) -> None:
+        checker.check(proof, method="GET", url=URL, token=token, jkt=key.kid)
+
+    first = proof_for(victim, token, jitbroker_clock)
+    check(victim, first)
+    for _ in range(3):
+        check(flooder, proof_for(flooder, token, jitbroker_clock))
+    with pytest.raises(InvalidProof, match="replay cache is full; try again"):
+        check(flooder, proof_for(flooder, token, jitbroker_clock))
+    with pytest.raises(ProofReplayed):
+        check(victim, first)
+    jitbroker_clock.advance(60 + 2 * 5)  # max_age + twice the leeway: every entry ages out
+    check(victim, proof_for(victim, token, jitbroker_clock))
+    check(flooder, proof_for(flooder, token, jitbroker_clock))
+    with pytest.raises(InvalidProof, match="too old"):
+        check(victim, first)  # gone from the cache only once it can no longer pass
+
+
+def test_the_replay_cache_is_keyed_by_holder(jitbroker_clock: FakeClock) -> None:
+    checker = ProofChecker(clock=jitbroker_clock)
+    token = "header.payload.signature"
+    for key in (generate_key("ES256"), generate_key("ES256")):
+        claims = {**good_claims(token, jitbroker_clock), "jti": "same-jti"}
+        checker.check(
+            forge(key, public_header(key), claims), method="GET", url=URL, token=token, jkt=key.kid
+        )
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "10"])
+def test_replay_cache_size_must_be_a_positive_whole_number(size: object) -> None:
+    with pytest.raises(InvalidRequest, match="replay_cache_size"):
+        ProofChecker(replay_cache_size=size)  # type: ignore[arg-type]

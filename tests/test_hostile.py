@@ -637,6 +637,109 @@ def test_payload_invalid_utf8(jitbroker_broker: Broker, cred: Credential, bad: b
     rejects(jitbroker_broker, signed_raw_payload(jitbroker_broker, raw), MalformedToken)
 
 
+# -- strict JSON: a nesting cap and no lone surrogates ---------------------------
+def with_member(document: dict[str, Any], json_value: str) -> bytes:
+    """``document`` plus a member ``"x"`` whose value is the raw JSON ``json_value``."""
+    return (json.dumps(document)[:-1] + f', "x": {json_value}}}').encode()
+
+
+def nesting(levels: int, opener: str = "[") -> str:
+    """A JSON value ``levels`` deep, alternating arrays and objects from ``opener``."""
+    text = "0"
+    for level in range(levels):
+        array = (level % 2 == 0) == (opener == "[")
+        text = f"[{text}]" if array else f'{{"a":{text}}}'
+    return text
+
+
+@pytest.mark.parametrize("opener", ["[", "{"])
+@pytest.mark.parametrize(("depth", "ok"), [(32, True), (33, False), (200, False)])
+def test_payload_nesting_is_capped_at_32_levels(
+    jitbroker_broker: Broker, cred: Credential, opener: str, depth: int, ok: bool
+) -> None:
+    """The payload object is level 1; a member nested to ``depth`` in total."""
+    raw = with_member(claims_of(cred.token), nesting(depth - 1, opener))
+    token = signed_raw_payload(jitbroker_broker, raw)
+    if ok:
+        assert accepts(jitbroker_broker, token).lease_id == cred.lease_id
+    else:
+        rejects(jitbroker_broker, token, MalformedToken)
+
+
+@pytest.mark.parametrize("depth", [32, 33])
+def test_header_nesting_is_capped_at_32_levels(
+    jitbroker_broker: Broker, cred: Credential, depth: int
+) -> None:
+    key = jitbroker_broker.keys.active
+    header = b64url(with_member(header_of(key), nesting(depth - 1)))
+    token = sign(key, header, segments(cred.token)[1])
+    if depth <= 32:
+        assert accepts(jitbroker_broker, token).lease_id == cred.lease_id
+    else:
+        rejects(jitbroker_broker, token, MalformedToken)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(
+    jitbroker_broker: Broker, cred: Credential
+) -> None:
+    value = json.dumps('[{\\"' * 100 + "]}" * 100)  # brackets, quotes and backslashes
+    raw = with_member(claims_of(cred.token), f"[{value}, {nesting(20)}]")
+    token = signed_raw_payload(jitbroker_broker, raw)
+    assert accepts(jitbroker_broker, token).raw["x"][0] == json.loads(value)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        '"x": "\\ud800"',
+        '"x": "\\udc00"',
+        '"x": "\\uDBFF"',
+        '"x": "a\\ud83d"',
+        '"x": "\\ude00\\ud83d"',
+        '"x": ["ok", {"y": "\\udfff"}]',
+        '"\\ud800": 1',
+        '"x": {"\\udc00": "ok"}',
+        '"owner": "alice\\ud800"',
+    ],
+    ids=[
+        "high",
+        "low",
+        "upper-case",
+        "high-at-end",
+        "pair-reversed",
+        "nested-value",
+        "member-name",
+        "nested-member-name",
+        "known-claim",
+    ],
+)
+def test_payload_lone_surrogates(jitbroker_broker: Broker, cred: Credential, member: str) -> None:
+    claims = claims_of(cred.token)
+    claims.pop("owner")
+    raw = (json.dumps(claims)[:-1] + f", {member}}}").encode()
+    rejects(jitbroker_broker, signed_raw_payload(jitbroker_broker, raw), MalformedToken)
+
+
+def test_header_lone_surrogate(jitbroker_broker: Broker, cred: Credential) -> None:
+    key = jitbroker_broker.keys.active
+    header = b64url(with_member(header_of(key), '"\\ud800"'))
+    rejects(jitbroker_broker, sign(key, header, segments(cred.token)[1]), MalformedToken)
+
+
+@pytest.mark.parametrize(
+    ("json_value", "text"),
+    [('"\\ud83d\\ude00"', "\U0001f600"), ('"\\\\ud800"', "\\ud800")],
+    ids=["surrogate-pair", "escaped-backslash"],
+)
+def test_surrogate_controls_verify(
+    jitbroker_broker: Broker, cred: Credential, json_value: str, text: str
+) -> None:
+    """A proper pair is one character, and an escaped backslash is no escape."""
+    raw = with_member(claims_of(cred.token), json_value)
+    claims = accepts(jitbroker_broker, signed_raw_payload(jitbroker_broker, raw))
+    assert claims.raw["x"] == text
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
 def test_payload_not_utf8(jitbroker_broker: Broker, cred: Credential, encoding: str) -> None:
     raw = json.dumps(claims_of(cred.token)).encode(encoding)

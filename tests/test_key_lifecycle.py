@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import stat
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,9 +105,23 @@ def test_prune_only_drops_due_keys() -> None:
     assert len(ring) == 1
 
 
-def test_rotate_refuses_a_bad_grace() -> None:
+@pytest.mark.parametrize("grace", [-1, -0.5, math.nan, math.inf, "60", True])
+def test_rotate_refuses_a_bad_grace_and_changes_nothing(grace: object) -> None:
+    ring = KeyRing.generate()
+    active = ring.active.kid
     with pytest.raises(InvalidRequest, match="grace"):
-        KeyRing.generate().rotate(grace=-1)
+        ring.rotate(grace=grace)  # type: ignore[arg-type]
+    assert ring.active.kid == active
+    assert len(ring) == 1
+    assert ring.drops_at(active) is None
+
+
+def test_rotate_with_zero_grace_drops_the_old_key_at_the_next_prune() -> None:
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate(grace=0, now=1000.0)
+    assert ring.drops_at(old) == 1000.0
+    assert ring.prune(1000.0) == [old]
 
 
 # -- retirement ---------------------------------------------------------------
@@ -171,8 +188,9 @@ def test_async_broker_retire_key(jitbroker_clock: FakeClock) -> None:
 def test_save_dir_round_trips(tmp_path: Path, alg: str) -> None:
     ring = KeyRing.generate(alg)
     ring.rotate(grace=60, now=1000.0)
-    ring.save_dir(tmp_path / "keys", password=b"correct horse")
-    loaded = KeyRing.from_dir(tmp_path / "keys", password=b"correct horse")
+    password = None if alg == "HS256" else b"correct horse"  # HMAC keys cannot be encrypted
+    ring.save_dir(tmp_path / "keys", password=password)
+    loaded = KeyRing.from_dir(tmp_path / "keys", password=password)
     assert {k.kid for k in loaded} == {k.kid for k in ring}
     assert loaded.active.kid == ring.active.kid
     assert loaded._drop_at == ring._drop_at
@@ -186,6 +204,43 @@ def test_save_dir_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     for path in folder.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_save_dir_refuses_a_password_for_hmac_keys(tmp_path: Path) -> None:
+    """An HMAC key is a JWK file in the clear: a password would be a false promise."""
+    ring = KeyRing.generate("HS256")
+    with pytest.raises(InvalidRequest, match=r"HMAC keys .* cannot be encrypted"):
+        ring.save_dir(tmp_path / "keys", password=b"correct horse")
+    assert not (tmp_path / "keys").exists()  # refused before anything is written
+
+
+def test_save_dir_files_are_0600_whatever_was_there(tmp_path: Path) -> None:
+    ring = KeyRing.generate()
+    name = f"{ring.active.kid}.key.pem"
+    tmp_path.chmod(0o700)
+    for leftover in (name, name + ".tmp", "keyring.json.tmp"):
+        (tmp_path / leftover).write_bytes(b"old")
+        (tmp_path / leftover).chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        ring.save_dir(tmp_path)
+    finally:
+        os.umask(old_umask)
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    assert KeyRing.from_dir(tmp_path).active.kid == ring.active.kid
+
+
+def test_save_dir_never_writes_through_a_planted_symlink(tmp_path: Path) -> None:
+    ring = KeyRing.generate()
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=0o700)
+    (folder / f"{ring.active.kid}.key.pem.tmp").symlink_to(outside)
+    ring.save_dir(folder)
+    assert outside.read_bytes() == b"untouched"
+    assert not (folder / f"{ring.active.kid}.key.pem").is_symlink()
 
 
 def test_save_dir_removes_files_of_dropped_keys(tmp_path: Path) -> None:
@@ -208,7 +263,80 @@ def test_from_dir_with_a_wrong_password(tmp_path: Path) -> None:
 def test_from_dir_refuses_what_is_not_a_key_directory(tmp_path: Path, manifest: str | None) -> None:
     if manifest is not None:
         (tmp_path / "keyring.json").write_text(manifest)
-    with pytest.raises(InvalidRequest, match="key directory"):
+    with pytest.raises(InvalidRequest, match=r"key directory|manifest"):
+        KeyRing.from_dir(tmp_path)
+
+
+def saved_ring(folder: Path) -> tuple[KeyRing, dict[str, Any]]:
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate(grace=60, now=1000.0)
+    ring.save_dir(folder)
+    manifest = json.loads((folder / "keyring.json").read_text())
+    assert old in manifest["drop_at"]
+    return ring, manifest
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"active": "k", "keys": [], "drop_at": {}, "drop_at": {}}',
+        '{"active": "k", "keys": [], "drop_at": {"k": NaN}}',
+        '{"active": "k", "keys": [], "drop_at": {"k": Infinity}}',
+    ],
+    ids=["duplicate", "nan", "infinity"],
+)
+def test_from_dir_parses_the_manifest_strictly(tmp_path: Path, text: str) -> None:
+    saved_ring(tmp_path)
+    (tmp_path / "keyring.json").write_text(text)
+    with pytest.raises(InvalidRequest, match="manifest"):
+        KeyRing.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside.key.pem",
+        "/etc/passwd",
+        "sub/key.key.pem",
+        "..",
+        "a.key.pem/../../x.key.pem",
+        "key.pem",
+        "k\\..\\x.key.pem",
+        7,
+    ],
+)
+def test_from_dir_opens_only_the_names_save_dir_writes(tmp_path: Path, name: object) -> None:
+    folder = tmp_path / "keys"
+    ring, manifest = saved_ring(folder)
+    (tmp_path / "outside.key.pem").write_bytes(ring.active.to_pem())
+    manifest["keys"].append(name)
+    (folder / "keyring.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidRequest, match="names a key file"):
+        KeyRing.from_dir(folder)
+
+
+def test_from_dir_refuses_a_key_file_holding_another_key(tmp_path: Path) -> None:
+    ring, _ = saved_ring(tmp_path)
+    active = f"{ring.active.kid}.key.pem"
+    stranger = KeyRing.generate().active
+    (tmp_path / active).write_bytes(stranger.to_pem())
+    with pytest.raises(InvalidRequest, match="not the key it is named for"):
+        KeyRing.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "drop_at",
+    [{"unknown-kid": 1.0}, {"OLD": 1e999}, {"OLD": "1000"}, {"OLD": True}],
+    ids=["unknown-kid", "overflows-to-inf", "string", "bool"],
+)
+def test_from_dir_refuses_bad_drop_times(tmp_path: Path, drop_at: dict[str, object]) -> None:
+    _, manifest = saved_ring(tmp_path)
+    (old,) = manifest["drop_at"]
+    manifest["drop_at"] = {old if k == "OLD" else k: v for k, v in drop_at.items()}
+    text = json.dumps(manifest).replace("Infinity", "1e999")
+    (tmp_path / "keyring.json").write_text(text)
+    with pytest.raises(InvalidRequest, match="drop time"):
         KeyRing.from_dir(tmp_path)
 
 
@@ -245,6 +373,19 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         KeyRing.from_env("JB_TEST_KEY")
 
 
+def test_from_env_with_an_encrypted_pem(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = KeyRing.generate("ES256").active
+    pem = key.to_pem(b"a long passphrase")
+    assert b"ENCRYPTED" in pem
+    monkeypatch.setenv("JB_TEST_KEY", pem.decode())
+    assert KeyRing.from_env("JB_TEST_KEY", password=b"a long passphrase").active.kid == key.kid
+    for password in (None, b"the wrong passphrase"):
+        with pytest.raises(InvalidRequest, match="JB_TEST_KEY") as info:
+            KeyRing.from_env("JB_TEST_KEY", password=password)
+        assert "passphrase" not in str(info.value)  # neither the password nor the key
+        assert "BEGIN" not in str(info.value)
+
+
 # -- the command line -----------------------------------------------------------
 def test_cli_generate_rotate_retire_show_public(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -267,6 +408,43 @@ def test_cli_generate_rotate_retire_show_public(
     assert first not in KeyRing.from_dir(folder, b"a long passphrase")
     for path in folder.iterdir():
         assert b"PRIVATE KEY-----\nMI" not in path.read_bytes() or b"ENCRYPTED" in path.read_bytes()
+
+
+def test_cli_refuses_a_password_for_hmac_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JB_PASS", "a long passphrase")
+    folder = tmp_path / "keys"
+    assert (
+        main(["keys", "generate", str(folder), "--alg", "HS256", "--password-env", "JB_PASS"]) == 2
+    )
+    assert "cannot be encrypted" in capsys.readouterr().err
+    assert not folder.exists()
+    assert main(["keys", "generate", str(folder), "--alg", "HS256"]) == 0
+    assert main(["keys", "rotate", str(folder), "--password-env", "JB_PASS"]) == 2
+    assert len(KeyRing.from_dir(folder)) == 1  # nothing was rotated on disk
+
+
+def test_cli_rotate_default_grace_is_max_ttl_plus_max_leeway(tmp_path: Path) -> None:
+    assert main(["keys", "generate", str(tmp_path / "k")]) == 0
+    old = KeyRing.from_dir(tmp_path / "k").active.kid
+    before = time.time()
+    assert main(["keys", "rotate", str(tmp_path / "k")]) == 0
+    drops_at = KeyRing.from_dir(tmp_path / "k").drops_at(old)
+    assert drops_at is not None
+    assert before + 3600 + 60 <= drops_at <= time.time() + 3600 + 60
+
+
+@pytest.mark.parametrize("grace", ["nan", "inf", "-1", "soon"])
+def test_cli_rotate_refuses_a_bad_grace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], grace: str
+) -> None:
+    assert main(["keys", "generate", str(tmp_path / "k")]) == 0
+    with pytest.raises(SystemExit) as exited:
+        main(["keys", "rotate", str(tmp_path / "k"), f"--grace={grace}"])
+    assert exited.value.code == 2
+    assert "seconds >= 0" in capsys.readouterr().err
+    assert len(KeyRing.from_dir(tmp_path / "k")) == 1
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

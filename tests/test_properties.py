@@ -1,21 +1,23 @@
-"""Property tests: whatever the input, verification and JWKS loading fail cleanly.
+"""Property tests: whatever the input, verification and loaders fail cleanly.
 
 ``verify`` on any text, or on any one-edit mutation of a valid token, raises an
 ``InvalidToken`` subclass and nothing else; ``KeyRing.from_jwks`` on any
-JSON-like value raises ``InvalidRequest`` and nothing else.
+JSON-like value, and ``Policy.from_toml`` on any file, raise ``InvalidRequest``
+and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from jitbroker import Broker, InvalidRequest, KeyRing, Verifier
+from jitbroker import Broker, InvalidRequest, KeyRing, Policy, Verifier
 from jitbroker.errors import InvalidToken, KeySourceError
 from jitbroker.jwks import parse_jwks
 from jitbroker.keys import b64url
@@ -244,3 +246,70 @@ def test_jwks_bytes_only_raise_key_source_error(body: bytes) -> None:
     except KeySourceError:
         return
     assert all(not key.private for key in ring)
+
+
+# -- policy files ---------------------------------------------------------------------
+TOML_PIECES = [
+    "[[rule]]\n",
+    "[rule]\n",
+    "rules = ",
+    'subjects = ["svc:*"]\n',
+    'audiences = ["api"]\n',
+    'scopes = ["read"]\n',
+    "max_ttl = ",
+    "renewable = ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    "=",
+    "\n",
+    '"x"',
+    "'x'",
+    '"""x"""',
+    "1",
+    "-1",
+    "1e400",
+    "nan",
+    "inf",
+    "true",
+    "1979-05-27",
+    "1979-05-27T07:32:00Z",
+    "07:32:00",
+    "0x10",
+    '"\\ud800"',
+    "\u00e9",
+    "#",
+]
+toml_like = st.lists(st.sampled_from(TOML_PIECES), max_size=24).map("".join)
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("policy") / "policy.toml"
+
+
+# policy.py lets two tomllib failures through as they are (not InvalidRequest):
+# bytes that are not UTF-8 (UnicodeDecodeError) and deeply nested arrays
+# (RecursionError). Strict: once fixed, this marker must go.
+@pytest.mark.xfail(
+    strict=True,
+    raises=(UnicodeDecodeError, RecursionError),
+    reason="Policy.from_toml: non-UTF-8 and deeply nested files escape as non-InvalidRequest",
+)
+@settings(
+    max_examples=300, deadline=None, derandomize=True, database=None, report_multiple_bugs=False
+)
+@given(st.binary(max_size=400) | toml_like.map(str.encode) | st.text(max_size=200).map(str.encode))
+@example(b'[[rule]]\nsubjects = ["*"]\naudiences = ["api"]\n')  # a valid policy
+@example(b"\xff\xfe[[rule]]")
+@example(b"a = " + b"[" * 1000 + b"]" * 1000)
+def test_from_toml_only_raises_invalid_request(policy_file: Path, body: bytes) -> None:
+    """Whatever a policy file holds, loading it raises InvalidRequest or succeeds."""
+    policy_file.write_bytes(body)
+    try:
+        policy = Policy.from_toml(policy_file)
+    except InvalidRequest:
+        return
+    assert isinstance(policy, Policy)

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from jitbroker import Broker, KeyRing, MemoryStore, Verifier
-from jitbroker.errors import InvalidRequest, JitBrokerError
+from jitbroker.errors import InvalidRequest, JitBrokerError, MalformedToken
 from jitbroker.testing import TEST_ISSUER, FakeClock
+from jitbroker.tokens import encode_jws
+from jitbroker.verify import DEFAULT_MAX_TTL
 
 ISSUE: dict[str, Any] = {
     "subject": "svc:ci-deploy",
@@ -338,9 +340,68 @@ def test_verifier_store_and_offline_contradict() -> None:
         Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER, store=MemoryStore(), offline=True)
 
 
-def test_verifier_bad_leeway() -> None:
+@pytest.mark.parametrize("leeway", [120, 60.5, -1, math.nan, math.inf, timedelta(minutes=2)])
+def test_verifier_bad_leeway(leeway: object) -> None:
     with pytest.raises(InvalidRequest, match="leeway"):
-        Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER, offline=True, leeway=120)
+        Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER, offline=True, leeway=leeway)  # type: ignore[arg-type]
+
+
+# -- the lifetime cap of a standalone Verifier ------------------------------------------
+def long_lived_token(ring: KeyRing, clock: FakeClock, lifetime: int) -> str:
+    """A token signed with the ring directly, as a leaked key could sign one."""
+    now = int(clock())
+    claims = {
+        "iss": TEST_ISSUER,
+        "sub": "svc:a",
+        "aud": "api",
+        "jti": "0" * 32,
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+        "scope": "",
+    }
+    return encode_jws(ring.active, claims)
+
+
+def test_offline_verifier_caps_token_lifetime_by_default(jitbroker_clock: FakeClock) -> None:
+    ring = KeyRing.generate()
+    verifier = Verifier(
+        ring.jwks(), issuer=TEST_ISSUER, audience="api", offline=True, clock=jitbroker_clock
+    )
+    assert verifier.max_ttl == DEFAULT_MAX_TTL == 3601
+    with pytest.raises(MalformedToken, match="lifetime"):
+        verifier.verify(long_lived_token(ring, jitbroker_clock, 10**8))
+    with pytest.raises(MalformedToken, match="lifetime"):
+        verifier.verify(long_lived_token(ring, jitbroker_clock, 3602))
+    assert verifier.verify(long_lived_token(ring, jitbroker_clock, 3601)).subject == "svc:a"
+
+
+def test_default_verifier_accepts_a_default_broker_token(jitbroker_clock: FakeClock) -> None:
+    broker = Broker(issuer=TEST_ISSUER, clock=jitbroker_clock)
+    cred = broker.issue("svc:a", "api", ttl=3600)
+    verifier = Verifier(broker.jwks(), issuer=TEST_ISSUER, offline=True, clock=jitbroker_clock)
+    assert verifier.verify(cred.token, audience="api").lease_id == cred.lease_id
+
+
+def test_a_larger_max_ttl_is_an_explicit_choice(jitbroker_clock: FakeClock) -> None:
+    ring = KeyRing.generate()
+    verifier = Verifier(
+        ring.jwks(),
+        issuer=TEST_ISSUER,
+        audience="api",
+        offline=True,
+        max_ttl=timedelta(days=2),
+        clock=jitbroker_clock,
+    )
+    assert verifier.verify(long_lived_token(ring, jitbroker_clock, 86_400)).subject == "svc:a"
+    with pytest.raises(MalformedToken, match="lifetime"):
+        verifier.verify(long_lived_token(ring, jitbroker_clock, 10**8))
+
+
+@pytest.mark.parametrize("max_ttl", [None, 0, -1, math.nan, math.inf, "3600"])
+def test_verifier_refuses_an_unbounded_or_bad_max_ttl(max_ttl: object) -> None:
+    with pytest.raises(InvalidRequest, match="max_ttl"):
+        Verifier(KeyRing.generate().jwks(), issuer=TEST_ISSUER, offline=True, max_ttl=max_ttl)  # type: ignore[arg-type]
 
 
 def test_verify_without_any_audience(jitbroker_broker: Broker, jitbroker_clock: FakeClock) -> None:

@@ -8,12 +8,15 @@
 Private keys never reach the terminal: they are written to the directory with
 mode 0600, PEM-encrypted when ``--password-env`` names a variable holding a
 passphrase (a passphrase on the command line would land in shell history).
+HMAC (HS256) keys are JWK files that cannot be encrypted, so ``--password-env``
+is refused for them: protect their directory instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +30,10 @@ from .keys import ALGORITHMS
 __all__ = ["add_parser"]
 
 Out = Callable[[str], object]
+# The default grace of `keys rotate`: Broker's default max_ttl (3600 s) plus the
+# largest leeway a verifier may allow (60 s), so no token of a broker with
+# default settings outlives the key that signed it.
+DEFAULT_GRACE = 3600.0 + 60.0
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,9 +49,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rot.add_argument("dir", type=Path)
     rot.add_argument(
         "--grace",
-        type=float,
-        default=3660.0,
-        help="seconds the old key keeps verifying (at least your max TTL + leeway; default 3660)",
+        type=_grace,
+        default=DEFAULT_GRACE,
+        help="seconds the old key keeps verifying, at least your max TTL + leeway "
+        "(default 3660: the default max TTL 3600 + the maximum leeway 60)",
     )
 
     ret = cmds.add_parser("retire", help="drop a key now: tokens it signed stop verifying")
@@ -58,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         cmd.add_argument(
             "--password-env",
             metavar="VAR",
-            help="environment variable holding the passphrase that encrypts the keys",
+            help="environment variable holding the passphrase that encrypts the keys "
+            "(not for HS256: HMAC keys cannot be encrypted)",
         )
 
 
@@ -95,6 +104,17 @@ def _load(source: Path, password: bytes | None) -> KeyRing:
     if source.is_dir():
         return KeyRing.from_dir(source, password)
     return KeyRing.from_file(source, password)
+
+
+def _grace(text: str) -> float:
+    """``--grace``: a finite number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def _password(variable: str | None) -> bytes | None:

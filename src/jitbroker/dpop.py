@@ -107,9 +107,12 @@ class ProofChecker:
     Args:
         max_age: how old a proof's ``iat`` may be (seconds, default 60).
         leeway: clock skew allowed in either direction (default 5).
-        replay_cache_size: how many recent ``jti`` values to remember. A proof
-            can only be minted with the holder's key, so only the holder could
-            flood this cache; it bounds memory, not security against thieves.
+        replay_cache_size: how many fresh proofs to remember (per holder key
+            and ``jti``). It bounds memory, never security: a ``jti`` is kept
+            for as long as its proof could be accepted, and when the cache is
+            full of such entries new proofs are refused (``InvalidProof``)
+            until some age out, rather than forgetting one that could be
+            replayed. Only holders of a bound token's key can fill it.
         clock: the time source.
     """
 
@@ -123,9 +126,17 @@ class ProofChecker:
     ) -> None:
         self.max_age = seconds(max_age, "max_age")
         self.leeway = seconds(leeway, "leeway", allow_zero=True)
+        if (
+            isinstance(replay_cache_size, bool)
+            or not isinstance(replay_cache_size, int)
+            or replay_cache_size < 1
+        ):
+            raise InvalidRequest("replay_cache_size must be a whole number >= 1")
         self.clock = clock
         window = self.max_age + 2 * self.leeway  # a jti is kept as long as its proof is fresh
-        self._seen: TTLCache[str, bool] = TTLCache(replay_cache_size, window, timer=clock)
+        self._seen: TTLCache[tuple[str, str], bool] = TTLCache(
+            replay_cache_size, window, timer=clock
+        )
         self._lock = threading.Lock()
 
     def check(self, proof: object, *, method: str, url: str, token: str, jkt: str) -> None:
@@ -144,10 +155,20 @@ class ProofChecker:
         except MalformedToken as exc:
             raise InvalidProof(f"the DPoP proof is malformed: {exc}") from exc
         self._check_claims(claims, method, url, token)
+        self._remember((jkt, claims["jti"]))
+
+    def _remember(self, entry: tuple[str, str]) -> None:
+        # Keyed by holder too: one holder's jti values never shadow another's.
+        seen = self._seen
         with self._lock:
-            if claims["jti"] in self._seen:
+            seen.expire()
+            if entry in seen:
                 raise ProofReplayed("this DPoP proof was already used")
-            self._seen[claims["jti"]] = True
+            # Full of proofs still inside their window: inserting would evict
+            # one that could then be replayed. Fail closed instead.
+            if len(seen) >= seen.maxsize:
+                raise InvalidProof("the DPoP replay cache is full; try again")
+            seen[entry] = True
 
     def _holder_key(self, segment: str, jkt: str) -> Key:
         header = strict_json_object(b64decode(segment), "DPoP proof header")

@@ -11,7 +11,9 @@ key directory (``save_dir``/``from_dir``), a file or an environment variable.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,12 +21,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .clock import Duration, seconds
-from .errors import InvalidRequest
+from .errors import InvalidRequest, MalformedToken
 from .keys import Key, generate_key, key_from_jwk, key_from_pem
 
 __all__ = ["KeyRing"]
 
 MANIFEST = "keyring.json"
+# The only names save_dir writes: a kid (a base64url thumbprint) and a suffix.
+# Anything else in a manifest (a path, "..") is refused, never opened.
+_KEY_FILE = re.compile(r"([A-Za-z0-9_-]{1,128})\.key\.(?:pem|jwk)")
 
 
 def _key_from_text(data: bytes, password: bytes | None, where: str) -> Key:
@@ -51,12 +56,49 @@ def _key_file(key: Key, password: bytes | None) -> tuple[str, bytes]:
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600 from the start, replacing it atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A leftover temporary file (or a planted symlink) would keep its own mode
+    # or redirect the write: remove it and create afresh, never following links.
+    tmp.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600)
+    os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    from .tokens import strict_json_object  # here: tokens imports this module
+
+    try:
+        return strict_json_object((folder / MANIFEST).read_bytes(), "key ring manifest")
+    except MalformedToken as exc:  # duplicates, NaN, not an object, ...
+        raise InvalidRequest(f"{folder / MANIFEST} is not a valid manifest: {exc}") from exc
+
+
+def _read_key_file(folder: Path, name: object, password: bytes | None) -> Key:
+    """One key file named by the manifest: a bare file name of ours, never a path."""
+    match = _KEY_FILE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise InvalidRequest(f"{folder / MANIFEST} names a key file that save_dir never writes")
+    path = folder / match[0]
+    key = _key_from_text(path.read_bytes(), password, str(path))
+    if key.kid != match[1]:
+        raise InvalidRequest(f"{path} holds key {key.kid}, not the key it is named for")
+    return key
+
+
+def _drop_times(drop_at: Mapping[str, object], ring: KeyRing) -> dict[str, float]:
+    times = {}
+    for kid, at in drop_at.items():
+        if kid not in ring or isinstance(at, bool) or not isinstance(at, int | float):
+            raise InvalidRequest(f"drop time for {kid[:64]!r} names no key or is not a number")
+        if not math.isfinite(at):  # 1e999 parses as inf: a key that never drops
+            raise InvalidRequest(f"drop time for {kid} is not finite")
+        times[kid] = float(at)
+    return times
 
 
 class KeyRing:
@@ -132,13 +174,10 @@ class KeyRing:
         """The ring ``save_dir`` wrote: its keys, its signer, and their drop times."""
         folder = Path(path)
         try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-            keys = [
-                _key_from_text((folder / name).read_bytes(), password, f"{folder / name}")
-                for name in manifest["keys"]
-            ]
+            manifest = _read_manifest(folder)
+            keys = [_read_key_file(folder, name, password) for name in manifest["keys"]]
             ring = cls(keys, active=manifest["active"])
-            ring._drop_at = {str(k): float(v) for k, v in manifest["drop_at"].items()}
+            ring._drop_at = _drop_times(manifest["drop_at"], ring)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if isinstance(exc, InvalidRequest):
                 raise
@@ -146,9 +185,18 @@ class KeyRing:
         return ring
 
     def save_dir(self, path: str | os.PathLike[str], password: bytes | None = None) -> None:
-        """Write every key (PKCS#8 PEM, encrypted with ``password``; an HMAC key as
-        a JWK) into the directory ``path``, readable by its owner only, plus a
-        manifest naming the signer and drop times. Files of dropped keys are removed."""
+        """Write every key (PKCS#8 PEM, encrypted with ``password``) into the
+        directory ``path`` with mode 0600 (the directory 0700), plus a manifest
+        naming the signer and drop times. Files of dropped keys are removed.
+
+        HMAC keys are written as JWK files, which cannot be encrypted: a
+        password for an HMAC ring is refused rather than silently ignored.
+        """
+        if password is not None and any(k.symmetric for k in self._keys.values()):
+            raise InvalidRequest(
+                "HMAC keys are saved as plain JWK files and cannot be encrypted; save "
+                "without a password and protect the directory (it is made owner-only)"
+            )
         folder = Path(path)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock:
@@ -195,19 +243,25 @@ class KeyRing:
         """Generate a new key with the active key's algorithm and make it the signer.
 
         The previous signer stops signing new leases but keeps verifying (and
-        re-signing renewals of the leases it signed). With ``grace`` it is
-        dropped by ``prune`` once ``grace`` seconds have passed since ``now``
-        (default: the system clock); choose at least the broker's max TTL plus
-        leeway, as ``Broker.rotate_keys`` does, so no token outlives its key.
-        Without ``grace`` it stays until ``retire``.
+        re-signing renewals of the leases it signed).
+
+        ``grace`` (seconds, finite and >= 0) schedules the previous signer to be
+        dropped by ``prune`` once that long has passed since ``now`` (default:
+        the system clock). Choose at least the issuer's max TTL plus leeway, as
+        ``Broker.rotate_keys`` does, so no token outlives its key; ``0`` drops
+        it at the next ``prune``. ``grace=None`` (the default) schedules
+        nothing: the previous key keeps verifying until ``retire(kid)`` is
+        called. A bad ``grace`` raises ``InvalidRequest`` and changes nothing.
         """
+        # Checked before any change: a refused grace must not leave a rotated ring.
+        wait = None if grace is None else seconds(grace, "grace", allow_zero=True)
         with self._lock:
             previous = self.active
             key = generate_key(previous.alg)
             self._add(key, activate=True)
-            if grace is not None:
+            if wait is not None:
                 start = time.time() if now is None else now
-                self._drop_at[previous.kid] = start + seconds(grace, "grace", allow_zero=True)
+                self._drop_at[previous.kid] = start + wait
             return key
 
     def prune(self, now: float) -> list[str]:

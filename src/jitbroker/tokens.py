@@ -147,17 +147,60 @@ def _no_constants(name: str) -> Any:
 _loads = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants).decode
 
 
+MAX_JSON_DEPTH = 32  # nesting levels; our tokens, proofs and JWKS use at most 3
+# A JSON string can only hold a lone surrogate through a \uD800-\uDFFF escape
+# (strict UTF-8 refuses encoded ones), so text without one needs no walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A string (skipped whole, so an unterminated one ends the scan in one step:
+# linear time) or a bracket; the parser sees strings where this scan does.
+_DEPTH_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.S)
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
 def strict_json_object(data: bytes, what: str) -> dict[str, Any]:
-    """Parse UTF-8 JSON that must be an object, with no duplicates, NaN or deep nesting."""
+    """Parse UTF-8 JSON that must be an object: no duplicate members, no NaN,
+    no nesting deeper than ``MAX_JSON_DEPTH``, no lone surrogates."""
     try:
-        obj = _loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        # Fewer brackets than the cap cannot nest past it: the common case is
+        # two C-speed counts, and the scan runs only on suspicious input.
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+            _check_depth(text, what)
+        obj = _loads(text)
     except MalformedToken:
         raise
-    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints
         raise MalformedToken(f"token {what} is not valid JSON") from exc
     if not isinstance(obj, dict):
         raise MalformedToken(f"token {what} must be a JSON object")
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None:  # cheap test first
+        _check_strings(obj, what)
     return obj
+
+
+def _check_depth(text: str, what: str) -> None:
+    """Refuse nesting deeper than the cap, before the recursive parser sees it."""
+    depth = 0
+    for token in _DEPTH_TOKEN.findall(text):
+        depth += _DEPTH_STEP.get(token, 0)
+        if depth > MAX_JSON_DEPTH:
+            raise MalformedToken(f"token {what} nests deeper than {MAX_JSON_DEPTH} levels")
+
+
+def _check_strings(obj: object, what: str) -> None:
+    """Refuse lone surrogates in any member name or string value: they are not
+    Unicode text, and other parsers replace or reject them differently."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and _SURROGATE.search(item) is not None:
+            raise MalformedToken(f"token {what} has a string with a lone surrogate")
 
 
 def decode_jws(token: object, keys: KeyRing) -> tuple[Key, dict[str, Any]]:

@@ -42,9 +42,12 @@ from .lease import Claims, Lease
 from .revocations import RevocationCache
 from .stores.base import LeaseStore
 
-__all__ = ["MAX_LEEWAY", "Request", "Verifier"]
+__all__ = ["DEFAULT_MAX_TTL", "MAX_LEEWAY", "Request", "Verifier"]
 
 MAX_LEEWAY = 60.0
+# The default lifetime cap: Broker's default max_ttl (3600 s) plus one second,
+# as Broker allows its own verifier (token times are whole seconds).
+DEFAULT_MAX_TTL = 3601.0
 _NO_SCOPES: tuple[str, ...] = ()
 
 
@@ -67,6 +70,16 @@ def check_leeway(value: Duration) -> float:
     return leeway
 
 
+def check_max_ttl(value: object) -> float:
+    """The lifetime cap is always finite: None is refused, not read as "no cap"."""
+    if value is None:
+        raise InvalidRequest(
+            "max_ttl=None would accept tokens of any lifetime; pass the issuer's "
+            "max_ttl plus one second (the default, 3601, matches Broker's default)"
+        )
+    return seconds(value, "max_ttl")
+
+
 class Verifier:
     """Verifies tokens against a key ring or a JWKS, optionally online against a store.
 
@@ -78,7 +91,11 @@ class Verifier:
         offline: pass True, with no store, to verify signatures and claims only;
             then a revoked token keeps verifying until it expires.
         leeway: clock skew allowed on ``exp``/``nbf``/``iat`` (0..60 s, default 5).
-        max_ttl: refuse tokens whose ``exp - iat`` exceeds this many seconds.
+        max_ttl: refuse tokens whose ``exp - iat`` exceeds this many seconds
+            (default 3601: a ``Broker``'s default ``max_ttl`` plus one second).
+            Pass the issuer's ``max_ttl`` + 1 if it issues longer tokens; there
+            is no "unlimited", so a stolen signing key cannot mint a token that
+            outlives every rotation.
         cache_size: how many verified tokens to remember (0 disables the cache).
         clock: the time source (default ``time.time``).
         revocations: with a store, a ``RevocationCache`` (``store.revocations()``)
@@ -97,7 +114,7 @@ class Verifier:
         store: LeaseStore | None = None,
         offline: bool = False,
         leeway: Duration = 5,
-        max_ttl: Duration | None = None,
+        max_ttl: Duration = DEFAULT_MAX_TTL,
         cache_size: int = 4096,
         clock: Clock = system_clock,
         revocations: RevocationCache | None = None,
@@ -160,7 +177,7 @@ class Verifier:
         issuer: str,
         audience: str | None,
         leeway: Duration,
-        max_ttl: Duration | None,
+        max_ttl: Duration,
         cache_size: int,
         clock: Clock,
     ) -> None:
@@ -168,7 +185,7 @@ class Verifier:
         self.issuer = validate.text(issuer, "issuer")
         self.audience = validate.optional_text(audience, "audience")
         self.leeway = check_leeway(leeway)
-        self.max_ttl = None if max_ttl is None else seconds(max_ttl, "max_ttl")
+        self.max_ttl = check_max_ttl(max_ttl)
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise InvalidRequest("cache_size must be a whole number >= 0")
         self._cache: LRUCache[str, Claims] | None = LRUCache(cache_size) if cache_size else None
@@ -236,7 +253,7 @@ class Verifier:
         claims = tokens.claims_from_payload(payload, key)
         if claims.issuer != self.issuer:
             raise WrongIssuer(f"token issued by {claims.issuer[:128]!r}, not {self.issuer!r}")
-        if self.max_ttl is not None and claims.expires_at - claims.issued_at > self.max_ttl:
+        if claims.expires_at - claims.issued_at > self.max_ttl:
             raise MalformedToken(f"token lifetime exceeds the maximum of {self.max_ttl:g}s")
         if cache is not None:
             with self._cache_lock:
