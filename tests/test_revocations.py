@@ -12,11 +12,18 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from conftest import server_or_skip
 from jitbroker import Broker, KeyRing, Verifier
-from jitbroker.errors import InvalidRequest, StoreUnavailable, TokenRevoked
+from jitbroker.errors import (
+    InvalidRequest,
+    StoreError,
+    StoreUnavailable,
+    TokenRevoked,
+    UnknownLease,
+)
 from jitbroker.lease import Lease
 from jitbroker.revocations import RevocationCache
 from jitbroker.stores.postgres import PostgresStore
@@ -52,7 +59,7 @@ def test_a_new_cache_is_stale_until_its_first_resync() -> None:
     ticks = Ticks()
     cache = RevocationCache(window=60, max_staleness=5, clock=ticks)
     assert not cache.fresh()
-    cache.resync(["a"])
+    cache.resync(["a"], epoch=0.0)
     assert cache.fresh()
     assert cache.revoked("a")
     assert not cache.revoked("b")
@@ -61,7 +68,7 @@ def test_a_new_cache_is_stale_until_its_first_resync() -> None:
 def test_the_cache_goes_stale_without_news_and_when_down() -> None:
     ticks = Ticks()
     cache = RevocationCache(window=60, max_staleness=5, clock=ticks)
-    cache.resync([])
+    cache.resync([], epoch=0.0)
     ticks.now += 5
     assert cache.fresh()
     ticks.now += 0.1
@@ -75,7 +82,7 @@ def test_the_cache_goes_stale_without_news_and_when_down() -> None:
 def test_ids_are_kept_for_the_window_then_forgotten() -> None:
     ticks = Ticks()
     cache = RevocationCache(window=60, clock=ticks)
-    cache.resync(["a"])
+    cache.resync(["a"], epoch=0.0)
     ticks.now += 59
     cache.alive()
     assert cache.revoked("a")
@@ -87,18 +94,44 @@ def test_ids_are_kept_for_the_window_then_forgotten() -> None:
 def test_too_many_ids_make_the_cache_stale_never_forgetful() -> None:
     ticks = Ticks()
     cache = RevocationCache(window=60, max_entries=3, clock=ticks)
-    cache.resync(["a", "b", "c"])
+    cache.resync(["a", "b", "c"], epoch=0.0)
     assert cache.fresh()
     cache.add(["d"])
     assert not cache.fresh()  # the verifier asks the store again
     assert all(cache.revoked(i) for i in "abcd")
 
 
+def test_the_cache_vouches_only_for_tokens_issued_after_the_epoch() -> None:
+    ticks = Ticks()
+    cache = RevocationCache(window=60, max_staleness=5, clock=ticks)
+    assert not cache.vouches_for(2000.0, 5)  # never synced
+    cache.resync([], epoch=None)  # the store has no epoch: nothing stored since it was emptied
+    assert cache.fresh()
+    assert not cache.vouches_for(2000.0, 5)
+    cache.resync([], epoch=1000.0)
+    assert cache.vouches_for(1005.0, 5)
+    assert not cache.vouches_for(1004.0, 5)  # within the skew allowance: ask the store
+    cache.down()
+    assert not cache.vouches_for(2000.0, 5)
+
+
+def test_a_changed_epoch_ends_the_session() -> None:
+    cache = RevocationCache(window=60)
+    cache.resync([], epoch=1000.0)
+    cache.check_epoch(1000.0)
+    assert cache.fresh()
+    for changed in (None, 1001.0):
+        cache.resync([], epoch=1000.0)
+        with pytest.raises(StoreError, match="epoch"):
+            cache.check_epoch(changed)
+        assert not cache.fresh()
+
+
 def test_close_stops_the_feed_once() -> None:
     stops: list[int] = []
     cache = RevocationCache(window=60)
     cache.attach(lambda: stops.append(1))
-    cache.resync([])
+    cache.resync([], epoch=0.0)
     cache.close()
     cache.close()
     assert stops == [1]
@@ -146,9 +179,36 @@ def store(request: pytest.FixtureRequest) -> Iterator[Counting]:
     else:
         server_or_skip("PostgreSQL", "127.0.0.1", 5432)
         made = CountingPostgresStore(PG_DSN, schema=f"jbtest_{uuid4().hex}")
+    age(made)
     yield made
     made.clear()
     made.close()
+
+
+def epoch_key(store: RedisStore) -> str:
+    return f"{{{store.prefix}}}:epoch"
+
+
+def age(store: Counting) -> None:
+    """Move the store's epoch an hour back, as for a store that has been running
+    a while: a new store's epoch is now, and a cache vouches only for tokens
+    issued (leeway) after it. Redis's first add keeps an epoch already there."""
+    if isinstance(store, RedisStore):
+        store._client.set(epoch_key(store), time.time() - 3600)
+    else:
+        meta = sql.SQL("{}.jitbroker_meta").format(sql.Identifier(store.schema))
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("UPDATE {} SET epoch = epoch - 3600").format(meta))
+
+
+def lose_data(store: Counting) -> None:
+    """What a Redis restart without persistence or a truncated table does."""
+    if isinstance(store, RedisStore):
+        store.clear()
+    else:
+        leases = sql.SQL("{}.leases").format(sql.Identifier(store.schema))
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(sql.SQL("TRUNCATE {}").format(leases))
 
 
 def live_cache(store: Counting) -> RevocationCache:
@@ -216,6 +276,7 @@ def test_a_dead_feed_falls_back_to_the_store_and_fails_closed(
     private_server: PrivateServer,  # noqa: F811 - the fixture
 ) -> None:
     store = CountingStore(fast_client(private_server.port), prefix="jbtest")
+    age(store)
     broker = Broker(issuer=TEST_ISSUER, store=store)
     cred = broker.issue("svc:a", "api", ttl=60)
     cache = store.revocations(max_staleness=0.5, heartbeat=0.1)
@@ -236,6 +297,48 @@ def test_a_dead_feed_falls_back_to_the_store_and_fails_closed(
     finally:
         cache.close()
         private_server.kill()
+
+
+def test_a_cache_started_after_the_store_lost_its_data_sends_old_tokens_to_the_store(
+    store: Counting,
+) -> None:
+    # The resync finds no revocation, so only the epoch tells the cache that the
+    # token's lease (revoked, then lost with the rest) is gone.
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    broker.revoke(cred)
+    lose_data(store)
+    cache = live_cache(store)
+    try:
+        verifier = Verifier(
+            broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+        )
+        assert not cache.revoked(cred.lease_id)
+        with pytest.raises(UnknownLease):
+            verifier.verify(cred.token)
+        assert store.gets == 1
+    finally:
+        cache.close()
+
+
+def test_a_live_cache_stops_vouching_once_the_store_lost_its_data(store: Counting) -> None:
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cache = live_cache(store)
+    try:
+        verifier = Verifier(
+            broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+        )
+        cred = broker.issue("svc:a", "api", ttl=60)
+        verifier.verify(cred.token)
+        assert store.gets == 0
+        epoch = cache.epoch
+        lose_data(store)  # the subscription stays connected: only the epoch tells
+        assert wait_for(lambda: cache.fresh() and cache.epoch != epoch), "epoch change unseen"
+        with pytest.raises(UnknownLease):
+            verifier.verify(cred.token)
+        assert store.gets == 1
+    finally:
+        cache.close()
 
 
 def test_feed_thread_stops_on_close(store: Counting) -> None:

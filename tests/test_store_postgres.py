@@ -238,6 +238,48 @@ def test_the_version_is_recorded(admin: psycopg.Connection[Any], store: Postgres
     assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)]
 
 
+def epoch_of(admin: psycopg.Connection[Any], schema: str) -> float:
+    query = sql.SQL("SELECT epoch FROM {}.jitbroker_meta").format(sql.Identifier(schema))
+    row = admin.execute(query).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def test_a_new_schema_starts_an_epoch_and_a_truncate_a_new_one(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    before = time.time()
+    store = new_store()
+    epoch = epoch_of(admin, store.schema)
+    assert before - 1 <= epoch <= time.time() + 1  # the server's time, not a lease's
+    store.add(make("a"))
+    new_store(schema=store.schema)  # reopening keeps it
+    assert epoch_of(admin, store.schema) == epoch
+    admin.execute(sql.SQL("TRUNCATE {}").format(table(store)))
+    assert epoch_of(admin, store.schema) > epoch
+
+
+def test_a_version_1_schema_is_migrated_and_starts_an_epoch(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    store = new_store()
+    store.add(make("a"))
+    schema = sql.Identifier(store.schema)
+    for statement in (  # back to what version 1 created
+        "DROP TRIGGER leases_truncated ON {}.leases",
+        "DROP FUNCTION {}.jitbroker_new_epoch()",
+        "ALTER TABLE {}.jitbroker_meta DROP COLUMN epoch",
+        "UPDATE {}.jitbroker_meta SET version = 1",
+    ):
+        admin.execute(sql.SQL(statement).format(schema))
+    before = time.time()
+    again = new_store(schema=store.schema)
+    assert again.get("a") == make("a")
+    assert epoch_of(admin, store.schema) >= before - 1
+    query = sql.SQL("SELECT version FROM {}.jitbroker_meta").format(schema)
+    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)]
+
+
 def test_reopening_keeps_the_data(new_store: Callable[..., PostgresStore]) -> None:
     first = new_store()
     assert first.add(make("a")) is True

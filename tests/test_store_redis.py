@@ -326,11 +326,29 @@ def test_purge_unindexes_records_redis_already_dropped(
     assert store.purge(T0 + 1000) == 0  # nothing left to delete, but unindexed
     tag = f"{{{store.prefix}}}:"
     assert keys_of(client, store) == {
-        f"{tag}{name}" for name in ("lease:live", "exp", "all", "idx:task:t", "idx:subject:svc:a")
+        f"{tag}{name}"
+        for name in ("lease:live", "exp", "all", "idx:task:t", "idx:subject:svc:a", "epoch")
     }
 
 
 # -- revocation channel -----------------------------------------------------
+def test_the_first_add_into_an_empty_store_sets_the_epoch(
+    client: redis.Redis, store: RedisStore
+) -> None:
+    key = f"{{{store.prefix}}}:epoch"
+    assert client.get(key) is None
+    before = time.time()
+    store.add(make("a"))  # T0 is long past: the epoch is the server's time, not the lease's
+    epoch = float(client.get(key) or 0)
+    assert before - 1 <= epoch <= time.time() + 1
+    store.add(make("b"))
+    store.revoke("a", at=T0 + 1, reason="x")
+    assert float(client.get(key) or 0) == epoch  # written once
+    store.clear()
+    store.add(make("c"))
+    assert float(client.get(key) or 0) >= epoch  # an emptied store starts a new one
+
+
 def test_revocations_are_published(client: redis.Redis, store: RedisStore) -> None:
     pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     pubsub.subscribe(f"{{{store.prefix}}}:revoked")

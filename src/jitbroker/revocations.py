@@ -15,7 +15,15 @@ the store. That is only sound while the cache is known to be current, so:
 - an id is remembered for ``window`` seconds (at least the longest token
   lifetime plus leeway: after that its tokens are expired anyway) and never
   evicted early; if more than ``max_entries`` are held, the cache stops
-  claiming to be fresh rather than forget one.
+  claiming to be fresh rather than forget one;
+- a store that loses its data (a Redis restart without persistence, a
+  truncated table) forgets leases and revocations alike, and a cache resynced
+  from it would accept tokens whose leases are gone. So each store keeps an
+  *epoch*, the time its data began, written once into an empty store; the feed
+  reads it with every resync and heartbeat, and the cache vouches only for
+  tokens issued after it (``vouches_for``): older ones go to the store, where a
+  lost lease is ``UnknownLease``. If the epoch changes under a live feed, the
+  feed ends its session and resyncs.
 
 Opaque tokens always need their lease (their claims live there), so they keep
 one round trip.
@@ -31,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from .clock import Duration, seconds
+from .errors import StoreError
 
 __all__ = ["RevocationCache", "parse_ids", "start_feed"]
 
@@ -46,9 +55,14 @@ class RevocationCache:
     """Recently revoked lease ids, and whether that knowledge is current.
 
     A feed (``RedisStore.revocations()``, ``PostgresStore.revocations()``) calls
-    ``resync``, ``add``, ``alive`` and ``down``; verifiers call ``fresh`` and
-    ``revoked``. ``close()`` stops the feed.
+    ``resync``, ``add``, ``check_epoch``, ``alive`` and ``down``; verifiers call
+    ``vouches_for`` and ``revoked``. ``close()`` stops the feed.
     """
+
+    #: The store's epoch (POSIX seconds, the store's clock) as of the last
+    #: resync: the cache vouches only for tokens issued after it. None until a
+    #: resync, or while the store has none (nothing stored since it was emptied).
+    epoch: float | None
 
     def __init__(
         self,
@@ -66,6 +80,7 @@ class RevocationCache:
         self._ids: dict[str, float] = {}  # lease id -> when it may be forgotten
         self._order: list[tuple[float, str]] = []
         self._live_at: float | None = None  # None: not connected / never synced
+        self.epoch = None
         self._stop: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -82,15 +97,34 @@ class RevocationCache:
             and len(self._ids) <= self.max_entries
         )
 
+    def vouches_for(self, issued_at: float, leeway: float) -> bool:
+        """True if the cache may stand in for the store for a token issued at
+        ``issued_at``: it is fresh, and the token was issued at least ``leeway``
+        (the verifier's allowance for clock skew) after the store's epoch, so its
+        lease was stored in the data the feed follows, not in data since lost."""
+        epoch = self.epoch
+        return epoch is not None and issued_at >= epoch + leeway and self.fresh()
+
     def revoked(self, lease_id: str) -> bool:
         """True if ``lease_id`` was revoked within the window."""
         return lease_id in self._ids
 
     # -- for feeds -------------------------------------------------------------
-    def resync(self, ids: Iterable[str]) -> None:
-        """After (re)subscribing: add every recent revocation, then count as live."""
+    def resync(self, ids: Iterable[str], *, epoch: float | None) -> None:
+        """After (re)subscribing: add every recent revocation and take the store's
+        ``epoch`` (read with them, in one snapshot), then count as live."""
         self.add(ids)
+        self.epoch = epoch
         self.alive()
+
+    def check_epoch(self, epoch: float | None) -> None:
+        """At a heartbeat: raise ``StoreError`` (ending the feed's session, which
+        then resyncs) if the store's epoch is no longer the one of the last resync."""
+        if epoch != self.epoch:
+            self.down()
+            raise StoreError(
+                "the store's epoch changed (it lost its data or was emptied): resyncing"
+            )
 
     def add(self, ids: Iterable[str]) -> None:
         """Remember revoked lease ids (from a message or a resync)."""

@@ -99,8 +99,9 @@ class Verifier:
         cache_size: how many verified tokens to remember (0 disables the cache).
         clock: the time source (default ``time.time``).
         revocations: with a store, a ``RevocationCache`` (``store.revocations()``)
-            that answers for the store while its feed is live: JWS tokens then
-            verify with no store round trip.
+            that answers for the store while its feed is live: JWS tokens issued
+            after the store's epoch (plus ``leeway``) then verify with no store
+            round trip.
     """
 
     revocations: RevocationCache | None
@@ -282,9 +283,10 @@ class Verifier:
         self._check_access(claims, audience, scopes)
         if self.online:
             cache = self.revocations
-            if cache is not None and cache.fresh():
+            if cache is not None and cache.vouches_for(claims.issued_at, self.leeway):
                 # The feed is current: the signature proves the lease was stored
-                # (invariant 1) and the cache knows every revocation since.
+                # (invariant 1), after the store's epoch, so it was not lost with
+                # older data; and the cache knows every revocation since.
                 if cache.revoked(claims.lease_id):
                     raise TokenRevoked(
                         f"lease {claims.lease_id} was revoked",

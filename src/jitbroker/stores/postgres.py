@@ -14,7 +14,10 @@ holds across any number of brokers:
 
 Layout, in the store's own schema (``jitbroker`` by default)::
 
-    <schema>.jitbroker_meta   one row: the schema version (migrations, below)
+    <schema>.jitbroker_meta   one row: the schema version (migrations, below) and
+                              the epoch: the server time (seconds) the schema's
+                              data began, set when it is created and again by a
+                              TRUNCATE of the leases (for revocation caches)
     <schema>.leases           one row per lease: the codec's COLUMNS, plus
                               ``claimed`` (an expired lease handed to a reaper)
 
@@ -111,6 +114,21 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
         """CREATE INDEX leases_dead ON {schema}.leases (expires_at)
             WHERE revoked_at IS NOT NULL OR claimed""",
     ),
+    (
+        # The epoch (see jitbroker.revocations): a revocation cache vouches only
+        # for tokens issued after it. A schema migrated from version 1 starts
+        # one now, so tokens issued before the upgrade are checked in the table.
+        """ALTER TABLE {schema}.jitbroker_meta ADD COLUMN epoch double precision NOT NULL
+            DEFAULT extract(epoch FROM clock_timestamp())""",
+        """CREATE FUNCTION {schema}.jitbroker_new_epoch() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE {schema}.jitbroker_meta SET epoch = extract(epoch FROM clock_timestamp());
+                RETURN NULL;
+            END $$""",
+        """CREATE TRIGGER leases_truncated AFTER TRUNCATE ON {schema}.leases
+            FOR EACH STATEMENT EXECUTE FUNCTION {schema}.jitbroker_new_epoch()""",
+    ),
 )
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -198,7 +216,18 @@ WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
 """
 _LISTEN = "LISTEN {channel}"
 _UNLISTEN = "UNLISTEN {channel}"
-_LISTENING = "SELECT %s IN (SELECT pg_listening_channels())"
+# A feed's heartbeat: still listening (a pooler may have switched server
+# sessions under it), and the epoch (NULL: no meta row, vouch for nothing).
+_HEARTBEAT = """
+SELECT %s IN (SELECT pg_listening_channels()), (SELECT epoch FROM {schema}.jitbroker_meta)
+"""
+# A resync: the epoch and the recent revocations in one snapshot.
+_RESYNC = """
+SELECT (SELECT epoch FROM {schema}.jitbroker_meta), ARRAY(
+    SELECT id FROM {schema}.leases
+    WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
+)
+"""
 _PURGE = """
     DELETE FROM {schema}.leases
     WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at < %(before)s
@@ -400,13 +429,13 @@ class PostgresStore:
                 self._listening(conn) as cur,
             ):
                 # On the listening connection itself: a pool of one still works.
-                since = time.time() - RESYNC_MARGIN
-                rows = cur.execute(self._sql.revoked_since, (since,)).fetchall()
-                cache.resync([str(row[0]) for row in rows])
+                row = cur.execute(self._sql.resync, (time.time() - RESYNC_MARGIN,)).fetchone()
+                epoch, ids = row if row is not None else (None, [])
+                cache.resync([str(i) for i in ids], epoch=epoch)
                 while not stop.is_set():
                     for notice in conn.notifies(timeout=heartbeat):
                         cache.add(parse_ids(notice.payload))
-                    self._check_listening(cur)  # a round trip proves the link is alive
+                    cache.check_epoch(self._heartbeat(cur))  # a round trip proves the link
                     cache.alive()
 
         return start_feed(cache, session, heartbeat=heartbeat)
@@ -486,7 +515,7 @@ class PostgresStore:
         try:
             with conn.cursor(row_factory=tuple_row) as cur:
                 cur.execute(self._sql.listen)
-                self._check_listening(cur)
+                self._heartbeat(cur)
                 yield cur
         finally:
             # A broken connection fails both, and its pool discards it anyway.
@@ -495,13 +524,14 @@ class PostgresStore:
             with contextlib.suppress(psycopg.Error):
                 conn.autocommit = autocommit
 
-    def _check_listening(self, cur: Cursor) -> None:
-        """Fail the session unless this connection is listening on the channel
-        (a pooler that switched server sessions under us, a LISTEN that never
-        committed): the cache must not look live without a working feed."""
-        row = cur.execute(_LISTENING, (self.channel,)).fetchone()
+    def _heartbeat(self, cur: Cursor) -> float | None:
+        """The store's epoch, after checking this connection is listening on the
+        channel: the cache must not look live without a working feed (a pooler
+        that switched server sessions under us, a LISTEN that never committed)."""
+        row = cur.execute(self._sql.heartbeat, (self.channel,)).fetchone()
         if row is None or not row[0]:
             raise StoreError(f"not listening on {self.channel!r}: the connection lost its LISTEN")
+        return None if row[1] is None else float(row[1])
 
     def _revoke_tree(
         self, cur: Cursor, query: Query, params: dict[str, Any], at: float, reason: str
@@ -553,6 +583,8 @@ class _Statements:
         self.revoked_since = self.render(_REVOKED_SINCE)
         self.listen = self.render(_LISTEN)
         self.unlisten = self.render(_UNLISTEN)
+        self.heartbeat = self.render(_HEARTBEAT)
+        self.resync = self.render(_RESYNC)
         self.drop_schema = self.render(_DROP_SCHEMA)
         digest = hashlib.blake2b(f"jitbroker:{schema}".encode(), digest_size=8).digest()
         self.lock_key = int.from_bytes(digest, "big", signed=True)  # a bigint advisory key

@@ -16,6 +16,8 @@ so every key of one store lives in one slot and the scripts may touch them all):
                               -> expires_at of revoked or claimed leases, for purge
     {p}:all                   set: every stored id (``find`` with an empty filter)
     {p}:idx:<field>:<value>   set: ids whose task/parent/owner/subject/key_id is value
+    {p}:epoch                 string: the server time (seconds) the store's data
+                              began, written by the first add into an empty store
     {p}:revoked               pub/sub channel: JSON list of the ids each revoke took
 
 The scripts are declared with the three fixed keys and build the per-lease keys
@@ -31,7 +33,7 @@ import math
 import operator
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar, cast
 
@@ -102,6 +104,15 @@ end
 # the record's field/value pairs. 1 if stored; 0 (nothing written) if the parent
 # is not active at issued_at.
 _ADD = """
+-- The epoch: set by the first add into an empty store (a new prefix, or one
+-- whose keys were lost), so revocation caches can tell the data they follow
+-- from data that is gone (see jitbroker.revocations). Server time: no lease's
+-- timestamps, which come from brokers' clocks and may be anywhere.
+if redis.call('EXISTS', BASE .. 'epoch') == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', BASE .. 'epoch', now[1] .. '.' .. string.format('%06d', tonumber(now[2])))
+end
+
 local id, parent, issued_at, expires_at = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if parent ~= '' and not live(parent, issued_at) then return 0 end
 local key = lease_key(id)
@@ -259,6 +270,7 @@ class RedisLeases(Generic[C]):
         self.prefix = prefix
         self._base = f"{{{prefix}}}:"
         self._keys = (self._base + "exp", self._base + "dead", self._base + "all")
+        self._epoch = self._base + "epoch"
         # Fixed leading ARGV of every script (see the scripts' header).
         self._head = (self._base, 0 if retention is None else max(1, round(retention * 1000)))
         # register_script does no I/O: a script is loaded on its first call
@@ -348,6 +360,26 @@ class RedisLeases(Generic[C]):
         with _translated("read recent revocations"):
             entries = yield operator.methodcaller("zrangebyscore", dead, low, "+inf")
         return [str(json.loads(entry)[0]) for entry in entries]
+
+    def _resync_steps(self, since: float) -> Steps[tuple[float | None, list[str]]]:
+        """The epoch and ``revoked_since(since)``, read in one MULTI (one snapshot)."""
+        dead, low = self._keys[1], _time("since", since)
+
+        def read(client: Any) -> Any:
+            return (
+                client.pipeline(transaction=True)
+                .get(self._epoch)
+                .zrangebyscore(dead, low, "+inf")
+                .execute()
+            )
+
+        with _translated("read recent revocations"):
+            epoch, entries = yield read
+        return _epoch(epoch), [str(json.loads(entry)[0]) for entry in entries]
+
+    def _epoch_steps(self) -> Steps[float | None]:
+        with _translated("read the store's epoch"):
+            return _epoch((yield operator.methodcaller("get", self._epoch)))
 
     def _clear_steps(self) -> Steps[int]:
         pattern, cursor, deleted = _glob_escape(self._base) + "*", 0, 0
@@ -451,8 +483,9 @@ class RedisStore(RedisLeases[redis.Redis]):
             try:
                 pubsub.subscribe(self._base + "revoked")
                 _await_subscription(pubsub, heartbeat)
-                cache.resync(self.revoked_since(time.time() - RESYNC_MARGIN))
-                _follow(pubsub, cache, stop, heartbeat)
+                epoch, ids = run(self._resync_steps(time.time() - RESYNC_MARGIN), self._client)
+                cache.resync(ids, epoch=epoch)
+                _follow(pubsub, cache, stop, heartbeat, self._read_epoch)
             finally:
                 with contextlib.suppress(redis.RedisError, OSError):
                     pubsub.close()
@@ -466,9 +499,19 @@ class RedisStore(RedisLeases[redis.Redis]):
         """
         return run(self._clear_steps(), self._client)
 
+    def _read_epoch(self) -> float | None:
+        return run(self._epoch_steps(), self._client)
 
-def _follow(pubsub: Any, cache: RevocationCache, stop: threading.Event, heartbeat: float) -> None:
-    """Add each published revocation; a PING every ``heartbeat`` proves the link."""
+
+def _follow(
+    pubsub: Any,
+    cache: RevocationCache,
+    stop: threading.Event,
+    heartbeat: float,
+    read_epoch: Callable[[], float | None],
+) -> None:
+    """Add each published revocation; every ``heartbeat``, a PING proves the link
+    and the epoch is read again (a FLUSHALL leaves the subscription connected)."""
     pinged = time.monotonic()
     while not stop.is_set():
         message = pubsub.get_message(timeout=heartbeat / 4)
@@ -479,6 +522,7 @@ def _follow(pubsub: Any, cache: RevocationCache, stop: threading.Event, heartbea
             elif message["type"] == "pong":
                 cache.alive()
         if time.monotonic() - pinged >= heartbeat:
+            cache.check_epoch(read_epoch())
             pubsub.ping()
             pinged = time.monotonic()
 
@@ -540,6 +584,11 @@ def _filter(where: LeaseFilter) -> list[str]:
         if value is not None:
             pairs += (name, value)
     return pairs
+
+
+def _epoch(value: Any) -> float | None:
+    """The epoch key's value (None if the store has none yet)."""
+    return None if value is None else float(value)
 
 
 def _text(value: Any) -> str:
