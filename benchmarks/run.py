@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # full run (about a minute; 1,000,000 leases)
     python benchmarks/run.py --quick    # smoke run with small sizes
+    python benchmarks/run.py --only stores  # SQLite, Redis, PostgreSQL; round trips counted
 
 Each figure is the median over repeats of the per-call time of a batch, with
 jitbroker and PyJWT batches interleaved so drift hits both alike. The same
@@ -12,21 +13,26 @@ ratios (jitbroker / PyJWT) against the targets of the foundation issue.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import secrets
+import shutil
 import statistics
 import sys
+import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 
 from jitbroker import Broker, Credential, KeyRing, LeaseStore, MemoryStore
 from jitbroker.lease import Lease
+from jitbroker.revocations import RevocationCache
 from jitbroker.testing import FakeClock
 
 ISSUER = "urn:example:broker"
@@ -270,20 +276,19 @@ class Bench:
 
     def stores(self) -> None:
         """Each shared store against MemoryStore: issue, verify (online), revoke,
-        sweep; round trips counted for Redis; verify through a live revocation cache."""
+        sweep, and verify through a live revocation cache; round trips counted."""
         for name, make in shared_stores():
             try:
-                store = make()
+                shared = make()
             except Exception as exc:  # a server that is not running: say so, go on
                 print(f"skipping {name}: {exc}", file=sys.stderr)
                 continue
             try:
-                self.compare_store(name, store)
+                self.compare_store(name, shared.store)
+                if shared.counting is not None:
+                    self.count_round_trips(name, shared.counting)
             finally:
-                clear = getattr(store, "clear", None)
-                if clear is not None:
-                    clear()
-                store.close()
+                shared.close()
 
     def revoke_and_sweep(self, name: str, store: LeaseStore, number: int, repeat: int) -> None:
         ours = Broker(issuer=ISSUER, keys=self.ring, store=store)
@@ -329,24 +334,9 @@ class Bench:
             None,
         )
         self.revoke_and_sweep(name, store, number, repeat)
-        counter = getattr(store, "commands", None)
-        if counter is not None:
-            for op, target, call in (
-                ("issue", 1.0, issuing(ours)),
-                ("revoke", 1.0, lambda: ours.revoke(issuing(ours)())),
-                ("verify, no cache", 1.0, verify_ours),
-            ):
-                call()  # warm: scripts loaded
-                before = counter()
-                call()
-                spent = counter() - before - (1 if op == "revoke" else 0)
-                self.count(f"{name}: round trips per {op}", spent, target)
         revocations = getattr(store, "revocations", None)
         if revocations is not None:
-            cache = revocations()
-            deadline = time.monotonic() + 5
-            while not cache.fresh() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            cache = live(revocations())
             fast = Broker(issuer=ISSUER, keys=self.ring, store=store, revocations=cache)
             fast_token = issuing(fast)().token
 
@@ -356,6 +346,61 @@ class Bench:
             result = compare(verify_fast, verify_base, number, repeat)
             cache.close()
             self.row(f"{name}: verify, live revocation cache / MemoryStore", *result, 1.10)
+
+    def count_round_trips(self, name: str, counting: Counting) -> None:
+        """Round trips per broker call, counted on the connection (see SharedStore),
+        in the steady state: after warm-up calls have loaded Redis's scripts and
+        let psycopg prepare its statements (a statement's 6th run on a connection
+        costs one extra round trip, for the Parse)."""
+        clock = FakeClock(time.time())  # a clock that never moves: no opportunistic sweep
+        broker = Broker(issuer=ISSUER, keys=self.ring, store=counting.store, clock=clock)
+        broker.sweep()  # the first issue would run one otherwise
+        issue = issuing(broker)
+
+        def verify() -> Callable[[], object]:
+            token = issue().token
+            return lambda: broker.verify(token, audience=AUDIENCE)
+
+        def revoke() -> Callable[[], object]:
+            cred = issue()
+            return lambda: broker.revoke(cred)
+
+        def attenuate() -> Callable[[], object]:
+            cred = issue()
+            return lambda: broker.attenuate(cred, scopes=SCOPES, ttl=60)
+
+        cache = live(counting.revocations())
+        fast = Broker(
+            issuer=ISSUER, keys=self.ring, store=counting.store, clock=clock, revocations=cache
+        )
+
+        def verify_cached() -> Callable[[], object]:
+            token = issuing(fast)().token
+            return lambda: fast.verify(token, audience=AUDIENCE)
+
+        ops: list[tuple[str, Callable[[], Callable[[], object]], float | None]] = [
+            ("issue", lambda: issue, ROUND_TRIP_TARGETS.get((name, "issue"))),
+            ("verify, no revocation cache", verify, ROUND_TRIP_TARGETS.get((name, "verify"))),
+            ("revoke", revoke, ROUND_TRIP_TARGETS.get((name, "revoke"))),
+            ("attenuate", attenuate, None),
+            ("sweep, nothing due", lambda: broker.sweep, None),
+            ("verify, live revocation cache", verify_cached, 0.0),
+        ]
+        try:
+            for op, prepare, target in ops:
+                trips = [counting.round_trips(prepare()) for _ in range(WARM_UP + COUNTED)]
+                mean = statistics.mean(trips[WARM_UP:])
+                self.count(f"{name}: round trips per {op}", mean, target)
+        finally:
+            cache.close()
+
+
+def live(cache: RevocationCache) -> RevocationCache:
+    """``cache`` once its feed is up (or after 5 s: the rows then show a stale cache)."""
+    deadline = time.monotonic() + 5
+    while not cache.fresh() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cache
 
 
 def revoke_pair(ours: Broker, base: Broker, number: int) -> tuple[Callable[[], object], ...]:
@@ -367,46 +412,140 @@ def revoke_pair(ours: Broker, base: Broker, number: int) -> tuple[Callable[[], o
 
 # Targets from the stores issue (stores without one are reported only).
 STORE_TARGETS = {"sqlite": 3.0}
+ROUND_TRIP_TARGETS = {("redis", "issue"): 1.0, ("redis", "verify"): 1.0, ("redis", "revoke"): 1.0}
+WARM_UP, COUNTED = 8, 10  # calls per operation before counting, and counted
 
 
-def shared_stores() -> list[tuple[str, Callable[[], LeaseStore]]]:
+RoundTrips = Callable[[Callable[[], object]], int]
+
+
+class Counting(NamedTuple):
+    """The same data as a benchmarked store, through a connection that counts:
+    ``round_trips(fn)`` runs ``fn`` and says how many request/response exchanges
+    it made on that connection from this thread (a revocation feed's own
+    connection and thread are never counted)."""
+
+    store: LeaseStore
+    round_trips: RoundTrips
+    revocations: Callable[[], RevocationCache]
+
+
+class SharedStore(NamedTuple):
+    """A store to benchmark, how to clean up after it, and (networked stores) counting."""
+
+    store: LeaseStore
+    close: Callable[[], None]
+    counting: Counting | None = None
+
+
+def shared_stores() -> list[tuple[str, Callable[[], SharedStore]]]:
     """The shared stores to compare, built lazily (a missing server skips one)."""
-
-    def redis_store() -> LeaseStore:
-        import redis
-
-        from jitbroker.stores.redis import RedisStore
-
-        sent = [0]
-
-        class Counting(redis.Connection):
-            """Counts commands sent: each is one round trip (no pipelining here)."""
-
-            def send_command(self, *args: Any, **kwargs: Any) -> None:
-                sent[0] += 1
-                super().send_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-        pool = redis.ConnectionPool(host="127.0.0.1", port=6379, connection_class=Counting)
-        client = redis.Redis(connection_pool=pool, socket_connect_timeout=1)
-        client.ping()
-        store = RedisStore(client, prefix=f"jbbench-{secrets.token_hex(8)}")
-        store.commands = lambda: sent[0]  # type: ignore[attr-defined]
-        return store
-
-    def sqlite_store() -> LeaseStore:
-        import tempfile
-
-        from jitbroker.stores.sqlite import SQLiteStore
-
-        return SQLiteStore(os.path.join(tempfile.mkdtemp(prefix="jbbench-"), "leases.db"))
-
-    def postgres_store() -> LeaseStore:
-        from jitbroker.stores.postgres import PostgresStore
-
-        dsn = os.environ.get("JITBROKER_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-        return PostgresStore(dsn, schema=f"jbbench_{secrets.token_hex(8)}")
-
     return [("sqlite", sqlite_store), ("redis", redis_store), ("postgres", postgres_store)]
+
+
+def sqlite_store() -> SharedStore:
+    from jitbroker.stores.sqlite import SQLiteStore
+
+    folder = tempfile.mkdtemp(prefix="jbbench-")
+    store = SQLiteStore(os.path.join(folder, "leases.db"))
+
+    def close() -> None:
+        store.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return SharedStore(store, close)
+
+
+def redis_store() -> SharedStore:
+    import redis
+
+    from jitbroker.stores.redis import RedisStore
+
+    counter: dict[str, int] = {"thread": -1, "sent": 0}
+
+    class CountingConnection(redis.Connection):
+        """Counts what it sends from the counting thread. Every command and every
+        pipeline goes out in one send_packed_command, then waits for its replies."""
+
+        def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+            if threading.get_ident() == counter["thread"]:
+                counter["sent"] += 1
+            super().send_packed_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def round_trips(fn: Callable[[], object]) -> int:
+        counter.update(thread=threading.get_ident(), sent=0)
+        try:
+            fn()
+            return counter["sent"]
+        finally:
+            counter["thread"] = -1
+
+    pool = redis.ConnectionPool(host="127.0.0.1", port=6379, connection_class=CountingConnection)
+    client = redis.Redis(connection_pool=pool, socket_connect_timeout=1)
+    client.ping()
+    store = RedisStore(client, prefix=f"jbbench-{secrets.token_hex(8)}")
+
+    def close() -> None:
+        store.clear()
+        store.close()
+        client.close()
+
+    return SharedStore(store, close, Counting(store, round_trips, store.revocations))
+
+
+def postgres_store() -> SharedStore:
+    from jitbroker.stores.postgres import PostgresStore
+
+    dsn = os.environ.get("JITBROKER_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    store = PostgresStore(dsn, schema=f"jbbench_{secrets.token_hex(8)}")
+    traced = TracedConnection(dsn)
+    counted = PostgresStore(traced, schema=store.schema)  # the same tables
+
+    def close() -> None:
+        store.clear()
+        store.close()
+        traced.close()
+
+    # The revocation feed comes from the timed store: it holds a pooled connection of
+    # its own, which the counted store's single connection could not lend it.
+    return SharedStore(store, close, Counting(counted, traced.round_trips, store.revocations))
+
+
+class TracedConnection:
+    """One autocommit connection (as PostgresStore's own pool makes them), lent to
+    a store, with libpq's protocol trace (``PQtrace``) on while ``round_trips``
+    runs. The client ends every request with a Sync or a simple Query and then
+    waits; the server answers each with exactly one ReadyForQuery. So the
+    ReadyForQuery messages in the trace are the round trips: BEGIN, each
+    statement and COMMIT are counted as they went over the wire."""
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        yield self.conn
+
+    def round_trips(self, fn: Callable[[], object]) -> int:
+        from psycopg import pq
+
+        pgconn = self.conn.pgconn
+        with tempfile.TemporaryFile() as log:
+            fd = os.dup(log.fileno())  # libpq writes through a FILE* of its own on this
+            pgconn.trace(fd)
+            pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                fn()
+            finally:
+                pgconn.untrace()  # flushes libpq's FILE*, which is never written again
+                os.close(fd)
+            log.seek(0)
+            return sum(line.startswith(b"B\t") and b"\tReadyForQuery" in line for line in log)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def fill(store: LeaseStore, n: int, kid: str) -> None:
