@@ -12,8 +12,11 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 from psycopg.rows import dict_row
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from conftest import server_or_skip
 from jitbroker import Broker, KeyRing, Verifier
@@ -30,6 +33,8 @@ from jitbroker.stores.postgres import PostgresStore
 from jitbroker.stores.redis import RedisStore
 from jitbroker.testing import TEST_ISSUER
 from test_store_redis import PrivateServer, fast_client, private_server  # noqa: F401
+
+FEED_THREAD = "jitbroker-revocations"
 
 
 class Ticks:
@@ -371,10 +376,13 @@ class PlainPool:
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
                 conn.commit()
         finally:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.rollback()
-            with self.lock:
-                self.idle.append(conn)
+            if conn.broken or conn.closed:
+                conn.close()  # terminated under us: not lent again
+            else:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.rollback()
+                with self.lock:
+                    self.idle.append(conn)
 
     def close(self) -> None:
         for conn in self.made:
@@ -406,6 +414,122 @@ def test_the_postgres_feed_listens_on_a_pool_without_autocommit() -> None:
             assert not conn.autocommit
             assert conn.execute("SELECT pg_listening_channels()").fetchall() == []
             conn.rollback()
+    finally:
+        store.clear()
+        store.close()
+        pool.close()
+
+
+# -- revoked while the feed was cut off: the resync must pick it up ------------------
+class FeedGate:
+    """Holds the feed's reconnection until ``open()``: after the first, each of its
+    sessions (the ones the feed thread starts) waits here, so the test can revoke
+    while the feed is surely disconnected. ``waiting`` says one is held."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.released = threading.Event()
+
+    def enter(self) -> None:
+        if threading.current_thread().name != FEED_THREAD:
+            return
+        self.sessions += 1
+        if self.sessions > 1:
+            assert self.released.wait(10), "the test never let the feed reconnect"
+
+    def waiting(self) -> bool:
+        return self.sessions > 1 and not self.released.is_set()
+
+    def open(self) -> None:
+        self.released.set()
+
+
+class GatedRedis(redis.Redis):
+    gate: FeedGate
+
+    def pubsub(self, **options: Any) -> Any:
+        self.gate.enter()
+        return super().pubsub(**options)  # type: ignore[no-untyped-call]  # unannotated
+
+
+class GatedPool(PlainPool):
+    """``PlainPool`` that gates the feed's sessions and knows its server process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = FeedGate()
+        self.feed_pid: int | None = None
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        self.gate.enter()
+        with super().connection() as conn:
+            if threading.current_thread().name == FEED_THREAD:
+                self.feed_pid = conn.info.backend_pid
+            yield conn
+
+
+def revoke_while_cut_off(store: Counting, gate: FeedGate, cut: Callable[[], object]) -> None:
+    """Cut the feed's connection, revoke while it waits to reconnect, let it
+    reconnect: its resync, not a message, must bring the revocation."""
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    cache = live_cache(store)
+    try:
+        verifier = Verifier(
+            broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+        )
+        verifier.verify(cred.token)
+        cut()
+        assert wait_for(gate.waiting), "the feed did not notice the cut"
+        assert not cache.fresh()
+        broker.revoke(cred)  # announced to nobody: the feed is not connected
+        gate.open()
+        assert wait_for(cache.fresh), "the feed did not reconnect"
+        assert cache.revoked(cred.lease_id)
+        with pytest.raises(TokenRevoked):
+            verifier.verify(cred.token)
+        assert store.gets == 0  # both answered by the cache
+    finally:
+        gate.open()
+        cache.close()
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [Retry(NoBackoff(), 0), None],
+    ids=["no-retries", "redis-py-default-retries"],  # the default reconnects by itself
+)
+def test_a_revocation_while_the_redis_feed_was_cut_off_is_resynced(
+    private_server: PrivateServer,  # noqa: F811 - the fixture
+    retry: Retry | None,
+) -> None:
+    options: dict[str, Any] = {} if retry is None else {"retry": retry}
+    client = GatedRedis(host="127.0.0.1", port=private_server.port, socket_timeout=2, **options)
+    client.gate = FeedGate()
+    store = CountingStore(client, prefix="jbtest")
+    age(store)
+    killer = fast_client(private_server.port)
+    try:
+        revoke_while_cut_off(store, client.gate, lambda: killer.client_kill_filter(_type="pubsub"))
+    finally:
+        killer.close()
+        client.close()
+
+
+def test_a_revocation_while_the_postgres_feed_was_cut_off_is_resynced() -> None:
+    server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+    pool = GatedPool()
+    store = CountingPostgresStore(pool, schema=f"jbtest_{uuid4().hex}")
+    age(store)
+
+    def terminate_listener() -> None:
+        with psycopg.connect(PG_DSN, autocommit=True) as admin:
+            row = admin.execute("SELECT pg_terminate_backend(%s)", (pool.feed_pid,)).fetchone()
+        assert row == (True,)
+
+    try:
+        revoke_while_cut_off(store, pool.gate, terminate_listener)
     finally:
         store.clear()
         store.close()

@@ -521,6 +521,10 @@ def _follow(
                 cache.alive()
             elif message["type"] == "pong":
                 cache.alive()
+            elif message["type"] == "subscribe":
+                # redis-py reconnected and subscribed again by itself (a client
+                # with retries): whatever was published meanwhile is lost.
+                raise redis.ConnectionError("the subscription was renewed: resyncing")
         if time.monotonic() - pinged >= heartbeat:
             cache.check_epoch(read_epoch())
             pubsub.ping()
