@@ -34,12 +34,14 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from conftest import server_or_skip
+from jitbroker import Broker, Verifier
 from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable
 from jitbroker.lease import Lease
 from jitbroker.stores import postgres as postgres_module
 from jitbroker.stores.base import LeaseFilter
 from jitbroker.stores.codec import COLUMNS, to_row
 from jitbroker.stores.postgres import SCHEMA_VERSION, PostgresStore
+from jitbroker.testing import TEST_ISSUER
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -60,6 +62,15 @@ def ids(leases: list[Lease]) -> set[str]:
 
 def poll(condition: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + POLL_LIMIT
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def poll_long(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + 20
     while not condition():
         if time.monotonic() > deadline:
             return False
@@ -782,6 +793,35 @@ def test_a_transaction_cut_short_writes_nothing(
     private_server.start()
     assert store.get("child") is None
     assert store.add(child) is True
+
+
+def test_a_dead_feed_fails_closed_then_resyncs(
+    private_server: PrivateServer, private_store: PostgresStore
+) -> None:
+    store = private_store
+    with psycopg.connect(private_server.dsn, autocommit=True) as conn:  # a store of an hour ago
+        meta = sql.SQL("{}.jitbroker_meta").format(sql.Identifier(store.schema))
+        conn.execute(sql.SQL("UPDATE {} SET epoch = epoch - 3600").format(meta))
+    broker = Broker(issuer=TEST_ISSUER, store=store)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    cache = store.revocations(max_staleness=0.5, heartbeat=0.1)
+    try:
+        assert poll(cache.fresh)
+        verifier = Verifier(
+            broker.jwks(), issuer=TEST_ISSUER, audience="api", store=store, revocations=cache
+        )
+        private_server.stop()
+        assert poll(lambda: not cache.fresh())
+        with pytest.raises(StoreUnavailable):
+            verifier.verify(cred.token)  # stale cache: asks the store, which is down
+        private_server.start()
+        # The feed backs off up to 5 s between attempts while the server is down.
+        assert poll_long(cache.fresh), "the feed did not resync after a restart"
+        assert verifier.verify(cred.token).lease_id == cred.lease_id
+        broker.revoke(cred)
+        assert poll(lambda: cache.revoked(cred.lease_id))
+    finally:
+        cache.close()
 
 
 def test_opening_with_the_server_down_is_unavailable(private_server: PrivateServer) -> None:
