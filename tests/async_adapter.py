@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -44,8 +44,8 @@ class SyncOverAsync:
 
         return call
 
-    def add(self, lease: Any) -> bool:
-        return bool(self._call(self.store.add(lease)))
+    def add(self, lease: Any, quotas: Sequence[Any] = ()) -> bool:
+        return bool(self._call(self.store.add(lease, quotas)))
 
     def get(self, lease_id: str) -> Any:
         return self._call(self.store.get(lease_id))

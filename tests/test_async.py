@@ -8,7 +8,7 @@ short real sleeps, bounded at about two seconds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -32,6 +32,7 @@ from jitbroker.errors import (
     TokenExpired,
     TokenRevoked,
 )
+from jitbroker.stores.base import Quota
 from jitbroker.testing import TEST_ISSUER, FakeClock
 
 SUBJECT = "svc:ci-deploy"
@@ -442,8 +443,8 @@ class AsyncMemoryStore:
         self.sync = MemoryStore()
         self.closed = 0
 
-    async def add(self, lease: Lease) -> bool:
-        return self.sync.add(lease)
+    async def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+        return self.sync.add(lease, quotas)
 
     async def get(self, lease_id: str) -> Lease | None:
         return self.sync.get(lease_id)

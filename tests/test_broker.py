@@ -8,6 +8,7 @@ them), plus the opaque token format and freezegun-driven time.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +35,7 @@ from jitbroker.errors import (
     TokenRevoked,
     UnknownLease,
 )
+from jitbroker.stores.base import Quota
 from jitbroker.testing import TEST_ISSUER, FakeClock
 
 SUBJECT = "svc:ci-deploy"
@@ -91,9 +93,9 @@ def test_issue_adds_the_lease_to_the_store_once(
     seen: list[str] = []
 
     class Watching(MemoryStore):
-        def add(self, lease: Lease) -> bool:
+        def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
             seen.append(lease.id)
-            return super().add(lease)
+            return super().add(lease, quotas)
 
     store = Watching()
     broker = Broker(issuer=TEST_ISSUER, keys=jitbroker_keys, store=store, clock=jitbroker_clock)
@@ -106,7 +108,7 @@ def test_issue_fails_without_a_token_when_the_store_fails(
     jitbroker_keys: KeyRing, jitbroker_clock: FakeClock
 ) -> None:
     class Broken(MemoryStore):
-        def add(self, lease: Lease) -> bool:
+        def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
             raise RuntimeError("disk on fire")
 
     store = Broken()

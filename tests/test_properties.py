@@ -290,14 +290,8 @@ def policy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("policy") / "policy.toml"
 
 
-# policy.py lets two tomllib failures through as they are (not InvalidRequest):
-# bytes that are not UTF-8 (UnicodeDecodeError) and deeply nested arrays
-# (RecursionError). Strict: once fixed, this marker must go.
-@pytest.mark.xfail(
-    strict=True,
-    raises=(UnicodeDecodeError, RecursionError),
-    reason="Policy.from_toml: non-UTF-8 and deeply nested files escape as non-InvalidRequest",
-)
+# Regression: tomllib's UnicodeDecodeError (bytes that are not UTF-8) and
+# RecursionError (deeply nested arrays) once escaped as they were.
 @settings(
     max_examples=300, deadline=None, derandomize=True, database=None, report_multiple_bugs=False
 )

@@ -13,20 +13,22 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import validate
-from ._drive import arun, run
+from ._drive import Steps, arun, run
 from .audit import Sink
 from .clock import Clock, Duration
-from .core import Core, LeaseRef, TokenFormat
-from .errors import InvalidRequest
+from .core import MAX_DELEGATION_DEPTH, Core, Explanation, LeaseRef, TokenFormat
+from .errors import InvalidRequest, InvalidToken, QuotaExceeded
+from .hooks import FailedHook, Hook, Hooks
 from .keyring import KeyRing
 from .keys import Key
 from .lease import Claims, Credential, Lease
 from .policy import Policy
+from .report import Report, build_report
 from .revocations import RevocationCache
 from .stores.base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
 from .stores.memory import MemoryStore
@@ -70,6 +72,13 @@ class _Base:
         cache_size: int = 4096,
         audit: Iterable[Sink] = (),
         revocations: RevocationCache | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_delegation_depth: int = MAX_DELEGATION_DEPTH,
+        on_issue: Hook | Iterable[Hook] | None = None,
+        on_revoke: Hook | Iterable[Hook] | None = None,
+        on_expire: Hook | Iterable[Hook] | None = None,
+        hook_retries: int = 5,
+        hook_backoff: Duration = 1.0,
     ) -> None:
         if revocations is not None and not isinstance(revocations, RevocationCache):
             raise InvalidRequest("revocations must be a RevocationCache (store.revocations())")
@@ -86,6 +95,9 @@ class _Base:
             reap_interval=reap_interval,
             cache_size=cache_size,
             audit=audit,
+            labels=labels,
+            max_delegation_depth=max_delegation_depth,
+            hooks=Hooks(on_issue, on_revoke, on_expire, retries=hook_retries, backoff=hook_backoff),
         )
         self._core.shell = self  # type: ignore[assignment]
         # With a shared store's revocation feed, verify skips the store while it is live.
@@ -114,6 +126,35 @@ class _Base:
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """Public keys for offline verifiers (never an HMAC key or a private member)."""
         return self._core.keys.jwks()
+
+    def _report(self, leases: list[Lease], long_ttl: Duration, oldest: int) -> Report:
+        core = self._core
+        return build_report(
+            leases,
+            now=core.clock(),
+            keys={key.kid for key in core.keys},
+            failed_hooks=core.hooks.failed(),
+            counts=core.audit.counts,
+            long_ttl=long_ttl,
+            oldest=oldest,
+        )
+
+    def failed_hooks(self) -> list[FailedHook]:
+        """Hook calls that ran out of retries (see ``retry_failed_hooks``)."""
+        return self._core.hooks.failed()
+
+    def _explain_lease(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] | str,
+        ttl: Duration | None,
+        issue: dict[str, Any],
+    ) -> Steps[Explanation]:
+        # Validated exactly as issue validates, but neither judged nor signed here.
+        core = self._core
+        lease = core.plan_issue(subject, audience, scopes, ttl, **issue, dry_run=True)[0]
+        return core.explain(lease)
 
     def rotate_keys(self) -> Key:
         """Make a new signing key. The previous one stops signing new leases,
@@ -161,13 +202,22 @@ class Broker(_Base):
         it then verifies only with a DPoP proof signed by the key.
         """
         core = self._core
-        lease, token, sweep_due = core.plan_issue(
+        lease, token, sweep_due, quotas = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
-        self.store.add(lease)  # raises if the store fails: the token never leaves
+        # The store raises if it fails: the token never leaves. Quotas are passed
+        # only when the policy sets one, so a store without quota support works
+        # until one is configured.
+        try:
+            self.store.add(lease, quotas) if quotas else self.store.add(lease)
+        except QuotaExceeded as exc:
+            core.denied(lease, exc, lease.issued_at)
         if sweep_due:
             self._sweep_quietly()
-        return core.issued(lease, token)
+        cred = core.issued(lease, token)
+        if core.hooks.on_issue:
+            core.hooks.run()
+        return cred
 
     def verify(
         self,
@@ -182,15 +232,22 @@ class Broker(_Base):
         """Verify online: signature, issuer, time, audience, scopes and an active
         lease; for a key-bound token also the request's DPoP ``proof``."""
         steps = self._core.verifier.steps(token, audience, scopes, Request(proof, method, url))
-        return run(steps, self.store)
+        try:
+            return run(steps, self.store)
+        except InvalidToken as exc:
+            self._core.verify_failed(exc)
+            raise
 
     def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
         """Extend the lease (capped at its max lifetime) and return a fresh token."""
         return run(self._core.renew(cred, ttl), self.store)
 
-    def revoke(self, cred: LeaseRef, reason: str = "revoked") -> bool:
-        """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent."""
-        return run(self._core.revoke(cred, reason), self.store)
+    def revoke(self, cred: LeaseRef, reason: str = "revoked", *, by: str | None = None) -> bool:
+        """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent.
+        ``by`` names who revoked it, for the audit trail."""
+        revoked = run(self._core.revoke(cred, reason, by), self.store)
+        self._core.hooks.run()
+        return revoked
 
     def revoke_where(
         self,
@@ -201,10 +258,14 @@ class Broker(_Base):
         key_id: str | None = None,
         parent: str | None = None,
         reason: str = "revoked",
+        by: str | None = None,
     ) -> int:
-        """Revoke every active lease matching all given fields; returns how many."""
+        """Revoke every active lease matching all given fields (and their subtrees);
+        returns how many. Audited as one ``revoked_where`` event with the count."""
         where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
-        return run(self._core.revoke_where(where, reason), self.store)
+        count = run(self._core.revoke_where(where, reason, by), self.store)
+        self._core.hooks.run()
+        return count
 
     def attenuate(
         self,
@@ -214,9 +275,13 @@ class Broker(_Base):
         audience: str | None = None,
         ttl: Duration | None = None,
         purpose: str | None = None,
+        subject: str | None = None,
     ) -> Credential:
-        """A narrower child credential that dies with its parent."""
-        return run(self._core.attenuate(cred, scopes, audience, ttl, purpose), self.store)
+        """A narrower child credential that dies with its parent: delegation as in
+        RFC 8693 (``subject`` hands it to another workload; the token's ``act``
+        claim names the delegating leases)."""
+        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
+        return run(steps, self.store)
 
     def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
@@ -237,13 +302,42 @@ class Broker(_Base):
         return iter(run(self._core.leases(where, include_inactive), self.store))
 
     def sweep(self) -> list[Lease]:
-        """Expire every lease due now (each exactly once) and purge long-dead records."""
-        return run(self._core.sweep(), self.store)
+        """Expire every lease due now (each exactly once), purge long-dead records,
+        and run the hook calls that are due (``on_expire`` and retries)."""
+        expired = run(self._core.sweep(), self.store)
+        self._core.hooks.run()
+        return expired
 
     def retire_key(self, kid: str, *, revoke: bool = True, reason: str = "key-retired") -> int:
         """Drop signing key ``kid`` at once and (by default) revoke every lease it
         signed; returns how many were revoked."""
-        return run(self._core.retire_key(kid, revoke, reason), self.store)
+        count = run(self._core.retire_key(kid, revoke, reason), self.store)
+        self._core.hooks.run()
+        return count
+
+    def explain(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        ttl: Duration | None = None,
+        **issue: Any,
+    ) -> Explanation:
+        """What ``issue`` with these arguments would decide now, and why: every rule
+        that matched, every reason, and how full the quotas are. Issues nothing."""
+        return run(self._explain_lease(subject, audience, scopes, ttl, issue), self.store)
+
+    def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
+        """The governance report: what is alive, who owns it, and what looks wrong
+        (no owner or purpose, TTL over ``long_ttl``, wildcards, retired keys,
+        failed hooks), with churn counts."""
+        leases = run(self._core.leases(LeaseFilter(), True), self.store)
+        return self._report(leases, long_ttl, oldest)
+
+    def retry_failed_hooks(self) -> int:
+        """Run every parked hook call once more; returns how many still fail."""
+        self._core.hooks.retry_parked()
+        return self._core.hooks.run()
 
     def _sweep_quietly(self) -> None:
         # The opportunistic sweep inside issue: the lease is already stored, so
@@ -364,13 +458,19 @@ class AsyncBroker(_Base):
         it then verifies only with a DPoP proof signed by the key.
         """
         core = self._core
-        lease, token, sweep_due = core.plan_issue(
+        lease, token, sweep_due, quotas = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
-        await self._astore.add(lease)  # raises if the store fails: the token never leaves
+        try:  # raises if the store fails: the token never leaves
+            await (self._astore.add(lease, quotas) if quotas else self._astore.add(lease))
+        except QuotaExceeded as exc:
+            core.denied(lease, exc, lease.issued_at)
         if sweep_due:
             await self._sweep_quietly()
-        return core.issued(lease, token)
+        cred = core.issued(lease, token)
+        if core.hooks.on_issue:
+            await core.hooks.arun()
+        return cred
 
     async def verify(
         self,
@@ -385,15 +485,24 @@ class AsyncBroker(_Base):
         """Verify online: signature, issuer, time, audience, scopes and an active
         lease; for a key-bound token also the request's DPoP ``proof``."""
         steps = self._core.verifier.steps(token, audience, scopes, Request(proof, method, url))
-        return await arun(steps, self._astore)
+        try:
+            return await arun(steps, self._astore)
+        except InvalidToken as exc:
+            self._core.verify_failed(exc)
+            raise
 
     async def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
         """Extend the lease (capped at its max lifetime) and return a fresh token."""
         return await arun(self._core.renew(cred, ttl), self._astore)
 
-    async def revoke(self, cred: LeaseRef, reason: str = "revoked") -> bool:
-        """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent."""
-        return await arun(self._core.revoke(cred, reason), self._astore)
+    async def revoke(
+        self, cred: LeaseRef, reason: str = "revoked", *, by: str | None = None
+    ) -> bool:
+        """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent.
+        ``by`` names who revoked it, for the audit trail."""
+        revoked = await arun(self._core.revoke(cred, reason, by), self._astore)
+        await self._core.hooks.arun()
+        return revoked
 
     async def revoke_where(
         self,
@@ -404,10 +513,14 @@ class AsyncBroker(_Base):
         key_id: str | None = None,
         parent: str | None = None,
         reason: str = "revoked",
+        by: str | None = None,
     ) -> int:
-        """Revoke every active lease matching all given fields; returns how many."""
+        """Revoke every active lease matching all given fields (and their subtrees);
+        returns how many. Audited as one ``revoked_where`` event with the count."""
         where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
-        return await arun(self._core.revoke_where(where, reason), self._astore)
+        count = await arun(self._core.revoke_where(where, reason, by), self._astore)
+        await self._core.hooks.arun()
+        return count
 
     async def attenuate(
         self,
@@ -417,9 +530,11 @@ class AsyncBroker(_Base):
         audience: str | None = None,
         ttl: Duration | None = None,
         purpose: str | None = None,
+        subject: str | None = None,
     ) -> Credential:
-        """A narrower child credential that dies with its parent."""
-        return await arun(self._core.attenuate(cred, scopes, audience, ttl, purpose), self._astore)
+        """A narrower child credential that dies with its parent (see ``Broker.attenuate``)."""
+        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
+        return await arun(steps, self._astore)
 
     async def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
@@ -440,15 +555,41 @@ class AsyncBroker(_Base):
         return await arun(self._core.leases(where, include_inactive), self._astore)
 
     async def sweep(self) -> list[Lease]:
-        """Expire every lease due now (each exactly once) and purge long-dead records."""
-        return await arun(self._core.sweep(), self._astore)
+        """Expire every lease due now (each exactly once), purge long-dead records,
+        and run the hook calls that are due (``on_expire`` and retries)."""
+        expired = await arun(self._core.sweep(), self._astore)
+        await self._core.hooks.arun()
+        return expired
 
     async def retire_key(
         self, kid: str, *, revoke: bool = True, reason: str = "key-retired"
     ) -> int:
         """Drop signing key ``kid`` at once and (by default) revoke every lease it
         signed; returns how many were revoked."""
-        return await arun(self._core.retire_key(kid, revoke, reason), self._astore)
+        count = await arun(self._core.retire_key(kid, revoke, reason), self._astore)
+        await self._core.hooks.arun()
+        return count
+
+    async def explain(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Iterable[str] | str = (),
+        ttl: Duration | None = None,
+        **issue: Any,
+    ) -> Explanation:
+        """What ``issue`` would decide now, and why (see ``Broker.explain``)."""
+        return await arun(self._explain_lease(subject, audience, scopes, ttl, issue), self._astore)
+
+    async def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
+        """The governance report (see ``Broker.report``)."""
+        leases = await arun(self._core.leases(LeaseFilter(), True), self._astore)
+        return self._report(leases, long_ttl, oldest)
+
+    async def retry_failed_hooks(self) -> int:
+        """Run every parked hook call once more; returns how many still fail."""
+        self._core.hooks.retry_parked()
+        return await self._core.hooks.arun()
 
     async def _sweep_quietly(self) -> None:
         try:

@@ -13,28 +13,31 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import attrs
 
 from . import tokens, validate
 from ._drive import Steps
-from .audit import Auditor, Sink
+from .audit import Auditor, EventType, Sink
 from .clock import Clock, Duration, seconds, system_clock
 from .dpop import holder_thumbprint
 from .errors import (
     InvalidRequest,
+    InvalidToken,
     LeaseNotActive,
     LeaseNotFound,
     PolicyDenied,
+    QuotaExceeded,
     RenewalDenied,
 )
+from .hooks import Hooks
 from .keyring import KeyRing
 from .keys import Key
 from .lease import Credential, Lease, new_credential, new_lease
-from .policy import Policy, covers
-from .stores.base import LeaseFilter
+from .policy import AccessRequest, Decision, Policy, covers
+from .stores.base import LeaseFilter, Quota
 from .validate import MAX_PURPOSE
 from .verify import Verifier, check_leeway
 
@@ -45,6 +48,8 @@ log = logging.getLogger("jitbroker")
 LeaseRef = Credential | Lease | str
 TokenFormat = Literal["jws", "opaque"]
 SWEEP_BATCH = 1000
+#: Attenuated leases may nest this deep by default (a root lease is depth 0).
+MAX_DELEGATION_DEPTH = 4
 
 
 class Core:
@@ -65,6 +70,9 @@ class Core:
         reap_interval: Duration,
         cache_size: int,
         audit: Iterable[Sink],
+        labels: Mapping[str, str] | None = None,
+        max_delegation_depth: int = MAX_DELEGATION_DEPTH,
+        hooks: Hooks | None = None,
     ) -> None:
         self.issuer = validate.text(issuer, "issuer")
         self.keys = keys if keys is not None else KeyRing.generate()
@@ -87,6 +95,10 @@ class Core:
         self.reap_interval = seconds(reap_interval, "reap_interval")
         self.next_sweep = 0.0
         self.audit = Auditor(audit)
+        self.labels = _labels(labels)
+        self.max_depth = _depth(max_delegation_depth)
+        self.hooks = hooks if hooks is not None else Hooks()
+        self.hooks.clock, self.hooks.audit = self.clock, self.audit
         self.verifier = Verifier._online(
             self.keys,
             issuer=self.issuer,
@@ -107,18 +119,43 @@ class Core:
             )
         return value
 
-    def _check_policy(self, lease: Lease) -> None:
-        if self.policy is not None:
-            decision = self.policy.evaluate(lease)
-            if not decision.allowed:
-                raise PolicyDenied(decision.reasons)
+    def decide(self, lease: Lease, action: str, now: float) -> Decision:
+        """The policy's decision on ``lease`` (allowed when there is no policy)."""
+        if self.policy is None:
+            return Decision(True)
+        return self.policy.evaluate(AccessRequest(lease, action, now, self.labels))
 
-    def _token(self, lease: Lease, opaque: str | None, now: float) -> str:
+    def _check_policy(self, lease: Lease, action: str, now: float) -> tuple[Quota, ...]:
+        """Raise ``PolicyDenied`` (audited) unless allowed; the quotas to count on add."""
+        decision = self.decide(lease, action, now)
+        if not decision.allowed:
+            self.denied(lease, PolicyDenied(decision.reasons), now)
+        return decision.quotas
+
+    def denied(self, lease: Lease, error: PolicyDenied, now: float) -> NoReturn:
+        """Audit a denial, then raise it."""
+        self.audit.emit(EventType.DENIED, now, lease, reasons=error.reasons)
+        raise error
+
+    def verify_failed(self, error: InvalidToken) -> None:
+        """Audit a rejected token: the error class and lease id if known, never the token."""
+        lease_id = getattr(error, "lease_id", None)
+        self.audit.emit(
+            EventType.VERIFY_FAILED,
+            self.clock(),
+            error=type(error).__name__,
+            where=(f"lease_id={lease_id!r}" if lease_id else None),
+        )
+
+    def _token(
+        self, lease: Lease, opaque: str | None, now: float, chain: tuple[Lease, ...] = ()
+    ) -> str:
         if opaque is not None:
             return opaque
-        return tokens.encode_jws(
-            self._signer(lease), tokens.jws_payload(lease, self.issuer, int(now))
-        )
+        payload = tokens.jws_payload(lease, self.issuer, int(now))
+        if chain:
+            payload["act"] = tokens.act_claim(chain)
+        return tokens.encode_jws(self._signer(lease), payload)
 
     def _signer(self, lease: Lease) -> Key:
         """The key that signs ``lease``'s tokens: the one recorded on the lease, so
@@ -159,10 +196,12 @@ class Core:
         renewable: bool = True,
         max_ttl: Duration | None = None,
         holder_key: object = None,
-    ) -> tuple[Lease, str, bool]:
-        """Validate, check policy and sign: the lease to store, its token, and
-        whether a sweep is due (no sweep ran for ``reap_interval``; ``issue`` then
-        sweeps inline, which keeps memory bounded even when no reaper runs).
+        dry_run: bool = False,
+    ) -> tuple[Lease, str, bool, tuple[Quota, ...]]:
+        """Validate, check policy and sign: the lease to store, its token, whether
+        a sweep is due (no sweep ran for ``reap_interval``; ``issue`` then sweeps
+        inline, which keeps memory bounded even when no reaper runs), and the
+        quotas the store must check as it adds the lease.
 
         ``issue`` is the hottest path, so unlike the other operations it is not
         a generator: each shell stores the lease itself and then calls
@@ -195,14 +234,19 @@ class Core:
             None,  # revoke_reason
             None if holder_key is None else holder_thumbprint(holder_key),
         )
+        quotas: tuple[Quota, ...] = ()
+        if dry_run:  # for explain: the lease as issue would build it, nothing more
+            return lease, "", False, quotas
         if self.policy is not None:  # inline: a call is a measurable cost here
-            self._check_policy(lease)
+            quotas = self._check_policy(lease, "issue", now)
         token = opaque if opaque is not None else self._token(lease, None, now)
-        return lease, token, now >= self.next_sweep
+        return lease, token, now >= self.next_sweep, quotas
 
     def issued(self, lease: Lease, token: str) -> Credential:
-        """After the store accepted ``lease``: audit, and hand out the credential."""
-        self.audit.emit("issued", lease.issued_at, lease)
+        """After the store accepted ``lease``: audit, hooks, and hand out the credential."""
+        self.audit.emit(EventType.ISSUED, lease.issued_at, lease)
+        if self.hooks.on_issue:
+            self.hooks.enqueue("on_issue", [lease])
         return new_credential(token, lease, self.shell)
 
     def _cap(self, life: float, renewable: object, max_ttl: Duration | None) -> float:
@@ -230,9 +274,11 @@ class Core:
             raise RenewalDenied(f"lease {lease_id} is not renewable", lease_id=lease_id)
         now = self.clock()
         cap = lease.max_expires_at
+        chain: tuple[Lease, ...] = ()
         if lease.parent is not None:
             parent = yield from self._active(lease.parent)
             cap = min(cap, parent.expires_at)
+            chain = yield from self._chain(parent)
         if lease.expires_at >= cap:
             raise RenewalDenied(
                 f"lease {lease_id} already expires at its maximum lifetime", lease_id=lease_id
@@ -240,7 +286,7 @@ class Core:
         if lease.key_id is None and opaque is None:
             raise InvalidRequest("renewing an opaque lease needs its Credential or token")
         expires_at = max(lease.expires_at, min(now + extra, cap))
-        self._check_policy(attrs.evolve(lease, expires_at=expires_at))
+        self._check_policy(attrs.evolve(lease, expires_at=expires_at), "renew", now)
         if opaque is None:
             self._signer(lease)  # before extending: a failed renewal changes nothing
         renewed = lease
@@ -248,8 +294,8 @@ class Core:
             renewed = yield lambda store: store.extend(lease_id, expires_at=expires_at, at=now)
         if renewed is None:
             raise LeaseNotActive(f"lease {lease_id} died while renewing", lease_id=lease_id)
-        self.audit.emit("renewed", now, renewed)
-        return new_credential(self._token(renewed, opaque, now), renewed, self.shell)
+        self.audit.emit(EventType.RENEWED, now, renewed)
+        return new_credential(self._token(renewed, opaque, now, chain), renewed, self.shell)
 
     def attenuate(
         self,
@@ -258,9 +304,18 @@ class Core:
         audience: str | None,
         ttl: Duration | None,
         purpose: str | None,
+        subject: str | None = None,
     ) -> Steps[Credential]:
-        """A child lease: never wider scopes or audience, never outliving its parent."""
+        """A child lease (RFC 8693 delegation): never wider scopes or audience, never
+        outliving its parent, at most ``max_delegation_depth`` deep; its token's
+        ``act`` claim names the delegating leases, nearest first."""
         parent = yield from self._active(self.lease_id(ref))
+        chain = yield from self._chain(parent)
+        if len(chain) > self.max_depth:
+            raise InvalidRequest(
+                f"lease {parent.id} is {len(chain) - 1} delegations deep; "
+                f"the limit is {self.max_depth}"
+            )
         now = self.clock()
         child_scopes = parent.scopes if scopes is None else validate.scopes(scopes)
         wider = [s for s in child_scopes if not any(covers(p, s) for p in parent.scopes)]
@@ -284,6 +339,7 @@ class Core:
         child = attrs.evolve(
             parent,
             id=lease_id,
+            subject=parent.subject if subject is None else validate.text(subject, "subject"),
             audience=child_audience,
             scopes=child_scopes,
             issued_at=now,
@@ -294,27 +350,53 @@ class Core:
             if purpose is None
             else validate.text(purpose, "purpose", limit=validate.MAX_PURPOSE),
         )
-        self._check_policy(child)
-        token = self._token(child, opaque, now)
-        added = yield lambda store: store.add(child)
+        quotas = self._check_policy(child, "attenuate", now)
+        token = self._token(child, opaque, now, chain)
+        added = yield from self._add(child, quotas, now)
         if not added:  # the parent died between our read and the add
             raise LeaseNotActive(
                 f"parent lease {parent.id} is no longer active", lease_id=parent.id
             )
-        self.audit.emit("attenuated", now, child)
+        self.audit.emit(EventType.ATTENUATED, now, child)
         return new_credential(token, child, self.shell)
 
-    def revoke(self, ref: LeaseRef, reason: str) -> Steps[bool]:
+    def _add(self, lease: Lease, quotas: tuple[Quota, ...], now: float) -> Steps[bool]:
+        try:
+            added: bool = (
+                yield lambda store: store.add(lease, quotas) if quotas else store.add(lease)
+            )
+        except QuotaExceeded as exc:
+            self.denied(lease, exc, now)
+        return added
+
+    def _chain(self, lease: Lease) -> Steps[tuple[Lease, ...]]:
+        """``lease`` and its ancestors, nearest first (at most one past the depth
+        limit: enough to refuse, and a bound on the store reads)."""
+        chain = [lease]
+        while chain[-1].parent is not None and len(chain) <= self.max_depth:
+            ancestor: Lease | None = yield _getter(chain[-1].parent)
+            if ancestor is None:  # purged: the chain is as long as we can know
+                break
+            chain.append(ancestor)
+        return tuple(chain)
+
+    def revoke(self, ref: LeaseRef, reason: str, by: str | None = None) -> Steps[bool]:
         """Revoke a lease and its subtree; True if this call revoked it."""
         lease_id = self.lease_id(ref)
         reason = validate.text(reason, "reason")
+        by = validate.optional_text(by, "by")
         now = self.clock()
         revoked = yield lambda store: store.revoke(lease_id, at=now, reason=reason)
-        for lease in revoked:
-            self.audit.emit("revoked", now, lease, reason=reason)
+        self._revoked(revoked, now, reason, by)
         return any(lease.id == lease_id for lease in revoked)
 
-    def revoke_where(self, where: LeaseFilter, reason: str) -> Steps[int]:
+    def _revoked(self, revoked: list[Lease], now: float, reason: str, by: str | None) -> None:
+        for lease in revoked:
+            self.audit.emit(EventType.REVOKED, now, lease, reason=reason, actor=by)
+        if self.hooks.on_revoke and revoked:
+            self.hooks.enqueue("on_revoke", revoked)
+
+    def revoke_where(self, where: LeaseFilter, reason: str, by: str | None = None) -> Steps[int]:
         """Revoke every active lease matching ``where`` (and subtrees); the count."""
         if where.is_empty():
             raise InvalidRequest(
@@ -323,12 +405,17 @@ class Core:
         for name, value in attrs.asdict(where).items():
             validate.optional_text(value, name)
         reason = validate.text(reason, "reason")
+        by = validate.optional_text(by, "by")
         now = self.clock()
         revoked = yield lambda store: store.revoke_where(where, at=now, reason=reason)
-        for lease in revoked:
-            self.audit.emit("revoked", now, lease, reason=reason)
+        self._revoked(revoked, now, reason, by)
         self.audit.emit(
-            "revoked_where", now, reason=reason, count=len(revoked), where=where.describe()
+            EventType.REVOKED_WHERE,
+            now,
+            reason=reason,
+            count=len(revoked),
+            where=where.describe(),
+            actor=by,
         )
         return len(revoked)
 
@@ -336,18 +423,20 @@ class Core:
         """A new signing key; the old one is dropped once no token it signed can
         verify any more (max TTL plus leeway from now: renewals never pass that)."""
         key = self.keys.rotate(grace=self.max_ttl + self.leeway, now=self.clock())
-        self.audit.emit("key_rotated", self.clock(), where=f"key_id={key.kid!r}")
+        self.audit.emit(EventType.KEY_ROTATED, self.clock(), where=f"key_id={key.kid!r}")
         return key
 
-    def retire_key(self, kid: str, revoke: bool, reason: str) -> Steps[int]:
+    def retire_key(self, kid: str, revoke: bool, reason: str, by: str | None = None) -> Steps[int]:
         """Drop ``kid`` now (its tokens stop verifying) and, if ``revoke``, revoke
         the leases it signed. The key goes first: if the store then fails, its
         tokens are already dead and ``revoke_where(key_id=...)`` can be retried."""
         self.keys.retire(validate.text(kid, "kid"))
-        self.audit.emit("key_retired", self.clock(), reason=reason, where=f"key_id={kid!r}")
+        self.audit.emit(
+            EventType.KEY_RETIRED, self.clock(), reason=reason, where=f"key_id={kid!r}", actor=by
+        )
         if not revoke:
             return 0
-        return (yield from self.revoke_where(LeaseFilter(key_id=kid), reason))
+        return (yield from self.revoke_where(LeaseFilter(key_id=kid), reason, by))
 
     def leases(self, where: LeaseFilter, include_inactive: bool) -> Steps[list[Lease]]:
         """Leases matching ``where``, oldest first; only active ones unless asked."""
@@ -370,12 +459,14 @@ class Core:
         now = self.clock()
         self.next_sweep = now + self.reap_interval
         for kid in self.keys.prune(now):  # rotated-out keys whose grace period ended
-            self.audit.emit("key_dropped", now, where=f"key_id={kid!r}")
+            self.audit.emit(EventType.KEY_DROPPED, now, where=f"key_id={kid!r}")
         expired: list[Lease] = []
         while True:
             batch = yield lambda store: store.claim_expired(now, SWEEP_BATCH)
             for lease in batch:
-                self.audit.emit("expired", now, lease)
+                self.audit.emit(EventType.EXPIRED, now, lease, actor="reaper")
+            if self.hooks.on_expire and batch:
+                self.hooks.enqueue("on_expire", batch)
             expired.extend(batch)
             if len(batch) < SWEEP_BATCH:
                 break
@@ -392,6 +483,79 @@ class Core:
             )
         return lease
 
+    def explain(self, lease: Lease) -> Steps[Explanation]:
+        """The policy's decision on ``lease`` and how full its quotas are, without
+        issuing anything (quota counts are a snapshot: ``issue`` counts atomically)."""
+        decision = self.decide(lease, "issue", lease.issued_at)
+        usage: list[tuple[Quota, int]] = []
+        for quota in decision.quotas:
+            where = LeaseFilter(subject=quota.subject, owner=quota.owner)
+            found: list[Lease] = yield _finder(where)
+            usage.append((quota, sum(1 for x in found if x.is_active(lease.issued_at))))
+        full = [q.exceeded().reasons[0] for q, n in usage if n >= q.limit]
+        if full:
+            decision = attrs.evolve(decision, allowed=False, reasons=tuple(full))
+        return Explanation(decision, lease, tuple(usage))
+
     def task_id(self, name: str) -> str:
         """A unique task id for one call of an ``ephemeral`` function."""
         return f"{name}:{secrets.token_hex(6)}"
+
+
+@attrs.frozen
+class Explanation:
+    """What ``explain`` found: the decision (every rule that matched, the granting
+    one, every reason), the lease that would be issued, and each quota with the
+    number of leases it counts now."""
+
+    decision: Decision
+    lease: Lease
+    quotas: tuple[tuple[Quota, int], ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        """True if an ``issue`` with these arguments would be allowed now."""
+        return self.decision.allowed
+
+    def __str__(self) -> str:
+        d = self.decision
+        lines = [
+            f"{'ALLOWED' if d.allowed else 'DENIED'}: {self.lease.subject} -> "
+            f"{self.lease.audience} [{self.lease.scope}]"
+        ]
+        if d.rule is not None:
+            granted = "granted by" if d.allowed else "granted by (but a quota is full)"
+            lines.append(f"  {granted}: {d.rule.label()}")
+        lines += [f"  rule matched: {rule.label()}" for rule in d.matched]
+        lines += [f"  quota: {q.rule}: {n} of {q.limit} active" for q, n in self.quotas]
+        lines += [f"  reason: {reason}" for reason in d.reasons]
+        return "\n".join(lines)
+
+
+def _finder(where: LeaseFilter) -> Callable[[Any], list[Lease]]:
+    return lambda store: store.find(where)
+
+
+def _getter(lease_id: str) -> Callable[[Any], Lease | None]:
+    return lambda store: store.get(lease_id)
+
+
+def _labels(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    labels = dict(value or {})
+    for name, label in labels.items():
+        validate.text(name, "label name")
+        validate.text(label, f"label {name!r}")
+    return labels
+
+
+def _depth(value: object) -> int:
+    # Verifiers refuse deeper ``act`` nesting than MAX_ACT_DEPTH: never mint it.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value <= tokens.MAX_ACT_DEPTH
+    ):
+        raise InvalidRequest(
+            f"max_delegation_depth must be a whole number from 0 to {tokens.MAX_ACT_DEPTH}"
+        )
+    return value

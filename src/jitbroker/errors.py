@@ -17,6 +17,7 @@
     │   └── InvalidProof             a key-bound token without a valid DPoP proof
     │       └── ProofReplayed        the proof was already used
     ├── PolicyDenied                 .reasons lists every reason
+    │   └── QuotaExceeded            a max_active quota is full (.quota)
     ├── LeaseError
     │   ├── LeaseNotFound
     │   ├── LeaseNotActive           revoked or expired
@@ -47,6 +48,7 @@ __all__ = [
     "MalformedToken",
     "PolicyDenied",
     "ProofReplayed",
+    "QuotaExceeded",
     "RenewalDenied",
     "StoreError",
     "StoreUnavailable",
@@ -139,6 +141,15 @@ class PolicyDenied(JitBrokerError):
     def __init__(self, reasons: Iterable[str]) -> None:
         self.reasons = tuple(reasons)
         super().__init__("policy denied the request: " + "; ".join(self.reasons))
+
+
+class QuotaExceeded(PolicyDenied):
+    """A ``max_active`` quota is full: the subject (or owner) already holds as many
+    active leases as its rule allows. Revoke one, or wait for one to expire."""
+
+    def __init__(self, reason: str, *, quota: object) -> None:
+        super().__init__([reason])
+        self.quota = quota
 
 
 class LeaseError(JitBrokerError):

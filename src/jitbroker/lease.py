@@ -150,6 +150,8 @@ class Claims:
     purpose: str | None = None
     parent: str | None = None
     holder: str | None = None
+    #: Delegation (the ``act`` claim): the delegating leases' ids, nearest first.
+    delegated_by: tuple[str, ...] = ()
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     @property

@@ -2,17 +2,24 @@
 
 A ``Rule`` names the subjects it applies to (exact or glob) and grants
 audiences and scopes (exact, or a trailing ``*`` wildcard such as
-``orders:*``), a maximum TTL, and requirements. A request is allowed when one
-rule grants all of it; otherwise ``PolicyDenied`` lists every reason.
+``orders:*``), a maximum TTL, and requirements: an owner, a purpose, no
+renewal, a quota of active leases (``max_active``), and conditions (plain
+callables over the ``AccessRequest``, such as ``hours("08:00-18:00")`` or
+``labels(env="prod")``). A request is allowed when one rule grants all of it;
+otherwise ``PolicyDenied`` lists every reason. Evaluation does no I/O: a quota
+is handed to the store, which counts and inserts in one atomic step.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, tzinfo
 from fnmatch import fnmatchcase
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -20,8 +27,144 @@ import attrs
 from .clock import seconds
 from .errors import InvalidRequest
 from .lease import Lease
+from .stores.base import Quota
 
-__all__ = ["Decision", "Policy", "Rule", "covers"]
+__all__ = [
+    "AccessRequest",
+    "Condition",
+    "Decision",
+    "Policy",
+    "Rule",
+    "covers",
+    "hours",
+    "labels",
+    "weekdays",
+]
+
+
+def _frozen_labels(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class AccessRequest:
+    """What a rule judges: the lease that would exist, the operation asking for it
+    (``issue``, ``renew`` or ``attenuate``), the broker's clock reading, and the
+    broker's labels (``Broker(labels={"env": "prod"})``)."""
+
+    lease: Lease
+    action: str
+    now: float
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_labels)
+
+    @classmethod
+    def of(cls, lease: Lease) -> AccessRequest:
+        """An ``issue`` request for ``lease`` at its issue time, with no labels."""
+        return cls(lease, "issue", lease.issued_at)
+
+
+#: A condition returns a truthy value to allow; anything else (or an exception) denies.
+Condition = Callable[[AccessRequest], object]
+
+_HOURS = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _zone(tz: tzinfo | str) -> tzinfo:
+    if isinstance(tz, tzinfo):
+        return tz
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidRequest(f"unknown time zone {tz!r}") from exc
+
+
+@attrs.frozen
+class _Hours:
+    """See ``hours``."""
+
+    window: str
+    tz: tzinfo = attrs.field(default=UTC, converter=_zone)
+    _span: tuple[int, int] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        match = _HOURS.fullmatch(self.window) if isinstance(self.window, str) else None
+        if match is None:
+            raise InvalidRequest(f"hours must look like '08:00-18:00', got {self.window!r}")
+        h1, m1, h2, m2 = map(int, match.groups())
+        object.__setattr__(self, "_span", (h1 * 60 + m1, h2 * 60 + m2))
+
+    def __call__(self, request: AccessRequest) -> bool:
+        local = datetime.fromtimestamp(request.now, self.tz)
+        minute, (start, end) = local.hour * 60 + local.minute, self._span
+        return start <= minute < end if start <= end else minute >= start or minute < end
+
+    def __str__(self) -> str:
+        return f"hours {self.window} ({self.tz})"
+
+
+@attrs.frozen
+class _Weekdays:
+    """See ``weekdays``."""
+
+    days: tuple[str, ...]
+    tz: tzinfo = attrs.field(default=UTC, converter=_zone)
+
+    def __attrs_post_init__(self) -> None:
+        bad = [d for d in self.days if d not in _DAYS]
+        if not self.days or bad:
+            raise InvalidRequest(f"weekdays must be among {', '.join(_DAYS)}; got {bad or 'none'}")
+
+    def __call__(self, request: AccessRequest) -> bool:
+        return _DAYS[datetime.fromtimestamp(request.now, self.tz).weekday()] in self.days
+
+    def __str__(self) -> str:
+        return f"weekdays {' '.join(self.days)}"
+
+
+@attrs.frozen
+class _Labels:
+    """See ``labels``."""
+
+    expected: Mapping[str, str] = attrs.field(converter=_frozen_labels)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.expected or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.expected.items()
+        ):
+            raise InvalidRequest("labels needs one or more name = value strings")
+
+    def __call__(self, request: AccessRequest) -> bool:
+        return all(request.labels.get(k) == v for k, v in self.expected.items())
+
+    def __str__(self) -> str:
+        return "labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.expected.items()))
+
+
+def hours(window: str, tz: tzinfo | str = UTC) -> Condition:
+    """A condition: allow only between two wall-clock times, ``"08:00-18:00"``
+    (a window wrapping midnight, ``"22:00-06:00"``, works too), in ``tz``
+    (a ``tzinfo`` or an IANA name; default UTC)."""
+    return _Hours(window, tz)
+
+
+def weekdays(*days: str, tz: tzinfo | str = UTC) -> Condition:
+    """A condition: allow only on these days (``"mon"`` ... ``"sun"``), in ``tz``."""
+    return _Weekdays(days, tz)
+
+
+def labels(**expected: str) -> Condition:
+    """A condition: allow only on a broker whose labels include these, for
+    example ``labels(env="prod")`` with ``Broker(labels={"env": "prod"})``."""
+    return _Labels(expected)
+
+
+def _condition_name(condition: Condition) -> str:
+    if isinstance(condition, _Hours | _Weekdays | _Labels):
+        return str(condition)
+    return getattr(condition, "__name__", None) or type(condition).__name__
 
 
 def covers(pattern: str, value: str) -> bool:
@@ -66,6 +209,29 @@ def _ttl(value: object) -> float | None:
     return None if value is None else seconds(value, "Rule.max_ttl")
 
 
+def _count(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"Rule.{name} must be a whole number of leases, 1 or more")
+    return value
+
+
+def _max_active(value: object) -> int | None:
+    return _count(value, "max_active")
+
+
+def _max_per_owner(value: object) -> int | None:
+    return _count(value, "max_active_per_owner")
+
+
+def _conditions(value: Iterable[Condition]) -> tuple[Condition, ...]:
+    items = (value,) if callable(value) else tuple(value)
+    if not all(callable(c) for c in items):
+        raise InvalidRequest("Rule.conditions must be callables taking an AccessRequest")
+    return items
+
+
 @attrs.frozen
 class Rule:
     """Grants ``audiences`` and ``scopes`` to ``subjects`` (globs such as ``svc:ci-*``)."""
@@ -78,6 +244,12 @@ class Rule:
     purpose_required: bool = False
     renewable: bool = True
     name: str | None = None
+    #: At most this many active leases per subject (counted atomically by the store).
+    max_active: int | None = attrs.field(default=None, converter=_max_active)
+    #: At most this many active leases per subject and owner (leases with no owner
+    #: are not counted here: use ``owner_required`` to insist on one).
+    max_active_per_owner: int | None = attrs.field(default=None, converter=_max_per_owner)
+    conditions: tuple[Condition, ...] = attrs.field(default=(), converter=_conditions)
 
     def label(self) -> str:
         """How reasons name this rule."""
@@ -87,8 +259,11 @@ class Rule:
         """True if this rule's subject patterns match ``subject``."""
         return any(fnmatchcase(subject, p) for p in self.subjects)
 
-    def refusals(self, lease: Lease) -> list[str]:
-        """Why this rule does not grant ``lease`` (empty if it does)."""
+    def refusals(self, request: AccessRequest | Lease) -> list[str]:
+        """Why this rule does not grant the request (empty if it does)."""
+        if isinstance(request, Lease):
+            request = AccessRequest.of(request)
+        lease = request.lease
         out = []
         if not any(covers(a, lease.audience) for a in self.audiences):
             out.append(f"{self.label()} does not grant audience {lease.audience!r}")
@@ -107,7 +282,28 @@ class Rule:
             out.append(f"{self.label()} requires a purpose")
         if lease.renewable and not self.renewable:
             out.append(f"{self.label()} does not allow renewable leases (pass renewable=False)")
+        out.extend(self._unmet(request))
         return out
+
+    def _unmet(self, request: AccessRequest) -> Iterable[str]:
+        for condition in self.conditions:
+            name = _condition_name(condition)
+            try:
+                met = condition(request)
+            except Exception as exc:  # a broken condition denies: fail closed
+                yield f"{self.label()}: condition {name} failed ({type(exc).__name__})"
+                continue
+            if not met:
+                yield f"{self.label()}: condition {name} is not met"
+
+    def quotas(self, lease: Lease) -> tuple[Quota, ...]:
+        """The quotas ``lease`` counts against under this rule."""
+        out = []
+        if self.max_active is not None:
+            out.append(Quota(lease.subject, None, self.max_active, self.label()))
+        if self.max_active_per_owner is not None and lease.owner is not None:
+            out.append(Quota(lease.subject, lease.owner, self.max_active_per_owner, self.label()))
+        return tuple(out)
 
 
 _RULE_FIELDS = {
@@ -119,6 +315,12 @@ _RULE_FIELDS = {
     "purpose_required",
     "renewable",
     "name",
+    "max_active",
+    "max_active_per_owner",
+    "hours",
+    "weekdays",
+    "labels",
+    "timezone",
 }
 
 
@@ -150,10 +352,43 @@ def _rule_from(entry: object, where: str) -> Rule:
     for flag in ("owner_required", "purpose_required", "renewable"):
         if flag in entry and not isinstance(entry[flag], bool):
             raise InvalidRequest(f"{where}: field {flag!r} must be true or false")
+    for count in ("max_active", "max_active_per_owner"):
+        value = entry.get(count)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequest(f"{where}: field {count!r} must be a whole number, 1 or more")
+    fields = {k: v for k, v in entry.items() if k not in _CONDITION_FIELDS}
     try:
-        return Rule(**entry)
+        return Rule(**fields, conditions=_conditions_from(entry, where))
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}: {exc}") from exc
+
+
+_CONDITION_FIELDS = {"hours", "weekdays", "labels", "timezone"}
+
+
+def _conditions_from(entry: Mapping[str, Any], where: str) -> list[Condition]:
+    """The conditions a policy file can spell: ``hours``, ``weekdays`` (both in
+    ``timezone``, default UTC) and ``labels``."""
+    tz = entry.get("timezone", "UTC")
+    if not isinstance(tz, str):
+        raise InvalidRequest(f"{where}: field 'timezone' must be an IANA name such as 'UTC'")
+    out: list[Condition] = []
+    if "hours" in entry:
+        if not isinstance(entry["hours"], str):
+            raise InvalidRequest(f"{where}: field 'hours' must be a string like '08:00-18:00'")
+        out.append(hours(entry["hours"], tz))
+    if "weekdays" in entry:
+        _check_strings(entry["weekdays"], where, "weekdays", allow_empty=False)
+        days = entry["weekdays"]
+        out.append(weekdays(*([days] if isinstance(days, str) else days), tz=tz))
+    if "labels" in entry:
+        found = entry["labels"]
+        if not isinstance(found, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+        ):
+            raise InvalidRequest(f"{where}: field 'labels' must be a table of name = \"value\"")
+        out.append(labels(**found))
+    return out
 
 
 def _check_strings(value: object, where: str, field: str, *, allow_empty: bool) -> None:
@@ -170,11 +405,15 @@ def _check_strings(value: object, where: str, field: str, *, allow_empty: bool) 
 
 @attrs.frozen
 class Decision:
-    """The outcome of evaluating a request: allowed, the granting rule, or every reason."""
+    """The outcome of evaluating a request: allowed and the granting rule, or every
+    reason; ``matched`` lists every rule whose subjects matched, and ``quotas``
+    what the granting rule counts (checked by the store when the lease is added)."""
 
     allowed: bool
     rule: Rule | None = None
     reasons: tuple[str, ...] = ()
+    matched: tuple[Rule, ...] = ()
+    quotas: tuple[Quota, ...] = ()
 
 
 @attrs.frozen
@@ -206,22 +445,26 @@ class Policy:
                 data = tomllib.load(fh)
         except OSError as exc:
             raise InvalidRequest(f"{path}: cannot read the policy file ({exc.strerror})") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"{path}: not valid TOML: {exc}") from exc
         return cls.from_dict(data, source=str(path))
 
-    def evaluate(self, lease: Lease) -> Decision:
-        """Decide whether the proposed ``lease`` may exist, with every reason if not."""
+    def evaluate(self, request: AccessRequest | Lease) -> Decision:
+        """Decide whether the proposed lease may exist, with every reason if not.
+
+        The first rule that grants everything wins; rules are not merged (a
+        request is never granted by combining what two rules allow).
+        """
+        if isinstance(request, Lease):
+            request = AccessRequest.of(request)
+        subject = request.lease.subject
+        matched = tuple(rule for rule in self.rules if rule.applies_to(subject))
         reasons: list[str] = []
-        matched = False
-        for rule in self.rules:
-            if not rule.applies_to(lease.subject):
-                continue
-            matched = True
-            refusals = rule.refusals(lease)
+        for rule in matched:
+            refusals = rule.refusals(request)
             if not refusals:
-                return Decision(True, rule)
+                return Decision(True, rule, (), matched, rule.quotas(request.lease))
             reasons.extend(refusals)
         if not matched:
-            reasons.append(f"no rule applies to subject {lease.subject!r}")
-        return Decision(False, None, tuple(reasons))
+            reasons.append(f"no rule applies to subject {subject!r}")
+        return Decision(False, None, tuple(reasons), matched)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -74,6 +75,15 @@ def jws_payload(lease: Lease, issuer: str, iat: int) -> dict[str, Any]:
     if lease.holder is not None:
         claims["cnf"] = {"jkt": lease.holder}  # RFC 9449 section 6.1
     return claims
+
+
+def act_claim(chain: Sequence[Lease]) -> dict[str, Any]:
+    """The RFC 8693 ``act`` claim of a delegated token: the delegating lease (its
+    subject and lease id), with the lease that delegated to it nested inside."""
+    act: dict[str, Any] = {}
+    for lease in reversed(chain):
+        act = {"sub": lease.subject, "jti": lease.id, **({"act": act} if act else {})}
+    return act
 
 
 def encode_jws(key: Key, claims: dict[str, Any]) -> str:
@@ -272,8 +282,42 @@ def claims_from_payload(payload: dict[str, Any], key: Key) -> Claims:
         purpose=payload.get("purpose"),
         parent=payload.get("parent"),
         holder=_holder(payload),
+        delegated_by=_delegation(payload),
         raw=MappingProxyType(payload),
     )
+
+
+def _delegation(payload: dict[str, Any]) -> tuple[str, ...]:
+    if "act" not in payload:
+        if "parent" in payload:
+            raise MalformedToken("a token with a 'parent' claim must carry an 'act' claim")
+        return ()
+    actors = _actors(payload["act"])
+    if actors[0] != payload.get("parent"):
+        raise MalformedToken("claim 'act' must name the token's 'parent' lease first")
+    return actors
+
+
+MAX_ACT_DEPTH = 16  # delegation chains are a few links; anything deeper is hostile
+
+
+def _actors(act: object) -> tuple[str, ...]:
+    """The lease ids of an ``act`` chain, nearest first; strictly typed."""
+    actors: list[str] = []
+    while True:
+        if (
+            not isinstance(act, dict)
+            or not isinstance(act.get("sub"), str)
+            or not isinstance(act.get("jti"), str)
+            or not _LEASE_ID.fullmatch(act["jti"])
+            or not set(act) <= {"sub", "jti", "act"}
+            or len(actors) >= MAX_ACT_DEPTH
+        ):
+            raise MalformedToken('claim \'act\' must be {"sub", "jti"[, "act"]} objects')
+        actors.append(act["jti"])
+        if "act" not in act:
+            return tuple(actors)
+        act = act["act"]
 
 
 def _holder(payload: dict[str, Any]) -> str | None:

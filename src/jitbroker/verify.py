@@ -374,6 +374,7 @@ def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
         lease.subject != claims.subject
         or lease.audience != claims.audience
         or lease.holder != claims.holder
+        or lease.parent != claims.parent
         or not claims.scopes.issubset(lease.scopes)
     ):
         raise UnknownLease(f"lease {lease.id} does not match the token", lease_id=lease.id)

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, QuotaExceeded
 from ..lease import Lease
 
-__all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "as_async"]
+__all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "Quota", "as_async"]
 
 T = TypeVar("T")
 
@@ -52,6 +52,33 @@ class LeaseFilter:
         return ", ".join(f"{k}={v!r}" for k, v in attrs.asdict(self).items() if v is not None)
 
 
+@attrs.frozen
+class Quota:
+    """At most ``limit`` active leases of ``subject`` (of ``subject`` held by
+    ``owner``, if set). ``add`` checks it in the same atomic step that stores the
+    lease, so concurrent issuers can never overshoot it."""
+
+    subject: str
+    owner: str | None
+    limit: int
+    rule: str = "policy"  # who set it, for the message
+
+    def matches(self, lease: Lease) -> bool:
+        """True if ``lease`` counts against this quota."""
+        return lease.subject == self.subject and (self.owner is None or lease.owner == self.owner)
+
+    def exceeded(self) -> QuotaExceeded:
+        """The error a store raises when the quota is full."""
+        whom = f"subject {self.subject!r}"
+        if self.owner is not None:
+            whom += f" with owner {self.owner!r}"
+        return QuotaExceeded(
+            f"{self.rule} allows at most {self.limit} active leases for {whom}; "
+            "revoke one or wait for one to expire",
+            quota=self,
+        )
+
+
 @runtime_checkable
 class LeaseStore(Protocol):
     """Where leases live. ``now`` is always passed in: stores never read a clock."""
@@ -59,9 +86,11 @@ class LeaseStore(Protocol):
     #: False for stores that never block (MemoryStore): AsyncBroker calls them inline.
     blocking: bool
 
-    def add(self, lease: Lease) -> bool:
+    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
         """Store a new lease. If it has a parent that is not active at
-        ``lease.issued_at``, store nothing and return False."""
+        ``lease.issued_at``, store nothing and return False. If a quota already
+        counts ``limit`` leases active at ``lease.issued_at``, store nothing and
+        raise ``quota.exceeded()``: the count and the insert are one atomic step."""
         ...
 
     def get(self, lease_id: str) -> Lease | None:
@@ -104,7 +133,7 @@ class LeaseStore(Protocol):
 class AsyncLeaseStore(Protocol):
     """The async twin of ``LeaseStore``: the same methods, as coroutines."""
 
-    async def add(self, lease: Lease) -> bool: ...
+    async def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool: ...
     async def get(self, lease_id: str) -> Lease | None: ...
     async def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]: ...
     async def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]: ...

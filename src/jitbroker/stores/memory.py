@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from heapq import heappush
 
 import attrs
 
 from ..lease import Lease
-from .base import LeaseFilter
+from .base import LeaseFilter, Quota
 
 __all__ = ["MemoryStore"]
 
@@ -71,6 +71,11 @@ class MemoryStore:
         # Owner, subject and key id filters (offboarding, key retirement) scan.
         self._by_task = _Index()
         self._by_parent = _Index()
+        # Quota counting: (subject, owner or None) -> ids of leases that may still
+        # be active. Built by one scan the first time a quota names the key, then
+        # kept up by add; dead ids are dropped when counted. Empty (one falsy
+        # check per add) until a policy with max_active is used.
+        self._counted: dict[tuple[str, str | None], set[str]] = {}
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
 
@@ -81,10 +86,13 @@ class MemoryStore:
         return len(self._leases)
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease) -> bool:
+    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
         lease_id, parent, task = lease.id, lease.parent, lease.task
         self._acquire()  # not `with`: half the cost, and this is on every issue
         try:
+            for quota in quotas:
+                if self._active_count(quota, lease.issued_at) >= quota.limit:
+                    raise quota.exceeded()
             if parent is not None:
                 if not self._live(parent, lease.issued_at):
                     return False
@@ -93,6 +101,8 @@ class MemoryStore:
             heappush(self._expiry, (lease.expires_at, lease_id))
             if task is not None:
                 self._by_task.add(task, lease_id)
+            if self._counted:
+                self._count(lease)
         finally:
             self._release()
         return True
@@ -159,6 +169,21 @@ class MemoryStore:
     def _live(self, lease_id: str, at: float) -> bool:
         lease = self._leases.get(lease_id)
         return lease is not None and lease.is_active(at) and lease_id not in self._claimed
+
+    def _active_count(self, quota: Quota, at: float) -> int:
+        key = (quota.subject, quota.owner)
+        ids = self._counted.get(key)
+        if ids is None:
+            ids = {i for i, lease in self._leases.items() if quota.matches(lease)}
+        ids = {i for i in ids if self._live(i, at)}
+        self._counted[key] = ids
+        return len(ids)
+
+    def _count(self, lease: Lease) -> None:
+        for key in ((lease.subject, None), (lease.subject, lease.owner)):
+            ids = self._counted.get(key)
+            if ids is not None:
+                ids.add(lease.id)
 
     def _find(self, where: LeaseFilter) -> list[Lease]:
         ids: Collection[str]

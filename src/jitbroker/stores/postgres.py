@@ -46,7 +46,7 @@ import re
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, LiteralString, Protocol, TypeVar
 
@@ -59,7 +59,7 @@ from psycopg.rows import TupleRow, tuple_row
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
 from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
-from .base import LeaseFilter
+from .base import LeaseFilter, Quota
 from .codec import COLUMNS, from_row, to_row
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
@@ -157,6 +157,14 @@ _LOCK_PARENT = """
     WHERE id = %(id)s AND revoked_at IS NULL AND NOT claimed AND %(at)s < expires_at
     FOR SHARE
 """
+# Quotas: adds for one subject take this transaction-scoped lock first, so a
+# count and the insert that follows it are never interleaved with another's.
+_QUOTA_LOCK = "SELECT pg_advisory_xact_lock(%(key)s)"
+_COUNT_ACTIVE = """
+    SELECT count(*) FROM {schema}.leases
+    WHERE subject = %(subject)s AND revoked_at IS NULL AND NOT claimed AND %(at)s < expires_at
+"""
+_COUNT_ACTIVE_OWNER = _COUNT_ACTIVE + " AND owner = %(owner)s"
 # A lease stored again under the same id (a caller's bug: ids are random)
 # replaces the old row whole, as in the other stores.
 _INSERT = """
@@ -306,8 +314,9 @@ class PostgresStore:
         return f"<PostgresStore schema={self.schema!r}>"  # never the DSN: it may hold a password
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active."""
+    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+        """Store ``lease``; False (nothing written) if its parent is not active;
+        ``QuotaExceeded`` (nothing written) if a quota is full."""
         for name in ("issued_at", "expires_at", "max_expires_at", "revoked_at"):
             value = getattr(lease, name)
             if value is not None:
@@ -315,6 +324,8 @@ class PostgresStore:
         row = to_row(lease)
 
         def work(cur: Cursor) -> bool:
+            if quotas:
+                self._check_quotas(cur, lease, quotas)
             if lease.parent is not None:
                 cur.execute(self._sql.lock_parent, {"id": lease.parent, "at": lease.issued_at})
                 if cur.fetchone() is None:
@@ -323,6 +334,16 @@ class PostgresStore:
             return True
 
         return self._call("store a lease", work)
+
+    def _check_quotas(self, cur: Cursor, lease: Lease, quotas: Sequence[Quota]) -> None:
+        # Every quota of a lease is on its subject: one lock serializes them all.
+        cur.execute(_QUOTA_LOCK, {"key": self._sql.quota_key(lease.subject)})
+        for quota in quotas:
+            params = {"subject": quota.subject, "owner": quota.owner, "at": lease.issued_at}
+            query = self._sql.count_active if quota.owner is None else self._sql.count_owner
+            row = cur.execute(query, params).fetchone()
+            if row is not None and row[0] >= quota.limit:
+                raise quota.exceeded()
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None."""
@@ -570,6 +591,8 @@ class _Statements:
         }
         self.get = self.render(_GET)
         self.lock_parent = self.render(_LOCK_PARENT)
+        self.count_active = self.render(_COUNT_ACTIVE)
+        self.count_owner = self.render(_COUNT_ACTIVE_OWNER)
         self.insert = self.render(
             _INSERT,
             values=sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
@@ -588,6 +611,14 @@ class _Statements:
         self.drop_schema = self.render(_DROP_SCHEMA)
         digest = hashlib.blake2b(f"jitbroker:{schema}".encode(), digest_size=8).digest()
         self.lock_key = int.from_bytes(digest, "big", signed=True)  # a bigint advisory key
+        self._schema = schema
+
+    def quota_key(self, subject: str) -> int:
+        """The advisory lock key of ``subject``'s quotas in this schema."""
+        digest = hashlib.blake2b(
+            f"jitbroker:{self._schema}:quota:{subject}".encode(), digest_size=8
+        ).digest()
+        return int.from_bytes(digest, "big", signed=True)
 
     def compose(self, template: LiteralString, **parts: sql.Composable) -> sql.Composed:
         return sql.SQL(template).format(**self._names, **parts)

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any, Generic, TypeVar, cast
 
 import redis
@@ -45,7 +46,7 @@ from .._drive import Step, Steps, run
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
 from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
-from .base import LeaseFilter
+from .base import LeaseFilter, Quota
 from .codec import from_mapping, to_mapping
 
 __all__ = ["RedisStore"]
@@ -132,6 +133,30 @@ end
 redis.call('SADD', ALL, id)
 if ARGV[7] == '1' then bury(id, key) else redis.call('ZADD', EXP, expires_at, id) end
 return 1
+"""
+
+# Runs before _ADD when the lease counts against quotas. ARGV[8] = n, then n
+# triples (subject, owner or '', limit); they are removed from ARGV before _ADD
+# reads its own. Counting and adding in one script: no issuer can overshoot.
+# Returns -q (nothing written) if quota q (1-based) is full.
+_QUOTAS = """
+local quotas, at = tonumber(ARGV[8]), ARGV[5]
+for q = 1, quotas do
+  local base = 6 + 3 * q
+  local subject, owner, limit = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2])
+  local ids
+  if owner == '' then
+    ids = redis.call('SMEMBERS', index_key('subject', subject))
+  else
+    ids = redis.call('SINTER', index_key('subject', subject), index_key('owner', owner))
+  end
+  local active = 0
+  for _, id in ipairs(ids) do
+    if live(id, at) then active = active + 1 end
+  end
+  if active >= limit then return -q end
+end
+for _ = 1, 1 + 3 * quotas do table.remove(ARGV, 8) end
 """
 
 # Walks down from the roots. A lease that is already dead had its subtree
@@ -277,6 +302,7 @@ class RedisLeases(Generic[C]):
         # (EVALSHA, then SCRIPT LOAD on NOSCRIPT) and is one EVALSHA afterwards.
         script = cast("Any", self._client).register_script
         self._add = script(_PRELUDE + _ADD)
+        self._add_counted = script(_PRELUDE + _QUOTAS + _ADD)
         self._revoke = script(_PRELUDE + _REVOKE_TREE + _REVOKE)
         self._revoke_where = script(_PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
         self._extend = script(_PRELUDE + _EXTEND)
@@ -301,17 +327,25 @@ class RedisLeases(Generic[C]):
         argv = (*self._head, *args)
         return lambda client: script(keys=self._keys, args=argv, client=client)
 
-    def _add_steps(self, lease: Lease) -> Steps[bool]:
+    def _add_steps(self, lease: Lease, quotas: Sequence[Quota] = ()) -> Steps[bool]:
         args = (
             lease.id,
             lease.parent or "",
             _time("issued_at", lease.issued_at),
             _time("expires_at", lease.expires_at),
             "0" if lease.revoked_at is None else "1",
-            *_record(lease),
         )
+        record = _record(lease)
+        if quotas:
+            counted = [(q.subject, q.owner or "", q.limit) for q in quotas]
+            step = self._script(self._add_counted, *args, len(quotas), *chain(*counted), *record)
+        else:
+            step = self._script(self._add, *args, *record)
         with _translated("store a lease"):
-            return bool((yield self._script(self._add, *args)))
+            answer = yield step
+        if answer < 0:
+            raise quotas[-answer - 1].exceeded()
+        return bool(answer)
 
     def _get_steps(self, lease_id: str) -> Steps[Lease | None]:
         key = self._base + "lease:" + lease_id
@@ -424,9 +458,10 @@ class RedisStore(RedisLeases[redis.Redis]):
         return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **CLIENT_OPTIONS)
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active."""
-        return run(self._add_steps(lease), self._client)
+    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+        """Store ``lease``; False (nothing written) if its parent is not active;
+        ``QuotaExceeded`` (nothing written) if a quota is full."""
+        return run(self._add_steps(lease, quotas), self._client)
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None."""

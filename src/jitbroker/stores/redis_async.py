@@ -9,13 +9,15 @@ two stores read and write the same keys, so they can share one prefix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .._drive import arun
 from ..lease import Lease
-from .base import LeaseFilter
+from .base import LeaseFilter, Quota
 from .redis import CLIENT_OPTIONS, RedisLeases, _translated
 
 __all__ = ["AsyncRedisStore"]
@@ -41,9 +43,10 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         return redis.asyncio.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **CLIENT_OPTIONS)
 
     # -- the protocol ------------------------------------------------------
-    async def add(self, lease: Lease) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active."""
-        return await arun(self._add_steps(lease), self._client)
+    async def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+        """Store ``lease``; False (nothing written) if its parent is not active;
+        ``QuotaExceeded`` (nothing written) if a quota is full."""
+        return await arun(self._add_steps(lease, quotas), self._client)
 
     async def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None."""

@@ -30,7 +30,7 @@ import attrs
 
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
-from .base import LeaseFilter
+from .base import LeaseFilter, Quota
 from .codec import COLUMNS, from_row, to_row
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -99,6 +99,9 @@ _TREE = f"""WITH RECURSIVE tree(id) AS (
     SELECT leases.id FROM leases JOIN tree ON leases.parent = tree.id
     WHERE +leases.dead = 0 AND :at < +leases.expires_at
 ) SELECT {_COLS} FROM leases WHERE id IN tree"""  # noqa: S608
+# Active leases counted against a quota; the owner term is dropped when it has none.
+_COUNT = f"SELECT COUNT(*) FROM leases WHERE subject = :subject AND {_LIVE}"  # noqa: S608
+_COUNT_OWNER = _COUNT + " AND owner = :owner"
 _REVOKE = "UPDATE leases SET revoked_at = ?, revoke_reason = ?, dead = 1 WHERE id = ?"
 _LIVE_ONE = f"SELECT {_COLS} FROM leases WHERE id = :id AND {_LIVE}"  # noqa: S608
 _EXTEND = "UPDATE leases SET expires_at = ? WHERE id = ?"
@@ -166,11 +169,23 @@ class SQLiteStore:
         return f"<SQLiteStore path={self.path!r}>"
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease) -> bool:
+    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
         """Store ``lease``; False (nothing written) if its parent is not active."""
         _check_times(lease)
         row = (*to_row(lease), lease.revoked_at is not None)
         parent = lease.parent
+        if quotas:  # count and insert in one write transaction: no overshoot
+            with self._transaction("store a lease") as db:
+                for quota in quotas:
+                    sql = _COUNT if quota.owner is None else _COUNT_OWNER
+                    params = {"subject": quota.subject, "owner": quota.owner, "at": lease.issued_at}
+                    (active,) = db.execute(sql, params).fetchone()
+                    if active >= quota.limit:
+                        raise quota.exceeded()
+                if parent is None:
+                    db.execute(_INSERT, row)
+                    return True
+                return db.execute(_INSERT_CHILD, (*row, parent, lease.issued_at)).rowcount == 1
         # The hot path (every issue): `_session` spelled out, without a generator.
         db = self._enter("store a lease")
         try:

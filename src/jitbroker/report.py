@@ -1,0 +1,236 @@
+"""The governance report: what is alive, who is accountable for it, and what
+looks wrong, at a glance (``broker.report()``, ``jitbroker report``).
+
+Built from a list of leases by a pure function, so the broker, the async broker
+and the CLI (which may have no keys and no hooks) share it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from .clock import Duration, seconds
+from .errors import InvalidRequest
+from .hooks import FailedHook
+from .lease import Lease
+
+__all__ = ["Report", "build_report", "lease_summary"]
+
+NO_OWNER = "(no owner)"
+
+
+def lease_summary(lease: Lease, now: float) -> dict[str, Any]:
+    """A JSON-ready summary of a lease (it holds no secret)."""
+    out = {
+        "id": lease.id,
+        "status": lease.status(now),
+        "subject": lease.subject,
+        "audience": lease.audience,
+        "scope": lease.scope,
+        "owner": lease.owner,
+        "purpose": lease.purpose,
+        "task": lease.task,
+        "parent": lease.parent,
+        "key_id": lease.key_id,
+        "issued_at": _iso(lease.issued_at),
+        "expires_at": _iso(lease.expires_at),
+        "revoked_at": None if lease.revoked_at is None else _iso(lease.revoked_at),
+        "revoke_reason": lease.revoke_reason,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _broad(lease: Lease) -> bool:
+    return "*" in lease.audience or any("*" in scope for scope in lease.scopes)
+
+
+def _lifetime(lease: Lease) -> float:
+    """How long the lease may live in all, renewals included."""
+    end = lease.max_expires_at if lease.renewable else lease.expires_at
+    return max(end, lease.expires_at) - lease.issued_at
+
+
+@attrs.frozen
+class Report:
+    """A snapshot for an operator. ``to_dict()`` for machines, ``str()`` for people."""
+
+    generated_at: float
+    active: tuple[Lease, ...]
+    by_owner: Mapping[str, int]
+    by_subject: Mapping[str, int]
+    by_audience: Mapping[str, int]
+    unowned: tuple[Lease, ...]
+    no_purpose: tuple[Lease, ...]
+    long_lived: tuple[Lease, ...]
+    long_ttl: float
+    broad: tuple[Lease, ...]
+    retired_key: tuple[Lease, ...]
+    oldest: tuple[Lease, ...]
+    delegated: Mapping[str, int]  # active delegated lease id -> its depth
+    failed_hooks: tuple[FailedHook, ...]
+    churn: Mapping[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        now = self.generated_at
+
+        def leases(items: Iterable[Lease]) -> list[dict[str, Any]]:
+            return [lease_summary(lease, now) for lease in items]
+
+        return {
+            "generated_at": _iso(now),
+            "active": len(self.active),
+            "by_owner": dict(self.by_owner),
+            "by_subject": dict(self.by_subject),
+            "by_audience": dict(self.by_audience),
+            "unowned": leases(self.unowned),
+            "no_purpose": leases(self.no_purpose),
+            "long_ttl_seconds": self.long_ttl,
+            "long_lived": leases(self.long_lived),
+            "broad_scopes": leases(self.broad),
+            "retired_key": leases(self.retired_key),
+            "oldest": leases(self.oldest),
+            "delegated": dict(self.delegated),
+            "failed_hooks": [
+                {
+                    "event": h.event,
+                    "hook": h.hook,
+                    "lease": h.lease.id,
+                    "attempts": h.attempts,
+                    "error": h.error,
+                    "at": _iso(h.at),
+                }
+                for h in self.failed_hooks
+            ],
+            "churn": dict(self.churn),
+        }
+
+    def __str__(self) -> str:
+        return "\n".join(self._lines())
+
+    def _lines(self) -> Iterable[str]:
+        now = self.generated_at
+        yield f"jitbroker report at {_iso(now)}: {len(self.active)} active leases"
+        for title, counts in (
+            ("by owner", self.by_owner),
+            ("by subject", self.by_subject),
+            ("by audience", self.by_audience),
+        ):
+            yield from _table(title, counts)
+        findings = (
+            ("leases with no owner", self.unowned),
+            ("leases with no purpose", self.no_purpose),
+            (f"leases that may live longer than {self.long_ttl:g}s", self.long_lived),
+            ("leases with wildcard scopes or audience", self.broad),
+            ("leases signed by a retired key", self.retired_key),
+            ("oldest active leases", self.oldest),
+        )
+        for title, items in findings:
+            yield f"\n{title}: {len(items)}"
+            yield from (f"  {_line(lease, now)}" for lease in items)
+        if self.delegated:
+            deepest = max(self.delegated.values())
+            yield f"\ndelegated leases: {len(self.delegated)} (deepest chain: {deepest})"
+        yield f"\nfailed hooks: {len(self.failed_hooks)}"
+        for hook in self.failed_hooks:
+            yield (
+                f"  {hook.event} {hook.hook} lease {hook.lease.id}: "
+                f"{hook.attempts} attempts, last error {hook.error}"
+            )
+        yield "\nchurn: " + ", ".join(f"{k} {v}" for k, v in self.churn.items())
+
+
+def _table(title: str, counts: Mapping[str, int]) -> Iterable[str]:
+    yield f"\n{title}:"
+    if not counts:
+        yield "  (none)"
+    width = max((len(k) for k in counts), default=0)
+    yield from (f"  {name:<{width}}  {n}" for name, n in counts.items())
+
+
+def _line(lease: Lease, now: float) -> str:
+    owner = lease.owner or NO_OWNER
+    return (
+        f"{lease.id}  {lease.subject} -> {lease.audience} [{lease.scope}]  owner={owner}  "
+        f"issued {_iso(lease.issued_at)}  expires {_iso(lease.expires_at)}"
+    )
+
+
+def _depths(active: Sequence[Lease], everything: Mapping[str, Lease]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lease in active:
+        depth, seen, current = 0, set(), lease
+        while current.parent is not None and current.id not in seen:
+            seen.add(current.id)
+            depth += 1
+            parent = everything.get(current.parent)
+            if parent is None:
+                break
+            current = parent
+        if depth:
+            out[lease.id] = depth
+    return out
+
+
+def build_report(
+    leases: Iterable[Lease],
+    *,
+    now: float,
+    keys: Collection[str] | None = None,
+    failed_hooks: Iterable[FailedHook] = (),
+    counts: Mapping[str, int] | None = None,
+    long_ttl: Duration = 3600,
+    oldest: int = 10,
+) -> Report:
+    """The report over ``leases`` (live and dead, as ``leases(include_inactive=True)``
+    gives). ``keys`` is the key ids still held (None: unknown, no retired-key
+    finding); ``counts`` the broker's event counts since it started."""
+    threshold = seconds(long_ttl, "long_ttl")
+    if isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 0:
+        raise InvalidRequest("oldest must be a whole number, 0 or more")
+    everything = {lease.id: lease for lease in leases}
+    active = sorted(
+        (x for x in everything.values() if x.is_active(now)), key=lambda x: (x.issued_at, x.id)
+    )
+    churn = {
+        "active": len(active),
+        "revoked (retained)": sum(1 for x in everything.values() if x.revoked_at is not None),
+        "expired (retained)": sum(
+            1 for x in everything.values() if x.revoked_at is None and not x.is_active(now)
+        ),
+    }
+    for event in ("issued", "renewed", "attenuated", "revoked", "expired", "denied"):
+        if counts is not None:
+            churn[f"{event} (this broker)"] = counts.get(event, 0)
+    return Report(
+        generated_at=now,
+        active=tuple(active),
+        by_owner=_count(x.owner or NO_OWNER for x in active),
+        by_subject=_count(x.subject for x in active),
+        by_audience=_count(x.audience for x in active),
+        unowned=tuple(x for x in active if not x.owner),
+        no_purpose=tuple(x for x in active if not x.purpose),
+        long_lived=tuple(x for x in active if _lifetime(x) > threshold),
+        long_ttl=threshold,
+        broad=tuple(x for x in active if _broad(x)),
+        retired_key=tuple(
+            x for x in active if keys is not None and x.key_id is not None and x.key_id not in keys
+        ),
+        oldest=tuple(active[:oldest]),
+        delegated=_depths(active, everything),
+        failed_hooks=tuple(failed_hooks),
+        churn=churn,
+    )
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    return dict(Counter(values).most_common())
