@@ -1,7 +1,9 @@
 """The ``jitbroker`` command.
 
 ``jitbroker demo`` walks through a credential's life; ``jitbroker keys ...``
-manages a key directory (``cli_keys``).
+manages a key directory (``cli_keys``); ``report``, ``leases``, ``revoke`` and
+``policy check`` operate on a shared store and a policy file (``cli_governance``).
+Exit status: 0 done, 1 a negative answer (denied, nothing to revoke), 2 an error.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from . import __version__, cli_keys
+from . import __version__, cli_governance, cli_keys
 from .broker import Broker
-from .errors import InvalidRequest, InvalidToken
+from .errors import InvalidRequest, InvalidToken, JitBrokerError, StoreError
 from .keyring import KeyRing
 from .lease import Credential, Lease
 from .testing import FakeClock
@@ -133,13 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="walk through issuing, verifying and killing a credential")
     cli_keys.add_parser(sub)
+    cli_governance.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             Demo().run()
         elif args.command == "keys":
             cli_keys.run(args)
-    except InvalidRequest as exc:
+        else:
+            return cli_governance.run(args)
+    except StoreError as exc:
+        print(f"jitbroker: store error: {exc}", file=sys.stderr)
+        return 2
+    except (InvalidRequest, JitBrokerError) as exc:
         print(f"jitbroker: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,12 @@ Fixtures (all function-scoped):
 ``jitbroker_broker``
     A ``Broker`` on those three (issuer ``urn:jitbroker:test``).
 
+Leak detection: a test marked ``@pytest.mark.jitbroker_no_leaks`` (or every
+test, with ``jitbroker_no_leaks = true`` in the pytest ini options) fails if
+its ``jitbroker_broker`` still holds active leases when the test body ends,
+and the failure lists them. ``assert_no_leaks(broker)`` does the same check
+for a broker you built yourself.
+
 Example::
 
     def test_expiry(jitbroker_broker, jitbroker_clock):
@@ -24,16 +30,19 @@ freezegun works too: a broker built without ``clock=`` reads ``time.time()``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Generator, Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from .broker import Broker
 from .keyring import KeyRing
+from .lease import Lease
 from .stores.memory import MemoryStore
 
-__all__ = ["TEST_ISSUER", "FakeClock"]
+__all__ = ["TEST_ISSUER", "FakeClock", "assert_no_leaks"]
+
+LEAK_MARKER = "jitbroker_no_leaks"
 
 TEST_ISSUER = "urn:jitbroker:test"
 #: 2026-01-01T00:00:00Z: a fixed, realistic starting point.
@@ -96,3 +105,53 @@ def jitbroker_broker(
     )
     yield broker
     broker.close()
+
+
+def _describe(lease: Lease) -> str:
+    expires = datetime.fromtimestamp(lease.expires_at, UTC).isoformat(timespec="seconds")
+    where = ", ".join(
+        f"{name}={value!r}"
+        for name, value in (("task", lease.task), ("owner", lease.owner), ("parent", lease.parent))
+        if value is not None
+    )
+    return f"lease {lease.id} of {lease.subject} for {lease.audience} ({where}) expires {expires}"
+
+
+def assert_no_leaks(broker: Broker) -> None:
+    """Fail (``AssertionError``) if ``broker`` holds active leases, listing each one:
+    a credential that outlived the code that asked for it is a leak."""
+    leaked = list(broker.leases())
+    if leaked:
+        lines = "\n  ".join(_describe(lease) for lease in leaked)
+        raise AssertionError(
+            f"{len(leaked)} lease(s) still active at the end of the test "
+            f"(revoke them, or issue inside broker.task(...)):\n  {lines}"
+        )
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "jitbroker_no_leaks",
+        "fail every test whose jitbroker_broker holds active leases at its end",
+        type="bool",
+        default=False,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{LEAK_MARKER}: fail the test if its jitbroker_broker holds active leases at its end",
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    # After the test body, not in fixture teardown: a leak fails the test itself.
+    result = yield
+    broker = getattr(item, "funcargs", {}).get("jitbroker_broker")
+    if isinstance(broker, Broker) and (
+        item.get_closest_marker(LEAK_MARKER) is not None or item.config.getini("jitbroker_no_leaks")
+    ):
+        assert_no_leaks(broker)
+    return result

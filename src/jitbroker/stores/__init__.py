@@ -1,12 +1,14 @@
 """Lease stores: ``MemoryStore`` (default), ``RedisStore`` (and ``AsyncRedisStore`` for
 asyncio) and ``PostgresStore`` (loaded on first use: they need the `jitbroker[redis]` /
-`jitbroker[postgres]` extras); all behind the one protocol in ``base``."""
+`jitbroker[postgres]` extras); all behind the one protocol in ``base``. ``open_store(url)``
+opens one from a path or URL."""
 
 from typing import TYPE_CHECKING, Any
 
 from .base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
+from .url import open_store
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore as PostgresStore
@@ -20,6 +22,7 @@ __all__ = [
     "MemoryStore",
     "SQLiteStore",
     "as_async",
+    "open_store",
 ]
 
 

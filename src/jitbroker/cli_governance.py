@@ -1,0 +1,211 @@
+"""``jitbroker report|leases|revoke|policy``: operate on a shared lease store.
+
+    jitbroker report  --store URL [--json] [--long-ttl S] [--oldest N] [--keys DIR]
+    jitbroker leases  --store URL [--owner O] [--subject S] [--task T] [--key-id K]
+                      [--parent ID] [--all] [--json]
+    jitbroker revoke  --store URL (--lease ID | --owner O | --subject S | --task T
+                      | --key-id K | --parent ID ...) [--reason R] [--by WHO]
+                      [--audit-log FILE]
+    jitbroker policy check FILE [--subject S --audience A [--scopes "a b"] [--ttl S]
+                      [--owner O] [--purpose P] [--task T] [--label k=v ...]]
+
+``--store`` takes a SQLite path, ``sqlite:``, ``redis://`` or ``postgresql://``
+URL (see ``jitbroker.stores.open_store``), or the ``JITBROKER_STORE``
+environment variable. ``revoke`` takes lease ids, never tokens: a token on a
+command line would land in shell history and process listings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .audit import JsonLinesSink, Sink
+from .broker import Broker
+from .errors import InvalidRequest
+from .keyring import KeyRing
+from .policy import Policy
+from .report import build_report, lease_summary
+from .stores import open_store
+from .stores.base import LeaseFilter, LeaseStore
+from .validate import optional_text
+
+__all__ = ["COMMANDS", "add_parsers", "run"]
+
+Out = Callable[[str], object]
+COMMANDS = ("report", "leases", "revoke", "policy")
+_FILTERS = ("owner", "subject", "task", "key_id", "parent")
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the governance commands on the top-level parser."""
+    report = sub.add_parser("report", help="what is alive, who owns it, what looks wrong")
+    _store_arg(report)
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--long-ttl", type=float, default=3600.0, metavar="SECONDS")
+    report.add_argument("--oldest", type=int, default=10, metavar="N")
+    report.add_argument("--keys", type=Path, metavar="DIR", help="flag leases of retired keys")
+
+    leases = sub.add_parser("leases", help="list leases (active ones unless --all)")
+    _store_arg(leases)
+    _filter_args(leases)
+    leases.add_argument("--all", action="store_true", help="include revoked and expired")
+    leases.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    revoke = sub.add_parser("revoke", help="revoke leases (and their subtrees) by id or filter")
+    _store_arg(revoke)
+    _filter_args(revoke)
+    revoke.add_argument("--lease", metavar="ID", help="a lease id (never a token)")
+    revoke.add_argument("--reason", default="revoked-by-operator")
+    revoke.add_argument("--by", help="who revokes, for the audit trail (default cli:$USER)")
+    revoke.add_argument("--audit-log", type=Path, metavar="FILE", help="append events here")
+
+    policy = sub.add_parser("policy", help="validate a policy file and explain a request")
+    cmds = policy.add_subparsers(dest="policy_command", required=True)
+    check = cmds.add_parser("check", help="validate FILE; with --subject/--audience, explain")
+    check.add_argument("file", type=Path)
+    check.add_argument("--subject")
+    check.add_argument("--audience")
+    check.add_argument("--scopes", default="", help="space-delimited")
+    check.add_argument("--ttl", type=float)
+    check.add_argument("--owner")
+    check.add_argument("--purpose")
+    check.add_argument("--task")
+    check.add_argument("--label", action="append", default=[], metavar="NAME=VALUE")
+
+
+def _store_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("JITBROKER_STORE"),
+        help="SQLite path or store URL (default: $JITBROKER_STORE)",
+    )
+
+
+def _filter_args(parser: argparse.ArgumentParser) -> None:
+    for name in _FILTERS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name)
+
+
+def run(args: argparse.Namespace, out: Out = print) -> int:
+    """Carry out a parsed governance command; the exit status."""
+    if args.command == "policy":
+        return _policy_check(args, out)
+    with _store(args.store) as store:
+        if args.command == "report":
+            return _report(args, store, out)
+        if args.command == "leases":
+            return _leases(args, store, out)
+        return _revoke(args, store, out)
+
+
+@contextmanager
+def _store(url: str | None) -> Iterator[LeaseStore]:
+    if not url:
+        raise InvalidRequest("give --store (a SQLite path or store URL) or set JITBROKER_STORE")
+    store = open_store(url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _where(args: argparse.Namespace) -> LeaseFilter:
+    return LeaseFilter(**{name: optional_text(getattr(args, name), name) for name in _FILTERS})
+
+
+def _report(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
+    keys = None if args.keys is None else {key.kid for key in KeyRing.from_dir(args.keys)}
+    report = build_report(
+        store.find(LeaseFilter()),
+        now=time.time(),
+        keys=keys,
+        long_ttl=args.long_ttl,
+        oldest=args.oldest,
+    )
+    out(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
+    return 0
+
+
+def _leases(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
+    now = time.time()
+    found = sorted(store.find(_where(args)), key=lambda lease: (lease.issued_at, lease.id))
+    shown = [lease for lease in found if args.all or lease.is_active(now)]
+    for lease in shown:
+        summary = lease_summary(lease, now)
+        if args.json:
+            out(json.dumps(summary, sort_keys=True))
+        else:
+            out("  ".join(f"{k}={v}" for k, v in summary.items()))
+    if not args.json:
+        out(f"{len(shown)} lease(s)")
+    return 0
+
+
+def _revoke(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
+    where = _where(args)
+    if args.lease is None and where.is_empty():
+        raise InvalidRequest("say what to revoke: --lease ID or at least one filter")
+    if args.lease is not None and not where.is_empty():
+        raise InvalidRequest("--lease revokes one lease; do not combine it with filters")
+    sinks: list[Sink] = []
+    if args.audit_log is not None:
+        sinks.append(JsonLinesSink(args.audit_log))
+    by = args.by or f"cli:{getpass.getuser()}"
+    # Revoking signs nothing: a throwaway key ring satisfies the broker.
+    broker = Broker(keys=KeyRing.generate(), store=store, audit=sinks)
+    if args.lease is not None:
+        done = broker.revoke(_lease_id(args.lease), reason=args.reason, by=by)
+        out(f"revoked lease {args.lease}" if done else f"lease {args.lease} was not active")
+        return 0 if done else 1
+    count = broker.revoke_where(**_filters(where), reason=args.reason, by=by)
+    out(f"revoked {count} lease(s) matching {where.describe()} (subtrees included)")
+    return 0
+
+
+def _filters(where: LeaseFilter) -> dict[str, str | None]:
+    return {name: getattr(where, name) for name in _FILTERS}
+
+
+def _lease_id(value: str) -> str:
+    from .tokens import is_lease_id
+
+    if not is_lease_id(value):
+        # Never echo it: it may be a token pasted by mistake.
+        raise InvalidRequest("--lease takes a lease id (32 hex characters), never a token")
+    return value
+
+
+def _policy_check(args: argparse.Namespace, out: Out) -> int:
+    policy = Policy.from_toml(args.file)
+    out(f"{args.file}: valid, {len(policy.rules)} rule(s)")
+    if args.subject is None and args.audience is None:
+        return 0
+    if args.subject is None or args.audience is None:
+        raise InvalidRequest("explaining a request needs both --subject and --audience")
+    labels = dict(_label(text) for text in args.label)
+    broker = Broker(keys=KeyRing.generate(), policy=policy, labels=labels, max_ttl=86_400 * 365)
+    explanation = broker.explain(
+        args.subject,
+        args.audience,
+        args.scopes,
+        args.ttl,
+        owner=args.owner,
+        purpose=args.purpose,
+        task=args.task,
+    )
+    out(str(explanation))
+    return 0 if explanation.allowed else 1
+
+
+def _label(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise InvalidRequest(f"--label takes NAME=VALUE, got {text!r}")
+    return name, value

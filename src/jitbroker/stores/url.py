@@ -1,0 +1,66 @@
+"""Open a lease store from one string: what the CLI's ``--store`` takes.
+
+==========================================  ===============================
+``leases.db``, ``./leases.db``              ``SQLiteStore`` at that path
+``sqlite:///leases.db``                     ``SQLiteStore`` (relative path)
+``sqlite:////var/lib/jb/leases.db``         ``SQLiteStore`` (absolute path)
+``sqlite:leases.db``                        ``SQLiteStore`` (a path, as given)
+``redis://host:6379/0?prefix=jitbroker``    ``RedisStore`` (``rediss://`` too)
+``postgresql://u@host/db?schema=jitbroker`` ``PostgresStore`` (``postgres://`` too)
+==========================================  ===============================
+
+The ``sqlite:///`` forms follow SQLAlchemy's: three slashes, then the path.
+``prefix`` and ``schema`` are taken out of the URL before it reaches the
+driver; the other query parameters are the driver's.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..errors import InvalidRequest
+from .base import LeaseStore
+from .sqlite import SQLiteStore
+
+__all__ = ["open_store"]
+
+
+def _pop_param(url: str, name: str, default: str) -> tuple[str, str]:
+    """``url`` without its ``name`` query parameter, and that parameter's value."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    values = [v for k, v in query if k == name]
+    if len(values) > 1:
+        raise InvalidRequest(f"the store URL gives {name!r} more than once")
+    rest = urlencode([(k, v) for k, v in query if k != name])
+    return urlunsplit(parts._replace(query=rest)), values[0] if values else default
+
+
+def open_store(url: str) -> LeaseStore:
+    """The store ``url`` names (see the table in this module's docstring)."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidRequest("a store URL or SQLite path is required")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        bare, prefix = _pop_param(url, "prefix", "jitbroker")
+        return RedisStore(bare, prefix=prefix)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        bare, schema = _pop_param(url, "schema", "jitbroker")
+        return PostgresStore(bare, schema=schema)
+    if scheme == "sqlite":
+        path = url[len("sqlite:") :]
+        if path.startswith("//"):
+            if not path.startswith("///"):
+                raise InvalidRequest("a sqlite URL is sqlite:///relative or sqlite:////absolute")
+            path = path[3:]
+        return SQLiteStore(path)
+    if len(scheme) > 1 and "://" in url:  # a URL of a kind we do not know; not a path
+        raise InvalidRequest(
+            f"unknown store URL scheme {scheme!r}: use a SQLite path, sqlite:, redis:// "
+            "or postgresql://"
+        )
+    return SQLiteStore(url)
