@@ -182,6 +182,22 @@ def test_a_bad_dsn_is_refused_without_echoing_it() -> None:
     assert info.value.__cause__ is None
 
 
+@pytest.mark.parametrize(
+    ("dsn", "problem"),
+    [
+        ("postgresql://postgres:hunter2@127.0.0.1:abc/test", "port"),
+        ("postgresql://postgres:hunter2@127.0.0.1:99999/test", "port"),
+        ("host=a,b port=5432,0 password=hunter2", "port"),
+        ("postgresql://postgres:hunter2@127.0.0.1/test?connect_timeout=soon", "connect_timeout"),
+    ],
+)
+def test_a_bad_port_or_timeout_is_refused_before_connecting(dsn: str, problem: str) -> None:
+    # Not a StoreUnavailable after a failed connection: nothing to retry.
+    with pytest.raises(InvalidRequest, match=problem) as info:
+        PostgresStore(dsn)
+    assert "hunter2" not in str(info.value)
+
+
 def test_repr_never_shows_the_dsn(new_store: Callable[..., PostgresStore]) -> None:
     store = new_store("postgresql://postgres:hunter2@127.0.0.1:5432/test", schema="jbtest_repr")
     assert repr(store) == "<PostgresStore schema='jbtest_repr'>"

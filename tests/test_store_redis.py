@@ -32,6 +32,7 @@ from jitbroker.lease import Lease
 from jitbroker.stores import redis as redis_module
 from jitbroker.stores.base import LeaseFilter
 from jitbroker.stores.redis import RedisStore
+from jitbroker.stores.redis_async import AsyncRedisStore
 
 URL = "redis://127.0.0.1:6379/0"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -112,6 +113,26 @@ def test_prefix_must_keep_the_hash_tag_intact(prefix: str) -> None:
 def test_retention_must_be_positive(retention: float) -> None:
     with pytest.raises(InvalidRequest):
         RedisStore(URL, retention=retention)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:hunter2@127.0.0.1:6379/0",
+        "redis://user:hunter2@127.0.0.1:abc/0",
+        "redis://user:hunter2@127.0.0.1:99999/0",
+        "redis://user:hunter2@127.0.0.1:6379/0?socket_timeout=abc",
+        "",
+    ],
+)
+@pytest.mark.parametrize("kind", [RedisStore, AsyncRedisStore])
+def test_a_bad_url_is_refused_without_echoing_it(
+    url: str, kind: type[RedisStore] | type[AsyncRedisStore]
+) -> None:
+    with pytest.raises(InvalidRequest) as info:  # not redis-py's bare ValueError
+        kind(url)
+    assert "hunter2" not in str(info.value)
+    assert info.value.__cause__ is None
 
 
 def test_construction_does_no_io() -> None:

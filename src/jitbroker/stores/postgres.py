@@ -648,6 +648,7 @@ class _Pool:
         except psycopg.ProgrammingError:
             # Not the parser's message: it may quote the DSN, password included.
             raise InvalidRequest("not a valid PostgreSQL connection string") from None
+        _check_params(params)
         # Fail fast rather than hang when the server is unreachable; a DSN may override.
         params.setdefault("connect_timeout", 5)
         params.setdefault("application_name", "jitbroker")
@@ -728,6 +729,16 @@ def _translated(action: str) -> Iterator[None]:
         raise StoreUnavailable(f"could not reach PostgreSQL to {action}: {exc}") from exc
     except psycopg.Error as exc:
         raise StoreError(f"PostgreSQL failed to {action}: {exc}") from exc
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """Refuse what libpq would only reject when connecting (as an outage)."""
+    for port in str(params.get("port", "")).split(","):  # one per host, "" = default
+        if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
+            raise InvalidRequest(f"the port must be a number from 1 to 65535, got {port!r}")
+    timeout = str(params.get("connect_timeout", "0"))
+    if not re.fullmatch(r"-?[0-9]+", timeout):
+        raise InvalidRequest(f"connect_timeout must be whole seconds, got {timeout!r}")
 
 
 def _check_time(name: str, value: float) -> None:

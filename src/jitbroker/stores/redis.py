@@ -290,7 +290,9 @@ class RedisLeases(Generic[C]):
             raise InvalidRequest(f"retention must be positive seconds or None, got {retention!r}")
         self._owns_client = isinstance(url_or_client, str)
         self._client: C = (
-            self._connect(url_or_client) if isinstance(url_or_client, str) else url_or_client
+            _from_url(self._connect, url_or_client)
+            if isinstance(url_or_client, str)
+            else url_or_client
         )
         self.prefix = prefix
         self._base = f"{{{prefix}}}:"
@@ -577,6 +579,18 @@ def _await_subscription(pubsub: Any, timeout: float) -> None:
 
 
 # -- helpers (no I/O) ----------------------------------------------------------
+def _from_url(connect: Callable[[str], C], url: str) -> C:
+    """The client for ``url``; ``InvalidRequest`` if redis-py cannot parse it."""
+    try:
+        return connect(url)
+    except ValueError:
+        # Not redis-py's message: it may quote the URL, password included.
+        raise InvalidRequest(
+            "not a valid Redis URL: use redis://, rediss:// or unix://, a port from"
+            " 1 to 65535, and valid query options"
+        ) from None
+
+
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
     """Redis errors become ours at the boundary, the original chained as cause."""
