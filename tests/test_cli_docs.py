@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def test_benchmark_script_smoke() -> None:
 
 DOC_BLOCKS = [
     pytest.param(doc, i, code, id=f"{doc}#{i}")
-    for doc in ("docs/concepts.md", "docs/security.md", "docs/stores.md")
+    for doc in ("docs/concepts.md", "docs/security.md", "docs/stores.md", "docs/governance.md")
     for i, code in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(), re.S))
 ]
 
@@ -83,3 +84,19 @@ def test_doc_examples_run(
         result.assert_outcomes(passed=code.count("def test_"))
         return
     exec(compile(code, f"{doc}#{index}", "exec"), {"__name__": "__main__"})  # noqa: S102
+
+
+def test_the_example_policy_file_loads_and_allows_its_sample_request() -> None:
+    from jitbroker import Policy
+
+    path = ROOT / "docs" / "examples" / "policy.toml"
+    assert len(Policy.from_toml(path).rules) == 2
+    sample = re.search(
+        r"policy check (docs/examples/policy.toml.*?)\n```",
+        (ROOT / "docs" / "governance.md").read_text(),
+        re.S,
+    )
+    assert sample is not None
+    argv = ["policy", "check", *shlex.split(sample.group(1).replace("\\\n", " "))]
+    argv[2] = str(ROOT / argv[2])
+    assert main(argv) == 0

@@ -73,7 +73,8 @@ class JsonLinesSink:
 
     Each line is written and flushed under a lock, so lines from threads never
     interleave; use one sink per file per process (``O_APPEND`` keeps lines from
-    several processes whole on a local filesystem).
+    several processes whole on a local filesystem). Close it when done (or use it
+    as a context manager): it holds the file open.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -92,6 +93,12 @@ class JsonLinesSink:
         """Close the file. Idempotent."""
         with self._lock:
             self._file.close()
+
+    def __enter__(self) -> JsonLinesSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<JsonLinesSink path={self.path!r}>"

@@ -18,6 +18,7 @@ command line would land in shell history and process listings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -154,9 +155,16 @@ def _revoke(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
         raise InvalidRequest("say what to revoke: --lease ID or at least one filter")
     if args.lease is not None and not where.is_empty():
         raise InvalidRequest("--lease revokes one lease; do not combine it with filters")
-    sinks: list[Sink] = []
-    if args.audit_log is not None:
-        sinks.append(JsonLinesSink(args.audit_log))
+    with contextlib.ExitStack() as stack:
+        sinks: list[Sink] = []
+        if args.audit_log is not None:
+            sinks.append(stack.enter_context(JsonLinesSink(args.audit_log)))
+        return _revoke_now(args, store, where, sinks, out)
+
+
+def _revoke_now(
+    args: argparse.Namespace, store: LeaseStore, where: LeaseFilter, sinks: list[Sink], out: Out
+) -> int:
     by = args.by or f"cli:{getpass.getuser()}"
     # Revoking signs nothing: a throwaway key ring satisfies the broker.
     broker = Broker(keys=KeyRing.generate(), store=store, audit=sinks)

@@ -527,7 +527,10 @@ class Explanation:
             granted = "granted by" if d.allowed else "granted by (but a quota is full)"
             lines.append(f"  {granted}: {d.rule.label()}")
         lines += [f"  rule matched: {rule.label()}" for rule in d.matched]
-        lines += [f"  quota: {q.rule}: {n} of {q.limit} active" for q, n in self.quotas]
+        lines += [
+            f"  quota of {q.rule}: {n} of {q.limit} active for {q.describe()}"
+            for q, n in self.quotas
+        ]
         lines += [f"  reason: {reason}" for reason in d.reasons]
         return "\n".join(lines)
 

@@ -67,13 +67,15 @@ class Quota:
         """True if ``lease`` counts against this quota."""
         return lease.subject == self.subject and (self.owner is None or lease.owner == self.owner)
 
+    def describe(self) -> str:
+        """``subject 'svc:x' with owner 'alice'``: whose leases it counts."""
+        whom = f"subject {self.subject!r}"
+        return whom if self.owner is None else f"{whom} with owner {self.owner!r}"
+
     def exceeded(self) -> QuotaExceeded:
         """The error a store raises when the quota is full."""
-        whom = f"subject {self.subject!r}"
-        if self.owner is not None:
-            whom += f" with owner {self.owner!r}"
         return QuotaExceeded(
-            f"{self.rule} allows at most {self.limit} active leases for {whom}; "
+            f"{self.rule} allows at most {self.limit} active leases for {self.describe()}; "
             "revoke one or wait for one to expire",
             quota=self,
         )
