@@ -31,7 +31,7 @@ from jitbroker.lease import Lease
 from jitbroker.revocations import RevocationCache
 from jitbroker.stores.postgres import PostgresStore
 from jitbroker.stores.redis import RedisStore
-from jitbroker.testing import TEST_ISSUER
+from jitbroker.testing import TEST_ISSUER, FakeClock
 from test_store_redis import PrivateServer, fast_client, private_server  # noqa: F401
 
 FEED_THREAD = "jitbroker-revocations"
@@ -261,6 +261,21 @@ def test_revocations_before_the_feed_started_are_resynced(store: Counting) -> No
     broker.revoke(cred)
     cache = live_cache(store)
     try:
+        assert cache.revoked(cred.lease_id)
+    finally:
+        cache.close()
+
+
+def test_the_resync_uses_the_brokers_clock(store: Counting) -> None:
+    # Leases judged by a clock far from time.time(): the resync window must be
+    # counted on that clock, or it would miss this revocation.
+    clock = FakeClock(1_767_225_600.0)  # 2026-01-01, whatever the date today
+    broker = Broker(issuer=TEST_ISSUER, store=store, clock=clock)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    broker.revoke(cred)
+    cache = store.revocations(max_staleness=1.0, heartbeat=0.1, clock=clock)
+    try:
+        assert wait_for(cache.fresh)
         assert cache.revoked(cred.lease_id)
     finally:
         cache.close()

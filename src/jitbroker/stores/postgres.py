@@ -45,7 +45,6 @@ import math
 import re
 import select
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, LiteralString, Protocol, TypeVar
@@ -56,6 +55,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow, tuple_row
 
+from ..clock import Clock, system_clock
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
 from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
@@ -434,13 +434,19 @@ class PostgresStore:
         return self._call("read recent revocations", work, atomic=False)
 
     def revocations(
-        self, *, window: float = 86_400.0, max_staleness: float = 5.0, heartbeat: float = 1.0
+        self,
+        *,
+        window: float = 86_400.0,
+        max_staleness: float = 5.0,
+        heartbeat: float = 1.0,
+        clock: Clock = system_clock,
     ) -> RevocationCache:
         """A ``RevocationCache`` fed by LISTEN on this store's channel, for
         ``Verifier(..., store=store, revocations=...)`` (see ``jitbroker.revocations``).
         It holds one connection of the pool while it runs. ``window`` must be at
-        least the longest token lifetime plus leeway; ``close()`` the cache to
-        stop its thread."""
+        least the longest token lifetime plus leeway; ``clock`` is the brokers'
+        clock (a resync loads the leases that died and expired at most a minute
+        before its "now"); ``close()`` the cache to stop its thread."""
         cache = RevocationCache(window=window, max_staleness=max_staleness)
 
         def session(cache: RevocationCache, stop: threading.Event) -> None:
@@ -450,7 +456,7 @@ class PostgresStore:
                 self._listening(conn) as cur,
             ):
                 # On the listening connection itself: a pool of one still works.
-                row = cur.execute(self._sql.resync, (time.time() - RESYNC_MARGIN,)).fetchone()
+                row = cur.execute(self._sql.resync, (clock() - RESYNC_MARGIN,)).fetchone()
                 epoch, ids = row if row is not None else (None, [])
                 cache.resync([str(i) for i in ids], epoch=epoch)
                 while not stop.is_set():

@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .._drive import Step, Steps, run
+from ..clock import Clock, system_clock
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
 from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
@@ -506,13 +507,20 @@ class RedisStore(RedisLeases[redis.Redis]):
         return run(self._revoked_since_steps(since), self._client)
 
     def revocations(
-        self, *, window: float = 86_400.0, max_staleness: float = 5.0, heartbeat: float = 1.0
+        self,
+        *,
+        window: float = 86_400.0,
+        max_staleness: float = 5.0,
+        heartbeat: float = 1.0,
+        clock: Clock = system_clock,
     ) -> RevocationCache:
         """A ``RevocationCache`` fed by this store's revocation channel, for
         ``Verifier(..., store=store, revocations=...)``: online verification of
         JWS tokens with no round trip while the feed is live (see
         ``jitbroker.revocations``). ``window`` must be at least the longest
-        token lifetime plus leeway. ``close()`` the cache to stop its thread."""
+        token lifetime plus leeway; ``clock`` is the brokers' clock (a resync
+        loads the leases that died and expired at most a minute before its
+        "now"). ``close()`` the cache to stop its thread."""
         cache = RevocationCache(window=window, max_staleness=max_staleness)
 
         def session(cache: RevocationCache, stop: threading.Event) -> None:
@@ -520,7 +528,7 @@ class RedisStore(RedisLeases[redis.Redis]):
             try:
                 pubsub.subscribe(self._base + "revoked")
                 _await_subscription(pubsub, heartbeat)
-                epoch, ids = run(self._resync_steps(time.time() - RESYNC_MARGIN), self._client)
+                epoch, ids = run(self._resync_steps(clock() - RESYNC_MARGIN), self._client)
                 cache.resync(ids, epoch=epoch)
                 _follow(pubsub, cache, stop, heartbeat, self._read_epoch)
             finally:
