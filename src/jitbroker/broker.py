@@ -215,7 +215,7 @@ class Broker(_Base):
         if sweep_due:
             self._sweep_quietly()
         cred = core.issued(lease, token)
-        if core.hooks.on_issue:
+        if core.issue_hooks:
             core.hooks.run()
         return cred
 
@@ -468,7 +468,7 @@ class AsyncBroker(_Base):
         if sweep_due:
             await self._sweep_quietly()
         cred = core.issued(lease, token)
-        if core.hooks.on_issue:
+        if core.issue_hooks:
             await core.hooks.arun()
         return cred
 

@@ -48,6 +48,7 @@ log = logging.getLogger("jitbroker")
 LeaseRef = Credential | Lease | str
 TokenFormat = Literal["jws", "opaque"]
 SWEEP_BATCH = 1000
+_ISSUED = EventType.ISSUED  # a module constant: an enum attribute costs 50 ns on 3.11
 #: Attenuated leases may nest this deep by default (a root lease is depth 0).
 MAX_DELEGATION_DEPTH = 4
 
@@ -99,6 +100,7 @@ class Core:
         self.max_depth = _depth(max_delegation_depth)
         self.hooks = hooks if hooks is not None else Hooks()
         self.hooks.clock, self.hooks.audit = self.clock, self.audit
+        self.issue_hooks = bool(self.hooks.on_issue)  # checked on every issue
         self.verifier = Verifier._online(
             self.keys,
             issuer=self.issuer,
@@ -244,8 +246,8 @@ class Core:
 
     def issued(self, lease: Lease, token: str) -> Credential:
         """After the store accepted ``lease``: audit, hooks, and hand out the credential."""
-        self.audit.emit(EventType.ISSUED, lease.issued_at, lease)
-        if self.hooks.on_issue:
+        self.audit.emit(_ISSUED, lease.issued_at, lease)
+        if self.issue_hooks:
             self.hooks.enqueue("on_issue", [lease])
         return new_credential(token, lease, self.shell)
 
