@@ -600,13 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     for step in args.only or steps:
         getattr(bench, step)()
     print(f"python {sys.version.split()[0]}, PyJWT {jwt.__version__}, median of {bench.repeat}")
-    print(f"{'benchmark':52} {'jitbroker':>10} {'baseline':>10} {'ratio':>8} {'target':>8}")
+    print(f"{'benchmark':56} {'jitbroker':>10} {'baseline':>10} {'ratio':>8} {'target':>8}")
     for r in bench.rows:
         ours = "" if r["jitbroker_us"] is None else f"{r['jitbroker_us']:.2f}us"
         base = "" if r["baseline_us"] is None else f"{r['baseline_us']:.2f}us"
         mark = {True: "ok", False: "MISS", None: ""}[r["ok"]]
         target = "" if r["target"] is None else f"<={r['target']}"
-        print(f"{r['name']:52} {ours:>10} {base:>10} {r['ratio']:>8} {target:>8} {mark}")
+        print(f"{r['name']:56} {ours:>10} {base:>10} {r['ratio']:>8} {target:>8} {mark}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(bench.rows, fh, indent=2)
