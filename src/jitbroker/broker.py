@@ -135,6 +135,7 @@ class _Base:
             keys={key.kid for key in core.keys},
             failed_hooks=core.hooks.failed(),
             counts=core.audit.counts,
+            sink_failures=core.audit.sink_failures,
             long_ttl=long_ttl,
             oldest=oldest,
         )

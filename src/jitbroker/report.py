@@ -188,12 +188,14 @@ def build_report(
     keys: Collection[str] | None = None,
     failed_hooks: Iterable[FailedHook] = (),
     counts: Mapping[str, int] | None = None,
+    sink_failures: int | None = None,
     long_ttl: Duration = 3600,
     oldest: int = 10,
 ) -> Report:
     """The report over ``leases`` (live and dead, as ``leases(include_inactive=True)``
     gives). ``keys`` is the key ids still held (None: unknown, no retired-key
-    finding); ``counts`` the broker's event counts since it started."""
+    finding); ``counts`` the broker's event counts since it started, and
+    ``sink_failures`` how many audit sink calls raised."""
     threshold = seconds(long_ttl, "long_ttl")
     if isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 0:
         raise InvalidRequest("oldest must be a whole number, 0 or more")
@@ -211,6 +213,8 @@ def build_report(
     for event in ("issued", "renewed", "attenuated", "revoked", "expired", "denied"):
         if counts is not None:
             churn[f"{event} (this broker)"] = counts.get(event, 0)
+    if sink_failures is not None:
+        churn["audit sink failures (this broker)"] = sink_failures
     return Report(
         generated_at=now,
         active=tuple(active),
