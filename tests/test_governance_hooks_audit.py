@@ -1,0 +1,891 @@
+"""Lifecycle hooks (``on_issue``, ``on_revoke``, ``on_expire``) and the audit trail.
+
+Hooks run after the operation, get the right leases (sync and async hooks, on
+``Broker`` and ``AsyncBroker``), fire ``on_expire`` once per lease across
+brokers sharing a store, and when they fail the operation still stands: the
+call is retried by later sweeps with backoff, then parked where
+``failed_hooks()`` and the report show it. The audit trail has one event type
+per transition, JSON lines files that stay whole under threads, and no secret
+anywhere. Time comes from a ``FakeClock``: backoff is checked by moving it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jitbroker import (
+    AsyncBroker,
+    Broker,
+    Credential,
+    KeyRing,
+    Lease,
+    LeaseStore,
+    MemoryStore,
+    Policy,
+    PolicyDenied,
+    Rule,
+)
+from jitbroker.audit import AuditEvent, Auditor, EventType, JsonLinesSink
+from jitbroker.errors import InvalidRequest, InvalidToken, TokenRevoked, WrongAudience
+from jitbroker.hooks import FailedHook
+from jitbroker.stores.sqlite import SQLiteStore
+from jitbroker.testing import TEST_ISSUER, FakeClock
+from test_secrets import Secrets, key_secrets, tampered
+from test_store_conformance import STORES, StoreFactory
+
+SUBJECT = "svc:ci-deploy"
+AUDIENCE = "db:orders"
+SCOPES = ["orders:read", "orders:write"]
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+
+
+class Hook:
+    """A hook that records (time, lease id) per call and fails while ``failing``."""
+
+    def __init__(self, clock: FakeClock, *, failing: bool = False) -> None:
+        self.clock = clock
+        self.failing = failing
+        self.calls: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, lease: Lease) -> None:
+        with self.lock:
+            self.calls.append((self.clock(), lease.id))
+        if self.failing:
+            raise RuntimeError("the cleanup service is down")
+
+    @property
+    def ids(self) -> list[str]:
+        return [lease_id for _, lease_id in self.calls]
+
+    @property
+    def times(self) -> list[float]:
+        return [at for at, _ in self.calls]
+
+
+def make_broker(clock: FakeClock, events: list[AuditEvent] | None = None, **options: Any) -> Broker:
+    return Broker(
+        issuer=TEST_ISSUER,
+        keys=options.pop("keys", None) or KeyRing.generate("EdDSA"),
+        clock=clock,
+        audit=[events.append] if events is not None else (),
+        **options,
+    )
+
+
+def issue(broker: Broker, **changes: Any) -> Credential:
+    request: dict[str, Any] = {
+        "subject": SUBJECT,
+        "audience": AUDIENCE,
+        "scopes": SCOPES,
+        "ttl": 600,
+        "owner": ALICE,
+        "purpose": "nightly export",
+    }
+    return broker.issue(**{**request, **changes})
+
+
+def of(events: list[AuditEvent], action: str) -> list[AuditEvent]:
+    return [event for event in events if event.action == action]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# -- hooks get the right leases ----------------------------------------------------
+def test_hooks_get_the_right_leases(clock: FakeClock) -> None:
+    on_issue, on_revoke, on_expire = Hook(clock), Hook(clock), Hook(clock)
+    broker = make_broker(clock, on_issue=[on_issue], on_revoke=on_revoke, on_expire=on_expire)
+    a = issue(broker, task="job-1")
+    b = issue(broker, ttl=30)
+    assert on_issue.ids == [a.lease_id, b.lease_id]
+    child = broker.attenuate(a, scopes=["orders:read"])
+    assert broker.revoke(a, reason="done") is True
+    assert sorted(on_revoke.ids) == sorted([a.lease_id, child.lease_id])  # the subtree
+    assert broker.revoke(a) is False  # already revoked: no second call
+    assert len(on_revoke.ids) == 2
+    clock.advance(31)
+    assert [lease.id for lease in broker.sweep()] == [b.lease_id]
+    assert on_expire.ids == [b.lease_id]
+    broker.sweep()
+    assert on_expire.ids == [b.lease_id]  # once
+
+
+def test_revoke_where_task_exit_and_key_retirement_fire_on_revoke(clock: FakeClock) -> None:
+    on_revoke = Hook(clock)
+    broker = make_broker(clock, on_revoke=on_revoke)
+    offboarded = [issue(broker, owner=BOB) for _ in range(2)]
+    assert broker.revoke_where(owner=BOB, reason="offboarded") == 2
+    assert sorted(on_revoke.ids) == sorted(cred.lease_id for cred in offboarded)
+    with broker.task("job-9", subject=SUBJECT, audience=AUDIENCE, scopes=SCOPES) as cred:
+        pass
+    assert on_revoke.ids[-1] == cred.lease_id
+    signed = issue(broker)
+    old = signed.lease.key_id
+    assert old is not None
+    broker.rotate_keys()
+    assert broker.retire_key(old) == 1
+    assert on_revoke.ids[-1] == signed.lease_id
+    assert len(on_revoke.ids) == 4
+
+
+def test_the_lease_a_hook_gets_is_the_transitioned_one(clock: FakeClock) -> None:
+    got: list[Lease] = []
+    broker = make_broker(clock, on_revoke=got.append, on_expire=got.append)
+    revoked = issue(broker)
+    expiring = issue(broker, ttl=5)
+    broker.revoke(revoked, reason="compromised")
+    clock.advance(5)
+    broker.sweep()
+    first, second = got
+    assert (first.id, first.revoked_at, first.revoke_reason) == (
+        revoked.lease_id,
+        clock() - 5,
+        "compromised",
+    )
+    assert second.id == expiring.lease_id
+    assert second.revoked_at is None
+
+
+def test_async_hooks_on_a_sync_broker(clock: FakeClock) -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def on_issue(lease: Lease) -> None:
+        await asyncio.sleep(0)
+        seen.append(("issue", lease.id))
+
+    async def on_revoke(lease: Lease) -> None:
+        seen.append(("revoke", lease.id))
+
+    broker = make_broker(clock, on_issue=on_issue, on_revoke=on_revoke)
+    cred = issue(broker)
+    broker.revoke(cred)
+    assert seen == [("issue", cred.lease_id), ("revoke", cred.lease_id)]
+
+    async def inside_a_running_loop() -> Credential:
+        # A sync broker called from async code: the hook runs on its own loop in a thread.
+        other = issue(broker)
+        broker.revoke(other)
+        return other
+
+    other = asyncio.run(inside_a_running_loop())
+    assert seen[-2:] == [("issue", other.lease_id), ("revoke", other.lease_id)]
+
+
+def test_a_failing_async_hook_on_a_sync_broker_is_recorded(clock: FakeClock) -> None:
+    async def on_revoke(lease: Lease) -> None:
+        raise RuntimeError("async cleanup failed")
+
+    broker = make_broker(clock, on_revoke=on_revoke, hook_retries=0)
+    cred = issue(broker)
+    assert broker.revoke(cred) is True
+    (failed,) = broker.failed_hooks()
+    assert failed.error == "RuntimeError: async cleanup failed"
+    assert failed.hook.endswith("on_revoke")
+
+
+def test_sync_and_async_hooks_on_an_async_broker(clock: FakeClock) -> None:
+    sync_seen: list[tuple[str, str]] = []
+    async_seen: list[tuple[str, str]] = []
+
+    def sync_hook(event: str) -> Any:
+        return lambda lease: sync_seen.append((event, lease.id))
+
+    def async_hook(event: str) -> Any:
+        async def hook(lease: Lease) -> None:
+            await asyncio.sleep(0)
+            async_seen.append((event, lease.id))
+
+        return hook
+
+    async def main() -> tuple[str, str, str]:
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER,
+            clock=clock,
+            on_issue=[sync_hook("issue"), async_hook("issue")],
+            on_revoke=[sync_hook("revoke"), async_hook("revoke")],
+            on_expire=[sync_hook("expire"), async_hook("expire")],
+        )
+        a = await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=600)
+        b = await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=10)
+        await broker.revoke(a)
+        clock.advance(10)
+        assert [lease.id for lease in await broker.sweep()] == [b.lease_id]
+        c = await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=600, owner=BOB)
+        assert await broker.revoke_where(owner=BOB) == 1
+        await broker.close()
+        return a.lease_id, b.lease_id, c.lease_id
+
+    a, b, c = asyncio.run(main())
+    expected = [
+        ("issue", a),
+        ("issue", b),
+        ("revoke", a),
+        ("expire", b),
+        ("issue", c),
+        ("revoke", c),
+    ]
+    assert sync_seen == expected
+    assert async_seen == expected
+
+
+def test_a_failing_hook_on_an_async_broker_is_retried(clock: FakeClock) -> None:
+    attempts: list[float] = []
+
+    async def on_revoke(lease: Lease) -> None:
+        attempts.append(clock())
+        if len(attempts) < 3:
+            raise RuntimeError("not yet")
+
+    async def main() -> list[FailedHook]:
+        broker = AsyncBroker(issuer=TEST_ISSUER, clock=clock, on_revoke=on_revoke, hook_backoff=10)
+        cred = await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=600)
+        assert await broker.revoke(cred) is True
+        clock.advance(10)
+        await broker.sweep()
+        clock.advance(20)
+        await broker.sweep()
+        return broker.failed_hooks()
+
+    t0 = clock()
+    assert asyncio.run(main()) == []
+    assert attempts == [t0, t0 + 10, t0 + 30]
+
+
+# -- on_expire exactly once across brokers sharing a store ------------------------------
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LeaseStore]:
+    factory: StoreFactory = request.param
+    built = factory(tmp_path)
+    yield built
+    clear = getattr(built, "clear", None)
+    if clear is not None:  # a shared server: drop this test's keys or schema
+        clear()
+    built.close()
+
+
+def test_on_expire_fires_once_across_brokers_sharing_a_store(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    keys = KeyRing.generate("EdDSA")
+    hooks = [Hook(clock), Hook(clock)]
+    brokers = [
+        make_broker(clock, keys=keys, store=store, on_expire=hook, reap_interval=10_000)
+        for hook in hooks
+    ]
+    creds = [issue(brokers[i % 2], ttl=10 + i % 7) for i in range(40)]
+    revoked = creds[0]
+    brokers[1].revoke(revoked)
+    clock.advance(20)
+    barrier = threading.Barrier(2)
+    swept: list[list[Lease]] = [[], []]
+
+    def sweep(i: int) -> None:
+        barrier.wait()
+        for _ in range(3):
+            swept[i] += brokers[i].sweep()
+
+    threads = [threading.Thread(target=sweep, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    called = hooks[0].ids + hooks[1].ids
+    expected = sorted(cred.lease_id for cred in creds[1:])  # a revoked lease never expires
+    assert sorted(called) == expected
+    assert sorted(lease.id for part in swept for lease in part) == expected
+    for i in range(2):
+        assert sorted(hooks[i].ids) == sorted(lease.id for lease in swept[i])
+
+
+def test_on_expire_fires_for_leases_that_expired_while_no_broker_ran(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "leases.db"
+    first = make_broker(clock, store=SQLiteStore(path))
+    cred = issue(first, ttl=10)
+    first.close()
+    clock.advance(3600)
+    hook = Hook(clock)
+    later = make_broker(clock, store=SQLiteStore(path), on_expire=hook)
+    later.sweep()
+    assert hook.ids == [cred.lease_id]
+    later.sweep()
+    assert hook.ids == [cred.lease_id]
+    later.close()
+
+
+# -- a failing hook never undoes the operation ------------------------------------------
+def test_a_failing_on_revoke_hook_keeps_the_revocation_durable(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "leases.db"
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, store=SQLiteStore(path), on_revoke=hook)
+    cred = issue(broker)
+    with caplog.at_level(logging.WARNING, logger="jitbroker.hooks"):
+        assert broker.revoke(cred, reason="compromised") is True
+    assert hook.ids == [cred.lease_id]
+    assert any("on_revoke" in r.getMessage() for r in caplog.records)
+    with pytest.raises(TokenRevoked):
+        broker.verify(cred.token, audience=AUDIENCE)
+    broker.close()
+    reopened = SQLiteStore(path)  # what another process would read
+    lease = reopened.get(cred.lease_id)
+    assert lease is not None
+    assert (lease.revoked_at, lease.revoke_reason) == (clock(), "compromised")
+    reopened.close()
+
+
+def test_a_failing_on_issue_hook_still_hands_out_the_credential(clock: FakeClock) -> None:
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, on_issue=hook)
+    cred = issue(broker)
+    assert broker.verify(cred.token, audience=AUDIENCE).lease_id == cred.lease_id
+    assert hook.ids == [cred.lease_id]
+
+
+def test_a_failing_on_expire_hook_does_not_unexpire(clock: FakeClock) -> None:
+    hook = Hook(clock, failing=True)
+    store = MemoryStore()
+    broker = make_broker(clock, store=store, on_expire=hook, hook_backoff=5)
+    other = make_broker(clock, store=store)
+    cred = issue(broker, ttl=10)
+    clock.advance(10)
+    assert [lease.id for lease in broker.sweep()] == [cred.lease_id]
+    assert other.sweep() == []  # claimed once, whatever the hook did
+    clock.advance(5)
+    assert broker.sweep() == []  # the retry is of the hook, not of the expiry
+    assert hook.ids == [cred.lease_id, cred.lease_id]
+
+
+def test_only_the_failing_hook_is_retried(clock: FakeClock) -> None:
+    good, bad = Hook(clock), Hook(clock, failing=True)
+    broker = make_broker(clock, on_revoke=[good, bad], hook_backoff=1, hook_retries=2)
+    cred = issue(broker)
+    broker.revoke(cred)
+    for _ in range(5):
+        clock.advance(10)
+        broker.sweep()
+    assert good.ids == [cred.lease_id]
+    assert bad.ids == [cred.lease_id] * 3
+    (failed,) = broker.failed_hooks()
+    assert failed.attempts == 3
+
+
+# -- retries with backoff, then parking ------------------------------------------------
+def test_retries_follow_the_backoff_then_park(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    hook = Hook(clock, failing=True)
+    broker = make_broker(
+        clock, events, on_revoke=hook, hook_retries=3, hook_backoff=1.0, reap_interval=10_000
+    )
+    cred = issue(broker)
+    t0 = clock()
+    broker.revoke(cred)
+    assert hook.times == [t0]
+    # Each retry waits backoff, then 2x, 4x ... and not a moment less.
+    for wait in (1.0, 2.0, 4.0):
+        before = len(hook.calls)
+        clock.advance(wait - 0.25)  # binary fractions: the sums stay exact
+        broker.sweep()
+        assert len(hook.calls) == before, f"retried before the {wait}s backoff"
+        assert broker.failed_hooks() == []  # waiting, not parked yet
+        clock.advance(0.25)
+        broker.sweep()
+        assert len(hook.calls) == before + 1
+    assert hook.times == [t0, t0 + 1, t0 + 3, t0 + 7]
+    (failed,) = broker.failed_hooks()
+    assert failed.event == "on_revoke"
+    assert failed.hook == "Hook"
+    assert failed.lease.id == cred.lease_id
+    assert failed.attempts == 4  # the first call and hook_retries retries
+    assert failed.error == "RuntimeError: the cleanup service is down"
+    assert failed.at == t0 + 7
+    clock.advance(100_000)
+    broker.sweep()
+    assert len(hook.calls) == 4  # parked: sweeps leave it alone
+    # Audited: one hook_failed per retried failure, one hook_parked.
+    failed_events = of(events, "hook_failed")
+    assert [e.at for e in failed_events] == [t0, t0 + 1, t0 + 3]
+    for event in failed_events + of(events, "hook_parked"):
+        assert event.lease is not None
+        assert event.lease.id == cred.lease_id
+        assert event.error == "RuntimeError"
+        assert event.where == "on_revoke"
+    assert [e.at for e in of(events, "hook_parked")] == [t0 + 7]
+    # And the report shows it.
+    report = broker.report()
+    assert report.failed_hooks == (failed,)
+    (entry,) = report.to_dict()["failed_hooks"]
+    assert entry["event"] == "on_revoke"
+    assert entry["lease"] == cred.lease_id
+    assert entry["attempts"] == 4
+    assert "failed hooks: 1" in str(report)
+    assert cred.lease_id in str(report)
+
+
+def test_backoff_is_capped_at_an_hour(clock: FakeClock) -> None:
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, on_revoke=hook, hook_retries=6, hook_backoff=1000)
+    broker.revoke(issue(broker))
+    t = clock()
+    for wait in (1000, 2000, 3600, 3600):
+        before = len(hook.calls)
+        clock.advance(wait - 1)
+        broker.sweep()
+        assert len(hook.calls) == before
+        clock.advance(1)
+        broker.sweep()
+        t += wait
+        assert hook.times[-1] == t
+    assert len(hook.calls) == 5
+
+
+def test_no_retries_parks_at_once(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, events, on_issue=hook, hook_retries=0)
+    cred = issue(broker)
+    (failed,) = broker.failed_hooks()
+    assert (failed.event, failed.attempts, failed.lease.id) == ("on_issue", 1, cred.lease_id)
+    assert of(events, "hook_failed") == []
+    assert len(of(events, "hook_parked")) == 1
+
+
+def test_retry_failed_hooks_runs_them_once_more(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, events, on_revoke=hook, hook_retries=1, hook_backoff=1)
+    creds = [issue(broker), issue(broker)]
+    for cred in creds:
+        broker.revoke(cred)
+    clock.advance(1)
+    broker.sweep()
+    assert [f.attempts for f in broker.failed_hooks()] == [2, 2]
+    assert len(hook.calls) == 4
+    # Still broken: each parked call runs once more and is parked again.
+    assert broker.retry_failed_hooks() == 2
+    assert len(hook.calls) == 6
+    assert [f.attempts for f in broker.failed_hooks()] == [3, 3]
+    assert len(of(events, "hook_parked")) == 4
+    clock.advance(100_000)
+    broker.sweep()
+    assert len(hook.calls) == 6
+    # Fixed: one more run each, and they are gone from the failed list.
+    hook.failing = False
+    assert broker.retry_failed_hooks() == 0
+    assert hook.ids[-2:] == [cred.lease_id for cred in creds]
+    assert broker.failed_hooks() == []
+    assert broker.report().failed_hooks == ()
+    assert broker.retry_failed_hooks() == 0
+    assert len(hook.calls) == 8
+
+
+def test_retry_failed_hooks_on_an_async_broker(clock: FakeClock) -> None:
+    hook = Hook(clock, failing=True)
+
+    async def main() -> tuple[int, int, int]:
+        broker = AsyncBroker(issuer=TEST_ISSUER, clock=clock, on_revoke=hook, hook_retries=0)
+        await broker.revoke(await broker.issue(SUBJECT, AUDIENCE, SCOPES))
+        parked = len(broker.failed_hooks())
+        still = await broker.retry_failed_hooks()
+        hook.failing = False
+        return parked, still, await broker.retry_failed_hooks()
+
+    assert asyncio.run(main()) == (1, 1, 0)
+    assert len(hook.calls) == 3
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hook_retries": -1},
+        {"hook_retries": True},
+        {"hook_retries": 1.5},
+        {"hook_backoff": 0},
+        {"hook_backoff": -1},
+        {"on_issue": "not callable"},
+        {"on_revoke": [print, 42]},
+    ],
+)
+def test_bad_hook_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest):
+        Broker(issuer=TEST_ISSUER, **options)
+
+
+# -- the audit trail ---------------------------------------------------------------------
+def session(broker: Broker, clock: FakeClock) -> dict[str, Any]:
+    """A realistic day: every kind of event, with what the checks need."""
+    a = issue(broker, task="job-1")
+    renewed = broker.renew(a, ttl=900)
+    child = broker.attenuate(renewed, scopes=["orders:read"], ttl=60)
+    with pytest.raises(PolicyDenied):
+        issue(broker, subject="svc:intruder")
+    with pytest.raises(WrongAudience):
+        broker.verify(a.token, audience="db:payments")
+    bad = tampered(child.token)
+    for token in bad:
+        with pytest.raises(InvalidToken):
+            broker.verify(token, audience=AUDIENCE)
+    assert broker.revoke(a, reason="done", by="alice") is True
+    with pytest.raises(TokenRevoked):
+        broker.verify(child.token, audience=AUDIENCE)
+    bobs = [issue(broker, owner=BOB, subject="svc:report") for _ in range(2)]
+    assert broker.revoke_where(owner=BOB, subject="svc:report", reason="offboarded", by="hr") == 2
+    short = issue(broker, ttl=5)
+    clock.advance(5)
+    assert [lease.id for lease in broker.sweep()] == [short.lease_id]
+    first_kid = broker.keys.active.kid
+    second = broker.rotate_keys()
+    third = broker.rotate_keys()
+    assert broker.retire_key(second.kid, revoke=False) == 0
+    clock.advance(3600 + 5)  # max_ttl + leeway: the first key's grace is over
+    broker.sweep()  # drops it; also retries the failing on_expire hook, which parks it
+    return {
+        "creds": [a, renewed, child, *bobs, short],
+        "bad": bad,
+        "child": child,
+        "first_kid": first_kid,
+        "second_kid": second.kid,
+        "third_kid": third.kid,
+        "keys": [second, third],
+        "bobs": bobs,
+        "short": short,
+    }
+
+
+def audited_broker(clock: FakeClock, keys: KeyRing, *sinks: Any, **options: Any) -> Broker:
+    policy = Policy([Rule(subjects=[SUBJECT, "svc:report"], audiences=AUDIENCE, scopes=SCOPES)])
+    return Broker(
+        issuer=TEST_ISSUER,
+        keys=keys,
+        clock=clock,
+        policy=policy,
+        audit=list(sinks),
+        on_expire=Hook(clock, failing=True),
+        hook_retries=1,
+        hook_backoff=1,
+        **options,
+    )
+
+
+def test_every_event_type_in_a_realistic_session(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    broker = audited_broker(clock, KeyRing.generate("EdDSA"), events.append)
+    seen = session(broker, clock)
+    assert {event.action for event in events} == set(EventType)
+    (issued_a, *_) = of(events, "issued")
+    assert issued_a.lease == seen["creds"][0].lease
+    assert of(events, "renewed")[0].lease == seen["creds"][1].lease
+    assert of(events, "attenuated")[0].lease == seen["child"].lease
+    revoked = of(events, "revoked")
+    by_alice = [e for e in revoked if e.actor == "alice"]
+    assert {e.lease.id for e in by_alice if e.lease} == {
+        seen["creds"][0].lease_id,
+        seen["child"].lease_id,
+    }
+    assert all(e.reason == "done" for e in by_alice)
+    by_hr = [e for e in revoked if e.actor == "hr"]
+    assert {e.lease.id for e in by_hr if e.lease} == {c.lease_id for c in seen["bobs"]}
+    assert all(e.reason == "offboarded" for e in by_hr)
+    (bulk,) = of(events, "revoked_where")
+    assert (bulk.count, bulk.where, bulk.actor, bulk.reason) == (
+        2,
+        "owner='bob@example.com', subject='svc:report'",
+        "hr",
+        "offboarded",
+    )
+    assert bulk.lease is None
+    (expired,) = of(events, "expired")
+    assert expired.actor == "reaper"
+    assert expired.lease is not None
+    assert expired.lease.id == seen["short"].lease_id
+    (denied,) = of(events, "denied")
+    assert denied.reasons == ("no rule applies to subject 'svc:intruder'",)
+    assert denied.lease is not None
+    assert denied.lease.subject == "svc:intruder"
+    failures = of(events, "verify_failed")
+    assert len(failures) == 1 + len(seen["bad"]) + 1
+    assert failures[0].error == "WrongAudience"
+    assert failures[-1].error == "TokenRevoked"
+    assert failures[-1].where == f"lease_id={seen['child'].lease_id!r}"
+    assert all(e.error and e.error[0].isupper() and " " not in e.error for e in failures)
+    assert [e.where for e in of(events, "key_rotated")] == [
+        f"key_id={seen['second_kid']!r}",
+        f"key_id={seen['third_kid']!r}",
+    ]
+    (retired,) = of(events, "key_retired")
+    assert retired.where == f"key_id={seen['second_kid']!r}"
+    (dropped,) = of(events, "key_dropped")
+    assert dropped.where == f"key_id={seen['first_kid']!r}"
+    assert [e.where for e in of(events, "hook_failed")] == ["on_expire"]
+    assert [e.where for e in of(events, "hook_parked")] == ["on_expire"]
+    # to_dict: JSON-ready, the action as its string, unset fields left out.
+    for event in events:
+        data = event.to_dict()
+        assert data["action"] == str(event.action)
+        assert None not in data.values()
+        json.dumps(data)
+    assert bulk.to_dict()["count"] == 2
+    assert "lease" not in bulk.to_dict()
+
+
+def test_event_types_are_strings() -> None:
+    assert isinstance(EventType.REVOKED_WHERE, str)
+    assert EventType("revoked_where") is EventType.REVOKED_WHERE
+    assert [str(e) for e in EventType] == [
+        "issued",
+        "renewed",
+        "attenuated",
+        "revoked",
+        "revoked_where",
+        "expired",
+        "denied",
+        "verify_failed",
+        "key_rotated",
+        "key_retired",
+        "key_dropped",
+        "hook_failed",
+        "hook_parked",
+    ]
+
+
+def test_revoke_where_counts_with_combined_filters(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    broker = make_broker(clock, events)
+    a1 = issue(broker, owner=ALICE, subject="svc:a", task="t1")
+    a1_child = broker.attenuate(a1, scopes=["orders:read"])
+    a1_delegate = broker.attenuate(a1, scopes=["orders:read"], subject="svc:c")
+    a2 = issue(broker, owner=ALICE, subject="svc:b", task="t1")
+    b1 = issue(broker, owner=BOB, subject="svc:a", task="t2")
+    a3 = issue(broker, owner=ALICE, subject="svc:a", task="t2")
+    b2 = issue(broker, owner=BOB, subject="svc:b", task="t1")
+    kid = broker.keys.active.kid
+
+    def bulk(**where: Any) -> tuple[int, AuditEvent, set[str]]:
+        before = len(events)
+        count = broker.revoke_where(**where)
+        new = events[before:]
+        (summary,) = of(new, "revoked_where")
+        return count, summary, {e.lease.id for e in of(new, "revoked") if e.lease}
+
+    count, summary, ids = bulk(owner=BOB, task="t1", subject="svc:a")
+    assert (count, ids, summary.count) == (0, set(), 0)
+    assert summary.where == "owner='bob@example.com', subject='svc:a', task='t1'"
+    # AND of owner and subject: alice's svc:a leases, with their subtrees (any subject).
+    count, summary, ids = bulk(owner=ALICE, subject="svc:a", reason="offboarded", by="hr")
+    assert ids == {a1.lease_id, a1_child.lease_id, a1_delegate.lease_id, a3.lease_id}
+    assert count == summary.count == 4
+    assert (summary.reason, summary.actor) == ("offboarded", "hr")
+    assert summary.where == "owner='alice@example.com', subject='svc:a'"
+    # Already revoked leases are not counted again.
+    count, _, _ = bulk(owner=ALICE, subject="svc:a")
+    assert count == 0
+    count, summary, ids = bulk(subject="svc:b", task="t1", key_id=kid)
+    assert (count, ids) == (2, {a2.lease_id, b2.lease_id})
+    assert summary.where == f"subject='svc:b', task='t1', key_id={kid!r}"
+    count, _, ids = bulk(owner=BOB, task="t2")
+    assert (count, ids) == (1, {b1.lease_id})
+    assert list(broker.leases()) == []
+    with pytest.raises(InvalidRequest):
+        broker.revoke_where(reason="everything")
+
+
+def test_revoke_where_by_parent(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    broker = make_broker(clock, events)
+    top = issue(broker)
+    kids = [broker.attenuate(top, scopes=["orders:read"]) for _ in range(3)]
+    grandkid = broker.attenuate(kids[0], scopes=["orders:read"])
+    assert broker.revoke_where(parent=top.lease_id, by="ops") == 4
+    (summary,) = of(events, "revoked_where")
+    assert summary.where == f"parent={top.lease_id!r}"
+    assert summary.actor == "ops"
+    assert {e.lease.id for e in of(events, "revoked") if e.lease} == {
+        *(k.lease_id for k in kids),
+        grandkid.lease_id,
+    }
+    broker.verify(top.token, audience=AUDIENCE)
+
+
+def test_revoke_records_the_actor(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    broker = make_broker(clock, events)
+    broker.revoke(issue(broker), reason="incident-7", by="oncall@example.com")
+    broker.revoke(issue(broker))
+    first, second = of(events, "revoked")
+    assert (first.actor, first.reason) == ("oncall@example.com", "incident-7")
+    assert (second.actor, second.reason) == (None, "revoked")
+    assert "actor" not in second.to_dict()
+    with pytest.raises(InvalidRequest):
+        broker.revoke(issue(broker), by="")
+
+
+# -- sinks ----------------------------------------------------------------------------------
+def test_json_lines_sink_writes_one_object_per_line(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "audit" / "events.jsonl"
+    path.parent.mkdir()
+    old_umask = os.umask(0)  # the file's mode must not depend on the umask
+    try:
+        sink = JsonLinesSink(path)
+    finally:
+        os.umask(old_umask)
+    with sink:
+        events: list[AuditEvent] = []
+        broker = audited_broker(clock, KeyRing.generate("EdDSA"), sink, events.append)
+        session(broker, clock)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(events)
+    decoded = [json.loads(line) for line in lines]
+    assert all(isinstance(item, dict) for item in decoded)
+    assert decoded == [json.loads(json.dumps(e.to_dict())) for e in events]
+    # A second sink on the same file appends.
+    with JsonLinesSink(path) as again:
+        again(events[0])
+    assert len(path.read_text(encoding="utf-8").splitlines()) == len(events) + 1
+
+
+def test_json_lines_from_threads_never_interleave(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    sink = JsonLinesSink(path)
+    lease = Lease(
+        id="a" * 32,
+        subject=SUBJECT,
+        audience=AUDIENCE,
+        scopes=tuple(SCOPES),
+        issued_at=0.0,
+        expires_at=60.0,
+        max_expires_at=60.0,
+        purpose="x" * 1000,  # long lines: a torn write would show
+    )
+    threads, per_thread = 8, 250
+    barrier = threading.Barrier(threads)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        for n in range(per_thread):
+            sink(AuditEvent(EventType.ISSUED, float(n), lease, reason=f"thread-{i}", count=n))
+
+    workers = [threading.Thread(target=write, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    sink.close()
+    sink.close()  # idempotent
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    decoded = [json.loads(line) for line in lines[:-1]]
+    assert len(decoded) == threads * per_thread
+    for i in range(threads):
+        mine = [d["count"] for d in decoded if d["reason"] == f"thread-{i}"]
+        assert mine == list(range(per_thread))  # whole, and in order per thread
+
+
+def test_a_failing_sink_never_breaks_issue(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: AuditEvent) -> None:
+        raise OSError("disk full")
+
+    events: list[AuditEvent] = []
+    broker = Broker(issuer=TEST_ISSUER, clock=clock, audit=[broken, events.append, broken])
+    with caplog.at_level(logging.ERROR, logger="jitbroker.audit"):
+        cred = issue(broker)
+        broker.verify(cred.token, audience=AUDIENCE)
+        broker.revoke(cred)
+    assert [str(e.action) for e in events] == ["issued", "revoked"]
+    assert broker._core.audit.sink_failures == 4
+    assert broker.report().churn["audit sink failures (this broker)"] == 4
+    failures = [r for r in caplog.records if r.name == "jitbroker.audit" and r.exc_info]
+    assert len(failures) == 4
+    assert "failed on a issued event" in failures[0].getMessage()
+
+
+def test_the_auditor_counts_and_checks_its_sinks() -> None:
+    calls: list[str] = []
+
+    def flaky(event: AuditEvent) -> None:
+        calls.append(str(event.action))
+        if event.action == EventType.DENIED:
+            raise ValueError("no")
+
+    auditor = Auditor([flaky])
+    auditor.emit(EventType.ISSUED, 1.0)
+    auditor.emit(EventType.DENIED, 2.0, reasons=("r",))
+    auditor.emit(EventType.DENIED, 3.0, reasons=("r",))
+    assert calls == ["issued", "denied", "denied"]
+    assert auditor.sink_failures == 2
+    assert auditor.counts["denied"] == 2
+    assert auditor.counts[EventType.ISSUED] == 1
+    with pytest.raises(InvalidRequest):
+        Auditor(["not a sink"])  # type: ignore[list-item]
+
+
+def test_the_audit_logger_gets_each_event(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make_broker(clock)
+    with caplog.at_level(logging.INFO, logger="jitbroker.audit"):
+        cred = issue(broker)
+        broker.revoke(cred, by="alice")
+    records = [r for r in caplog.records if r.name == "jitbroker.audit"]
+    assert [r.levelno for r in records] == [logging.INFO, logging.INFO]
+    data = [getattr(r, "jitbroker") for r in records]  # noqa: B009 - set through extra=
+    assert [d["action"] for d in data] == ["issued", "revoked"]
+    assert data[1]["actor"] == "alice"
+    assert data[1]["lease"]["id"] == cred.lease_id
+    assert cred.lease_id in records[0].getMessage()
+
+
+# -- no secret anywhere ---------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["EdDSA", "HS256"])
+def test_no_secret_in_events_files_or_logs(
+    algorithm: str, tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = KeyRing.generate(algorithm)
+    secrets = Secrets(keys)  # the first key's material (session rotates it out)
+    events: list[AuditEvent] = []
+    path = tmp_path / "events.jsonl"
+    caplog.set_level(logging.DEBUG)
+    with JsonLinesSink(path) as sink:
+        failing = Hook(clock, failing=True)
+        broker = audited_broker(clock, keys, sink, events.append, on_revoke=failing)
+        seen = session(broker, clock)
+    for key in seen["keys"]:  # and the keys rotated in
+        secrets.values += key_secrets(key)
+    for cred in seen["creds"]:
+        secrets.add(cred)
+    for token in seen["bad"]:
+        secrets.add_token(token)
+    assert {event.action for event in events} == set(EventType)
+    for i, event in enumerate(events):
+        secrets.check_object(f"event {i} ({event.action})", event)
+        secrets.check(f"event {i} to_dict", repr(event.to_dict()))
+        secrets.check(f"event {i} json", json.dumps(event.to_dict()))
+    secrets.check("the JSON lines file", path.read_text(encoding="utf-8"))
+    assert caplog.records
+    for i, record in enumerate(caplog.records):
+        secrets.check(f"log record {i} message", record.getMessage())
+        secrets.check(f"log record {i} attributes", repr(vars(record)))
+    secrets.check("formatted log output", caplog.text)
+    report = broker.report()
+    secrets.check("report", str(report))
+    secrets.check("report dict", json.dumps(report.to_dict()))
+    for failed in broker.failed_hooks():
+        secrets.check_object("failed hook", failed)
