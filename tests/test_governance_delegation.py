@@ -156,11 +156,6 @@ def test_opaque_children_know_their_parent_from_the_store() -> None:
     assert list(broker.leases(parent=top.lease_id)) == [child.lease]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: verify.claims_from_lease (opaque tokens) sets Claims.parent but leaves "
-    "delegated_by empty, so a delegated opaque token looks undelegated",
-)
 def test_opaque_children_report_their_delegation_chain() -> None:
     broker = make_broker(token_format="opaque")
     top = root(broker)
@@ -227,11 +222,6 @@ def test_a_stricter_broker_on_the_same_store_refuses_a_deep_chain() -> None:
     strict.attenuate(creds[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: core.Core.attenuate reports len(chain) - 1 as the depth, but _chain stops "
-    "at max_delegation_depth + 1 links, so a deeper lease is reported as exactly at the limit",
-)
 def test_the_depth_error_tells_the_true_depth() -> None:
     store, clock, keys = MemoryStore(), FakeClock(), KeyRing.generate("EdDSA")
     loose = make_broker(clock, store=store, keys=keys)

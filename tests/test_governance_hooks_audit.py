@@ -113,6 +113,7 @@ def test_hooks_get_the_right_leases(clock: FakeClock) -> None:
     b = issue(broker, ttl=30)
     assert on_issue.ids == [a.lease_id, b.lease_id]
     child = broker.attenuate(a, scopes=["orders:read"])
+    assert on_issue.ids == [a.lease_id, b.lease_id, child.lease_id]  # a child is a new lease
     assert broker.revoke(a, reason="done") is True
     assert sorted(on_revoke.ids) == sorted([a.lease_id, child.lease_id])  # the subtree
     assert broker.revoke(a) is False  # already revoked: no second call

@@ -282,7 +282,10 @@ class Broker(_Base):
         RFC 8693 (``subject`` hands it to another workload; the token's ``act``
         claim names the delegating leases)."""
         steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
-        return run(steps, self.store)
+        child = run(steps, self.store)
+        if self._core.issue_hooks:
+            self._core.hooks.run()
+        return child
 
     def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
@@ -535,7 +538,10 @@ class AsyncBroker(_Base):
     ) -> Credential:
         """A narrower child credential that dies with its parent (see ``Broker.attenuate``)."""
         steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
-        return await arun(steps, self._astore)
+        child = await arun(steps, self._astore)
+        if self._core.issue_hooks:
+            await self._core.hooks.arun()
+        return child
 
     async def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""

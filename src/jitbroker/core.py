@@ -314,8 +314,10 @@ class Core:
         parent = yield from self._active(self.lease_id(ref))
         chain = yield from self._chain(parent)
         if len(chain) > self.max_depth:
+            deep = len(chain) - 1
+            at_least = "at least " if len(chain) > tokens.MAX_ACT_DEPTH else ""
             raise InvalidRequest(
-                f"lease {parent.id} is {len(chain) - 1} delegations deep; "
+                f"lease {parent.id} is {at_least}{deep} delegations deep; "
                 f"the limit is {self.max_depth}"
             )
         now = self.clock()
@@ -360,6 +362,8 @@ class Core:
                 f"parent lease {parent.id} is no longer active", lease_id=parent.id
             )
         self.audit.emit(EventType.ATTENUATED, now, child)
+        if self.issue_hooks:  # a child is a new lease: whoever sets up per lease hears of it
+            self.hooks.enqueue("on_issue", [child])
         return new_credential(token, child, self.shell)
 
     def _add(self, lease: Lease, quotas: tuple[Quota, ...], now: float) -> Steps[bool]:
@@ -372,10 +376,10 @@ class Core:
         return added
 
     def _chain(self, lease: Lease) -> Steps[tuple[Lease, ...]]:
-        """``lease`` and its ancestors, nearest first (at most one past the depth
-        limit: enough to refuse, and a bound on the store reads)."""
+        """``lease`` and its ancestors, nearest first: one store read per link, at
+        most one link past the deepest chain a verifier accepts."""
         chain = [lease]
-        while chain[-1].parent is not None and len(chain) <= self.max_depth:
+        while chain[-1].parent is not None and len(chain) <= tokens.MAX_ACT_DEPTH:
             ancestor: Lease | None = yield _getter(chain[-1].parent)
             if ancestor is None:  # purged: the chain is as long as we can know
                 break

@@ -372,6 +372,10 @@ def _conditions_from(entry: Mapping[str, Any], where: str) -> list[Condition]:
     tz = entry.get("timezone", "UTC")
     if not isinstance(tz, str):
         raise InvalidRequest(f"{where}: field 'timezone' must be an IANA name such as 'UTC'")
+    try:  # checked even when no condition uses it: a misspelt zone is a mistake
+        _zone(tz)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{where}: field 'timezone': {exc}") from exc
     out: list[Condition] = []
     if "hours" in entry:
         if not isinstance(entry["hours"], str):

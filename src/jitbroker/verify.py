@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+import attrs
 from cachetools import LRUCache
 
 from . import tokens, validate
@@ -314,6 +315,11 @@ class Verifier:
         self._check_access(claims, audience, scopes)
         if claims.holder is not None:
             self._check_proof(claims.holder, token, request)
+        if lease.parent is not None:
+            # An opaque token carries no act claim: the chain comes from the
+            # store, one read per link (only delegated tokens pay for it).
+            chain = yield from _ancestors(lease.parent)
+            claims = attrs.evolve(claims, delegated_by=chain)
         return claims
 
     def _check_proof(self, jkt: str, token: str, request: Request) -> None:
@@ -378,6 +384,21 @@ def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
         or not claims.scopes.issubset(lease.scopes)
     ):
         raise UnknownLease(f"lease {lease.id} does not match the token", lease_id=lease.id)
+
+
+def _getter(lease_id: str) -> Callable[[Any], Lease | None]:
+    return lambda store: store.get(lease_id)
+
+
+def _ancestors(parent: str) -> Steps[tuple[str, ...]]:
+    """The ids of ``parent`` and its ancestors, nearest first (bounded)."""
+    chain = [parent]
+    while len(chain) < tokens.MAX_ACT_DEPTH:
+        lease: Lease | None = yield _getter(chain[-1])
+        if lease is None or lease.parent is None:
+            break
+        chain.append(lease.parent)
+    return tuple(chain)
 
 
 def claims_from_lease(lease: Lease, issuer: str) -> Claims:
