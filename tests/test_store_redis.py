@@ -9,6 +9,7 @@ a random prefix and deletes its keys at the end. Waits are short polls.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import socket
@@ -27,12 +28,14 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from conftest import server_or_skip
-from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable
+from jitbroker import Broker, KeyRing
+from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable, TokenRevoked
 from jitbroker.lease import Lease
 from jitbroker.stores import redis as redis_module
-from jitbroker.stores.base import LeaseFilter
+from jitbroker.stores.base import LeaseFilter, Quota
 from jitbroker.stores.redis import RedisStore
 from jitbroker.stores.redis_async import AsyncRedisStore
+from jitbroker.testing import TEST_ISSUER, FakeClock
 
 URL = "redis://127.0.0.1:6379/0"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -516,6 +519,91 @@ def test_a_killed_server_is_unavailable_then_recovers(private_server: PrivateSer
         "child",
     }
     store.close()
+
+
+# -- a private server past maxmemory (noeviction) ----------------------------------
+BALLAST = "ballast"
+
+
+def fill(client: redis.Redis) -> None:
+    """Take the server past ``maxmemory`` with policy ``noeviction``: a 2 MB key,
+    then a limit 1 MB above what the server used without it (deleting the key
+    brings it back below). The key is sent on a connection of its own, closed at
+    once: a connection keeps its 2 MB query buffer, counted as used memory."""
+    used = int(client.info("memory")["used_memory"])
+    writer = fast_client(client.get_connection_kwargs()["port"])
+    writer.set(BALLAST, b"x" * 2_000_000)
+    writer.close()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", used + 1_000_000)
+    assert int(client.info("memory")["used_memory"]) > used + 1_000_000
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("probe", "x")  # the server's own refusal, before any script
+
+
+def snapshot(client: redis.Redis, prefix: str) -> dict[bytes, bytes | None]:
+    """Every key of the store with its serialized value: equal means nothing written."""
+    pattern = f"{{{prefix}}}:*"
+    return {key: client.dump(key) for key in client.scan_iter(match=pattern)}
+
+
+def test_past_maxmemory_issuing_fails_closed_and_revoking_still_works(
+    private_server: PrivateServer,
+) -> None:
+    client = fast_client(private_server.port)
+    store = RedisStore(client, prefix="oom")
+    clock = FakeClock(T0)
+    broker = Broker(issuer=TEST_ISSUER, keys=KeyRing.generate("EdDSA"), store=store, clock=clock)
+    kept = broker.issue("svc:a", "api", ["read"], ttl=600, task="t")
+    owned = broker.issue("svc:a", "api", ["read"], ttl=600, owner="alice")
+    short = broker.issue("svc:a", "api", ["read"], ttl=10)
+    fill(client)
+    before = snapshot(client, "oom")
+
+    with pytest.raises(StoreError, match="out of memory") as caught:
+        broker.issue("svc:a", "api", ["read"], ttl=60)
+    assert isinstance(caught.value.__cause__, redis.exceptions.OutOfMemoryError)
+    with pytest.raises(StoreError, match="out of memory"):
+        broker.attenuate(kept, ttl=30)  # a child is an add too
+    with pytest.raises(StoreError, match="out of memory"):
+        store.add(make("counted"), [Quota("svc:a", None, 100)])  # the quota-counting script
+    with pytest.raises(StoreError, match="out of memory"):
+        broker.renew(kept, ttl=900)  # extend
+    assert snapshot(client, "oom") == before  # refused whole: nothing written
+    by_id = operator.attrgetter("id")
+    stored = sorted(store.find(LeaseFilter()), key=by_id)
+    assert stored == sorted([kept.lease, owned.lease, short.lease], key=by_id)  # reads run
+
+    client.script_flush()  # as after a restart: the scripts are loaded again while full
+    assert broker.revoke(kept) is True
+    assert store.get(kept.lease_id).revoked_at is not None  # type: ignore[union-attr]
+    with pytest.raises(TokenRevoked):
+        broker.verify(kept.token, audience="api")
+    assert broker.revoke_where(owner="alice", reason="offboarded") == 1
+    clock.advance(11)
+    assert [lease.id for lease in broker.sweep()] == [short.lease_id]
+    assert store.purge(T0 + 10_000) == 3  # frees memory: runs too
+
+    client.delete(BALLAST)  # back below maxmemory: issuing works again
+    cred = broker.issue("svc:a", "api", ["read"], ttl=60)
+    assert store.get(cred.lease_id) == cred.lease
+    assert broker.verify(cred.token, audience="api").lease_id == cred.lease_id
+    client.close()
+
+
+def test_a_server_without_script_flags_is_named(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis 6 parses "#!lua" as Lua and fails to compile (no server of that age here).
+    def redis_6(**_: object) -> None:
+        raise redis.ResponseError(
+            "Error compiling script (new function): user_script:1: unexpected symbol near '#'"
+        )
+
+    monkeypatch.setattr(store, "_add", redis_6)
+    with pytest.raises(StoreError, match=r"needs Redis 7\.0 or newer") as caught:
+        store.add(make("a"))
+    assert isinstance(caught.value.__cause__, redis.ResponseError)
 
 
 def test_an_id_stored_again_replaces_the_old_record_whole(store: RedisStore) -> None:

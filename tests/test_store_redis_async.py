@@ -30,15 +30,18 @@ from jitbroker.stores.base import as_async
 from jitbroker.stores.redis import RedisStore
 from jitbroker.stores.redis_async import AsyncRedisStore
 from jitbroker.testing import TEST_ISSUER, FakeClock
-from test_store_redis import CALLS as SYNC_CALLS
 from test_store_redis import (
+    BALLAST,
     T0,
     URL,
     PrivateServer,
+    fill,
     free_port,
     make,
     private_server,  # noqa: F401  # a fixture, used by name
+    snapshot,
 )
+from test_store_redis import CALLS as SYNC_CALLS
 from test_store_redis import fast_client as fast_sync_client
 
 T = TypeVar("T")
@@ -275,3 +278,50 @@ def test_a_killed_server_is_unavailable_then_recovers(
         await client.aclose()
 
     asyncio.run(main())
+
+
+# -- a private server past maxmemory (noeviction) ----------------------------------
+def test_past_maxmemory_issuing_fails_closed_and_revoking_still_works(
+    private_server: PrivateServer,  # noqa: F811 - the fixture imported above
+) -> None:
+    admin = fast_sync_client(private_server.port)  # fills, frees and inspects
+
+    async def main() -> None:
+        client = fast_client(private_server.port)
+        store = AsyncRedisStore(client, prefix="oom")
+        clock = FakeClock(T0)
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER, keys=KeyRing.generate("EdDSA"), store=store, clock=clock
+        )
+        kept = await broker.issue("svc:a", "api", ["read"], ttl=600)
+        owned = await broker.issue("svc:a", "api", ["read"], ttl=600, owner="alice")
+        short = await broker.issue("svc:a", "api", ["read"], ttl=10)
+        fill(admin)
+        before = snapshot(admin, "oom")
+
+        with pytest.raises(StoreError, match="out of memory") as caught:
+            await broker.issue("svc:a", "api", ["read"], ttl=60)
+        assert isinstance(caught.value.__cause__, redis.exceptions.OutOfMemoryError)
+        with pytest.raises(StoreError, match="out of memory"):
+            await broker.attenuate(kept, ttl=30)
+        with pytest.raises(StoreError, match="out of memory"):
+            await broker.renew(kept, ttl=900)
+        assert snapshot(admin, "oom") == before  # refused whole: nothing written
+
+        admin.script_flush()  # the scripts are loaded again while full
+        assert await broker.revoke(kept) is True
+        with pytest.raises(TokenRevoked):
+            await broker.verify(kept.token, audience="api")
+        assert await broker.revoke_where(owner="alice", reason="offboarded") == 1
+        assert (await broker.lease(owned)).revoked_at is not None
+        clock.advance(11)
+        assert [lease.id for lease in await broker.sweep()] == [short.lease_id]
+        assert await store.purge(T0 + 10_000) == 3
+
+        admin.delete(BALLAST)  # back below maxmemory: issuing works again
+        cred = await broker.issue("svc:a", "api", ["read"], ttl=60)
+        assert await store.get(cred.lease_id) == cred.lease
+        await client.aclose()
+
+    asyncio.run(main())
+    admin.close()

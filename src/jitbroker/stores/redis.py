@@ -23,6 +23,17 @@ so every key of one store lives in one slot and the scripts may touch them all):
 The scripts are declared with the three fixed keys and build the per-lease keys
 from the prefix; all share the hash tag, so Redis Cluster routes them to the one
 node that owns the slot (tests run against a single node).
+
+Memory: each script opens with a Redis 7 shebang whose flags say what it may do
+past ``maxmemory`` (under ``noeviction``). Scripts that store or lengthen
+authority (``add``, ``extend``) carry none, so Redis refuses them whole, before
+they run, and issuance fails closed. Scripts that end authority or free memory
+(revoke, revoke_where, claim_expired, purge) carry ``allow-oom``: revocation must
+work when memory is short. ``find`` is ``no-writes``. (Without a shebang, Redis
+checks memory only at a script's first *denyoom* command, and only if nothing was
+written before it: ``add``, whose first write is a ZREM, ran to the end past
+``maxmemory`` while ``revoke`` was refused.) Hence Redis >= 7.0. A shebang script
+may touch keys it did not declare, within one slot (no ``allow-cross-slot-keys``).
 """
 
 from __future__ import annotations
@@ -52,7 +63,15 @@ from .codec import from_mapping, to_mapping
 
 __all__ = ["RedisStore"]
 
+#: The Redis version the scripts need: 7.0 brought the shebang and its flags.
+_REDIS_REQUIRED = "7.0"
+
 # -- the Lua scripts -----------------------------------------------------------
+# The first line of each script is its shebang (see the module docstring):
+_FAILS_OOM = "#!lua\n"  # refused whole while Redis is past maxmemory
+_RUNS_OOM = "#!lua flags=allow-oom\n"  # ends authority or frees memory: runs anyway
+_READS = "#!lua flags=no-writes\n"  # reads only: runs anyway, writes would fail
+
 # Every script gets KEYS = (exp, dead, all) and ARGV[1] = key prefix "{p}:",
 # ARGV[2] = retention in ms (0: dead records keep no TTL); its own arguments
 # follow from ARGV[3]. Times arrive as Python's repr of a float and are written
@@ -304,14 +323,14 @@ class RedisLeases(Generic[C]):
         # register_script does no I/O: a script is loaded on its first call
         # (EVALSHA, then SCRIPT LOAD on NOSCRIPT) and is one EVALSHA afterwards.
         script = cast("Any", self._client).register_script
-        self._add = script(_PRELUDE + _ADD)
-        self._add_counted = script(_PRELUDE + _QUOTAS + _ADD)
-        self._revoke = script(_PRELUDE + _REVOKE_TREE + _REVOKE)
-        self._revoke_where = script(_PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
-        self._extend = script(_PRELUDE + _EXTEND)
-        self._find = script(_PRELUDE + _FIND)
-        self._claim_expired = script(_PRELUDE + _CLAIM_EXPIRED)
-        self._purge = script(_PRELUDE + _PURGE)
+        self._add = script(_FAILS_OOM + _PRELUDE + _ADD)
+        self._add_counted = script(_FAILS_OOM + _PRELUDE + _QUOTAS + _ADD)
+        self._revoke = script(_RUNS_OOM + _PRELUDE + _REVOKE_TREE + _REVOKE)
+        self._revoke_where = script(_RUNS_OOM + _PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
+        self._extend = script(_FAILS_OOM + _PRELUDE + _EXTEND)
+        self._find = script(_READS + _PRELUDE + _FIND)
+        self._claim_expired = script(_RUNS_OOM + _PRELUDE + _CLAIM_EXPIRED)
+        self._purge = script(_RUNS_OOM + _PRELUDE + _PURGE)
 
     def _connect(self, url: str) -> C:
         """The client a store owns when given a URL (see ``CLIENT_OPTIONS``)."""
@@ -448,6 +467,12 @@ class RedisStore(RedisLeases[redis.Redis]):
     unindexes them, including those Redis already dropped. Keep ``retention``
     longer than the broker's purge horizon (max TTL + leeway + its retention) so
     dead records stay visible to ``find`` until purged; ``None`` disables it.
+
+    Needs Redis 7.0 or newer (script flags); an older server fails at the first
+    script call with a ``StoreError`` that says so (no version check, so no
+    extra round trip). Past ``maxmemory`` (policy ``noeviction``) ``add`` and
+    ``extend`` raise ``StoreError`` and write nothing, while ``revoke``,
+    ``revoke_where``, ``claim_expired``, ``purge`` and reads still run.
 
     The layout is Redis Cluster compatible: every key carries the hash tag
     ``{prefix}``. Errors reaching Redis raise ``StoreUnavailable``, any other
@@ -606,7 +631,19 @@ def _translated(action: str) -> Iterator[None]:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as exc:  # incl. BusyLoadingError
         raise StoreUnavailable(f"could not reach Redis to {action}: {exc}") from exc
+    except redis.exceptions.OutOfMemoryError as exc:
+        # Only scripts without allow-oom get this, and Redis refuses them whole.
+        raise StoreError(
+            f"Redis is out of memory (used_memory > maxmemory) and refused to {action};"
+            " nothing was written (revocation and sweeps still run): free memory"
+            " or raise maxmemory"
+        ) from exc
     except redis.RedisError as exc:
+        if "Error compiling script" in str(exc):  # ours compile on 7.0: an older server
+            raise StoreError(
+                f"Redis could not compile the script to {action}: RedisStore needs"
+                f" Redis {_REDIS_REQUIRED} or newer (script flags) ({exc})"
+            ) from exc
         raise StoreError(f"Redis failed to {action}: {exc}") from exc
 
 
