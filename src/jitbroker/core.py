@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import attrs
@@ -96,7 +97,7 @@ class Core:
         self.reap_interval = seconds(reap_interval, "reap_interval")
         self.next_sweep = 0.0
         self.audit = Auditor(audit)
-        self.labels = _labels(labels)
+        self.labels = MappingProxyType(_labels(labels))
         self.max_depth = _depth(max_delegation_depth)
         self.hooks = hooks if hooks is not None else Hooks()
         self.hooks.clock, self.hooks.audit = self.clock, self.audit

@@ -12,13 +12,13 @@ is handed to the store, which counts and inserts in one atomic step.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, tzinfo
-from fnmatch import fnmatchcase
 from types import MappingProxyType
 from typing import Any
 
@@ -43,7 +43,8 @@ __all__ = [
 
 
 def _frozen_labels(value: Mapping[str, str]) -> Mapping[str, str]:
-    return MappingProxyType(dict(value))
+    # The broker freezes its labels once; every request then shares them.
+    return value if isinstance(value, MappingProxyType) else MappingProxyType(dict(value))
 
 
 @attrs.frozen
@@ -174,6 +175,23 @@ def covers(pattern: str, value: str) -> bool:
     return pattern == value
 
 
+_QUOTA_MEMO_MAX = 4096
+
+
+class _Grants:
+    """Patterns as ``covers`` reads them, split for speed: exact values in a set,
+    trailing-``*`` ones as a tuple of prefixes for one ``str.startswith`` call."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.exact = frozenset(p for p in patterns if not p.endswith("*"))
+        self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+
+    def covers(self, value: str) -> bool:
+        return value in self.exact or value.startswith(self.prefixes)
+
+
 def _strings(value: Iterable[str] | str, name: str) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else tuple(value)
     if not items or not all(isinstance(i, str) and i for i in items):
@@ -250,6 +268,22 @@ class Rule:
     #: are not counted here: use ``owner_required`` to insist on one).
     max_active_per_owner: int | None = attrs.field(default=None, converter=_max_per_owner)
     conditions: tuple[Condition, ...] = attrs.field(default=(), converter=_conditions)
+    # Precomputed once, used on every request: the subject globs as one compiled
+    # pattern, and each grant list as (exact values, prefixes of trailing-* ones).
+    _subject_match: Callable[[str], object] = attrs.field(
+        init=False, eq=False, repr=False, hash=False
+    )
+    _audience_grants: _Grants = attrs.field(init=False, eq=False, repr=False, hash=False)
+    _scope_grants: _Grants = attrs.field(init=False, eq=False, repr=False, hash=False)
+    _quota_memo: dict[tuple[str, str | None], tuple[Quota, ...]] = attrs.field(
+        init=False, eq=False, repr=False, hash=False, factory=dict
+    )
+
+    def __attrs_post_init__(self) -> None:
+        pattern = "|".join(f"(?:{fnmatch.translate(p)})" for p in self.subjects)
+        object.__setattr__(self, "_subject_match", re.compile(pattern).match)
+        object.__setattr__(self, "_audience_grants", _Grants(self.audiences))
+        object.__setattr__(self, "_scope_grants", _Grants(self.scopes))
 
     def label(self) -> str:
         """How reasons name this rule."""
@@ -257,7 +291,7 @@ class Rule:
 
     def applies_to(self, subject: str) -> bool:
         """True if this rule's subject patterns match ``subject``."""
-        return any(fnmatchcase(subject, p) for p in self.subjects)
+        return self._subject_match(subject) is not None
 
     def refusals(self, request: AccessRequest | Lease) -> list[str]:
         """Why this rule does not grant the request (empty if it does)."""
@@ -265,9 +299,10 @@ class Rule:
             request = AccessRequest.of(request)
         lease = request.lease
         out = []
-        if not any(covers(a, lease.audience) for a in self.audiences):
+        if not self._audience_grants.covers(lease.audience):
             out.append(f"{self.label()} does not grant audience {lease.audience!r}")
-        missing = [s for s in lease.scopes if not any(covers(g, s) for g in self.scopes)]
+        covered = self._scope_grants.covers
+        missing = [s for s in lease.scopes if not covered(s)]
         if missing:
             out.append(f"{self.label()} does not grant scopes {' '.join(missing)!r}")
         # The life granted so far: renewals are evaluated again with their new
@@ -282,7 +317,8 @@ class Rule:
             out.append(f"{self.label()} requires a purpose")
         if lease.renewable and not self.renewable:
             out.append(f"{self.label()} does not allow renewable leases (pass renewable=False)")
-        out.extend(self._unmet(request))
+        if self.conditions:
+            out.extend(self._unmet(request))
         return out
 
     def _unmet(self, request: AccessRequest) -> Iterable[str]:
@@ -298,6 +334,17 @@ class Rule:
 
     def quotas(self, lease: Lease) -> tuple[Quota, ...]:
         """The quotas ``lease`` counts against under this rule."""
+        if self.max_active is None and self.max_active_per_owner is None:
+            return ()
+        key = (lease.subject, lease.owner)
+        found = self._quota_memo.get(key)
+        if found is None:  # the same subjects and owners come back on every issue
+            if len(self._quota_memo) >= _QUOTA_MEMO_MAX:
+                self._quota_memo.clear()
+            found = self._quota_memo[key] = self._new_quotas(lease)
+        return found
+
+    def _new_quotas(self, lease: Lease) -> tuple[Quota, ...]:
         out = []
         if self.max_active is not None:
             out.append(Quota(lease.subject, None, self.max_active, self.label()))

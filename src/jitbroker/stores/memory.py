@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from heapq import heappush
 
 import attrs
@@ -57,6 +57,21 @@ class _Index:
         return (current,) if isinstance(current, str) else current
 
 
+class _Counted:
+    """The leases one quota counts: their ids, and a heap of (expires_at, id) so
+    that those that expired leave without a scan (renewals push a new entry)."""
+
+    __slots__ = ("heap", "ids")
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.heap: list[tuple[float, str]] = []
+
+    def add(self, lease: Lease) -> None:
+        self.ids.add(lease.id)
+        heappush(self.heap, (lease.expires_at, lease.id))
+
+
 class MemoryStore:
     """Leases in this process's memory; lost when it exits. Thread-safe."""
 
@@ -71,11 +86,11 @@ class MemoryStore:
         # Owner, subject and key id filters (offboarding, key retirement) scan.
         self._by_task = _Index()
         self._by_parent = _Index()
-        # Quota counting: (subject, owner or None) -> ids of leases that may still
-        # be active. Built by one scan the first time a quota names the key, then
-        # kept up by add; dead ids are dropped when counted. Empty (one falsy
-        # check per add) until a policy with max_active is used.
-        self._counted: dict[tuple[str, str | None], set[str]] = {}
+        # Quota counting: (subject, owner or None) -> the active leases it counts.
+        # Built by one scan the first time a quota names the key, then kept up by
+        # add, extend and revoke; expired ones leave through the key's own heap.
+        # Empty (one falsy check per add) until a policy with max_active is used.
+        self._counted: dict[tuple[str, str | None], _Counted] = {}
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
 
@@ -125,6 +140,8 @@ class MemoryStore:
             lease = attrs.evolve(self._leases[lease_id], expires_at=expires_at)
             self._leases[lease_id] = lease
             heapq.heappush(self._expiry, (expires_at, lease_id))
+            if self._counted:
+                self._count(lease)  # its new expiry: counted until then
             return lease
 
     def find(self, where: LeaseFilter) -> list[Lease]:
@@ -172,18 +189,30 @@ class MemoryStore:
 
     def _active_count(self, quota: Quota, at: float) -> int:
         key = (quota.subject, quota.owner)
-        ids = self._counted.get(key)
-        if ids is None:
-            ids = {i for i, lease in self._leases.items() if quota.matches(lease)}
-        ids = {i for i in ids if self._live(i, at)}
-        self._counted[key] = ids
+        counted = self._counted.get(key)
+        if counted is None:
+            counted = self._counted[key] = _Counted()
+            for lease in self._leases.values():
+                if quota.matches(lease) and self._live(lease.id, at):
+                    counted.add(lease)
+        ids, heap = counted.ids, counted.heap
+        while heap and heap[0][0] <= at:  # O(log n) per lease that expired since
+            _, lease_id = heapq.heappop(heap)
+            if not self._live(lease_id, at):  # a renewed lease has a later entry
+                ids.discard(lease_id)
         return len(ids)
 
-    def _count(self, lease: Lease) -> None:
+    def _counters(self, lease: Lease) -> Iterator[_Counted]:
         for key in ((lease.subject, None), (lease.subject, lease.owner)):
-            ids = self._counted.get(key)
-            if ids is not None:
-                ids.add(lease.id)
+            counted = self._counted.get(key)
+            if counted is not None:
+                yield counted
+                if lease.owner is None:
+                    return  # both keys are (subject, None)
+
+    def _count(self, lease: Lease) -> None:
+        for counted in self._counters(lease):
+            counted.add(lease)
 
     def _find(self, where: LeaseFilter) -> list[Lease]:
         ids: Collection[str]
@@ -210,6 +239,9 @@ class MemoryStore:
             heapq.heappush(self._dead, (lease.expires_at, lease_id))
             revoked.append(lease)
             stack.extend(self._by_parent.get(lease_id))
+            if self._counted:
+                for counted in self._counters(lease):
+                    counted.ids.discard(lease_id)
         return revoked
 
     def _unindex(self, lease: Lease) -> None:
