@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 
 import jwt
 
-from jitbroker import Broker, Credential, KeyRing, LeaseStore, MemoryStore
+from jitbroker import Broker, Credential, KeyRing, LeaseStore, MemoryStore, Policy, Rule
 from jitbroker.lease import Lease
+from jitbroker.policy import labels
 from jitbroker.revocations import RevocationCache
 from jitbroker.testing import FakeClock
 
@@ -278,6 +279,41 @@ class Bench:
                 "ok": per_lease <= 1024,
             }
         )
+
+    def governance(self) -> None:
+        """What least privilege costs on the issue path: a policy (one rule with
+        owner, purpose and a label condition), then the same with a quota, each
+        against the same broker without a policy; EdDSA and opaque tokens."""
+
+        def policy(max_active: int | None) -> Policy:
+            return Policy(
+                [
+                    Rule(
+                        ["svc:ci-*"],
+                        [AUDIENCE],
+                        SCOPES,
+                        max_ttl=900,
+                        owner_required=True,
+                        purpose_required=True,
+                        conditions=[labels(env="prod")],
+                        max_active=max_active,
+                    )
+                ]
+            )
+
+        cases = (("a policy", policy(None)), ("a policy and a quota", policy(10**9)))
+        for fmt in ("jws", "opaque"):
+            base = Broker(issuer=ISSUER, keys=self.ring, token_format=fmt)
+            for name, rules in cases:
+                ours = Broker(
+                    issuer=ISSUER,
+                    keys=self.ring,
+                    token_format=fmt,
+                    policy=rules,
+                    labels={"env": "prod"},
+                )
+                result = compare(issuing(ours), issuing(base), self.number, self.repeat)
+                self.row(f"{fmt} issue with {name} / without", *result, None)
 
     def stores(self) -> None:
         """Each shared store against MemoryStore: issue, verify (online), revoke,
@@ -593,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    steps = ["issue", "verify", "opaque", "scale", "memory", "stores"]
+    steps = ["issue", "verify", "opaque", "scale", "memory", "governance", "stores"]
     parser.add_argument("--only", choices=steps, action="append", help="run only these")
     args = parser.parse_args(argv)
     bench = Bench(args.quick)

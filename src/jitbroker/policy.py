@@ -138,7 +138,11 @@ class _Labels:
             raise InvalidRequest("labels needs one or more name = value strings")
 
     def __call__(self, request: AccessRequest) -> bool:
-        return all(request.labels.get(k) == v for k, v in self.expected.items())
+        found = request.labels
+        for name, value in self.expected.items():  # noqa: SIM110 - a loop, not a generator: hot
+            if found.get(name) != value:
+                return False
+        return True
 
     def __str__(self) -> str:
         return "labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.expected.items()))
@@ -323,14 +327,14 @@ class Rule:
 
     def _unmet(self, request: AccessRequest) -> Iterable[str]:
         for condition in self.conditions:
-            name = _condition_name(condition)
             try:
                 met = condition(request)
             except Exception as exc:  # a broken condition denies: fail closed
+                name = _condition_name(condition)
                 yield f"{self.label()}: condition {name} failed ({type(exc).__name__})"
                 continue
             if not met:
-                yield f"{self.label()}: condition {name} is not met"
+                yield f"{self.label()}: condition {_condition_name(condition)} is not met"
 
     def quotas(self, lease: Lease) -> tuple[Quota, ...]:
         """The quotas ``lease`` counts against under this rule."""
