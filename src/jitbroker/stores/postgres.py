@@ -333,7 +333,10 @@ class PostgresStore:
             cur.execute(self._sql.insert, row)
             return True
 
-        return self._call("store a lease", work)
+        # A root lease without quotas is one INSERT: atomic on its own, so on an
+        # autocommit connection it needs no BEGIN/COMMIT (one round trip, not three).
+        alone = lease.parent is None and not quotas
+        return self._call("store a lease", work, atomic=not alone)
 
     def _check_quotas(self, cur: Cursor, lease: Lease, quotas: Sequence[Quota]) -> None:
         # Every quota of a lease is on its subject: one lock serializes them all.
