@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from heapq import heappush
 
 import attrs
@@ -58,8 +58,9 @@ class _Index:
 
 
 class _Counted:
-    """The leases one quota counts: their ids, and a heap of (expires_at, id) so
-    that those that expired leave without a scan (renewals push a new entry)."""
+    """The leases of one (subject, owner or None) key that may be active: their
+    ids, and a heap of (expires_at, id) so that those that expired leave without
+    a scan (a renewal pushes a new entry; stale ones are skipped)."""
 
     __slots__ = ("heap", "ids")
 
@@ -67,9 +68,12 @@ class _Counted:
         self.ids: set[str] = set()
         self.heap: list[tuple[float, str]] = []
 
-    def add(self, lease: Lease) -> None:
+    def add(self, lease: Lease, leases: dict[str, Lease]) -> None:
         self.ids.add(lease.id)
         heappush(self.heap, (lease.expires_at, lease.id))
+        if len(self.heap) > 2 * len(self.ids) + 32:  # stale entries: rebuild, amortized O(1)
+            self.heap = [(leases[i].expires_at, i) for i in self.ids if i in leases]
+            heapq.heapify(self.heap)
 
 
 class MemoryStore:
@@ -86,10 +90,11 @@ class MemoryStore:
         # Owner, subject and key id filters (offboarding, key retirement) scan.
         self._by_task = _Index()
         self._by_parent = _Index()
-        # Quota counting: (subject, owner or None) -> the active leases it counts.
-        # Built by one scan the first time a quota names the key, then kept up by
-        # add, extend and revoke; expired ones leave through the key's own heap.
-        # Empty (one falsy check per add) until a policy with max_active is used.
+        # Quota counting, off (one falsy check per add) until a quota is first
+        # checked; then one scan counts what is there, and add, extend, revoke and
+        # purge keep (subject, owner or None) -> _Counted up to date. A key with
+        # nothing left in it is dropped: memory follows the live leases.
+        self._counting = False
         self._counted: dict[tuple[str, str | None], _Counted] = {}
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
@@ -116,7 +121,7 @@ class MemoryStore:
             heappush(self._expiry, (lease.expires_at, lease_id))
             if task is not None:
                 self._by_task.add(task, lease_id)
-            if self._counted:
+            if self._counting:
                 self._count(lease)
         finally:
             self._release()
@@ -140,7 +145,7 @@ class MemoryStore:
             lease = attrs.evolve(self._leases[lease_id], expires_at=expires_at)
             self._leases[lease_id] = lease
             heapq.heappush(self._expiry, (expires_at, lease_id))
-            if self._counted:
+            if self._counting:
                 self._count(lease)  # its new expiry: counted until then
             return lease
 
@@ -176,6 +181,8 @@ class MemoryStore:
                     continue
                 self._claimed.discard(lease_id)
                 self._unindex(lease)
+                if self._counting:
+                    self._uncount(lease)
                 purged += 1
         return purged
 
@@ -188,31 +195,46 @@ class MemoryStore:
         return lease is not None and lease.is_active(at) and lease_id not in self._claimed
 
     def _active_count(self, quota: Quota, at: float) -> int:
+        if not self._counting:
+            self._counting = True
+            for lease in self._leases.values():
+                if self._live(lease.id, at):
+                    self._count(lease)
         key = (quota.subject, quota.owner)
         counted = self._counted.get(key)
         if counted is None:
-            counted = self._counted[key] = _Counted()
-            for lease in self._leases.values():
-                if quota.matches(lease) and self._live(lease.id, at):
-                    counted.add(lease)
+            return 0
         ids, heap = counted.ids, counted.heap
         while heap and heap[0][0] <= at:  # O(log n) per lease that expired since
             _, lease_id = heapq.heappop(heap)
             if not self._live(lease_id, at):  # a renewed lease has a later entry
                 ids.discard(lease_id)
+        if not ids:
+            del self._counted[key]
         return len(ids)
 
-    def _counters(self, lease: Lease) -> Iterator[_Counted]:
-        for key in ((lease.subject, None), (lease.subject, lease.owner)):
-            counted = self._counted.get(key)
-            if counted is not None:
-                yield counted
-                if lease.owner is None:
-                    return  # both keys are (subject, None)
+    @staticmethod
+    def _keys(lease: Lease) -> tuple[tuple[str, str | None], ...]:
+        subject = lease.subject
+        return (
+            ((subject, None),) if lease.owner is None else ((subject, None), (subject, lease.owner))
+        )
 
     def _count(self, lease: Lease) -> None:
-        for counted in self._counters(lease):
-            counted.add(lease)
+        counted_by = self._counted
+        for key in self._keys(lease):
+            counted = counted_by.get(key)
+            if counted is None:
+                counted = counted_by[key] = _Counted()
+            counted.add(lease, self._leases)
+
+    def _uncount(self, lease: Lease) -> None:
+        for key in self._keys(lease):
+            counted = self._counted.get(key)
+            if counted is not None:
+                counted.ids.discard(lease.id)
+                if not counted.ids:
+                    del self._counted[key]
 
     def _find(self, where: LeaseFilter) -> list[Lease]:
         ids: Collection[str]
@@ -239,9 +261,8 @@ class MemoryStore:
             heapq.heappush(self._dead, (lease.expires_at, lease_id))
             revoked.append(lease)
             stack.extend(self._by_parent.get(lease_id))
-            if self._counted:
-                for counted in self._counters(lease):
-                    counted.ids.discard(lease_id)
+            if self._counting:
+                self._uncount(lease)
         return revoked
 
     def _unindex(self, lease: Lease) -> None:
