@@ -351,7 +351,15 @@ def test_purge_unindexes_records_redis_already_dropped(
     tag = f"{{{store.prefix}}}:"
     assert keys_of(client, store) == {
         f"{tag}{name}"
-        for name in ("lease:live", "exp", "all", "idx:task:t", "idx:subject:svc:a", "epoch")
+        for name in (
+            "lease:live",
+            "exp",
+            "all",
+            "idx:task:t",
+            "idx:subject:svc:a",
+            "live:svc:a",  # the quota count of the one live lease
+            "epoch",
+        )
     }
 
 

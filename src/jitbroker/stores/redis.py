@@ -16,6 +16,9 @@ so every key of one store lives in one slot and the scripts may touch them all):
                               -> expires_at of revoked or claimed leases, for purge
     {p}:all                   set: every stored id (``find`` with an empty filter)
     {p}:idx:<field>:<value>   set: ids whose task/parent/owner/subject/key_id is value
+    {p}:live:<subject>        zset: id -> expires_at of the subject's leases neither
+    {p}:live:<subject>\x1f<owner>   revoked nor claimed (and of those with this owner):
+                              a quota's count is one ZCOUNT
     {p}:epoch                 string: the server time (seconds) the store's data
                               began, written by the first add into an empty store
     {p}:revoked               pub/sub channel: JSON list of the ids each revoke took
@@ -101,11 +104,35 @@ local function indexed(id, key)
   return values, cjson.encode(entry)
 end
 
+-- Quota counting: the leases neither revoked nor claimed, per subject and per
+-- subject and owner, scored by expires_at, so a count is one ZCOUNT. The
+-- separator \31 cannot occur in a subject (printable text only); a key whose
+-- last lease left is deleted by Redis itself.
+local function live_keys(subject, owner)
+  local keys = {BASE .. 'live:' .. subject}
+  if owner then keys[2] = keys[1] .. '\31' .. owner end
+  return keys
+end
+
+-- `values` as indexed() gives them: owner is values[3], subject values[4].
+local function count_in(id, values, expires_at)
+  if not values[4] then return end
+  for _, k in ipairs(live_keys(values[4], values[3] or nil)) do
+    redis.call('ZADD', k, expires_at, id)
+  end
+end
+
+local function uncount(id, values)
+  if not values[4] then return end
+  for _, k in ipairs(live_keys(values[4], values[3] or nil)) do redis.call('ZREM', k, id) end
+end
+
 -- A lease dies (revoked or claimed): it leaves EXP and enters DEAD. The DEAD
 -- member carries its index values, so purge can unindex it even after Redis
 -- itself dropped the record at the end of its retention TTL.
 local function bury(id, key)
-  local _, entry = indexed(id, key)
+  local values, entry = indexed(id, key)
+  uncount(id, values)
   redis.call('ZREM', EXP, id)
   redis.call('ZADD', DEAD, redis.call('HGET', key, 'expires_at'), entry)
   if RETENTION > 0 then redis.call('PEXPIRE', key, RETENTION) end
@@ -143,6 +170,7 @@ local old, old_entry = indexed(id, key)
 for i, field in ipairs(INDEXED) do
   if old[i] then redis.call('SREM', index_key(field, old[i]), id) end
 end
+uncount(id, old)
 redis.call('ZREM', DEAD, old_entry)
 redis.call('DEL', key)
 redis.call('HSET', key, unpack(ARGV, 8))
@@ -151,7 +179,12 @@ for i, field in ipairs(INDEXED) do
   if values[i] then redis.call('SADD', index_key(field, values[i]), id) end
 end
 redis.call('SADD', ALL, id)
-if ARGV[7] == '1' then bury(id, key) else redis.call('ZADD', EXP, expires_at, id) end
+if ARGV[7] == '1' then
+  bury(id, key)
+else
+  redis.call('ZADD', EXP, expires_at, id)
+  count_in(id, values, expires_at)
+end
 return 1
 """
 
@@ -164,17 +197,9 @@ local quotas, at = tonumber(ARGV[8]), ARGV[5]
 for q = 1, quotas do
   local base = 6 + 3 * q
   local subject, owner, limit = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2])
-  local ids
-  if owner == '' then
-    ids = redis.call('SMEMBERS', index_key('subject', subject))
-  else
-    ids = redis.call('SINTER', index_key('subject', subject), index_key('owner', owner))
-  end
-  local active = 0
-  for _, id in ipairs(ids) do
-    if live(id, at) then active = active + 1 end
-  end
-  if active >= limit then return -q end
+  local keys = live_keys(subject, owner ~= '' and owner or nil)
+  -- Expired but not yet claimed leases have a score <= at: not counted.
+  if redis.call('ZCOUNT', keys[#keys], '(' .. at, '+inf') >= limit then return -q end
 end
 for _ = 1, 1 + 3 * quotas do table.remove(ARGV, 8) end
 """
@@ -218,6 +243,7 @@ if not live(id, ARGV[5]) then return {} end
 local key = lease_key(id)
 redis.call('HSET', key, 'expires_at', expires_at)
 redis.call('ZADD', EXP, expires_at, id)
+count_in(id, indexed(id, key), expires_at)
 return redis.call('HGETALL', key)
 """
 
