@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import queue
 import shutil
 import socket
 import subprocess
@@ -35,10 +36,10 @@ from psycopg.rows import dict_row
 
 from conftest import server_or_skip
 from jitbroker import Broker, Verifier
-from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable
+from jitbroker.errors import InvalidRequest, QuotaExceeded, StoreError, StoreUnavailable
 from jitbroker.lease import Lease
 from jitbroker.stores import postgres as postgres_module
-from jitbroker.stores.base import LeaseFilter
+from jitbroker.stores.base import LeaseFilter, Quota
 from jitbroker.stores.codec import COLUMNS, to_row
 from jitbroker.stores.postgres import SCHEMA_VERSION, PostgresStore
 from jitbroker.testing import TEST_ISSUER
@@ -257,6 +258,7 @@ def test_the_indexes(admin: psycopg.Connection[Any], store: PostgresStore) -> No
         *(f"leases_{name}" for name in ("task", "parent", "owner", "subject", "key_id")),
         "leases_due",
         "leases_dead",
+        "leases_live_subject",  # version 3: quota counts
     }
 
 
@@ -293,6 +295,7 @@ def test_a_version_1_schema_is_migrated_and_starts_an_epoch(
     store.add(make("a"))
     schema = sql.Identifier(store.schema)
     for statement in (  # back to what version 1 created
+        "DROP INDEX {}.leases_live_subject",
         "DROP TRIGGER leases_truncated ON {}.leases",
         "DROP FUNCTION {}.jitbroker_new_epoch()",
         "ALTER TABLE {}.jitbroker_meta DROP COLUMN epoch",
@@ -662,6 +665,116 @@ def test_works_with_a_borrowed_pool(
         assert not pool.conn.closed  # the pool is the caller's
     finally:
         pool.conn.close()
+
+
+class SessionPool:
+    """A stand-in for ``psycopg_pool.ConnectionPool(configure=...)``: ``size``
+    connections whose sessions default to the isolation ``level`` (as a server,
+    role or pool setting may), lent one per caller."""
+
+    def __init__(self, level: LiteralString, *, size: int, autocommit: bool, name: str) -> None:
+        self.idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
+        self.conns: list[psycopg.Connection[Any]] = []
+        for _ in range(size):
+            conn = psycopg.connect(DSN, autocommit=True, application_name=name)
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL " + level)
+            conn.autocommit = autocommit
+            self.conns.append(conn)
+            self.idle.put(conn)
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        conn = self.idle.get(timeout=10)
+        try:
+            yield conn
+        finally:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            self.idle.put(conn)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+
+@contextmanager
+def session_pool(
+    level: LiteralString, *, size: int = 16, autocommit: bool = True, name: str = "jbtest"
+) -> Iterator[SessionPool]:
+    pool = SessionPool(level, size=size, autocommit=autocommit, name=name)
+    try:
+        yield pool
+        # Each connection comes back as it was lent: the session default in
+        # force, the connection's own isolation_level not changed behind its back.
+        for conn in pool.conns:
+            assert conn.isolation_level is None
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            with conn.transaction():
+                shown = conn.execute("SHOW transaction_isolation").fetchone()
+            assert shown == (level.lower(),)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "pool-transactions"])
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_quota_holds_whatever_the_session_isolation(
+    admin: psycopg.Connection[Any],
+    new_store: Callable[..., PostgresStore],
+    level: LiteralString,
+    autocommit: bool,
+) -> None:
+    # Under REPEATABLE READ the quota's count would see the snapshot its advisory
+    # lock took, missing adds committed while it waited (16 of 16 issued);
+    # under SERIALIZABLE adds would fail as outages, not as a full quota.
+    threads, limit = 16, 3
+    quota = Quota(subject="svc:a", owner=None, limit=limit)
+    outcomes: list[object] = [None] * threads
+    barrier = threading.Barrier(threads)
+    with session_pool(level, size=threads, autocommit=autocommit) as pool:
+        store = new_store(pool)
+
+        def add(i: int) -> None:
+            barrier.wait()
+            try:
+                outcomes[i] = store.add(make(f"l{i}"), [quota])
+            except Exception as exc:
+                outcomes[i] = exc
+
+        workers = [threading.Thread(target=add, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=30)
+        assert [o for o in outcomes if not isinstance(o, (bool, QuotaExceeded))] == []
+        assert outcomes.count(True) == limit
+        assert sum(isinstance(o, QuotaExceeded) for o in outcomes) == threads - limit
+    row = admin.execute(sql.SQL("SELECT count(*) FROM {}").format(table(store))).fetchone()
+    assert row == (limit,)
+
+
+def test_revoke_takes_a_late_child_whatever_the_session_isolation(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    # As test_revoke_takes_a_child_committed_while_it_waited, on connections
+    # defaulting to REPEATABLE READ: the second pass must see what the first
+    # pass's snapshot could not.
+    schema = new_schema()
+    with session_pool("REPEATABLE READ", size=2, name=schema) as pool:
+        store = new_store(pool, schema=schema)
+        store.add(make("parent", task="t"))
+        child = make("child", at=T0 + 1, ttl=30, parent="parent", task="t")
+        columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        values = sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS))
+        with admin.transaction():
+            admin.execute(lock_row(store, "parent", "FOR SHARE"))
+            admin.execute(
+                sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(table(store), columns, values),
+                to_row(child),
+            )
+            revoke = Background(lambda: store.revoke("parent", at=T0 + 5, reason="x"))
+            assert poll(lambda: sessions(admin, store, waiting=True) == 1)
+        assert ids(revoke.result()) == {"parent", "child"}
 
 
 # -- a private server, stopped and started under a live store -----------------

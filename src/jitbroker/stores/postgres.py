@@ -12,6 +12,10 @@ holds across any number of brokers:
 - ``claim_expired`` locks due rows ``FOR UPDATE SKIP LOCKED``, so reapers of
   several brokers take disjoint batches and each lease is claimed once.
 
+All of this assumes READ COMMITTED (each statement sees what committed before
+it began), so every transaction the store begins is READ COMMITTED, whatever
+the server's, role's or pool's default isolation level.
+
 Layout, in the store's own schema (``jitbroker`` by default)::
 
     <schema>.jitbroker_meta   one row: the schema version (migrations, below) and
@@ -128,6 +132,12 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
             END $$""",
         """CREATE TRIGGER leases_truncated AFTER TRUNCATE ON {schema}.leases
             FOR EACH STATEMENT EXECUTE FUNCTION {schema}.jitbroker_new_epoch()""",
+    ),
+    (
+        # Quota counts: the live leases of a subject (and owner), without reading
+        # the dead ones a long retention keeps.
+        """CREATE INDEX leases_live_subject ON {schema}.leases (subject, owner, expires_at)
+            WHERE revoked_at IS NULL AND NOT claimed""",
     ),
 )
 #: The schema version this code reads and writes.
@@ -486,12 +496,18 @@ class PostgresStore:
     # -- internals -----------------------------------------------------------
     def _call(self, action: str, work: Callable[[Cursor], T], *, atomic: bool = True) -> T:
         """Run ``work`` on a pooled connection, in one transaction if ``atomic``
-        (reads are single statements and need none on an autocommit connection)."""
+        (reads are single statements and need none on an autocommit connection).
+
+        The transaction runs at READ COMMITTED whatever the server's, role's or
+        pool's default (see ``_read_committed``): the quota count after its
+        advisory lock, revoke's second pass and claim's SKIP LOCKED all rely on
+        each statement seeing what committed before it began."""
         with _translated(action):
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
                     with (
                         self._source.connection() as conn,
+                        _read_committed(conn),
                         conn.cursor(row_factory=tuple_row) as cur,
                     ):
                         if not atomic and conn.autocommit:
@@ -697,7 +713,9 @@ class _Pool:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
-                return psycopg.connect(self._conninfo, autocommit=True)
+                conn = psycopg.connect(self._conninfo, autocommit=True)
+                conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # see _read_committed
+                return conn
             if _usable(conn):
                 return conn
             _discard(conn)
@@ -709,6 +727,36 @@ class _Pool:
                 self._idle.append(conn)
                 return
         _discard(conn)
+
+
+@contextmanager
+def _read_committed(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Transactions begun on ``conn`` within the block are READ COMMITTED; on exit
+    the connection gets back the isolation level it came with (a caller's pool
+    must get its connections back as they were).
+
+    psycopg puts the level in the BEGIN it sends (``BEGIN ISOLATION LEVEL READ
+    COMMITTED``): no extra round trip. Under REPEATABLE READ or SERIALIZABLE the
+    snapshot would be taken by a transaction's first statement (the quota's
+    advisory lock), so the count after it would miss an add committed while it
+    waited: the quota would overshoot, or fail with serialization errors. A
+    connection lent mid-transaction (which no pool should do) is left alone: the
+    level of a transaction already open cannot change.
+    """
+    previous = conn.isolation_level
+    if (
+        previous == psycopg.IsolationLevel.READ_COMMITTED
+        or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    ):
+        yield
+        return
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    try:
+        yield
+    finally:
+        # A broken connection refuses (not idle); its pool discards it anyway.
+        with contextlib.suppress(psycopg.Error):
+            conn.isolation_level = previous
 
 
 def _usable(conn: psycopg.Connection[Any]) -> bool:

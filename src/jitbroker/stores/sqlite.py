@@ -70,6 +70,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX leases_subject ON leases (subject)",
         "CREATE INDEX leases_key_id ON leases (key_id) WHERE key_id IS NOT NULL",
     ),
+    (
+        # Quota counts: the live leases of a subject (and owner), without reading
+        # the dead ones a long retention keeps.
+        "CREATE INDEX leases_live_subject ON leases (subject, owner, expires_at) WHERE dead = 0",
+    ),
 )
 
 #: The schema version this code writes; a file at a higher one is refused.
@@ -100,7 +105,10 @@ _TREE = f"""WITH RECURSIVE tree(id) AS (
     WHERE +leases.dead = 0 AND :at < +leases.expires_at
 ) SELECT {_COLS} FROM leases WHERE id IN tree"""  # noqa: S608
 # Active leases counted against a quota; the owner term is dropped when it has none.
-_COUNT = f"SELECT COUNT(*) FROM leases WHERE subject = :subject AND {_LIVE}"  # noqa: S608
+_COUNT = (
+    "SELECT COUNT(*) FROM leases INDEXED BY leases_live_subject"
+    " WHERE subject = :subject AND dead = 0 AND expires_at > :at"
+)
 _COUNT_OWNER = _COUNT + " AND owner = :owner"
 _REVOKE = "UPDATE leases SET revoked_at = ?, revoke_reason = ?, dead = 1 WHERE id = ?"
 _LIVE_ONE = f"SELECT {_COLS} FROM leases WHERE id = :id AND {_LIVE}"  # noqa: S608
