@@ -177,12 +177,20 @@ def test_async_hooks_on_a_sync_broker(clock: FakeClock) -> None:
     assert seen == [("issue", cred.lease_id), ("revoke", cred.lease_id)]
 
     async def inside_a_running_loop() -> Credential:
-        # A sync broker called from async code: the hook runs on its own loop in a thread.
+        # A sync broker called from async code never blocks the running loop: its
+        # async hooks are not run there, but fail and wait for a later sweep.
         other = issue(broker)
         broker.revoke(other)
         return other
 
     other = asyncio.run(inside_a_running_loop())
+    assert len(seen) == 2
+    assert [(h.event, h.attempts) for h in broker._core.hooks.pending()] == [
+        ("on_issue", 1),
+        ("on_revoke", 1),
+    ]
+    clock.advance(1)
+    broker.sweep()  # no loop runs here: they run now
     assert seen[-2:] == [("issue", other.lease_id), ("revoke", other.lease_id)]
 
 
@@ -890,3 +898,313 @@ def test_no_secret_in_events_files_or_logs(
     secrets.check("report dict", json.dumps(report.to_dict()))
     for failed in broker.failed_hooks():
         secrets.check_object("failed hook", failed)
+
+
+# -- no hook call is lost: interrupted runs, bounded lists ------------------------------
+def pending(broker: Broker | AsyncBroker) -> list[tuple[str, str, int]]:
+    """Every queued call: (event, lease id, attempts), retries and not-yet-run alike."""
+    hooks = broker._core.hooks
+    with hooks._lock:
+        return [(c.event, c.lease.id, c.attempts) for c in hooks._pending]
+
+
+class Gated:
+    """An async hook that starts, then waits for ``gate``; records who finished."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, lease: Lease) -> None:
+        self.started.append(lease.id)
+        self.entered.set()
+        await self.gate.wait()
+        self.finished.append(lease.id)
+
+
+def test_a_cancelled_async_run_requeues_the_calls_it_did_not_reach(clock: FakeClock) -> None:
+    hook = Gated()
+
+    async def main() -> None:
+        broker = AsyncBroker(issuer=TEST_ISSUER, clock=clock, on_revoke=hook, hook_backoff=10)
+        creds = [await broker.issue(SUBJECT, AUDIENCE, SCOPES, task="t") for _ in range(3)]
+        ids = [cred.lease_id for cred in creds]
+        revoking = asyncio.create_task(broker.revoke_where(task="t"))
+        await hook.entered.wait()  # the first on_revoke is under way
+        revoking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await revoking
+        assert await broker.leases() == []  # the revocations stand
+        # The interrupted call is a failed attempt; the two not reached are due now.
+        (first,) = hook.started
+        rest = [i for i in ids if i != first]
+        assert sorted(pending(broker)) == sorted(
+            [("on_revoke", first, 1)] + [("on_revoke", i, 0) for i in rest]
+        )
+        hook.gate.set()
+        await broker.sweep()
+        assert sorted(hook.finished) == sorted(rest)
+        assert pending(broker) == [("on_revoke", first, 1)]
+        (waiting,) = broker._core.hooks.pending()
+        assert waiting.error.startswith("CancelledError")
+        clock.advance(10)
+        await broker.sweep()
+        assert sorted(hook.finished) == sorted(ids)
+        assert pending(broker) == []
+        assert broker.failed_hooks() == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, asyncio.CancelledError])
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_hook_raising_a_base_exception_is_recorded_then_raised(
+    clock: FakeClock, error: type[BaseException], kind: str
+) -> None:
+    after = Hook(clock)
+
+    def sync_hook(lease: Lease) -> None:
+        raise error("stop")
+
+    async def async_hook(lease: Lease) -> None:
+        raise error("stop")
+
+    bad = sync_hook if kind == "sync" else async_hook
+    events: list[AuditEvent] = []
+    broker = make_broker(clock, events, on_revoke=[bad, after], hook_retries=0)
+    cred = issue(broker)
+    with pytest.raises(error):
+        broker.revoke(cred)
+    assert broker.lease(cred).revoked_at is not None  # the revocation stands
+    # The raising call is a failed attempt (parked: no retries); the next one waits.
+    (failed,) = broker.failed_hooks()
+    assert (failed.attempts, failed.error) == (1, f"{error.__name__}: stop")
+    assert [e.error for e in of(events, "hook_parked")] == [error.__name__]
+    assert pending(broker) == [("on_revoke", cred.lease_id, 0)]
+    broker.sweep()
+    assert after.ids == [cred.lease_id]
+    assert pending(broker) == []
+
+
+def test_a_base_exception_on_an_async_broker_requeues_the_rest(clock: FakeClock) -> None:
+    after = Hook(clock)
+
+    def bad(lease: Lease) -> None:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER, clock=clock, on_revoke=[bad, after], hook_backoff=5
+        )
+        cred = await broker.issue(SUBJECT, AUDIENCE, SCOPES)
+        with pytest.raises(KeyboardInterrupt):
+            await broker.revoke(cred)
+        assert pending(broker) == [
+            ("on_revoke", cred.lease_id, 0),  # not reached: first in line, due now
+            ("on_revoke", cred.lease_id, 1),  # failed once: due after the backoff
+        ]
+        await broker.sweep()
+        assert after.ids == [cred.lease_id]
+        assert pending(broker) == [("on_revoke", cred.lease_id, 1)]
+
+    asyncio.run(main())
+
+
+def test_stopping_the_async_reaper_lets_its_sweep_finish(tmp_path: Path, clock: FakeClock) -> None:
+    hook = Gated()
+    path = tmp_path / "leases.db"
+
+    async def main() -> None:
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER,
+            clock=clock,
+            store=SQLiteStore(path),
+            on_expire=hook,
+            reap_interval=0.001,
+        )
+        ids = [(await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=1)).lease_id for _ in range(3)]
+        clock.advance(1)
+        await broker.start()
+        await hook.entered.wait()  # the reaper claimed them and runs on_expire
+        stopping = asyncio.create_task(broker.stop())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not stopping.done()  # stop waits for the sweep under way
+        hook.gate.set()
+        await stopping
+        assert sorted(hook.finished) == sorted(ids)
+        assert pending(broker) == []
+        assert broker.failed_hooks() == []
+        # Each fired exactly once: no broker sharing the store fires them again.
+        other = AsyncBroker(issuer=TEST_ISSUER, clock=clock, store=SQLiteStore(path))
+        assert await other.sweep() == []
+        await other.close()
+        await broker.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("yields", [1, 5])  # stop cancelled before or after the reaper stops
+def test_cancelling_stop_cuts_the_sweep_short_and_keeps_the_calls(
+    clock: FakeClock, yields: int
+) -> None:
+    hook = Gated()
+
+    async def main() -> None:
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER, clock=clock, on_expire=hook, reap_interval=0.001, hook_backoff=10
+        )
+        ids = [(await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=1)).lease_id for _ in range(3)]
+        clock.advance(1)
+        await broker.start()
+        await hook.entered.wait()
+        stopping = asyncio.create_task(broker.stop())
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        assert not stopping.done()
+        stopping.cancel()  # a second cancel: the caller will not wait
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        (first,) = hook.started
+        assert sorted(pending(broker)) == sorted(
+            [("on_expire", i, 1 if i == first else 0) for i in ids]
+        )
+        hook.gate.set()
+        await broker.sweep()
+        clock.advance(10)
+        await broker.sweep()
+        assert sorted(hook.finished) == sorted(ids)
+        assert pending(broker) == []
+        await broker.close()
+
+    asyncio.run(main())
+
+
+def test_the_async_reaper_outlives_a_hook_raising_cancelled_error(clock: FakeClock) -> None:
+    attempts: list[float] = []
+    retried = asyncio.Event()
+    failed_once = asyncio.Event()
+
+    async def on_expire(lease: Lease) -> None:
+        attempts.append(clock())
+        if len(attempts) == 1:
+            failed_once.set()
+            raise asyncio.CancelledError
+        retried.set()
+
+    async def main() -> None:
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER, clock=clock, on_expire=on_expire, reap_interval=0.001
+        )
+        await broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=1)
+        clock.advance(1)
+        async with broker:
+            await asyncio.wait_for(failed_once.wait(), 10)
+            clock.advance(1)  # the backoff
+            await asyncio.wait_for(retried.wait(), 10)
+        assert broker._reaper is None
+        assert pending(broker) == []
+        assert broker.failed_hooks() == []
+
+    asyncio.run(main())
+    assert len(attempts) == 2
+
+
+def test_parked_calls_are_bounded_and_the_drops_counted(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, on_issue=hook, hook_retries=0)
+    broker._core.hooks.max_parked = 3
+    with caplog.at_level(logging.WARNING, logger="jitbroker.hooks"):
+        ids = [issue(broker).lease_id for _ in range(5)]
+    assert [f.lease.id for f in broker.failed_hooks()] == ids[2:]  # the newest kept
+    assert broker._core.hooks.dropped == 2
+    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(drops) == 2
+    assert ids[0] in drops[0]
+    assert "1 dropped so far" in drops[0]
+    report = broker.report()
+    assert report.churn["hook calls dropped (this broker)"] == 2
+    assert report.to_dict()["churn"]["hook calls dropped (this broker)"] == 2
+    assert "hook calls dropped (this broker) 2" in str(report)
+    # Retrying empties the list, and a still-failing call takes its place again.
+    assert broker.retry_failed_hooks() == 3
+    assert len(broker.failed_hooks()) == 3
+    assert broker._core.hooks.dropped == 2
+
+
+def test_the_default_bounds() -> None:
+    from jitbroker.hooks import MAX_PARKED, MAX_PENDING, Hooks
+
+    hooks = Hooks()
+    assert (hooks.max_parked, hooks.max_pending) == (MAX_PARKED, MAX_PENDING) == (10_000, 10_000)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidRequest):
+            Hooks(max_parked=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest):
+            Hooks(max_pending=bad)  # type: ignore[arg-type]
+    assert Broker(issuer=TEST_ISSUER).report().churn["hook calls dropped (this broker)"] == 0
+
+
+def test_a_full_retry_queue_parks_new_failures_at_once(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, events, on_revoke=hook, hook_retries=5)
+    broker._core.hooks.max_pending = 2
+    creds = [issue(broker) for _ in range(4)]
+    for cred in creds:
+        broker.revoke(cred)
+    assert [c[1] for c in pending(broker)] == [c.lease_id for c in creds[:2]]
+    parked = broker.failed_hooks()
+    assert [(f.lease.id, f.attempts) for f in parked] == [(c.lease_id, 1) for c in creds[2:]]
+    assert len(of(events, "hook_failed")) == 2
+    assert len(of(events, "hook_parked")) == 2
+
+
+def test_many_retries_never_overflow_the_backoff(clock: FakeClock) -> None:
+    hook = Hook(clock, failing=True)
+    broker = make_broker(clock, on_revoke=hook, hook_retries=2000, hook_backoff=0.001)
+    cred = issue(broker)
+    broker.revoke(cred)
+    for _ in range(1100):  # past 2**1024, where float(backoff * 2**n) overflowed
+        clock.advance(3600)
+        broker.sweep()
+    assert len(hook.calls) == 1101
+    (waiting,) = broker._core.hooks.pending()
+    assert waiting.attempts == 1101
+    assert broker._core.hooks._pending[0].due == clock() + 3600
+    assert broker.failed_hooks() == []
+
+
+def test_an_async_hook_never_blocks_a_running_loop(clock: FakeClock) -> None:
+    ran: list[str] = []
+
+    async def on_revoke(lease: Lease) -> None:
+        ran.append(lease.id)
+
+    broker = make_broker(clock, on_revoke=on_revoke, hook_retries=0)
+    cred = issue(broker)
+
+    async def app() -> None:
+        assert broker.revoke(cred) is True  # returns at once: the hook is not run
+
+    asyncio.run(app())  # filterwarnings=error: no "coroutine was never awaited"
+    assert ran == []
+    (failed,) = broker.failed_hooks()
+    assert failed.error.startswith("RuntimeError: async hook not run")
+    assert "AsyncBroker" in failed.error
+    broker.retry_failed_hooks()  # from a thread with no running loop: it runs
+    assert ran == [cred.lease_id]
+    assert broker.failed_hooks() == []
+
+
+def test_running_hooks_with_nothing_queued_is_free(clock: FakeClock) -> None:
+    broker = make_broker(clock)
+    hooks = broker._core.hooks
+    hooks.clock = None  # type: ignore[assignment]  # neither the clock nor the lock
+    hooks._lock = None  # type: ignore[assignment]
+    assert hooks.run() == 0
+    assert asyncio.run(hooks.arun()) == 0

@@ -136,6 +136,7 @@ class _Base:
             failed_hooks=core.hooks.failed(),
             counts=core.audit.counts,
             sink_failures=core.audit.sink_failures,
+            hook_calls_dropped=core.hooks.dropped,
             long_ttl=long_ttl,
             oldest=oldest,
         )
@@ -642,11 +643,17 @@ class AsyncBroker(_Base):
             self._reaper = asyncio.create_task(self._reap(), name="jitbroker-reaper")
 
     async def stop(self) -> None:
-        """Cancel the reaper task and wait for it."""
+        """Stop the reaper and wait for it to finish its current sweep, hook calls
+        included (as ``Broker.stop`` does). Cancelling ``stop`` cuts that sweep
+        short: the hook calls it did not run stay queued for the next sweep."""
         if self._reaper is not None:
             self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._reaper
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # stop itself was cancelled
+                    raise
             self._reaper = None
 
     async def close(self) -> None:
@@ -657,8 +664,24 @@ class AsyncBroker(_Base):
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(self._core.reap_interval)
+            # Shielded: stop() cancels the reaper, but a sweep under way has claimed
+            # its expired leases, so it finishes and runs their on_expire hooks.
+            sweep = asyncio.ensure_future(self.sweep())
             try:
-                await self.sweep()
+                await asyncio.shield(sweep)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                cancels = 0 if task is None else task.cancelling()
+                if not cancels:  # a hook raised CancelledError: not a stop
+                    log.warning("reaper sweep cancelled; retrying next interval")
+                    continue
+                if cancels > 1:  # cancelled again (stop itself was): cut the sweep short
+                    sweep.cancel()
+                try:  # stopping: let the sweep finish (its unrun hook calls are requeued)
+                    await sweep
+                except Exception:
+                    log.warning("reaper sweep failed while stopping", exc_info=True)
+                raise
             except Exception:  # the reaper must outlive a bad sweep; it retries
                 log.warning("reaper sweep failed; retrying next interval", exc_info=True)
 

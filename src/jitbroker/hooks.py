@@ -12,6 +12,25 @@ the report, and run again by ``broker.retry_failed_hooks()``.
 because each expired lease is claimed by exactly one sweep. Retries and parked
 hooks live in the broker's memory: a process that dies loses its pending
 retries (the leases themselves are already dead).
+
+No call is lost inside a process: every call taken off the queue ends completed,
+back on the queue, or parked. A run that is interrupted (its task cancelled, or
+a hook raising ``CancelledError``, ``KeyboardInterrupt``, ``SystemExit``) puts
+the calls it had not reached back on the queue, due now; the call that raised
+counts as a failed attempt, and the exception propagates once that is recorded.
+
+Both lists are bounded. A call that fails while ``max_pending`` calls wait is
+parked at once instead of scheduled for a retry (so an always-failing hook under
+a high rate cannot grow the queue); the parked list keeps the newest
+``max_parked`` calls, and each older one dropped is logged and counted in
+``dropped`` (the report shows it as "hook calls dropped").
+
+An ``async def`` hook on the sync ``Broker`` runs on its own event loop when
+the calling thread runs none. Called from a thread whose loop is running, it is
+not run (a sync ``Broker`` never blocks a running loop, and the hook could
+deadlock waiting for that loop): the call fails with an error saying so, and a
+later sweep from a thread without a running loop (the reaper thread, say)
+retries it. Async code should use ``AsyncBroker``, which awaits its hooks.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ import asyncio
 import inspect
 import logging
 import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +61,13 @@ Hook = Callable[[Lease], object]
 EVENTS = ("on_issue", "on_revoke", "on_expire")
 _MAX_ERROR = 200  # characters of a hook's error kept for the report
 MAX_BACKOFF = 3600.0  # seconds: retries never wait longer than this
+MAX_PARKED = 10_000  # parked calls kept; older ones are dropped (and counted)
+MAX_PENDING = 10_000  # a call failing while this many wait is parked at once
+_MAX_DOUBLINGS = 32  # backoff * 2**32 is far past MAX_BACKOFF, and never overflows
+LOOP_RUNNING = (
+    "async hook not run: this thread runs an event loop, which a sync Broker never "
+    "blocks; use AsyncBroker (a sweep from a thread without a loop retries it)"
+)
 
 
 @attrs.frozen
@@ -91,6 +118,8 @@ class Hooks:
         retries: int = 5,
         backoff: Duration = 1.0,
         clock: Clock | None = None,
+        max_parked: int = MAX_PARKED,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.on_issue = _hooks(on_issue, "on_issue")
         self.on_revoke = _hooks(on_revoke, "on_revoke")
@@ -98,11 +127,17 @@ class Hooks:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidRequest("hook_retries must be a whole number, 0 or more")
         self.retries = retries
+        for name, value in (("max_parked", max_parked), ("max_pending", max_pending)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"{name} must be a whole number, 1 or more")
+        self.max_parked = max_parked
+        self.max_pending = max_pending
+        self.dropped = 0  # parked calls dropped to keep the list within max_parked
         self.backoff = seconds(backoff, "hook_backoff")
         self.clock: Clock = clock or system_clock
         self.audit: Auditor | None = None
         self._pending: list[_Call] = []
-        self._parked: list[_Call] = []
+        self._parked: deque[_Call] = deque()
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
@@ -124,57 +159,110 @@ class Hooks:
         return due
 
     def run(self) -> int:
-        """Run every call that is due, from sync code; returns how many failed."""
-        failed = 0
-        for call in self._due():
-            try:
-                result = call.hook(call.lease)
-                if inspect.isawaitable(result):
-                    _run_coroutine(result)
-            except Exception as exc:  # a hook's failure is recorded, never raised
-                failed += 1
-                self._failed(call, exc)
+        """Run every call that is due, from sync code; returns how many failed.
+
+        An async hook runs on its own loop, unless this thread runs one: then it
+        fails (``LOOP_RUNNING``) rather than block that loop."""
+        if not self._pending:  # nothing queued: no lock, no clock
+            return 0
+        calls = self._due()
+        failed = done = 0
+        try:
+            for call in calls:
+                try:
+                    result = call.hook(call.lease)
+                    if inspect.isawaitable(result):
+                        _run_coroutine(result)
+                except Exception as exc:  # a hook's failure is recorded, never raised
+                    failed += 1
+                    self._failed(call, exc)
+                except BaseException as exc:  # recorded, then raised
+                    self._failed(call, exc)
+                    done += 1
+                    raise
+                done += 1
+        finally:
+            self._requeue(calls[done:])
         return failed
 
     async def arun(self) -> int:
-        """Run every call that is due, from async code; returns how many failed."""
-        failed = 0
-        for call in self._due():
-            try:
-                result = call.hook(call.lease)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:  # a hook's failure is recorded, never raised
-                failed += 1
-                self._failed(call, exc)
+        """Run every call that is due, from async code; returns how many failed.
+
+        If the task is cancelled, the call under way counts as a failed attempt
+        and the calls not reached go back on the queue, due now."""
+        if not self._pending:
+            return 0
+        calls = self._due()
+        failed = done = 0
+        try:
+            for call in calls:
+                try:
+                    result = call.hook(call.lease)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:  # a hook's failure is recorded, never raised
+                    failed += 1
+                    self._failed(call, exc)
+                except BaseException as exc:  # cancelled, or worse: recorded, then raised
+                    self._failed(call, exc)
+                    done += 1
+                    raise
+                done += 1
+        finally:
+            self._requeue(calls[done:])
         return failed
 
-    def _failed(self, call: _Call, exc: Exception) -> None:
+    def _requeue(self, calls: list[_Call]) -> None:
+        """Put calls a run did not reach back at the head of the queue, still due."""
+        if calls:
+            with self._lock:
+                self._pending[:0] = calls
+
+    def _failed(self, call: _Call, exc: BaseException) -> None:
         now = self.clock()
         call.attempts += 1
         call.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
         parked = call.attempts > call.limit
+        full = not parked and len(self._pending) >= self.max_pending
         log.warning(
             "hook %s %s failed for lease %s (attempt %d)%s",
             call.event,
             _name(call.hook),
             call.lease.id,
             call.attempts,
-            "; parked" if parked else "; will retry",
+            "; parked" if parked else "; parked: retry queue full" if full else "; will retry",
             exc_info=True,
         )
+        parked = parked or full
         if self.audit is not None:
             action = EventType.HOOK_PARKED if parked else EventType.HOOK_FAILED
             self.audit.emit(
                 action, now, call.lease, error=type(exc).__name__, where=f"{call.event}"
             )
+        dropped: _Call | None = None
         with self._lock:
             if parked:
                 call.due = now
+                if len(self._parked) >= self.max_parked:
+                    dropped = self._parked.popleft()
+                    self.dropped += 1
                 self._parked.append(call)
             else:
-                call.due = now + min(self.backoff * 2 ** (call.attempts - 1), MAX_BACKOFF)
+                doublings = min(call.attempts - 1, _MAX_DOUBLINGS)
+                call.due = now + min(self.backoff * 2**doublings, MAX_BACKOFF)
                 self._pending.append(call)
+        if dropped is not None:
+            log.warning(
+                "parked hook call dropped (more than %d parked): %s %s for lease %s, "
+                "%d attempts, last error %s; %d dropped so far",
+                self.max_parked,
+                dropped.event,
+                _name(dropped.hook),
+                dropped.lease.id,
+                dropped.attempts,
+                dropped.error,
+                self.dropped,
+            )
 
     def failed(self) -> list[FailedHook]:
         """The parked calls, oldest first."""
@@ -192,7 +280,7 @@ class Hooks:
         """Make every parked call due again, each with one more attempt; how many."""
         now = self.clock()
         with self._lock:
-            parked, self._parked = self._parked, []
+            parked, self._parked = list(self._parked), deque()
             for call in parked:
                 call.due = now
                 call.limit = call.attempts  # one try: another failure parks it again
@@ -205,27 +293,20 @@ def _failed_hook(call: _Call) -> FailedHook:
 
 
 def _run_coroutine(awaitable: Awaitable[Any]) -> None:
-    """Run an async hook from sync code: on this thread if no loop runs here,
-    else on a short-lived thread with its own loop (never block a running loop)."""
+    """Run an async hook from sync code on a loop of its own, if this thread runs
+    none. If it does, refuse: waiting here would block that loop (and deadlock a
+    hook that needs it), so the call fails with ``LOOP_RUNNING`` and is retried."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        close = getattr(awaitable, "close", None)
+        if callable(close):  # a coroutine never run: close it, no "never awaited" warning
+            close()
+        raise RuntimeError(LOOP_RUNNING)
 
     async def wrapped() -> None:
         await awaitable
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(wrapped())
-        return
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(wrapped())
-        except BaseException as exc:  # re-raised on the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="jitbroker-hook")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    asyncio.run(wrapped())

@@ -189,13 +189,15 @@ def build_report(
     failed_hooks: Iterable[FailedHook] = (),
     counts: Mapping[str, int] | None = None,
     sink_failures: int | None = None,
+    hook_calls_dropped: int | None = None,
     long_ttl: Duration = 3600,
     oldest: int = 10,
 ) -> Report:
     """The report over ``leases`` (live and dead, as ``leases(include_inactive=True)``
     gives). ``keys`` is the key ids still held (None: unknown, no retired-key
-    finding); ``counts`` the broker's event counts since it started, and
-    ``sink_failures`` how many audit sink calls raised."""
+    finding); ``counts`` the broker's event counts since it started,
+    ``sink_failures`` how many audit sink calls raised, and ``hook_calls_dropped``
+    how many parked hook calls were dropped to bound the list."""
     threshold = seconds(long_ttl, "long_ttl")
     if isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 0:
         raise InvalidRequest("oldest must be a whole number, 0 or more")
@@ -215,6 +217,8 @@ def build_report(
             churn[f"{event} (this broker)"] = counts.get(event, 0)
     if sink_failures is not None:
         churn["audit sink failures (this broker)"] = sink_failures
+    if hook_calls_dropped is not None:
+        churn["hook calls dropped (this broker)"] = hook_calls_dropped
     return Report(
         generated_at=now,
         active=tuple(active),
