@@ -87,30 +87,37 @@ def test_a_root_token_has_no_act_claim(broker: Broker) -> None:
     assert broker.verify(cred.token, audience=AUDIENCE).delegated_by == ()
 
 
-def test_act_claims_nest_nearest_first(broker: Broker) -> None:
+def test_act_claims_follow_rfc_8693(broker: Broker) -> None:
+    """RFC 8693 section 4.1: ``sub`` is the principal, the outermost ``act`` the
+    current actor, nested ``act`` claims the prior actors; each actor names the
+    lease it was delegated from."""
     top = root(broker)
     first = broker.attenuate(top, scopes=["orders:read", "orders:write"])
     handed = broker.attenuate(first, scopes=["orders:read"], subject="svc:report")
     below = broker.attenuate(handed, ttl=30)
-    assert payload(first)["act"] == {"sub": SUBJECT, "jti": top.lease_id}
+    assert payload(first)["sub"] == SUBJECT
+    assert payload(first)["act"] == {"sub": SUBJECT, "delegated_from": top.lease_id}
+    assert payload(handed)["sub"] == SUBJECT  # the principal stays the subject
     assert payload(handed)["act"] == {
-        "sub": SUBJECT,
-        "jti": first.lease_id,
-        "act": {"sub": SUBJECT, "jti": top.lease_id},
+        "sub": "svc:report",  # the current actor, outermost
+        "delegated_from": first.lease_id,
+        "act": {"sub": SUBJECT, "delegated_from": top.lease_id},  # a prior actor
     }
     claims = payload(below)
-    assert claims["sub"] == "svc:report"  # the delegate's subject carries on down
+    assert claims["sub"] == SUBJECT
     assert claims["parent"] == handed.lease_id
     assert claims["act"] == {
         "sub": "svc:report",
-        "jti": handed.lease_id,
+        "delegated_from": handed.lease_id,
         "act": {
-            "sub": SUBJECT,
-            "jti": first.lease_id,
-            "act": {"sub": SUBJECT, "jti": top.lease_id},
+            "sub": "svc:report",
+            "delegated_from": first.lease_id,
+            "act": {"sub": SUBJECT, "delegated_from": top.lease_id},
         },
     }
     assert claims["jti"] == below.lease_id
+    verified = broker.verify(below.token, audience=AUDIENCE)
+    assert (verified.subject, verified.actor) == (SUBJECT, "svc:report")
 
 
 def test_claims_delegated_by_lists_the_chain_nearest_first(broker: Broker) -> None:
@@ -140,10 +147,11 @@ def test_async_broker_mints_the_same_act_claim() -> None:
 
     top, mid, low, delegated_by = asyncio.run(main())
     assert delegated_by == (mid.lease_id, top.lease_id)
+    assert payload(low)["sub"] == SUBJECT
     assert payload(low)["act"] == {
-        "sub": SUBJECT,
-        "jti": mid.lease_id,
-        "act": {"sub": SUBJECT, "jti": top.lease_id},
+        "sub": "svc:report",
+        "delegated_from": mid.lease_id,
+        "act": {"sub": SUBJECT, "delegated_from": top.lease_id},
     }
 
 
@@ -163,6 +171,17 @@ def test_opaque_children_report_their_delegation_chain() -> None:
     low = broker.attenuate(mid)
     claims = broker.verify(low.token, audience=AUDIENCE)
     assert claims.delegated_by == (mid.lease_id, top.lease_id)
+
+
+def test_opaque_delegated_claims_name_the_principal_and_the_actor() -> None:
+    broker = make_broker(token_format="opaque")
+    top = root(broker)
+    handed = broker.attenuate(top, scopes=["orders:read"], subject="svc:report")
+    claims = broker.verify(handed.token, audience=AUDIENCE)
+    assert (claims.subject, claims.actor) == (SUBJECT, "svc:report")
+    assert claims.delegated_by == (top.lease_id,)
+    plain = broker.verify(top.token, audience=AUDIENCE)
+    assert (plain.subject, plain.actor, plain.delegated_by) == (SUBJECT, None, ())
 
 
 # -- the depth limit --------------------------------------------------------------
@@ -293,7 +312,8 @@ def test_delegation_to_another_subject_is_judged_for_that_subject() -> None:
     child = broker.attenuate(cred, scopes=["orders:read"], subject="svc:report")
     assert child.lease.subject == "svc:report"
     assert child.lease.owner == cred.lease.owner  # accountability is inherited
-    assert broker.verify(child.token, audience=AUDIENCE).subject == "svc:report"
+    verified = broker.verify(child.token, audience=AUDIENCE)
+    assert (verified.subject, verified.actor) == (SUBJECT, "svc:report")  # RFC 8693
     with pytest.raises(PolicyDenied) as info:
         broker.attenuate(cred, subject="svc:report")  # would carry orders:write
     assert info.value.reasons == ("report does not grant scopes 'orders:write'",)
@@ -394,7 +414,7 @@ def test_a_consistently_forged_parent_is_caught_by_the_lease(broker: Broker) -> 
     creds = chain(broker, 2)
     claims = payload(creds[2])
     claims["parent"] = creds[0].lease_id
-    claims["act"] = {"sub": SUBJECT, "jti": creds[0].lease_id}
+    claims["act"] = {"sub": SUBJECT, "delegated_from": creds[0].lease_id}
     with pytest.raises(UnknownLease):
         broker.verify(resign(broker, claims), audience=AUDIENCE)
 
@@ -404,18 +424,20 @@ def test_a_consistently_forged_parent_is_caught_by_the_lease(broker: Broker) -> 
     [
         "not-an-object",
         {"sub": SUBJECT},
-        {"jti": "a" * 32},
-        {"sub": 1, "jti": "a" * 32},
-        {"sub": SUBJECT, "jti": "NOT-A-LEASE-ID"},
-        {"sub": SUBJECT, "jti": "a" * 32, "extra": True},
-        {"sub": SUBJECT, "jti": "a" * 32, "act": "x"},
+        {"delegated_from": "a" * 32},
+        {"sub": 1, "delegated_from": "a" * 32},
+        {"sub": "", "delegated_from": "a" * 32},
+        {"sub": SUBJECT, "delegated_from": "NOT-A-LEASE-ID"},
+        {"sub": SUBJECT, "delegated_from": "a" * 32, "extra": True},
+        {"sub": SUBJECT, "delegated_from": "a" * 32, "act": "x"},
+        {"sub": SUBJECT, "jti": "a" * 32},  # the pre-RFC-order shape
     ],
 )
 def test_malformed_act_claims_are_rejected(broker: Broker, act: object) -> None:
     top, child = chain(broker, 1)
     claims = payload(child)
-    if isinstance(act, dict) and act.get("jti") == "a" * 32:
-        act = {**act, "jti": top.lease_id}
+    if isinstance(act, dict) and act.get("delegated_from") == "a" * 32:
+        act = {**act, "delegated_from": top.lease_id}
     claims["act"] = act
     with pytest.raises(MalformedToken):
         broker.verify(resign(broker, claims), audience=AUDIENCE)

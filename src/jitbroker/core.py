@@ -156,8 +156,9 @@ class Core:
         if opaque is not None:
             return opaque
         payload = tokens.jws_payload(lease, self.issuer, int(now))
-        if chain:
-            payload["act"] = tokens.act_claim(chain)
+        if chain:  # RFC 8693: the principal is the subject, the holder the actor
+            payload["sub"] = chain[-1].subject
+            payload["act"] = tokens.act_claim(lease, chain)
         return tokens.encode_jws(self._signer(lease), payload)
 
     def _signer(self, lease: Lease) -> Key:

@@ -150,7 +150,11 @@ class Claims:
     purpose: str | None = None
     parent: str | None = None
     holder: str | None = None
-    #: Delegation (the ``act`` claim): the delegating leases' ids, nearest first.
+    #: Delegation (RFC 8693 ``act``): ``subject`` is then the principal at the root
+    #: of the chain, ``actor`` the workload the token was delegated to (its lease's
+    #: subject), and ``delegated_by`` the ids of the leases it was delegated
+    #: through, nearest first. ``actor`` is None for a token that was not delegated.
+    actor: str | None = None
     delegated_by: tuple[str, ...] = ()
     raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 

@@ -77,12 +77,17 @@ def jws_payload(lease: Lease, issuer: str, iat: int) -> dict[str, Any]:
     return claims
 
 
-def act_claim(chain: Sequence[Lease]) -> dict[str, Any]:
-    """The RFC 8693 ``act`` claim of a delegated token: the delegating lease (its
-    subject and lease id), with the lease that delegated to it nested inside."""
+def act_claim(lease: Lease, chain: Sequence[Lease]) -> dict[str, Any]:
+    """The RFC 8693 (section 4.1) ``act`` claim of a delegated lease's token.
+
+    ``chain`` is the lease's ancestors, nearest first, ending at the root whose
+    subject is the token's ``sub`` (the principal). Each actor, the current one
+    outermost and prior ones nested inside, is ``{"sub": <its subject>,
+    "delegated_from": <the lease id it was delegated from>}``.
+    """
     act: dict[str, Any] = {}
-    for lease in reversed(chain):
-        act = {"sub": lease.subject, "jti": lease.id, **({"act": act} if act else {})}
+    for actor, source in reversed(list(zip((lease, *chain[:-1]), chain, strict=True))):
+        act = {"sub": actor.subject, "delegated_from": source.id, **({"act": act} if act else {})}
     return act
 
 
@@ -282,41 +287,48 @@ def claims_from_payload(payload: dict[str, Any], key: Key) -> Claims:
         purpose=payload.get("purpose"),
         parent=payload.get("parent"),
         holder=_holder(payload),
-        delegated_by=_delegation(payload),
+        **_delegation(payload),
         raw=MappingProxyType(payload),
     )
 
 
-def _delegation(payload: dict[str, Any]) -> tuple[str, ...]:
+def _delegation(payload: dict[str, Any]) -> dict[str, Any]:
+    """``actor`` and ``delegated_by`` for ``Claims``, from the ``act`` claim."""
     if "act" not in payload:
         if "parent" in payload:
             raise MalformedToken("a token with a 'parent' claim must carry an 'act' claim")
-        return ()
-    actors = _actors(payload["act"])
-    if actors[0] != payload.get("parent"):
+        return {}
+    actor, sources = _actors(payload["act"])
+    if sources[0] != payload.get("parent"):
         raise MalformedToken("claim 'act' must name the token's 'parent' lease first")
-    return actors
+    return {"actor": actor, "delegated_by": sources}
 
 
 MAX_ACT_DEPTH = 16  # delegation chains are a few links; anything deeper is hostile
 
 
-def _actors(act: object) -> tuple[str, ...]:
-    """The lease ids of an ``act`` chain, nearest first; strictly typed."""
-    actors: list[str] = []
+def _actors(act: object) -> tuple[str, tuple[str, ...]]:
+    """The current actor's subject and the lease ids each actor was delegated
+    from, nearest first; strictly typed, bounded."""
+    current: str | None = None
+    sources: list[str] = []
     while True:
         if (
             not isinstance(act, dict)
             or not isinstance(act.get("sub"), str)
-            or not isinstance(act.get("jti"), str)
-            or not _LEASE_ID.fullmatch(act["jti"])
-            or not set(act) <= {"sub", "jti", "act"}
-            or len(actors) >= MAX_ACT_DEPTH
+            or not act["sub"]
+            or not isinstance(act.get("delegated_from"), str)
+            or not _LEASE_ID.fullmatch(act["delegated_from"])
+            or not set(act) <= {"sub", "delegated_from", "act"}
+            or len(sources) >= MAX_ACT_DEPTH
         ):
-            raise MalformedToken('claim \'act\' must be {"sub", "jti"[, "act"]} objects')
-        actors.append(act["jti"])
+            raise MalformedToken(
+                'claim \'act\' must nest {"sub", "delegated_from"[, "act"]} objects'
+            )
+        current = act["sub"] if current is None else current
+        sources.append(act["delegated_from"])
         if "act" not in act:
-            return tuple(actors)
+            return current, tuple(sources)
         act = act["act"]
 
 

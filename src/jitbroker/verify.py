@@ -318,8 +318,10 @@ class Verifier:
         if lease.parent is not None:
             # An opaque token carries no act claim: the chain comes from the
             # store, one read per link (only delegated tokens pay for it).
-            chain = yield from _ancestors(lease.parent)
-            claims = attrs.evolve(claims, delegated_by=chain)
+            principal, chain = yield from _ancestors(lease.parent)
+            claims = attrs.evolve(
+                claims, subject=principal, actor=lease.subject, delegated_by=chain
+            )
         return claims
 
     def _check_proof(self, jkt: str, token: str, request: Request) -> None:
@@ -377,7 +379,7 @@ def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
     # The token must not claim more than its lease holds (defence in depth
     # against a signed token that disagrees with the authority record).
     if (
-        lease.subject != claims.subject
+        lease.subject != (claims.subject if claims.actor is None else claims.actor)
         or lease.audience != claims.audience
         or lease.holder != claims.holder
         or lease.parent != claims.parent
@@ -390,15 +392,17 @@ def _getter(lease_id: str) -> Callable[[Any], Lease | None]:
     return lambda store: store.get(lease_id)
 
 
-def _ancestors(parent: str) -> Steps[tuple[str, ...]]:
-    """The ids of ``parent`` and its ancestors, nearest first (bounded)."""
+def _ancestors(parent: str) -> Steps[tuple[str, tuple[str, ...]]]:
+    """The root's subject (the principal), and the ids of ``parent`` and its
+    ancestors, nearest first (bounded)."""
     chain = [parent]
-    while len(chain) < tokens.MAX_ACT_DEPTH:
+    while True:
         lease: Lease | None = yield _getter(chain[-1])
-        if lease is None or lease.parent is None:
-            break
+        if lease is None:  # purged: a dead ancestor, so this lease is dead too
+            raise UnknownLease("the lease this token was delegated from is gone")
+        if lease.parent is None or len(chain) >= tokens.MAX_ACT_DEPTH:
+            return lease.subject, tuple(chain)
         chain.append(lease.parent)
-    return tuple(chain)
 
 
 def claims_from_lease(lease: Lease, issuer: str) -> Claims:
