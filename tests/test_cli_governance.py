@@ -160,6 +160,65 @@ def test_revoke_refuses_tokens_no_filter_and_mixed_requests(broker: Broker, db: 
     assert broker.lease(cred).revoked_at is None
 
 
+def test_revoke_by_filter_that_takes_nothing_exits_1(broker: Broker, db: Path) -> None:
+    cred = issue(broker, "svc:a", "alice")
+    code, out, _ = cli("revoke", "--store", str(db), "--owner", "alcie")  # a typo
+    assert code == 1
+    assert "revoked 0 lease(s)" in out
+    assert broker.lease(cred).revoked_at is None
+
+
+@pytest.mark.parametrize("command", [["report"], ["leases"], ["revoke", "--owner", "alice"]])
+def test_the_cli_never_creates_a_store(tmp_path: Path, command: list[str]) -> None:
+    missing = tmp_path / "typo.db"
+    for store in (str(missing), f"sqlite:///{missing}", f"sqlite:{missing}"):
+        code, out, err = cli(*command, "--store", store)
+        assert code == 2
+        assert "no SQLite store at that path" in err
+        assert str(missing) not in out + err  # it may be a DSN with a password
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_libpq_dsn_is_refused_not_made_a_file(tmp_path: Path) -> None:
+    dsn = "host=127.0.0.1 dbname=test user=postgres password=S3cretPW"
+    run = subprocess.run(
+        [sys.executable, "-m", "jitbroker.cli", "revoke", "--store", dsn, "--owner", "bob"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "JITBROKER_STORE": ""},
+    )
+    assert run.returncode == 2
+    assert "postgresql://" in run.stderr
+    assert "S3cretPW" not in run.stdout + run.stderr
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InvalidRequest, match="key=value") as info:
+        open_store(dsn)  # the library refuses it too, without echoing it
+    assert "S3cretPW" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "failure", [KeyError("getpwuid(): uid not found: 54321"), OSError("no login"), ImportError]
+)
+def test_revoke_without_a_login_name_still_revokes(
+    broker: Broker, db: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    # A container's arbitrary UID: no passwd entry, no $USER.
+    def getuser() -> str:
+        raise failure
+
+    monkeypatch.setattr("getpass.getuser", getuser)
+    cred = issue(broker, "svc:a", "alice")
+    log = db.parent / "audit.jsonl"
+    assert main(["revoke", "--store", str(db), "--owner", "alice", "--audit-log", str(log)]) == 0
+    assert broker.lease(cred).revoked_at is not None
+    actors = {json.loads(line)["actor"] for line in log.read_text().splitlines()}
+    assert actors == {f"cli:uid-{os.getuid()}"}
+
+
 def test_a_store_is_required_and_bad_urls_are_clear() -> None:
     code, _, err = cli("report")
     assert code == 2
@@ -232,10 +291,25 @@ def test_open_store_redis_and_postgres_take_prefix_and_schema() -> None:
         pg_store.close()
 
 
-@pytest.mark.parametrize("url", ["", "ftp://h/x", "redis://h/0?prefix=a&prefix=b"])
+@pytest.mark.parametrize(
+    "url", ["", "ftp://h/x", "redis://h/0?prefix=a&prefix=b", "host=h dbname=d", " dbname = d"]
+)
 def test_open_store_refuses(url: str) -> None:
     with pytest.raises(InvalidRequest):
         open_store(url)
+
+
+def test_open_store_create_false_needs_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "a=b" / "x.db"  # an '=' inside a path is still a path
+    path.parent.mkdir()
+    with pytest.raises(InvalidRequest, match="no SQLite store at that path"):
+        open_store(str(path), create=False)
+    assert not path.exists()
+    open_store(str(path)).close()  # the library default creates it
+    store = open_store(f"sqlite:{path}", create=False)
+    store.close()
+    with pytest.raises(InvalidRequest, match="no SQLite store"):
+        open_store(str(tmp_path), create=False)  # a directory is no store either
 
 
 # -- leak detection -------------------------------------------------------------------
@@ -277,12 +351,62 @@ def test_expired_is_not_a_leak(jitbroker_broker, jitbroker_clock):
 def test_leak_detection_marker_fails_only_leaking_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(LEAKY)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3, failed=1)
-    result.stdout.fnmatch_lines(["*test_leaks*", "*1 lease(s) still active*", "*t-leak*"])
+    # A leak is found when the broker fixture is torn down: an error at teardown.
+    result.assert_outcomes(passed=4, errors=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_leaks*", "*1 lease(s) still active*", "*t-leak*"]
+    )
 
 
 def test_leak_detection_ini_option_covers_every_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(LEAKY)
     pytester.makeini("[pytest]\njitbroker_no_leaks = true\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=2, failed=2)
+    result.assert_outcomes(passed=4, errors=2)
+    result.stdout.fnmatch_lines_random(
+        ["*ERROR at teardown of test_leaks*", "*ERROR at teardown of test_unmarked_leak*"]
+    )
+
+
+SCOPED_BY_FIXTURES = """
+import pytest
+from jitbroker import Broker
+
+@pytest.fixture
+def cred(jitbroker_broker):
+    # Revoked when this fixture is torn down, after the test body.
+    with jitbroker_broker.task("t", subject="svc:a", audience="api", scopes=["r"], ttl=60) as c:
+        yield c
+
+@pytest.fixture
+def leaky(jitbroker_broker):
+    yield jitbroker_broker.issue("svc:b", "api", ["r"], 60, task="t-fixture-leak")
+
+@pytest.mark.jitbroker_no_leaks
+def test_a_yield_fixture_around_a_task_is_not_a_leak(cred, jitbroker_broker):
+    assert jitbroker_broker.verify(cred.token, audience="api")
+
+@pytest.mark.jitbroker_no_leaks
+def test_a_fixture_that_leaks_is_caught(leaky):
+    pass
+
+@pytest.fixture
+def jitbroker_broker(jitbroker_keys, jitbroker_store, jitbroker_clock):
+    # An override: checked too, before its own teardown closes the broker.
+    broker = Broker(keys=jitbroker_keys, store=jitbroker_store, clock=jitbroker_clock)
+    yield broker
+    broker.close()
+"""
+
+
+def test_leak_detection_runs_after_the_fixtures_that_use_the_broker(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(SCOPED_BY_FIXTURES)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_a_fixture_that_leaks_is_caught*", "*t-fixture-leak*"]
+    )
+    result.stdout.no_fnmatch_line("*teardown of test_a_yield_fixture*")

@@ -8,6 +8,8 @@ Time comes from a ``FakeClock``, which starts on Thursday 2026-01-01 00:00 UTC.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -16,8 +18,19 @@ from typing import Any
 import attrs
 import pytest
 
-from jitbroker import Broker, KeyRing, Lease, LeaseFilter, MemoryStore, Policy, PolicyDenied, Rule
+from jitbroker import (
+    AsyncBroker,
+    Broker,
+    KeyRing,
+    Lease,
+    LeaseFilter,
+    MemoryStore,
+    Policy,
+    PolicyDenied,
+    Rule,
+)
 from jitbroker.audit import AuditEvent, EventType
+from jitbroker.cli import main
 from jitbroker.errors import InvalidRequest, QuotaExceeded
 from jitbroker.policy import AccessRequest, Condition, hours, labels, weekdays
 from jitbroker.stores.base import Quota
@@ -636,6 +649,24 @@ def test_from_dict_refuses_an_unknown_time_zone_even_without_time_conditions() -
         Policy.from_dict(named(timezone="Europe/Berln"))
 
 
+@pytest.mark.parametrize("ttl", [10**400, -(10**400)])
+def test_a_max_ttl_too_big_for_a_float_is_refused(tmp_path: Path, ttl: int) -> None:
+    # Not an OverflowError: `jitbroker policy check` would exit 1 (denied), not 2.
+    with pytest.raises(InvalidRequest, match=r"rule 1 \(ci\): field 'max_ttl'"):
+        Policy.from_dict(named(max_ttl=ttl))
+    path = tmp_path / "big.toml"
+    path.write_text(f'[[rule]]\nsubjects = ["svc:*"]\naudiences = ["api"]\nmax_ttl = {ttl}\n')
+    with pytest.raises(InvalidRequest, match="max_ttl"):
+        Policy.from_toml(path)
+    assert main(["policy", "check", str(path)]) == 2
+
+
+@pytest.mark.parametrize("path", [None, 3.5, 0, ["gov.toml"], "gov\x00.toml"])
+def test_from_toml_refuses_what_is_not_a_file_path(path: Any) -> None:
+    with pytest.raises(InvalidRequest):
+        Policy.from_toml(path)
+
+
 def test_from_toml_errors_name_the_file_the_rule_and_the_field(tmp_path: Path) -> None:
     path = tmp_path / "gov.toml"
     path.write_text(
@@ -746,8 +777,33 @@ def test_explain_validates_like_issue() -> None:
         env.broker.explain(**{**REQUEST, "ttl": -1})
     with pytest.raises(InvalidRequest):
         env.broker.explain(**{**REQUEST, "subject": ""})
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidRequest, match="unknown: 'colour'"):
         env.broker.explain(**REQUEST, colour="blue")
+
+
+@pytest.mark.parametrize("extra", [{"foo": 1}, {"dry_run": True}, {"foo": 1, "bar": 2}])
+def test_explain_refuses_what_issue_does_not_take(extra: dict[str, Any]) -> None:
+    # A jitbroker error naming each unknown argument, never a TypeError from inside.
+    env = Env(rule())
+    with pytest.raises(InvalidRequest) as info:
+        env.broker.explain(**REQUEST, **extra)
+    for name in extra:
+        assert repr(name) in str(info.value)
+    async_broker = AsyncBroker(issuer=TEST_ISSUER, policy=Policy([rule()]), clock=FakeClock())
+    with pytest.raises(InvalidRequest, match="unknown"):
+        asyncio.run(async_broker.explain(**REQUEST, **extra))
+
+
+def test_explain_takes_every_keyword_issue_takes() -> None:
+    options = {
+        name
+        for name, param in inspect.signature(Broker.issue).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert options == Broker._ISSUE_OPTIONS
+    request = {**REQUEST, "task": "t", "renewable": False, "max_ttl": 120, "holder_key": None}
+    explanation = Env(rule()).broker.explain(**request)
+    assert explanation.allowed
 
 
 def test_explain_without_a_policy_allows() -> None:

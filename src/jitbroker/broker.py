@@ -145,6 +145,9 @@ class _Base:
         """Hook calls that ran out of retries (see ``retry_failed_hooks``)."""
         return self._core.hooks.failed()
 
+    #: ``issue``'s keyword arguments: what ``explain(**issue)`` may pass on.
+    _ISSUE_OPTIONS = frozenset({"task", "owner", "purpose", "renewable", "max_ttl", "holder_key"})
+
     def _explain_lease(
         self,
         subject: str,
@@ -154,6 +157,12 @@ class _Base:
         issue: dict[str, Any],
     ) -> Steps[Explanation]:
         # Validated exactly as issue validates, but neither judged nor signed here.
+        unknown = sorted(set(issue) - self._ISSUE_OPTIONS)
+        if unknown:
+            raise InvalidRequest(
+                f"explain takes issue's arguments; unknown: {', '.join(map(repr, unknown))}"
+                f" (issue's options are {', '.join(sorted(self._ISSUE_OPTIONS))})"
+            )
         core = self._core
         lease = core.plan_issue(subject, audience, scopes, ttl, **issue, dry_run=True)[0]
         return core.explain(lease)

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
 def _store(url: str | None) -> Iterator[LeaseStore]:
     if not url:
         raise InvalidRequest("give --store (a SQLite path or store URL) or set JITBROKER_STORE")
-    store = open_store(url)
+    store = open_store(url, create=False)  # a typo must not become a new, empty store
     try:
         yield store
     finally:
@@ -165,7 +165,7 @@ def _revoke(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
 def _revoke_now(
     args: argparse.Namespace, store: LeaseStore, where: LeaseFilter, sinks: list[Sink], out: Out
 ) -> int:
-    by = args.by or f"cli:{getpass.getuser()}"
+    by = args.by or _default_actor()
     # Revoking signs nothing: a throwaway key ring satisfies the broker.
     broker = Broker(keys=KeyRing.generate(), store=store, audit=sinks)
     if args.lease is not None:
@@ -174,7 +174,17 @@ def _revoke_now(
         return 0 if done else 1
     count = broker.revoke_where(**_filters(where), reason=args.reason, by=by)
     out(f"revoked {count} lease(s) matching {where.describe()} (subtrees included)")
-    return 0
+    return 0 if count else 1  # 1: nothing to revoke (a typo in a filter, or already done)
+
+
+def _default_actor() -> str:
+    """``cli:<login name>``; ``cli:uid-<n>`` where there is none (a container's
+    arbitrary UID has no passwd entry, and no $USER): the revocation still runs."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError, ImportError):
+        getuid = getattr(os, "getuid", None)
+        return f"cli:uid-{getuid()}" if getuid is not None else "cli:unknown"
 
 
 def _filters(where: LeaseFilter) -> dict[str, str | None]:

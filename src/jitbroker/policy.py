@@ -394,10 +394,7 @@ def _rule_from(entry: object, where: str) -> Rule:
     _check_strings(entry.get("scopes", []), where, "scopes", allow_empty=True)
     ttl = entry.get("max_ttl")
     if ttl is not None and (
-        isinstance(ttl, bool)
-        or not isinstance(ttl, int | float)
-        or not math.isfinite(ttl)
-        or ttl <= 0
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not _finite(ttl) or ttl <= 0
     ):
         raise InvalidRequest(f"{where}: field 'max_ttl' must be a positive number of seconds")
     for flag in ("owner_required", "purpose_required", "renewable"):
@@ -412,6 +409,14 @@ def _rule_from(entry: object, where: str) -> Rule:
         return Rule(**fields, conditions=_conditions_from(entry, where))
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}: {exc}") from exc
+
+
+def _finite(number: int | float) -> bool:
+    """``math.isfinite``, but False (not ``OverflowError``) for an int too big for a float."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 _CONDITION_FIELDS = {"hours", "weekdays", "labels", "timezone"}
@@ -495,6 +500,9 @@ class Policy:
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Policy:
         """A policy from a TOML file of ``[[rule]]`` tables (see ``from_dict``)."""
+        # Not an int either: open() would read that file descriptor (0 is stdin).
+        if not isinstance(path, str | bytes | os.PathLike):
+            raise InvalidRequest(f"Policy.from_toml takes a file path, not {type(path).__name__}")
         try:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
@@ -502,6 +510,8 @@ class Policy:
             raise InvalidRequest(f"{path}: cannot read the policy file ({exc.strerror})") from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"{path}: not valid TOML: {exc}") from exc
+        except ValueError as exc:  # a path with a NUL byte in it
+            raise InvalidRequest(f"{path!r}: not a usable file path ({exc})") from exc
         return cls.from_dict(data, source=str(path))
 
     def evaluate(self, request: AccessRequest | Lease) -> Decision:

@@ -13,9 +13,14 @@ Fixtures (all function-scoped):
 
 Leak detection: a test marked ``@pytest.mark.jitbroker_no_leaks`` (or every
 test, with ``jitbroker_no_leaks = true`` in the pytest ini options) fails if
-its ``jitbroker_broker`` still holds active leases when the test body ends,
-and the failure lists them. ``assert_no_leaks(broker)`` does the same check
-for a broker you built yourself.
+its ``jitbroker_broker`` still holds active leases when that fixture is torn
+down, and the failure lists them. That is after the test body and after every
+fixture that uses the broker (or was set up after it) has been torn down, so a
+yield fixture that wraps the test in ``broker.task(...)`` is not a leak; the
+failure is reported as an error at the test's teardown. The check also covers
+a ``jitbroker_broker`` fixture you override, and runs before its teardown
+closes the broker. ``assert_no_leaks(broker)`` does the same check for a
+broker you built yourself.
 
 Example::
 
@@ -146,12 +151,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    # After the test body, not in fixture teardown: a leak fails the test itself.
-    result = yield
-    broker = getattr(item, "funcargs", {}).get("jitbroker_broker")
-    if isinstance(broker, Broker) and (
-        item.get_closest_marker(LEAK_MARKER) is not None or item.config.getini("jitbroker_no_leaks")
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    # Check when the broker fixture is torn down, not when the test body ends:
+    # fixtures that use the broker are torn down first (a yield fixture around
+    # ``broker.task(...)`` has revoked its leases by then). Registered after the
+    # fixture ran, so the check runs before the fixture's own teardown closes it.
+    broker = yield
+    node = request.node
+    if (
+        fixturedef.argname == "jitbroker_broker"
+        and isinstance(broker, Broker)
+        and (
+            node.get_closest_marker(LEAK_MARKER) is not None
+            or node.config.getini("jitbroker_no_leaks")
+        )
     ):
-        assert_no_leaks(broker)
-    return result
+        request.addfinalizer(lambda: assert_no_leaks(broker))
+    return broker

@@ -12,10 +12,17 @@
 The ``sqlite:///`` forms follow SQLAlchemy's: three slashes, then the path.
 ``prefix`` and ``schema`` are taken out of the URL before it reaches the
 driver; the other query parameters are the driver's.
+
+A libpq ``key=value`` connection string (``host=db user=app password=...``) is
+refused rather than taken for a SQLite file name: give PostgreSQL as a
+``postgresql://`` URL (and a SQLite path with ``key=`` at its start as
+``sqlite:PATH``). Neither error repeats the string: it may hold a password.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import InvalidRequest
@@ -36,8 +43,16 @@ def _pop_param(url: str, name: str, default: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), values[0] if values else default
 
 
-def open_store(url: str) -> LeaseStore:
-    """The store ``url`` names (see the table in this module's docstring)."""
+# What a libpq keyword/value connection string starts with: "host=", "dbname = ".
+_LIBPQ_DSN = re.compile(r"\s*[A-Za-z_]+\s*=")
+
+
+def open_store(url: str, *, create: bool = True) -> LeaseStore:
+    """The store ``url`` names (see the table in this module's docstring).
+
+    With ``create=False`` (what the CLI passes) a SQLite path must name an
+    existing file: an operator's typo is an error, never a new empty store.
+    """
     if not isinstance(url, str) or not url.strip():
         raise InvalidRequest("a store URL or SQLite path is required")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -57,10 +72,24 @@ def open_store(url: str) -> LeaseStore:
             if not path.startswith("///"):
                 raise InvalidRequest("a sqlite URL is sqlite:///relative or sqlite:////absolute")
             path = path[3:]
-        return SQLiteStore(path)
+        return _sqlite(path, create)
+    if _LIBPQ_DSN.match(url):
+        raise InvalidRequest(
+            "the store looks like a libpq key=value connection string: give PostgreSQL as a"
+            " postgresql://user@host/dbname URL (a SQLite path like that: sqlite:PATH)"
+        )
     if len(scheme) > 1 and "://" in url:  # a URL of a kind we do not know; not a path
         raise InvalidRequest(
             f"unknown store URL scheme {scheme!r}: use a SQLite path, sqlite:, redis:// "
             "or postgresql://"
         )
-    return SQLiteStore(url)
+    return _sqlite(url, create)
+
+
+def _sqlite(path: str, create: bool) -> SQLiteStore:
+    if not create and not os.path.isfile(path):
+        # Not the path itself: it may be a mistyped DSN with a password in it.
+        raise InvalidRequest(
+            "no SQLite store at that path (a store URL is sqlite:, redis:// or postgresql://)"
+        )
+    return SQLiteStore(path)
