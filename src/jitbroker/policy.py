@@ -405,8 +405,9 @@ def _rule_from(entry: object, where: str) -> Rule:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidRequest(f"{where}: field {count!r} must be a whole number, 1 or more")
     fields = {k: v for k, v in entry.items() if k not in _CONDITION_FIELDS}
+    conditions = _conditions_from(entry, where)  # its errors name the rule already
     try:
-        return Rule(**fields, conditions=_conditions_from(entry, where))
+        return Rule(**fields, conditions=conditions)
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}: {exc}") from exc
 
@@ -424,30 +425,36 @@ _CONDITION_FIELDS = {"hours", "weekdays", "labels", "timezone"}
 
 def _conditions_from(entry: Mapping[str, Any], where: str) -> list[Condition]:
     """The conditions a policy file can spell: ``hours``, ``weekdays`` (both in
-    ``timezone``, default UTC) and ``labels``."""
-    tz = entry.get("timezone", "UTC")
-    if not isinstance(tz, str):
-        raise InvalidRequest(f"{where}: field 'timezone' must be an IANA name such as 'UTC'")
-    try:  # checked even when no condition uses it: a misspelt zone is a mistake
-        _zone(tz)
+    ``timezone``, default UTC) and ``labels``; errors name the rule and field."""
+    field = "timezone"
+    try:
+        tz = entry.get("timezone", "UTC")
+        if not isinstance(tz, str):
+            raise InvalidRequest("must be an IANA name such as 'UTC'")
+        _zone(tz)  # checked even when no condition uses it: a misspelt zone is a mistake
+        out: list[Condition] = []
+        field = "hours"
+        if "hours" in entry:
+            if not isinstance(entry["hours"], str):
+                raise InvalidRequest("must be a string like '08:00-18:00'")
+            out.append(hours(entry["hours"], tz))
+        field = "weekdays"
+        if "weekdays" in entry:
+            days = entry["weekdays"]
+            days = [days] if isinstance(days, str) else days
+            if not isinstance(days, list) or not all(isinstance(d, str) for d in days):
+                raise InvalidRequest("must be a list of day names such as 'mon'")
+            out.append(weekdays(*days, tz=tz))
+        field = "labels"
+        if "labels" in entry:
+            found = entry["labels"]
+            if not isinstance(found, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+            ):
+                raise InvalidRequest('must be a table of name = "value"')
+            out.append(labels(**found))
     except InvalidRequest as exc:
-        raise InvalidRequest(f"{where}: field 'timezone': {exc}") from exc
-    out: list[Condition] = []
-    if "hours" in entry:
-        if not isinstance(entry["hours"], str):
-            raise InvalidRequest(f"{where}: field 'hours' must be a string like '08:00-18:00'")
-        out.append(hours(entry["hours"], tz))
-    if "weekdays" in entry:
-        _check_strings(entry["weekdays"], where, "weekdays", allow_empty=False)
-        days = entry["weekdays"]
-        out.append(weekdays(*([days] if isinstance(days, str) else days), tz=tz))
-    if "labels" in entry:
-        found = entry["labels"]
-        if not isinstance(found, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in found.items()
-        ):
-            raise InvalidRequest(f"{where}: field 'labels' must be a table of name = \"value\"")
-        out.append(labels(**found))
+        raise InvalidRequest(f"{where}: field {field!r}: {exc}") from exc
     return out
 
 
