@@ -160,6 +160,23 @@ def test_an_expired_lease_frees_a_slot(store: LeaseStore, clock: FakeClock, swep
         issue(broker)
 
 
+def test_a_clock_stepped_back_counts_what_is_active_then(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    """The count is of leases active at the issuer's time, also when that time
+    goes backwards (NTP, freezegun): an unswept expired lease is active again."""
+    broker = make_broker(store, clock, quota_rules(max_active=1), reap_interval=10_000)
+    issue(broker, ttl=10)
+    clock.advance(11)
+    second = issue(broker, ttl=600)  # the first one expired: its slot is free
+    broker.revoke(second)
+    clock.set(clock() - 5)  # back to when the first was still active (not swept)
+    with pytest.raises(QuotaExceeded):
+        issue(broker, ttl=1)
+    clock.advance(5)
+    issue(broker, ttl=1)  # forward again: the first has expired, the second is revoked
+
+
 def test_per_owner_quota_counts_only_that_owners_leases(
     store: LeaseStore, clock: FakeClock
 ) -> None:

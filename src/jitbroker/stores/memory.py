@@ -11,6 +11,7 @@ keeps memory bounded by the number of live leases.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 from collections.abc import Collection, Sequence
 from heapq import heappush
@@ -58,18 +59,25 @@ class _Index:
 
 
 class _Counted:
-    """The leases of one (subject, owner or None) key that may be active: their
-    ids, and a heap of (expires_at, id) so that those that expired leave without
-    a scan (a renewal pushes a new entry; stale ones are skipped)."""
+    """The leases of one (subject, owner or None) key not yet dead for good
+    (revoked, claimed or purged): their ids; a heap of (expires_at, id) so that
+    those that expire are found without a scan (a renewal pushes a new entry;
+    stale ones are skipped); and which of them had expired by ``horizon``, the
+    latest time counted at. An expired lease stays in ``ids`` until it is
+    claimed, so a count at an earlier time (a clock stepped back) is exact."""
 
-    __slots__ = ("heap", "ids")
+    __slots__ = ("expired", "heap", "horizon", "ids")
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
         self.heap: list[tuple[float, str]] = []
+        self.expired: set[str] = set()
+        self.horizon = -math.inf
 
     def add(self, lease: Lease, leases: dict[str, Lease]) -> None:
         self.ids.add(lease.id)
+        if lease.expires_at > self.horizon:  # a renewal brings an expired one back
+            self.expired.discard(lease.id)
         heappush(self.heap, (lease.expires_at, lease.id))
         if len(self.heap) > 2 * len(self.ids) + 32:  # stale entries: rebuild, amortized O(1)
             self.heap = [(leases[i].expires_at, i) for i in self.ids if i in leases]
@@ -121,7 +129,7 @@ class MemoryStore:
             heappush(self._expiry, (lease.expires_at, lease_id))
             if task is not None:
                 self._by_task.add(task, lease_id)
-            if self._counting:
+            if self._counting and lease.revoked_at is None:
                 self._count(lease)
         finally:
             self._release()
@@ -168,6 +176,8 @@ class MemoryStore:
                 self._claimed.add(lease_id)
                 heapq.heappush(self._dead, (due, lease_id))
                 claimed.append(lease)
+                if self._counting:
+                    self._uncount(lease)
         return claimed
 
     def purge(self, before: float) -> int:
@@ -197,21 +207,23 @@ class MemoryStore:
     def _active_count(self, quota: Quota, at: float) -> int:
         if not self._counting:
             self._counting = True
-            for lease in self._leases.values():
-                if self._live(lease.id, at):
+            for lease in self._leases.values():  # all but the dead for good
+                if lease.revoked_at is None and lease.id not in self._claimed:
                     self._count(lease)
         key = (quota.subject, quota.owner)
         counted = self._counted.get(key)
         if counted is None:
             return 0
-        ids, heap = counted.ids, counted.heap
+        if at < counted.horizon:  # the clock stepped back: count exactly, by a scan
+            return sum(1 for i in counted.ids if self._live(i, at))
+        counted.horizon = at
+        ids, heap, expired = counted.ids, counted.heap, counted.expired
         while heap and heap[0][0] <= at:  # O(log n) per lease that expired since
             _, lease_id = heapq.heappop(heap)
-            if not self._live(lease_id, at):  # a renewed lease has a later entry
-                ids.discard(lease_id)
-        if not ids:
-            del self._counted[key]
-        return len(ids)
+            current = self._leases.get(lease_id)
+            if lease_id in ids and current is not None and current.expires_at <= at:
+                expired.add(lease_id)  # else renewed: it has a later entry
+        return len(ids) - len(expired)
 
     @staticmethod
     def _keys(lease: Lease) -> tuple[tuple[str, str | None], ...]:
@@ -233,6 +245,7 @@ class MemoryStore:
             counted = self._counted.get(key)
             if counted is not None:
                 counted.ids.discard(lease.id)
+                counted.expired.discard(lease.id)
                 if not counted.ids:
                     del self._counted[key]
 
