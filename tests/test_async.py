@@ -8,6 +8,7 @@ short real sleeps, bounded at about two seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -497,3 +498,72 @@ def test_lifecycle_on_other_store_shapes(store_type: Callable[[], Any]) -> None:
     run(main)
     if isinstance(store, AsyncMemoryStore):
         assert store.closed == 1
+
+
+def test_a_cancelled_sweep_still_queues_the_expiry_hooks_of_what_it_claimed() -> None:
+    """Once the store claimed an expired lease, nothing will hand it out again:
+    cancelling the sweep (stop() under a deadline) must not lose its on_expire."""
+    import threading
+    import time
+
+    gate = threading.Event()
+
+    class SlowStore(MemoryStore):
+        blocking = True  # as the shared stores are: AsyncBroker calls it in a thread
+
+        def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+            if not gate.is_set():
+                time.sleep(0.2)  # a slow round trip, under way when stop() gives up
+            return super().claim_expired(now, limit)
+
+    fired: list[str] = []
+
+    async def main() -> None:
+        clock = FakeClock()
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER,
+            store=SlowStore(),
+            clock=clock,
+            reap_interval=0.01,
+            on_expire=lambda lease: fired.append(lease.id),
+        )
+        creds = [await broker.issue("svc:a", "api", ttl=1) for _ in range(3)]
+        clock.advance(2)
+        await broker.start()
+        await asyncio.sleep(0.05)  # the reaper's sweep is inside claim_expired
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(broker.stop(), 0.01)
+        gate.set()
+        await asyncio.sleep(0.3)  # the shielded claim finishes and queues the hooks
+        await broker.sweep()
+        assert sorted(fired) == sorted(cred.lease_id for cred in creds)
+
+    asyncio.run(main())
+
+
+def test_close_from_a_task_being_cancelled_still_closes_the_store() -> None:
+    closed: list[bool] = []
+
+    class Store(MemoryStore):
+        def close(self) -> None:
+            closed.append(True)
+
+    async def main() -> None:
+        broker = AsyncBroker(issuer=TEST_ISSUER, store=Store(), reap_interval=0.01)
+        await broker.start()
+
+        async def worker() -> None:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                await broker.close()  # cleanup on shutdown, then re-raise
+                raise
+
+        task = asyncio.create_task(worker())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert closed == [True]

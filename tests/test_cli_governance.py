@@ -287,8 +287,30 @@ def test_open_store_redis_and_postgres_take_prefix_and_schema() -> None:
         assert getattr(pg_store, "schema", None) == schema
     finally:
         redis_store.close()
-        getattr(pg_store, "drop", lambda: None)()
+        getattr(pg_store, "clear", lambda: None)()
         pg_store.close()
+
+
+def test_the_cli_refuses_a_mistyped_postgres_schema_or_redis_prefix() -> None:
+    """An operator's typo must be an error, never DDL in a production database or
+    a report that says nothing is active."""
+    server_or_skip("Redis", "127.0.0.1", 6379)
+    server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+    schema = f"jbcli_{uuid4().hex}"
+    code, _, err = cli("report", "--store", f"postgresql://postgres@127.0.0.1/test?schema={schema}")
+    assert code == 2
+    assert f"no jitbroker lease schema {schema!r}" in err
+    import psycopg
+
+    with psycopg.connect("postgresql://postgres@127.0.0.1/test") as conn:
+        found = conn.execute(
+            "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (schema,)
+        ).fetchone()
+    assert found is None  # nothing was created
+    prefix = f"jbcli-{uuid4().hex}"
+    code, _, err = cli("leases", "--store", f"redis://127.0.0.1:6379/0?prefix={prefix}")
+    assert code == 2
+    assert "no jitbroker store under the Redis prefix" in err
 
 
 @pytest.mark.parametrize(

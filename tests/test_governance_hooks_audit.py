@@ -1208,3 +1208,18 @@ def test_running_hooks_with_nothing_queued_is_free(clock: FakeClock) -> None:
     hooks._lock = None  # type: ignore[assignment]
     assert hooks.run() == 0
     assert asyncio.run(hooks.arun()) == 0
+
+
+def test_a_hook_error_whose_message_cannot_be_read_is_still_recorded(clock: FakeClock) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise ValueError("broken __str__")
+
+    def hook(lease: Lease) -> None:
+        raise Unprintable
+
+    broker = make_broker(clock, on_revoke=hook, hook_retries=0)
+    cred = issue(broker)
+    assert broker.revoke(cred) is True  # no ValueError escapes: the revoke stands
+    [failed] = broker.failed_hooks()
+    assert failed.error == "Unprintable: <the error's message could not be read>"

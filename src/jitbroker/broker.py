@@ -574,7 +574,12 @@ class AsyncBroker(_Base):
     async def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once), purge long-dead records,
         and run the hook calls that are due (``on_expire`` and retries)."""
-        expired = await arun(self._core.sweep(), self._astore)
+        # Shielded: once the store has claimed expired leases, nothing else will
+        # ever hand them out again, so the claim and the queueing of their
+        # on_expire calls must finish even if the caller is cancelled (the hook
+        # calls themselves may then wait for the next sweep).
+        claiming = asyncio.ensure_future(arun(self._core.sweep(), self._astore))
+        expired = await asyncio.shield(claiming)
         await self._core.hooks.arun()
         return expired
 
@@ -655,20 +660,30 @@ class AsyncBroker(_Base):
         """Stop the reaper and wait for it to finish its current sweep, hook calls
         included (as ``Broker.stop`` does). Cancelling ``stop`` cuts that sweep
         short: the hook calls it did not run stay queued for the next sweep."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            try:
-                await self._reaper
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():  # stop itself was cancelled
-                    raise
-            self._reaper = None
+        reaper = self._reaper
+        if reaper is None:
+            return
+        task = asyncio.current_task()
+        # Cleanup code of a task being cancelled may call stop(): only a cancel
+        # that arrives while stop() waits means "stop waiting".
+        before = 0 if task is None else task.cancelling()
+        reaper.cancel()
+        try:
+            await reaper
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling() > before:  # stop itself was cancelled
+                raise
+        finally:
+            if reaper.done():
+                self._reaper = None
 
     async def close(self) -> None:
-        """Stop the reaper and close the store."""
-        await self.stop()
-        await self._astore.close()
+        """Stop the reaper and close the store (the store is closed even if
+        stopping is cancelled)."""
+        try:
+            await self.stop()
+        finally:
+            await self._astore.close()
 
     async def _reap(self) -> None:
         while True:

@@ -221,7 +221,7 @@ class Hooks:
     def _failed(self, call: _Call, exc: BaseException) -> None:
         now = self.clock()
         call.attempts += 1
-        call.error = f"{type(exc).__name__}: {exc}"[:_MAX_ERROR]
+        call.error = _describe(exc)
         parked = call.attempts > call.limit
         full = not parked and len(self._pending) >= self.max_pending
         log.warning(
@@ -286,6 +286,16 @@ class Hooks:
                 call.limit = call.attempts  # one try: another failure parks it again
             self._pending.extend(parked)
         return len(parked)
+
+
+def _describe(exc: BaseException) -> str:
+    """``Class: message``, shortened; a hook's exception is foreign code, so even
+    its ``str()`` may fail."""
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not turn into our error
+        message = "<the error's message could not be read>"
+    return f"{type(exc).__name__}: {message}"[:_MAX_ERROR]
 
 
 def _failed_hook(call: _Call) -> FailedHook:

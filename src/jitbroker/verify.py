@@ -313,8 +313,6 @@ class Verifier:
         claims = claims_from_lease(lease, self.issuer)
         check_lease(claims, lease, self.clock())
         self._check_access(claims, audience, scopes)
-        if claims.holder is not None:
-            self._check_proof(claims.holder, token, request)
         if lease.parent is not None:
             # An opaque token carries no act claim: the chain comes from the
             # store, one read per link (only delegated tokens pay for it).
@@ -322,6 +320,8 @@ class Verifier:
             claims = attrs.evolve(
                 claims, subject=principal, actor=lease.subject, delegated_by=chain
             )
+        if claims.holder is not None:  # last: a failed verify never spends a proof
+            self._check_proof(claims.holder, token, request)
         return claims
 
     def _check_proof(self, jkt: str, token: str, request: Request) -> None:

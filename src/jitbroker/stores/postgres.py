@@ -297,6 +297,7 @@ class PostgresStore:
         *,
         pool_size: int = 10,
         pool_timeout: float = 5.0,
+        create: bool = True,
     ) -> None:
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise InvalidRequest(
@@ -314,6 +315,7 @@ class PostgresStore:
         else:
             self._source = dsn_or_pool
         self._sql = _Statements(schema)
+        self._create = create  # False: refuse a database without the schema (the CLI)
         try:
             self._call("open the lease schema", self._migrate)
         except BaseException:
@@ -533,6 +535,11 @@ class PostgresStore:
             )
         if version == SCHEMA_VERSION:
             return
+        if version == 0 and not self._create:
+            raise InvalidRequest(
+                f"no jitbroker lease schema {self.schema!r} in that database (check the"
+                " URL's schema= and database; nothing was created)"
+            )
         if version == 0:
             for statement in _BOOTSTRAP:
                 cur.execute(self._sql.compose(statement))

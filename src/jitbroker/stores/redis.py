@@ -106,11 +106,11 @@ end
 
 -- Quota counting: the leases neither revoked nor claimed, per subject and per
 -- subject and owner, scored by expires_at, so a count is one ZCOUNT. The
--- separator \31 cannot occur in a subject (printable text only); a key whose
+-- separator \\31 cannot occur in a subject (printable text only); a key whose
 -- last lease left is deleted by Redis itself.
 local function live_keys(subject, owner)
   local keys = {BASE .. 'live:' .. subject}
-  if owner then keys[2] = keys[1] .. '\31' .. owner end
+  if owner then keys[2] = keys[1] .. '\\31' .. owner end
   return keys
 end
 
@@ -587,6 +587,12 @@ class RedisStore(RedisLeases[redis.Redis]):
                     pubsub.close()
 
         return start_feed(cache, session, heartbeat=heartbeat)
+
+    def holds_data(self) -> bool:
+        """True if this prefix holds a store: a lease was ever added under it (its
+        epoch is set). The CLI uses it to refuse a mistyped prefix."""
+        with _translated("check the store"):
+            return bool(self._client.exists(self._epoch))
 
     def clear(self) -> int:
         """Delete every key of this store's prefix; how many (tests, teardown).

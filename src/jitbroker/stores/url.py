@@ -50,8 +50,9 @@ _LIBPQ_DSN = re.compile(r"\s*[A-Za-z_]+\s*=")
 def open_store(url: str, *, create: bool = True) -> LeaseStore:
     """The store ``url`` names (see the table in this module's docstring).
 
-    With ``create=False`` (what the CLI passes) a SQLite path must name an
-    existing file: an operator's typo is an error, never a new empty store.
+    With ``create=False`` (what the CLI passes) the store must exist already (a
+    SQLite file, a PostgreSQL schema, a Redis prefix that ever held a lease): an
+    operator's typo is an error, never a new empty store or a report of nothing.
     """
     if not isinstance(url, str) or not url.strip():
         raise InvalidRequest("a store URL or SQLite path is required")
@@ -60,12 +61,19 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
         from .redis import RedisStore
 
         bare, prefix = _pop_param(url, "prefix", "jitbroker")
-        return RedisStore(bare, prefix=prefix)
+        redis_store = RedisStore(bare, prefix=prefix)
+        if not create and not redis_store.holds_data():
+            redis_store.close()
+            raise InvalidRequest(
+                f"no jitbroker store under the Redis prefix {prefix!r} (check the URL's"
+                " prefix= and database)"
+            )
+        return redis_store
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
         bare, schema = _pop_param(url, "schema", "jitbroker")
-        return PostgresStore(bare, schema=schema)
+        return PostgresStore(bare, schema=schema, create=create)
     if scheme == "sqlite":
         path = url[len("sqlite:") :]
         if path.startswith("//"):
