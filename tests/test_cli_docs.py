@@ -30,7 +30,15 @@ def test_demo_walks_through_and_never_prints_a_token() -> None:
     demo = Demo(out=lines.append)
     demo.run()
     text = "\n".join(lines)
-    for expected in ("TokenRevoked", "task-ended", "InsufficientScope", "swept:", "TokenExpired"):
+    for expected in (
+        "TokenRevoked",
+        "task-ended",
+        "InsufficientScope",
+        "swept:",
+        "TokenExpired",
+        "denied: ci requires an owner",
+        "offboarding alice: revoked 1",
+    ):
         assert expected in text
     assert "Traceback" not in text
     assert "eyJ" not in text  # no JWS (base64 of '{"') anywhere

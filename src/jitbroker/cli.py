@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 
 from . import __version__, cli_governance, cli_keys
 from .broker import Broker
-from .errors import InvalidRequest, InvalidToken, JitBrokerError, StoreError
+from .errors import InvalidRequest, InvalidToken, JitBrokerError, PolicyDenied, StoreError
 from .keyring import KeyRing
 from .lease import Credential, Lease
+from .policy import Policy, Rule
 from .testing import FakeClock
 
 __all__ = ["main"]
@@ -123,9 +124,48 @@ class Demo:
         for lease in b.leases(include_inactive=True):
             reason = f" ({lease.revoke_reason})" if lease.revoke_reason else ""
             self.say(_lease_line(lease, self.clock()) + reason)
+        self.governance()
         self.out(
             "\nOffline verifiers can use the public JWKS: " + str(len(b.jwks()["keys"])) + " key"
         )
+
+    def governance(self) -> None:
+        """Least privilege at request time, and the operator's view."""
+        self.step("A least-privilege policy refuses an over-broad request, with every reason")
+        policy = Policy(
+            [
+                Rule(
+                    "svc:ci-*",
+                    AUDIENCE,
+                    ["orders:read"],
+                    max_ttl=300,
+                    owner_required=True,
+                    max_active=2,
+                    name="ci",
+                )
+            ]
+        )
+        strict = Broker(
+            issuer="urn:example:broker",
+            keys=self.broker.keys,
+            store=self.broker.store,
+            clock=self.clock,
+            policy=policy,
+            max_ttl=600,
+        )
+        try:
+            strict.issue("svc:ci-deploy", AUDIENCE, ["orders:write"], ttl=600)
+        except PolicyDenied as denied:
+            for reason in denied.reasons:
+                self.say(f"denied: {reason}")
+        strict.issue("svc:ci-deploy", AUDIENCE, ["orders:read"], 120, owner="alice@example.com")
+        self.say("the same workload asking for orders:read, 120 s, with an owner: issued")
+
+        self.step("The operator's report: what is alive, who owns it, what looks wrong")
+        report = strict.report(long_ttl=60)
+        self.say(f"{len(report.active)} active lease(s), by owner: {dict(report.by_owner)}")
+        self.say(f"leases that may live longer than 60 s: {len(report.long_lived)}")
+        self.say(f"offboarding alice: revoked {strict.revoke_where(owner='alice@example.com')}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
