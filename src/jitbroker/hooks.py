@@ -45,6 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ._drive import Steps
+from ._drive import arun as arun_steps
+from ._drive import run as run_steps
 from .audit import EventType
 from .clock import Duration, seconds, system_clock
 from .errors import InvalidRequest
@@ -165,25 +168,7 @@ class Hooks:
         fails (``LOOP_RUNNING``) rather than block that loop."""
         if not self._pending:  # nothing queued: no lock, no clock
             return 0
-        calls = self._due()
-        failed = done = 0
-        try:
-            for call in calls:
-                try:
-                    result = call.hook(call.lease)
-                    if inspect.isawaitable(result):
-                        _run_coroutine(result)
-                except Exception as exc:  # a hook's failure is recorded, never raised
-                    failed += 1
-                    self._failed(call, exc)
-                except BaseException as exc:  # recorded, then raised
-                    self._failed(call, exc)
-                    done += 1
-                    raise
-                done += 1
-        finally:
-            self._requeue(calls[done:])
-        return failed
+        return run_steps(self._attempts(), _run_coroutine)
 
     async def arun(self) -> int:
         """Run every call that is due, from async code; returns how many failed.
@@ -192,6 +177,12 @@ class Hooks:
         and the calls not reached go back on the queue, due now."""
         if not self._pending:
             return 0
+        return await arun_steps(self._attempts(), _as_is)
+
+    def _attempts(self) -> Steps[int]:
+        """One attempt at every due call, written once for ``run`` and ``arun``: an
+        async hook's awaitable is yielded to the driver, which runs it on a loop
+        of its own (``run``) or awaits it (``arun``) and throws its error back in."""
         calls = self._due()
         failed = done = 0
         try:
@@ -199,7 +190,7 @@ class Hooks:
                 try:
                     result = call.hook(call.lease)
                     if inspect.isawaitable(result):
-                        await result
+                        yield _finishing(result)
                 except Exception as exc:  # a hook's failure is recorded, never raised
                     failed += 1
                     self._failed(call, exc)
@@ -286,6 +277,16 @@ class Hooks:
                 call.limit = call.attempts  # one try: another failure parks it again
             self._pending.extend(parked)
         return len(parked)
+
+
+def _finishing(awaitable: Awaitable[Any]) -> Callable[[Callable[[Awaitable[Any]], Any]], Any]:
+    """The step that hands an async hook's awaitable to the driver's finisher."""
+    return lambda finish: finish(awaitable)
+
+
+def _as_is(awaitable: Awaitable[Any]) -> Awaitable[Any]:
+    """``arun``'s finisher: the driver awaits what the step returns."""
+    return awaitable
 
 
 def _describe(exc: BaseException) -> str:
