@@ -128,6 +128,7 @@ def test_findings(estate: Estate) -> None:
     assert ids(report.unowned) == estate.ids("stray")
     assert ids(report.no_purpose) == estate.ids("report", "stray")
     assert sorted(ids(report.broad)) == sorted(estate.ids("stray", "wide"))
+    assert report.retired_key is not None  # a broker knows its key ring
     assert ids(report.retired_key) == estate.ids("legacy")
     assert estate.creds["legacy"].lease.key_id == estate.old_kid
 
@@ -175,7 +176,7 @@ def test_delegated_depths(estate: Estate) -> None:
 
 
 def test_failed_hooks(estate: Estate) -> None:
-    (failed,) = estate.broker.report().failed_hooks
+    (failed,) = estate.broker.report().failed_hooks or ()
     assert failed.event == "on_revoke"
     assert failed.hook == "failing_hook"
     assert failed.lease.id == estate.revoked.lease_id
@@ -286,7 +287,13 @@ def test_bad_report_options(options: dict[str, Any]) -> None:
 def test_build_report_without_keys_skips_the_retired_key_finding(estate: Estate) -> None:
     leases = list(estate.broker.leases(include_inactive=True))
     report = build_report(leases, now=estate.clock())
-    assert report.retired_key == ()
+    assert report.retired_key is None  # unknown without the key ring, not "none"
+    assert report.failed_hooks is None
+    assert report.to_dict()["retired_key"] is None
+    assert "leases signed by a retired key: not known (give the key ring: --keys DIR)" in str(
+        report
+    )
+    assert "failed hooks: not known here" in str(report)
     assert len(report.active) == 8
     assert "issued (this broker)" not in report.churn
 

@@ -73,10 +73,10 @@ class Report:
     long_lived: tuple[Lease, ...]
     long_ttl: float
     broad: tuple[Lease, ...]
-    retired_key: tuple[Lease, ...]
+    retired_key: tuple[Lease, ...] | None  # None: the key ring was not given
     oldest: tuple[Lease, ...]
     delegated: Mapping[str, int]  # active delegated lease id -> its depth
-    failed_hooks: tuple[FailedHook, ...]
+    failed_hooks: tuple[FailedHook, ...] | None  # None: not known here (the CLI)
     churn: Mapping[str, int]
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,10 +97,12 @@ class Report:
             "long_ttl_seconds": self.long_ttl,
             "long_lived": leases(self.long_lived),
             "broad_scopes": leases(self.broad),
-            "retired_key": leases(self.retired_key),
+            "retired_key": None if self.retired_key is None else leases(self.retired_key),
             "oldest": leases(self.oldest),
             "delegated": dict(self.delegated),
-            "failed_hooks": [
+            "failed_hooks": None
+            if self.failed_hooks is None
+            else [
                 {
                     "event": h.event,
                     "hook": h.hook,
@@ -135,18 +137,27 @@ class Report:
             ("oldest active leases", self.oldest),
         )
         for title, items in findings:
+            if items is None:
+                yield f"\n{title}: not known (give the key ring: --keys DIR)"
+                continue
             yield f"\n{title}: {len(items)}"
             yield from (f"  {_line(lease, now)}" for lease in items)
         if self.delegated:
             deepest = max(self.delegated.values())
             yield f"\ndelegated leases: {len(self.delegated)} (deepest chain: {deepest})"
+        yield from self._hook_lines()
+        yield "\nchurn: " + ", ".join(f"{k} {v}" for k, v in self.churn.items())
+
+    def _hook_lines(self) -> Iterable[str]:
+        if self.failed_hooks is None:
+            yield "\nfailed hooks: not known here (each broker keeps its own: broker.report())"
+            return
         yield f"\nfailed hooks: {len(self.failed_hooks)}"
         for hook in self.failed_hooks:
             yield (
                 f"  {hook.event} {hook.hook} lease {hook.lease.id}: "
                 f"{hook.attempts} attempts, last error {hook.error}"
             )
-        yield "\nchurn: " + ", ".join(f"{k} {v}" for k, v in self.churn.items())
 
 
 def _table(title: str, counts: Mapping[str, int]) -> Iterable[str]:
@@ -186,7 +197,7 @@ def build_report(
     *,
     now: float,
     keys: Collection[str] | None = None,
-    failed_hooks: Iterable[FailedHook] = (),
+    failed_hooks: Iterable[FailedHook] | None = None,
     counts: Mapping[str, int] | None = None,
     sink_failures: int | None = None,
     hook_calls_dropped: int | None = None,
@@ -230,12 +241,12 @@ def build_report(
         long_lived=tuple(x for x in active if _lifetime(x) > threshold),
         long_ttl=threshold,
         broad=tuple(x for x in active if _broad(x)),
-        retired_key=tuple(
-            x for x in active if keys is not None and x.key_id is not None and x.key_id not in keys
-        ),
+        retired_key=None
+        if keys is None
+        else tuple(x for x in active if x.key_id is not None and x.key_id not in keys),
         oldest=tuple(active[:oldest]),
         delegated=_depths(active, everything),
-        failed_hooks=tuple(failed_hooks),
+        failed_hooks=None if failed_hooks is None else tuple(failed_hooks),
         churn=churn,
     )
 
