@@ -1223,3 +1223,33 @@ def test_a_hook_error_whose_message_cannot_be_read_is_still_recorded(clock: Fake
     assert broker.revoke(cred) is True  # no ValueError escapes: the revoke stands
     [failed] = broker.failed_hooks()
     assert failed.error == "Unprintable: <the error's message could not be read>"
+
+
+def test_a_standalone_verifier_audits_rejected_tokens(clock: FakeClock) -> None:
+    """Services that only verify get verify_failed events too: the error class
+    and the lease id, never the token."""
+    from jitbroker import Verifier
+
+    store = MemoryStore()
+    broker = make_broker(clock, store=store)
+    events: list[AuditEvent] = []
+    verifier = Verifier(
+        broker.keys.public(), issuer=TEST_ISSUER, store=store, clock=clock, audit=[events.append]
+    )
+    cred = issue(broker)
+    verifier.verify(cred.token, audience=AUDIENCE)
+    assert events == []  # nothing to report on success
+    broker.revoke(cred)
+    with pytest.raises(TokenRevoked):
+        verifier.verify(cred.token, audience=AUDIENCE)
+    issue_again = issue(broker)
+    with pytest.raises(WrongAudience):
+        verifier.verify(issue_again.token, audience="db:payments")
+    assert [(e.action, e.error) for e in events] == [
+        ("verify_failed", "TokenRevoked"),
+        ("verify_failed", "WrongAudience"),
+    ]
+    assert events[0].where == f"lease_id={cred.lease_id!r}"
+    for event in events:
+        assert cred.token not in repr(event.to_dict())
+        assert issue_again.token not in repr(event.to_dict())

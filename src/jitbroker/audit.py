@@ -22,7 +22,7 @@ import attrs
 
 from .lease import Lease
 
-__all__ = ["AuditEvent", "Auditor", "EventType", "JsonLinesSink", "Sink"]
+__all__ = ["AuditEvent", "Auditor", "EventType", "JsonLinesSink", "Sink", "verify_failed"]
 
 log = logging.getLogger("jitbroker.audit")
 Sink = Callable[["AuditEvent"], object]
@@ -101,6 +101,18 @@ class JsonLinesSink:
 
     def __repr__(self) -> str:
         return f"<JsonLinesSink path={self.path!r}>"
+
+
+def verify_failed(auditor: Auditor, error: BaseException, at: float) -> None:
+    """Emit ``verify_failed``: the error class, and the lease id when the error
+    names one (a lease id is not a secret); never the token."""
+    lease_id = getattr(error, "lease_id", None)
+    auditor.emit(
+        EventType.VERIFY_FAILED,
+        at,
+        error=type(error).__name__,
+        where=f"lease_id={lease_id!r}" if lease_id else None,
+    )
 
 
 class Auditor:

@@ -22,6 +22,7 @@ import attrs
 from . import tokens, validate
 from ._drive import Steps
 from .audit import Auditor, EventType, Sink
+from .audit import verify_failed as audit_verify_failed
 from .clock import Clock, Duration, seconds, system_clock
 from .dpop import holder_thumbprint
 from .errors import (
@@ -142,13 +143,7 @@ class Core:
 
     def verify_failed(self, error: InvalidToken) -> None:
         """Audit a rejected token: the error class and lease id if known, never the token."""
-        lease_id = getattr(error, "lease_id", None)
-        self.audit.emit(
-            EventType.VERIFY_FAILED,
-            self.clock(),
-            error=type(error).__name__,
-            where=(f"lease_id={lease_id!r}" if lease_id else None),
-        )
+        audit_verify_failed(self.audit, error, self.clock())
 
     def _token(
         self, lease: Lease, opaque: str | None, now: float, chain: tuple[Lease, ...] = ()

@@ -21,12 +21,14 @@ from cachetools import LRUCache
 
 from . import tokens, validate
 from ._drive import Steps, run
+from .audit import Auditor, Sink, verify_failed
 from .clock import Clock, Duration, seconds, system_clock
 from .dpop import ProofChecker
 from .errors import (
     InsufficientScope,
     InvalidProof,
     InvalidRequest,
+    InvalidToken,
     KeySourceError,
     MalformedToken,
     TokenExpired,
@@ -103,6 +105,10 @@ class Verifier:
             that answers for the store while its feed is live: JWS tokens issued
             after the store's epoch (plus ``leeway``) then verify with no store
             round trip.
+        audit: sinks (callables, a ``JsonLinesSink``) that receive a
+            ``verify_failed`` event for every rejected token: the error class and
+            the lease id when known, never the token. They also go to the
+            ``jitbroker.audit`` logger at INFO, as a broker's events do.
     """
 
     revocations: RevocationCache | None
@@ -120,6 +126,7 @@ class Verifier:
         cache_size: int = 4096,
         clock: Clock = system_clock,
         revocations: RevocationCache | None = None,
+        audit: Iterable[Sink] = (),
     ) -> None:
         if revocations is not None and store is None:
             raise InvalidRequest("a revocation cache stands in for a store: pass store= too")
@@ -134,6 +141,7 @@ class Verifier:
         self.store = store
         self.online = not offline
         self.revocations = revocations
+        self.audit: Auditor | None = Auditor(audit)
 
     @classmethod
     def from_jwks_url(
@@ -204,6 +212,7 @@ class Verifier:
         self._init(keys, **options)
         self.store = None
         self.online = True
+        self.audit = None  # the broker audits its own verifications
         return self
 
     def __repr__(self) -> str:
@@ -227,7 +236,12 @@ class Verifier:
         ``proof`` (the ``DPoP`` header), its HTTP ``method`` and its ``url``.
         """
         request = Request(proof, method, url)
-        return run(self.steps(token, audience, scopes, request), self.store)
+        try:
+            return run(self.steps(token, audience, scopes, request), self.store)
+        except InvalidToken as exc:
+            if self.audit is not None:
+                verify_failed(self.audit, exc, self.clock())
+            raise
 
     def decode(self, token: str) -> Claims:
         """Signature, format, issuer and lifetime checks only (cached); no time window."""
