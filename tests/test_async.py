@@ -567,3 +567,49 @@ def test_close_from_a_task_being_cancelled_still_closes_the_store() -> None:
 
     asyncio.run(main())
     assert closed == [True]
+
+
+def test_close_waits_for_the_claim_of_a_cancelled_sweep() -> None:
+    """close() right after a sweep was cancelled mid-claim: the store must not
+    close under the claim, or its leases are dead with no on_expire queued."""
+    import time
+
+    class SlowStore(MemoryStore):
+        blocking = True
+        closed_during_claim = False
+        claiming = False
+
+        def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+            self.claiming = True
+            time.sleep(0.2)
+            try:
+                return super().claim_expired(now, limit)
+            finally:
+                self.claiming = False
+
+        def close(self) -> None:
+            self.closed_during_claim = self.claiming
+
+    fired: list[str] = []
+    store = SlowStore()
+
+    async def main() -> AsyncBroker:
+        clock = FakeClock()
+        broker = AsyncBroker(
+            issuer=TEST_ISSUER, store=store, clock=clock, on_expire=lambda x: fired.append(x.id)
+        )
+        for _ in range(3):
+            await broker.issue("svc:a", "api", ttl=1)
+        clock.advance(2)
+        sweep = asyncio.create_task(broker.sweep())
+        await asyncio.sleep(0.05)  # inside claim_expired
+        sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweep
+        await broker.close()
+        return broker
+
+    broker = asyncio.run(main())
+    assert store.closed_during_claim is False
+    broker._core.hooks.run()  # the queued on_expire calls, as the next sweep would
+    assert len(fired) == 3

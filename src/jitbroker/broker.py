@@ -451,6 +451,12 @@ class AsyncBroker(_Base):
     def _setup(self) -> None:
         self._astore: AsyncLeaseStore = as_async(self.store)
         self._reaper: asyncio.Task[None] | None = None
+        self._claims: set[asyncio.Future[list[Lease]]] = set()
+
+    def _claim_done(self, claim: asyncio.Future[list[Lease]]) -> None:
+        self._claims.discard(claim)
+        if not claim.cancelled() and claim.exception() is not None:  # retrieved: no warning
+            log.debug("a sweep's claim failed", exc_info=claim.exception())
 
     async def issue(
         self,
@@ -579,6 +585,8 @@ class AsyncBroker(_Base):
         # on_expire calls must finish even if the caller is cancelled (the hook
         # calls themselves may then wait for the next sweep).
         claiming = asyncio.ensure_future(arun(self._core.sweep(), self._astore))
+        self._claims.add(claiming)  # close() waits for it before closing the store
+        claiming.add_done_callback(self._claim_done)
         expired = await asyncio.shield(claiming)
         await self._core.hooks.arun()
         return expired
@@ -683,7 +691,11 @@ class AsyncBroker(_Base):
         try:
             await self.stop()
         finally:
-            await self._astore.close()
+            try:
+                if self._claims:  # a cancelled sweep's claim still running: its leases
+                    await asyncio.wait(set(self._claims))  # are claimed, queue their hooks
+            finally:
+                await self._astore.close()
 
     async def _reap(self) -> None:
         while True:

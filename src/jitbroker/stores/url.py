@@ -62,7 +62,12 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
 
         bare, prefix = _pop_param(url, "prefix", "jitbroker")
         redis_store = RedisStore(bare, prefix=prefix)
-        if not create and not redis_store.holds_data():
+        try:
+            missing = not create and not redis_store.holds_data()
+        except BaseException:
+            redis_store.close()
+            raise
+        if missing:
             redis_store.close()
             raise InvalidRequest(
                 f"no jitbroker store under the Redis prefix {prefix!r} (check the URL's"
