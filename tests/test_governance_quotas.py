@@ -17,8 +17,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from jitbroker.audit import AuditEvent
 from jitbroker.errors import QuotaExceeded
 from jitbroker.stores.base import Quota
 from jitbroker.testing import TEST_ISSUER, FakeClock
+from test_concurrency import run_threads
 from test_store_conformance import POSTGRES_DSN, REDIS_URL, STORES, StoreFactory
 
 SUBJECT = "svc:ci-deploy"
@@ -271,28 +271,6 @@ def test_a_quota_lowered_by_a_new_policy_applies_to_new_leases(
 
 
 # -- races: threads, one broker each, one shared store ------------------------------
-def run_threads(target: Callable[[int], None], count: int = THREADS) -> None:
-    """Run ``target(i)`` in ``count`` threads released together; re-raise the first error."""
-    barrier = threading.Barrier(count)
-    errors: list[BaseException] = []
-
-    def body(i: int) -> None:
-        try:
-            barrier.wait()
-            target(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=TIMEOUT)
-        assert not thread.is_alive(), "a worker thread hung"
-    if errors:
-        raise errors[0]
-
-
 ROUNDS = 5
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from operator import methodcaller
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import attrs
 
@@ -377,7 +378,7 @@ class Core:
         most one link past the deepest chain a verifier accepts."""
         chain = [lease]
         while chain[-1].parent is not None and len(chain) <= tokens.MAX_ACT_DEPTH:
-            ancestor: Lease | None = yield _getter(chain[-1].parent)
+            ancestor: Lease | None = yield methodcaller("get", chain[-1].parent)
             if ancestor is None:  # purged: the chain is as long as we can know
                 break
             chain.append(ancestor)
@@ -493,7 +494,7 @@ class Core:
         usage: list[tuple[Quota, int]] = []
         for quota in decision.quotas:
             where = LeaseFilter(subject=quota.subject, owner=quota.owner)
-            found: list[Lease] = yield _finder(where)
+            found: list[Lease] = yield methodcaller("find", where)
             usage.append((quota, sum(1 for x in found if x.is_active(lease.issued_at))))
         full = [q.exceeded().reasons[0] for q, n in usage if n >= q.limit]
         if full:
@@ -536,14 +537,6 @@ class Explanation:
         ]
         lines += [f"  reason: {reason}" for reason in d.reasons]
         return "\n".join(lines)
-
-
-def _finder(where: LeaseFilter) -> Callable[[Any], list[Lease]]:
-    return lambda store: store.find(where)
-
-
-def _getter(lease_id: str) -> Callable[[Any], Lease | None]:
-    return lambda store: store.get(lease_id)
 
 
 def _labels(value: Mapping[str, str] | None) -> Mapping[str, str]:

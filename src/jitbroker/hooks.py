@@ -61,7 +61,6 @@ __all__ = ["FailedHook", "Hook", "Hooks"]
 
 log = logging.getLogger("jitbroker.hooks")
 Hook = Callable[[Lease], object]
-EVENTS = ("on_issue", "on_revoke", "on_expire")
 _MAX_ERROR = 200  # characters of a hook's error kept for the report
 MAX_BACKOFF = 3600.0  # seconds: retries never wait longer than this
 MAX_PARKED = 10_000  # parked calls kept; older ones are dropped (and counted)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from operator import methodcaller
 from typing import Any, NamedTuple
 
 import attrs
@@ -402,16 +403,12 @@ def check_lease(claims: Claims, lease: Lease | None, now: float) -> None:
         raise UnknownLease(f"lease {lease.id} does not match the token", lease_id=lease.id)
 
 
-def _getter(lease_id: str) -> Callable[[Any], Lease | None]:
-    return lambda store: store.get(lease_id)
-
-
 def _ancestors(parent: str) -> Steps[tuple[str, tuple[str, ...]]]:
     """The root's subject (the principal), and the ids of ``parent`` and its
     ancestors, nearest first (bounded)."""
     chain = [parent]
     while True:
-        lease: Lease | None = yield _getter(chain[-1])
+        lease: Lease | None = yield methodcaller("get", chain[-1])
         if lease is None:  # purged: a dead ancestor, so this lease is dead too
             raise UnknownLease("the lease this token was delegated from is gone")
         if lease.parent is None or len(chain) >= tokens.MAX_ACT_DEPTH:

@@ -63,10 +63,6 @@ class Quota:
     limit: int
     rule: str = "policy"  # who set it, for the message
 
-    def matches(self, lease: Lease) -> bool:
-        """True if ``lease`` counts against this quota."""
-        return lease.subject == self.subject and (self.owner is None or lease.owner == self.owner)
-
     def describe(self) -> str:
         """``subject 'svc:x' with owner 'alice'``: whose leases it counts."""
         whom = f"subject {self.subject!r}"
