@@ -62,8 +62,8 @@ class SyncOverAsync:
     def find(self, where: Any) -> Any:
         return self._call(self.store.find(where))
 
-    def claim_expired(self, now: float, limit: int = 1000) -> Any:
-        return self._call(self.store.claim_expired(now, limit))
+    def claim_expired(self, now: float, limit: int = 1000, expire_hooks: Any = ()) -> Any:
+        return self._call(self.store.claim_expired(now, limit, expire_hooks))
 
     def purge(self, before: float) -> int:
         return int(self._call(self.store.purge(before)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -302,7 +302,8 @@ def test_ephemeral_async_def(env: Env) -> None:
         assert await job(1) == 2
         assert await job(2) == 3
         assert job.__name__ == "job"
-        assert len({cred.lease.task for cred in seen}) == 2
+        assert len({cred.lease.task for cred in seen}) == 1
+        assert len({cred.lease.task_run for cred in seen}) == 2
         for cred in seen:
             assert (await env.broker.lease(cred)).revoke_reason == "task-ended"
 
@@ -408,11 +409,13 @@ def test_reaper_survives_a_failing_sweep(caplog: pytest.LogCaptureFixture) -> No
     class Flaky(MemoryStore):
         failures = 0
 
-        def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        def claim_expired(
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        ) -> list[Lease]:
             if self.failures:
                 self.failures -= 1
                 raise StoreUnavailable("backend hiccup")
-            return super().claim_expired(now, limit)
+            return super().claim_expired(now, limit, expire_hooks)
 
     store = Flaky()
     env = Env(store=store, reap_interval=POLL)
@@ -462,8 +465,10 @@ class AsyncMemoryStore:
     async def find(self, where: LeaseFilter) -> list[Lease]:
         return self.sync.find(where)
 
-    async def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
-        return self.sync.claim_expired(now, limit)
+    async def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+    ) -> list[Lease]:
+        return self.sync.claim_expired(now, limit, expire_hooks)
 
     async def purge(self, before: float) -> int:
         return self.sync.purge(before)
@@ -511,10 +516,12 @@ def test_a_cancelled_sweep_still_queues_the_expiry_hooks_of_what_it_claimed() ->
     class SlowStore(MemoryStore):
         blocking = True  # as the shared stores are: AsyncBroker calls it in a thread
 
-        def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        def claim_expired(
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        ) -> list[Lease]:
             if not gate.is_set():
                 time.sleep(0.2)  # a slow round trip, under way when stop() gives up
-            return super().claim_expired(now, limit)
+            return super().claim_expired(now, limit, expire_hooks)
 
     fired: list[str] = []
 
@@ -579,11 +586,13 @@ def test_close_waits_for_the_claim_of_a_cancelled_sweep() -> None:
         closed_during_claim = False
         claiming = False
 
-        def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        def claim_expired(
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        ) -> list[Lease]:
             self.claiming = True
             time.sleep(0.2)
             try:
-                return super().claim_expired(now, limit)
+                return super().claim_expired(now, limit, expire_hooks)
             finally:
                 self.claiming = False
 

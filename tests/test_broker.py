@@ -8,7 +8,7 @@ them), plus the opaque token format and freezegun-driven time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -631,9 +631,11 @@ def test_ephemeral_sync(jitbroker_broker: Broker) -> None:
     assert job.__doc__ == "Doubles."
     assert len(seen) == 2
     first, second = seen
-    assert first.lease.task is not None
-    assert second.lease.task is not None
-    assert first.lease.task != second.lease.task
+    # One task, named after the function; each call its own run of it.
+    assert first.lease.task == second.lease.task == f"{__name__}.{job.__qualname__}"
+    assert first.lease.task_run is not None
+    assert second.lease.task_run is not None
+    assert first.lease.task_run != second.lease.task_run
     for cred in seen:
         lease = jitbroker_broker.lease(cred)
         assert lease.revoke_reason == "task-ended"
@@ -666,7 +668,8 @@ def test_ephemeral_async_def(jitbroker_broker: Broker) -> None:
         return [await job(1), await job(2)]
 
     assert asyncio.run(main()) == [2, 3]
-    assert len({cred.lease.task for cred in seen}) == 2
+    assert len({cred.lease.task for cred in seen}) == 1
+    assert len({cred.lease.task_run for cred in seen}) == 2
     for cred in seen:
         assert jitbroker_broker.lease(cred).revoke_reason == "task-ended"
 
@@ -1070,7 +1073,9 @@ def test_issue_returns_its_token_even_if_the_inline_sweep_breaks(
     jitbroker_keys: KeyRing, jitbroker_clock: FakeClock
 ) -> None:
     class BrokenSweepStore(MemoryStore):
-        def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+        def claim_expired(
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        ) -> list[Lease]:
             raise RuntimeError("a store bug, not translated")
 
     store = BrokenSweepStore()

@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from jitbroker import Broker, KeyRing, Verifier
+from jitbroker.audit import AuditEvent, EventType
 from jitbroker.dpop import (
     ProofChecker,
     holder_thumbprint,
@@ -20,6 +23,7 @@ from jitbroker.dpop import (
 from jitbroker.errors import (
     InvalidProof,
     InvalidRequest,
+    InvalidToken,
     MalformedToken,
     ProofReplayed,
     TokenRevoked,
@@ -315,6 +319,8 @@ def hostile_cases(holder: Key, token: str, clock: FakeClock) -> dict[str, str]:
         "no-ath": forge(holder, header, {k: v for k, v in good.items() if k != "ath"}),
         "iat-string": forge(holder, header, {**good, "iat": str(good["iat"])}),
         "iat-bool": forge(holder, header, {**good, "iat": True}),
+        "iat-huge": forge(holder, header, {**good, "iat": 10**400}),  # no float holds it
+        "iat-huge-negative": forge(holder, header, {**good, "iat": -(10**400)}),
         "bad-signature": proof_for(holder, token, clock)[:-4] + "AAAA",
         "duplicate-member": b64url(b'{"typ":"dpop+jwt","typ":"dpop+jwt","alg":"ES256"}')
         + "."
@@ -339,6 +345,8 @@ HOSTILE = [
     "no-ath",
     "iat-string",
     "iat-bool",
+    "iat-huge",
+    "iat-huge-negative",
     "bad-signature",
     "duplicate-member",
 ]
@@ -443,3 +451,228 @@ def test_the_replay_cache_is_keyed_by_holder(jitbroker_clock: FakeClock) -> None
 def test_replay_cache_size_must_be_a_positive_whole_number(size: object) -> None:
     with pytest.raises(InvalidRequest, match="replay_cache_size"):
         ProofChecker(replay_cache_size=size)  # type: ignore[arg-type]
+
+
+# -- hostile request URLs and methods (issue 15) ----------------------------------------
+MALFORMED_URLS = [
+    "https://api.example.com:99999/orders",  # port out of range
+    "https://api.example.com:65536/orders",
+    "https://api.example.com:0/orders",
+    "https://api.example.com:-1/orders",
+    "https://api.example.com:https/orders",  # non-numeric port
+    "https://api.example.com:\uff18\uff10/orders",  # non-ASCII digits
+    "https://api.example.com:80:80/orders",
+    "https://[::1/orders",  # unbalanced IPv6 bracket
+    "https://::1]/orders",
+    "https://[::1]]/orders",
+    "https://[zz::1]/orders",  # not an IPv6 address
+    "https://[v1.x]/orders",
+    "https://[::1]:99999/orders",
+    "https://user@api.example.com/orders",  # userinfo
+    "https://user:secret@api.example.com/orders",
+    "https://@api.example.com/orders",
+    "https://evil.example.com@api.example.com/orders",
+    "https://api.example.com/or ders",  # space and control characters
+    "https://api.example.com/or\nders",
+    "https://api.example.com/or\tders",
+    "https://api.example.com\x00/orders",
+    "https://api.example.com/orders\x7f",
+    "ftp://api.example.com/orders",  # not http(s), or not absolute
+    "/orders",
+    "api.example.com/orders",
+    "https://",
+    "https:///orders",
+    "https://:443/orders",
+    "https:api.example.com/orders",
+    "",
+    "https://api.example.com/" + "a" * 5000,  # longer than any proof
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS, ids=repr)
+def test_normalize_uri_refuses_malformed_urls_with_invalid_request(url: str) -> None:
+    with pytest.raises(InvalidRequest):
+        normalize_uri(url)
+    with pytest.raises(InvalidRequest):  # the client's own URL: a bad argument
+        make_proof(generate_key("EdDSA"), "GET", url)
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS, ids=repr)
+def test_a_malformed_request_url_is_an_audited_invalid_proof(
+    jitbroker_keys: KeyRing, jitbroker_clock: FakeClock, holder: Key, url: str
+) -> None:
+    """The request URL's text comes from the client (request line, Host header):
+    malformed, it is a rejected request (InvalidProof, audited), never a
+    ValueError escaping the verifier."""
+    events: list[AuditEvent] = []
+    broker = Broker(
+        issuer=TEST_ISSUER, keys=jitbroker_keys, clock=jitbroker_clock, audit=[events.append]
+    )
+    cred = broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())
+    proof = proof_for(holder, cred.token, jitbroker_clock)
+    with pytest.raises(InvalidProof) as info:
+        broker.verify(cred.token, audience="api", proof=proof, method="GET", url=url)
+    assert isinstance(info.value, InvalidToken)
+    assert "secret" not in str(info.value)  # the URL is never echoed
+    failed = [e for e in events if e.action is EventType.VERIFY_FAILED]
+    assert [e.error for e in failed] == ["InvalidProof"]
+    # The proof was not spent: the same one passes for the genuine URL.
+    broker.verify(cred.token, audience="api", proof=proof, method="GET", url=URL)
+
+
+@pytest.mark.parametrize("method", ["", "G ET", "GET\r\n", "GET\x00", "G(E)T", "GÉT"], ids=repr)
+def test_a_malformed_request_method_is_an_invalid_proof(
+    jitbroker_clock: FakeClock, holder: Key, method: str
+) -> None:
+    checker = ProofChecker(clock=jitbroker_clock)
+    token = "header.payload.signature"
+    claims = {**good_claims(token, jitbroker_clock), "htm": method}
+    with pytest.raises(InvalidProof, match="method"):
+        checker.check(
+            forge(holder, public_header(holder), claims),
+            method=method,
+            url=URL,
+            token=token,
+            jkt=holder.kid,
+        )
+    with pytest.raises(InvalidRequest, match="method"):
+        make_proof(holder, method, URL)
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [(None, URL), ("GET", None), (b"GET", URL), ("GET", URL.encode()), ("GET", 7)],
+)
+def test_request_arguments_of_the_wrong_type_are_the_callers_bug(
+    jitbroker_clock: FakeClock, holder: Key, method: object, url: object
+) -> None:
+    """Only server code can pass a non-string: InvalidRequest (fix the call)."""
+    token = "header.payload.signature"
+    with pytest.raises(InvalidRequest, match="as strings"):
+        ProofChecker(clock=jitbroker_clock).check(
+            proof_for(holder, token, jitbroker_clock),
+            method=method,  # type: ignore[arg-type]
+            url=url,  # type: ignore[arg-type]
+            token=token,
+            jkt=holder.kid,
+        )
+
+
+_HOSTILE_URL = st.one_of(
+    st.text(max_size=60),
+    st.builds(
+        "{}://{}{}{}".format,
+        st.sampled_from(["http", "https", "HTTPS", "ftp", ""]),
+        st.text(st.characters(codec="utf-8"), max_size=30),
+        st.sampled_from(["", ":", ":443", ":99999", ":x", "]", "@h"]),
+        st.text(max_size=20),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(url=_HOSTILE_URL, method=st.text(max_size=10) | st.just("GET"))
+@example(url="https://h:99999/", method="GET")
+@example(url="https://[::1/", method="GET")
+def test_any_request_url_or_method_is_a_proof_error_never_a_crash(url: str, method: str) -> None:
+    """Property: over arbitrary URL and method strings, check() raises only
+    InvalidProof (for a bad request or proof) and normalize_uri only InvalidRequest."""
+    try:
+        htu = normalize_uri(url)
+    except InvalidRequest:
+        pass
+    else:
+        assert htu == normalize_uri(htu)  # normal forms are fixed points
+    with pytest.raises(InvalidProof):  # the proof's htu is no normal form: it covers nothing
+        _PROPERTY_CHECKER.check(
+            _PROPERTY_PROOF, method=method, url=url, token=_TOKEN, jkt=_HOLDER.kid
+        )
+
+
+_TOKEN = "header.payload.signature"
+_HOLDER = generate_key("EdDSA")
+_PROPERTY_CHECKER = ProofChecker(clock=lambda: 1_767_225_600.0)
+_PROPERTY_PROOF = forge(
+    _HOLDER,
+    public_header(_HOLDER),
+    {
+        "jti": "j",
+        "htm": "GET",
+        "htu": "never a normal form",
+        "iat": 1_767_225_600,
+        "ath": token_hash(_TOKEN),
+    },
+)
+
+
+# -- the replay budget, per holder key (issue 15) ------------------------------------------
+def fresh(checker: ProofChecker, key: Key, clock: FakeClock, token: str = _TOKEN) -> str:
+    """A new proof by ``key``, checked: it passes, or the error propagates."""
+    proof = proof_for(key, token, clock)
+    checker.check(proof, method="GET", url=URL, token=token, jkt=key.kid)
+    return proof
+
+
+def test_one_holder_flooding_proofs_exhausts_only_its_own_budget(
+    jitbroker_clock: FakeClock,
+) -> None:
+    checker = ProofChecker(replay_cache_size=100, proofs_per_holder=5, clock=jitbroker_clock)
+    flooder, others = generate_key("EdDSA"), [generate_key("EdDSA") for _ in range(3)]
+    first = fresh(checker, flooder, jitbroker_clock)
+    for _ in range(4):
+        fresh(checker, flooder, jitbroker_clock)
+    for _ in range(3):  # past its budget: its own new proofs fail closed
+        with pytest.raises(InvalidProof, match="this holder key has 5 recent DPoP proofs"):
+            fresh(checker, flooder, jitbroker_clock)
+    with pytest.raises(ProofReplayed):  # and its replays are still replays
+        checker.check(first, method="GET", url=URL, token=_TOKEN, jkt=flooder.kid)
+    for key in others:  # everyone else is unaffected
+        for _ in range(5):
+            fresh(checker, key, jitbroker_clock)
+    jitbroker_clock.advance(60 + 5 + 1)  # past max_age + leeway: the flooder's proofs expire
+    fresh(checker, flooder, jitbroker_clock)
+    with pytest.raises(InvalidProof, match="too old"):
+        checker.check(first, method="GET", url=URL, token=_TOKEN, jkt=flooder.kid)
+
+
+def test_the_replay_cache_bounds_holders_and_entries_in_all(jitbroker_clock: FakeClock) -> None:
+    """The total stays bounded (it bounds the number of holders tracked too), and
+    a full cache still fails closed rather than forgetting a live entry."""
+    checker = ProofChecker(replay_cache_size=6, proofs_per_holder=2, clock=jitbroker_clock)
+    keys = [generate_key("EdDSA") for _ in range(4)]
+    proofs = [fresh(checker, key, jitbroker_clock) for key in keys[:3] for _ in range(2)]
+    with pytest.raises(InvalidProof, match="replay cache is full"):
+        fresh(checker, keys[3], jitbroker_clock)
+    for key, proof in zip([k for k in keys[:3] for _ in range(2)], proofs, strict=True):
+        with pytest.raises(ProofReplayed):
+            checker.check(proof, method="GET", url=URL, token=_TOKEN, jkt=key.kid)
+    assert len(checker._seen) == 6
+    jitbroker_clock.advance(66)
+    fresh(checker, keys[3], jitbroker_clock)
+    assert len(checker._seen) == 1
+    assert list(checker._seen._by_holder) == [keys[3].kid]  # expired holders are dropped
+
+
+def test_a_proof_is_remembered_until_its_last_acceptable_moment(
+    jitbroker_clock: FakeClock, holder: Key
+) -> None:
+    """A proof dated ``leeway`` into the future stays acceptable until its iat is
+    max_age + leeway old: remembered by insertion time plus a fixed window, it
+    would be forgotten (and replayable) a moment before that."""
+    checker = ProofChecker(clock=jitbroker_clock)  # max_age 60, leeway 5
+    token = "header.payload.signature"
+    start = jitbroker_clock()
+    proof = make_proof(holder, "GET", URL, token=token, now=start + 5)
+    checker.check(proof, method="GET", url=URL, token=token, jkt=holder.kid)
+    jitbroker_clock.advance(5 + 60 + 5)  # iat + max_age + leeway: the proof is still fresh
+    with pytest.raises(ProofReplayed):
+        checker.check(proof, method="GET", url=URL, token=token, jkt=holder.kid)
+    jitbroker_clock.advance(0.001)
+    with pytest.raises(InvalidProof, match="too old"):
+        checker.check(proof, method="GET", url=URL, token=token, jkt=holder.kid)
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "10"])
+def test_proofs_per_holder_must_be_a_positive_whole_number(size: object) -> None:
+    with pytest.raises(InvalidRequest, match="proofs_per_holder"):
+        ProofChecker(proofs_per_holder=size)  # type: ignore[arg-type]

@@ -324,7 +324,9 @@ def test_on_expire_fires_for_leases_that_expired_while_no_broker_ran(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     path = tmp_path / "leases.db"
-    first = make_broker(clock, store=SQLiteStore(path))
+    # The lease records the hook it needs by name: a later process (a new Hook
+    # object, of the same name) runs it.
+    first = make_broker(clock, store=SQLiteStore(path), on_expire=Hook(clock))
     cred = issue(first, ttl=10)
     first.close()
     clock.advance(3600)

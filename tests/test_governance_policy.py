@@ -9,8 +9,12 @@ Time comes from a ``FakeClock``, which starts on Thursday 2026-01-01 00:00 UTC.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import json
+import re
+import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -659,6 +663,126 @@ def test_a_max_ttl_too_big_for_a_float_is_refused(tmp_path: Path, ttl: int) -> N
     with pytest.raises(InvalidRequest, match="max_ttl"):
         Policy.from_toml(path)
     assert main(["policy", "check", str(path)]) == 2
+
+
+@pytest.fixture
+def tzdata_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A ``tzdata`` package (zoneinfo's fallback database) with an area directory,
+    as pip installs it: ``ZoneInfo("Europe")`` then opens a directory."""
+    root = tmp_path / "site"
+    area = root / "tzdata" / "zoneinfo" / "Europe"
+    area.mkdir(parents=True)
+    for package in (root / "tzdata", root / "tzdata" / "zoneinfo", area):
+        (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    yield
+    for name in [m for m in sys.modules if m == "tzdata" or m.startswith("tzdata.")]:
+        del sys.modules[name]
+
+
+@pytest.mark.usefixtures("tzdata_package")
+def test_the_tzdata_fixture_reproduces_the_directory_error() -> None:
+    import zoneinfo
+
+    with pytest.raises(IsADirectoryError):
+        zoneinfo.ZoneInfo("Europe")
+
+
+BAD_ZONES = [
+    "Europe",  # a directory of the database
+    "Etc",
+    "a" * 300,  # longer than a file name may be
+    "Europe/" + "b" * 300,
+    "../../etc/passwd",  # path-like
+    "Europe/../../../etc/passwd",
+    "/etc/localtime",
+    "./UTC",
+    "UTC/",
+    "Europe//Berlin",
+    "UTC\x00",  # NUL and other control characters
+    "Europe/Ber\x00lin",
+    "UTC\n",
+    "",
+    " UTC",
+    "zone.tab",  # a file of the database that is not a zone
+    "Europe\\Berlin",
+    "Eur\u00f6pe/Berlin",
+    "Europe/Berlin\ud800",
+]
+
+
+@pytest.mark.usefixtures("tzdata_package")
+@pytest.mark.parametrize("zone", BAD_ZONES, ids=lambda z: repr(z[:40]))
+def test_every_zoneinfo_failure_is_a_policy_file_error(tmp_path: Path, zone: str) -> None:
+    """Not IsADirectoryError or OSError: the file, the rule and the field are named,
+    and `jitbroker policy check` exits 2 (invalid file), never 1 (denied)."""
+    with pytest.raises(InvalidRequest) as info:
+        Policy.from_dict(named(hours="08:00-18:00", timezone=zone), source="gov.toml")
+    assert str(info.value).startswith("gov.toml: rule 1 (ci): field 'timezone': "), info.value
+    assert len(str(info.value)) < 300  # a 300-character name is not echoed whole
+    path = tmp_path / "gov.toml"
+    path.write_text(
+        '[[rule]]\nname = "ci"\nsubjects = ["svc:*"]\naudiences = ["api"]\n'
+        f"timezone = {json.dumps(zone)}\n",
+        encoding="utf-8",
+        errors="surrogatepass",
+    )
+    with pytest.raises(InvalidRequest, match=rf"^{re.escape(str(path))}: "):
+        Policy.from_toml(path)
+    assert main(["policy", "check", str(path)]) == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        IsADirectoryError(21, "Is a directory"),
+        OSError(36, "File name too long"),
+        PermissionError(13, "Permission denied"),
+        ValueError("Invalid TZif file: magic not found"),
+        EOFError(),
+        KeyError("Europe/Berlin"),
+    ],
+    ids=type,
+)
+def test_whatever_zoneinfo_raises_becomes_invalid_request(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    import zoneinfo
+
+    def broken(key: str) -> zoneinfo.ZoneInfo:
+        raise error
+
+    monkeypatch.setattr(zoneinfo, "ZoneInfo", broken)
+    with pytest.raises(InvalidRequest, match=r"rule 1 \(ci\): field 'timezone'") as info:
+        Policy.from_dict(named(timezone="Europe/Berlin"))
+    assert info.value.__cause__ is not None
+    assert info.value.__cause__.__cause__ is error  # the original, chained
+    with pytest.raises(InvalidRequest, match="unknown time zone"):
+        hours("08:00-18:00", "Europe/Berlin")
+
+
+@pytest.mark.parametrize("tz", [5, b"UTC", None, ["UTC"]], ids=repr)
+def test_conditions_refuse_a_zone_that_is_neither_tzinfo_nor_name(tz: Any) -> None:
+    with pytest.raises(InvalidRequest, match="tzinfo or an IANA name"):
+        hours("08:00-18:00", tz)
+    with pytest.raises(InvalidRequest, match="tzinfo or an IANA name"):
+        weekdays("mon", tz=tz)
+
+
+@pytest.mark.parametrize(
+    "zone",
+    [
+        "UTC",
+        "Europe/Berlin",
+        "America/Argentina/ComodRivadavia",
+        "Etc/GMT+5",
+        "Etc/GMT-14",
+        "America/Port-au-Prince",
+    ],
+)
+def test_real_zone_names_still_load(zone: str) -> None:
+    assert Policy.from_dict(named(hours="08:00-18:00", timezone=zone)).rules
 
 
 @pytest.mark.parametrize("path", [None, 3.5, 0, ["gov.toml"], "gov\x00.toml"])

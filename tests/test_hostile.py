@@ -573,9 +573,10 @@ def test_noncanonical_payload_signed_by_the_key(jitbroker_broker: Broker, cred: 
 
 def _sized_tokens(broker: Broker, cred: Credential) -> tuple[str, str]:
     """The longest signed token within the length cap and the shortest beyond it."""
-    fits = ""
+    fits, key = "", broker.keys.active
     for size in range(5000, MAX_TOKEN_LENGTH):
-        token = resign(broker, with_claims(cred, filler="x" * size))
+        # Signed by hand: encode_jws refuses to mint a token past the cap.
+        token = sign(key, key.header, enc(with_claims(cred, filler="x" * size)))
         if len(token) > MAX_TOKEN_LENGTH:
             return fits, token
         fits = token

@@ -592,3 +592,38 @@ def test_from_dict_only_raises_invalid_request(data: Any) -> None:
     except InvalidRequest:
         return
     assert all(isinstance(rule, Rule) for rule in policy.rules)
+
+
+# -- memos keyed by caller input stay small (issue 15) ----------------------------------
+def test_the_quota_memo_keeps_only_small_keys() -> None:
+    """A Lease built by hand is not length-checked: rule.quotas must not keep
+    huge subjects or owners alive in its memo."""
+    import gc
+    import tracemalloc
+
+    rule = grant("svc:*", "api", max_active=3, max_active_per_owner=2)
+    base = Lease(
+        id="0" * 32,
+        subject="svc:a",
+        audience="api",
+        scopes=(),
+        issued_at=0.0,
+        expires_at=60.0,
+        max_expires_at=60.0,
+        key_id="k",
+        owner="alice",
+    )
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50):
+            big = attrs.evolve(base, subject=f"svc:{i}" + "s" * 20_000, owner="o" * 20_000)
+            assert [q.limit for q in rule.quotas(big)] == [3, 2]
+            del big
+        gc.collect()
+        growth = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert growth < 64 * 1024  # memoized, it would be 2 MB
+    assert rule.quotas(base) is rule.quotas(base)  # the common case still is memoized

@@ -164,6 +164,9 @@ class TestLeaseStoreConformance:
             parent=None,
             renewable=False,
             holder="h" * 43,
+            issuer="urn:example:broker",
+            task_run="r" * 24,
+            expire_hooks="app.hooks.drop_role app.hooks.notify",
         )
         assert store.add(lease) is True
         got = store.get(lease.id)
@@ -595,6 +598,127 @@ class TestLeaseStoreConformance:
         assert store.purge(T0 + 50) == 0
         assert store.get("a") is not None
         assert store.purge(T0 + 101) == 1
+
+    # -- leases that need on_expire hooks ----------------------------------
+    def hooked(self, store: LeaseStore) -> dict[str, Lease]:
+        """Expired by T0 + 60: one lease per expire_hooks value, two for "a"."""
+        leases = [
+            make("none"),
+            make("a1", expire_hooks="a"),
+            make("a2", ttl=30, expire_hooks="a"),
+            make("ab", expire_hooks="a b"),
+            make("b", expire_hooks="b"),
+        ]
+        self.add(store, *leases)
+        return {lease.id: lease for lease in leases}
+
+    def test_claim_expired_takes_only_the_hooks_it_is_given(self, store: LeaseStore) -> None:
+        leases = self.hooked(store)
+        # Named no hooks: only what needs none (the protocol's safe default).
+        assert store.claim_expired(T0 + TTL) == [leases["none"]]
+        assert store.claim_expired(T0 + TTL, expire_hooks=["c", "a b c"]) == []
+        assert ids(store.claim_expired(T0 + TTL, expire_hooks=["a"])) == {"a1", "a2"}
+        claimed = store.claim_expired(T0 + TTL, expire_hooks=["a", "b", "a b"])
+        assert sorted(claimed, key=lambda lease: lease.id) == [leases["ab"], leases["b"]]
+        assert store.claim_expired(T0 + 1000, expire_hooks=["a", "b", "a b"]) == []
+
+    def test_claim_expired_limit_spans_the_hooks(self, store: LeaseStore) -> None:
+        self.hooked(store)
+        every = ["a", "b", "a b"]
+        batches = [store.claim_expired(T0 + TTL, 2, every) for _ in range(4)]
+        assert [len(batch) for batch in batches] == [2, 2, 1, 0]
+        assert {lease.id for batch in batches for lease in batch} == {
+            "none",
+            "a1",
+            "a2",
+            "ab",
+            "b",
+        }
+
+    def test_leases_awaiting_hooks_stay_unclaimed_and_counted(self, store: LeaseStore) -> None:
+        self.hooked(store)
+        counter = getattr(store, "awaiting_hooks", None)
+        assert counter is not None, "every bundled store counts them (for the report)"
+        assert counter(T0 + 29) == {}
+        assert counter(T0 + 30) == {"a": 1}
+        assert counter(T0 + TTL) == {"a": 2, "a b": 1, "b": 1}
+        store.claim_expired(T0 + TTL)  # needs none: the others stay
+        store.revoke("b", at=T0 + 1, reason=REASON)
+        assert counter(T0 + TTL) == {"a": 2, "a b": 1}
+        store.claim_expired(T0 + TTL, expire_hooks=["a"])
+        assert counter(T0 + TTL) == {"a b": 1}
+        assert store.purge(T0 + 10_000) == 4  # the awaiting one is never purged
+        assert store.get("ab") is not None
+        assert counter(T0 + 10_000) == {"a b": 1}
+
+    def test_a_lease_needing_hooks_lives_dies_and_renews_like_any(self, store: LeaseStore) -> None:
+        parent = make("p", expire_hooks="a")
+        self.add(store, parent)
+        child = make("c", at=T0 + 1, ttl=10, parent=parent, expire_hooks="a")
+        self.add(store, child)  # its parent is active
+        renewed = store.extend("p", expires_at=T0 + 120, at=T0 + 2)
+        assert renewed == attrs.evolve(parent, expires_at=T0 + 120)
+        assert store.claim_expired(T0 + TTL, expire_hooks=["a"]) == [child]
+        assert store.claim_expired(T0 + TTL, expire_hooks=["a"]) == []
+        assert store.revoke("c", at=T0 + 5, reason=REASON) == []  # claimed: dead
+        assert ids(store.revoke("p", at=T0 + 61, reason=REASON)) == {"p"}
+        assert store.claim_expired(T0 + 1000, expire_hooks=["a"]) == []
+        assert store.purge(T0 + 121) == 2
+        assert store.find(LeaseFilter()) == []
+
+    def test_claim_of_leases_needing_hooks_is_exactly_once_across_threads(
+        self, store: LeaseStore
+    ) -> None:
+        count, profiles = 120, ["a", "a b", "b"]
+        self.add(
+            store,
+            *(make(f"l{i:03}", ttl=1 + i % 5, expire_hooks=profiles[i % 3]) for i in range(count)),
+        )
+        results: list[list[Lease]] = [[] for _ in range(6)]
+        barrier = threading.Barrier(6)
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            while batch := store.claim_expired(T0 + 100, 5, profiles):
+                results[i].extend(batch)
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        claimed = [lease.id for result in results for lease in result]
+        assert sorted(claimed) == [f"l{i:03}" for i in range(count)]
+
+    # -- issuer and task run ------------------------------------------------
+    def test_find_and_revoke_by_issuer_and_task_run(self, store: LeaseStore) -> None:
+        leases = [
+            make("x1", task="deploy", issuer="urn:x", task_run="run-1"),
+            make("x2", task="deploy", issuer="urn:x", task_run="run-2"),
+            make("y1", task="deploy", issuer="urn:y", task_run="run-3"),
+            make("y2", issuer="urn:y"),
+            make("old"),  # stored before issuers were recorded
+        ]
+        self.add(store, *leases)
+        child = make("x1c", at=T0 + 1, ttl=30, parent=leases[0], issuer="urn:z")
+        self.add(store, child)
+        assert ids(store.find(LeaseFilter(issuer="urn:x"))) == {"x1", "x2"}
+        assert ids(store.find(LeaseFilter(issuer="urn:y", task="deploy"))) == {"y1"}
+        assert ids(store.find(LeaseFilter(task_run="run-2"))) == {"x2"}
+        assert ids(store.find(LeaseFilter(task="deploy", task_run="run-3"))) == {"y1"}
+        assert store.find(LeaseFilter(task_run="run-3", issuer="urn:x")) == []
+        revoked = store.revoke_where(LeaseFilter(task_run="run-1"), at=T0 + 2, reason=REASON)
+        assert ids(revoked) == {"x1", "x1c"}  # the run's lease and its subtree
+        assert ids(store.revoke_where(LeaseFilter(issuer="urn:y"), at=T0 + 3, reason=REASON)) == {
+            "y1",
+            "y2",
+        }
+        active = {lease.id for lease in store.find(LeaseFilter()) if lease.is_active(T0 + 4)}
+        assert active == {"x2", "old"}
+        store.claim_expired(T0 + TTL)
+        store.purge(T0 + 1000)
+        assert store.find(LeaseFilter(issuer="urn:x")) == []
+        assert store.find(LeaseFilter(task_run="run-2")) == []
 
     # -- close --------------------------------------------------------------
     def test_close_is_idempotent(self, store: LeaseStore) -> None:

@@ -38,7 +38,6 @@ from conftest import server_or_skip
 from jitbroker import Broker, Verifier
 from jitbroker.errors import InvalidRequest, QuotaExceeded, StoreError, StoreUnavailable
 from jitbroker.lease import Lease
-from jitbroker.stores import postgres as postgres_module
 from jitbroker.stores.base import LeaseFilter, Quota
 from jitbroker.stores.codec import COLUMNS, to_row
 from jitbroker.stores.postgres import SCHEMA_VERSION, PostgresStore
@@ -245,7 +244,7 @@ def test_the_table_holds_every_lease_field(
         " WHERE table_schema = %s AND table_name = 'leases'",
         (store.schema,),
     ).fetchall()
-    assert {row[0] for row in rows} == {*COLUMNS, "claimed"}
+    assert {row[0] for row in rows} == {*COLUMNS, "claimed", "revoke_seq"}
 
 
 def test_the_indexes(admin: psycopg.Connection[Any], store: PostgresStore) -> None:
@@ -256,9 +255,12 @@ def test_the_indexes(admin: psycopg.Connection[Any], store: PostgresStore) -> No
     assert {row[0] for row in rows} == {
         "leases_pkey",
         *(f"leases_{name}" for name in ("task", "parent", "owner", "subject", "key_id")),
-        "leases_due",
         "leases_dead",
         "leases_live_subject",  # version 3: quota counts
+        "leases_issuer",  # version 4: revoke_where(issuer=...)
+        "leases_task_run",  # version 4: a task's exit
+        "leases_claim",  # version 4: claims by expire_hooks (was leases_due)
+        "leases_revoke_seq",  # version 5: the revocation log
     }
 
 
@@ -295,6 +297,15 @@ def test_a_version_1_schema_is_migrated_and_starts_an_epoch(
     store.add(make("a"))
     schema = sql.Identifier(store.schema)
     for statement in (  # back to what version 1 created
+        "DROP TABLE {}.caches",
+        "ALTER TABLE {}.leases DROP COLUMN revoke_seq",  # and its index
+        "ALTER TABLE {}.jitbroker_meta DROP COLUMN revoke_seq",
+        "ALTER TABLE {}.leases DROP COLUMN issuer",  # version 4, and their indexes
+        "ALTER TABLE {}.leases DROP COLUMN task_run",
+        "DROP INDEX {}.leases_claim",
+        "ALTER TABLE {}.leases DROP COLUMN expire_hooks",
+        "CREATE INDEX leases_due ON {}.leases (expires_at)"
+        " WHERE revoked_at IS NULL AND NOT claimed",
         "DROP INDEX {}.leases_live_subject",
         "DROP TRIGGER leases_truncated ON {}.leases",
         "DROP FUNCTION {}.jitbroker_new_epoch()",
@@ -550,41 +561,44 @@ def listener(store: PostgresStore) -> Iterator[psycopg.Connection[Any]]:
 
 
 def heard(conn: psycopg.Connection[Any], want: int) -> list[str]:
-    """The ids announced until ``want`` of them arrived (or a 5 s timeout)."""
+    """The payloads announced until ``want`` of them arrived (or a 5 s timeout)."""
     got: list[str] = []
     for notify in conn.notifies(timeout=POLL_LIMIT):
-        got += json.loads(notify.payload)
+        got.append(notify.payload)
         if len(got) >= want:
             break
     return got
 
 
-def test_revocations_are_announced(store: PostgresStore, listener: psycopg.Connection[Any]) -> None:
+def numbered(admin: psycopg.Connection[Any], store: PostgresStore) -> dict[str, int]:
+    query = sql.SQL("SELECT id, revoke_seq FROM {} WHERE revoke_seq IS NOT NULL")
+    return dict(admin.execute(query.format(table(store))).fetchall())
+
+
+def test_revocations_are_numbered_and_announced(
+    admin: psycopg.Connection[Any], store: PostgresStore, listener: psycopg.Connection[Any]
+) -> None:
     assert store.channel == f"{store.schema}_revoked"
     store.add(make("root"))
     store.add(make("child", at=T0 + 1, parent="root"))
+    store.add(make("other"))
     assert store.revoke("nope", at=T0 + 2, reason="x") == []  # nothing revoked, nothing said
     store.revoke("root", at=T0 + 2, reason="x")
-    assert sorted(heard(listener, 2)) == ["child", "root"]
+    store.revoke("other", at=T0 + 2, reason="x")
+    # The payload is only the number (a wake-up call); the ids are in the table.
+    assert heard(listener, 2) == ["1", "2"]
+    assert numbered(admin, store) == {"root": 1, "child": 1, "other": 2}
 
 
-def test_a_big_revocation_is_announced_in_pieces(
-    store: PostgresStore, listener: psycopg.Connection[Any]
+def test_a_big_revocation_is_one_number_and_one_notification(
+    admin: psycopg.Connection[Any], store: PostgresStore, listener: psycopg.Connection[Any]
 ) -> None:
     leases = [make(uuid4().hex, task="big") for _ in range(600)]  # ~21 kB of ids
     for lease in leases:
         store.add(lease)
     assert len(store.revoke_where(LeaseFilter(task="big"), at=T0 + 1, reason="x")) == 600
-    got = heard(listener, 600)
-    assert sorted(got) == sorted(lease.id for lease in leases)
-
-
-def test_payloads_stay_under_the_notify_limit() -> None:
-    lease_ids = [f"{i:040}" for i in range(1000)]
-    payloads = postgres_module._payloads(lease_ids)
-    assert len(payloads) > 1
-    assert all(len(p.encode()) <= postgres_module.NOTIFY_LIMIT for p in payloads)
-    assert [i for p in payloads for i in json.loads(p)] == lease_ids
+    assert heard(listener, 1) == ["1"]
+    assert numbered(admin, store) == {lease.id: 1 for lease in leases}
 
 
 # -- the pool and borrowed pools ------------------------------------------------

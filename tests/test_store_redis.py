@@ -359,6 +359,8 @@ def test_purge_unindexes_records_redis_already_dropped(
             "idx:subject:svc:a",
             "live:svc:a",  # the quota count of the one live lease
             "epoch",
+            "revseq",  # the revocation log: its last number...
+            "revlog",  # ...and its entries (trimmed after an hour)
         )
     }
 
@@ -381,26 +383,17 @@ def test_the_first_add_into_an_empty_store_sets_the_epoch(
     assert float(client.get(key) or 0) >= epoch  # an emptied store starts a new one
 
 
-def test_revocations_are_published(client: redis.Redis, store: RedisStore) -> None:
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.subscribe(f"{{{store.prefix}}}:revoked")
-    assert poll(lambda: pubsub.subscribed)
+def test_revocations_are_numbered_in_the_log(client: redis.Redis, store: RedisStore) -> None:
     store.add(make("root"))
     store.add(make("child", at=T0 + 1, parent="root"))
+    store.add(make("other"))
     store.revoke("root", at=T0 + 2, reason="x")
-    store.revoke("root", at=T0 + 3, reason="x")  # nothing transitions: nothing published
-    messages: list[dict[str, Any]] = []
-
-    def received() -> bool:
-        message = pubsub.get_message(timeout=POLL)
-        if message is not None:
-            messages.append(message)
-        return bool(messages)
-
-    assert poll(received)
-    assert pubsub.get_message(timeout=0.1) is None
-    pubsub.close()
-    assert sorted(json.loads(messages[0]["data"])) == ["child", "root"]
+    store.revoke("root", at=T0 + 3, reason="x")  # nothing transitions: nothing logged
+    store.revoke("other", at=T0 + 3, reason="x")
+    entries: Any = client.xrange(f"{{{store.prefix}}}:revlog")
+    logged = [(fields[b"n"], sorted(json.loads(fields[b"ids"]))) for _, fields in entries]
+    assert logged == [(b"1", ["child", "root"]), (b"2", ["other"])]
+    assert client.get(f"{{{store.prefix}}}:revseq") == b"2"
 
 
 # -- errors -----------------------------------------------------------------

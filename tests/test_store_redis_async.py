@@ -325,3 +325,34 @@ def test_past_maxmemory_issuing_fails_closed_and_revoking_still_works(
 
     asyncio.run(main())
     admin.close()
+
+
+# -- the revocation feed ---------------------------------------------------------
+def test_the_async_store_has_a_revocation_feed_and_strict_revoke(shared_server: None) -> None:
+    async def test(store: AsyncRedisStore) -> None:
+        broker = AsyncBroker(issuer=TEST_ISSUER, store=store)
+        cred = await broker.issue("svc:a", "api", ttl=60)
+        cache = store.revocations(max_staleness=1.0, heartbeat=0.1)
+        try:
+            for _ in range(250):
+                if cache.fresh():
+                    break
+                await asyncio.sleep(0.02)
+            assert cache.fresh(), "the feed did not come up"
+            ticks = 0
+
+            async def tick() -> None:  # the loop must keep running while revoke waits
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            ticker = asyncio.create_task(tick())
+            await broker.revoke(cred)
+            ticker.cancel()
+            assert cache.revoked(cred.lease_id)  # strict: no waiting here
+            assert ticks > 0
+        finally:
+            cache.close()
+
+    run(fast_client, test)

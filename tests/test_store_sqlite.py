@@ -34,6 +34,7 @@ from jitbroker.lease import Lease
 from jitbroker.stores import sqlite as sqlite_module
 from jitbroker.stores.base import LeaseFilter
 from jitbroker.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
+from jitbroker.testing import FakeClock
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 CHILD_TIMEOUT = 60  # seconds; a safety net, the children finish in well under one
@@ -266,6 +267,49 @@ def test_a_held_write_lock_makes_add_unavailable_then_it_recovers(path: Path) ->
     assert store.add(make("a")) is True
     assert [lease.id for lease in store.revoke("parent", at=T0, reason="r")] == ["parent"]
     store.close()
+
+
+def test_an_up_to_date_file_opens_while_another_process_writes(path: Path) -> None:
+    """Opening only reads the schema (issue 15): a writer holding the lock, as
+    under write load, must not make the constructor fail."""
+    SQLiteStore(path).close()
+    with raw(path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        store = SQLiteStore(path, timeout=0.2)
+        assert time.monotonic() - started < 0.2  # it did not wait for the lock
+        assert store.get("a") is None
+        with pytest.raises(StoreUnavailable, match="busy"):  # writes still wait
+            store.add(make("a"))
+        other.execute("ROLLBACK")
+    assert store.add(make("a")) is True
+    store.close()
+
+
+def test_a_file_that_needs_migrating_waits_for_the_write_lock(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only creating or migrating takes the lock; blocked, it fails cleanly."""
+    SQLiteStore(path).close()
+    step = ("ALTER TABLE leases ADD COLUMN note TEXT",)
+    monkeypatch.setattr(sqlite_module, "_MIGRATIONS", (*sqlite_module._MIGRATIONS, step))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    with raw(path) as other:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="busy"):
+            SQLiteStore(path, timeout=0.1)
+        other.execute("ROLLBACK")
+    SQLiteStore(path).close()
+    assert pragma(path, "user_version") == SCHEMA_VERSION + 1
+
+
+def test_opening_an_up_to_date_file_writes_nothing(path: Path) -> None:
+    SQLiteStore(path).close()
+    with raw(path) as db:
+        before = db.execute("PRAGMA data_version").fetchone()[0]
+        SQLiteStore(path).close()
+        # data_version changes when another connection commits to the file.
+        assert db.execute("PRAGMA data_version").fetchone()[0] == before
 
 
 CALLS: dict[str, Callable[[SQLiteStore], object]] = {
@@ -667,3 +711,31 @@ def test_async_broker_runs_the_store_in_threads(path: Path) -> None:
     store = SQLiteStore(path)
     assert len(store.find(LeaseFilter())) == 20
     store.close()
+
+
+def test_task_leases_are_stored_for_ttl_plus_retention(path: Path) -> None:
+    """docs/stores.md, Sizing: every task revokes its lease at once, yet each
+    record stays until exp + max(leeway, retention), so a steady stream of R
+    tasks a second keeps about R x (T + max(leeway, retention)) records."""
+    doc = (Path(__file__).parent.parent / "docs" / "stores.md").read_text()
+    assert "R x (T + max(leeway, retention)) records" in doc
+    rate, ttl, leeway, retention = 5, 60, 5, 30
+    clock = FakeClock(T0)
+    broker = Broker(
+        keys=KeyRing.generate(),
+        store=SQLiteStore(path),
+        clock=clock,
+        leeway=leeway,
+        retention=retention,
+    )
+    for _ in range(2 * (ttl + retention)):  # past the first purges: steady state
+        for _ in range(rate):
+            with broker.task("t", subject="svc:a", audience="api", ttl=ttl):
+                pass
+        clock.advance(1)
+        broker.sweep()
+    stored = len(broker.store.find(LeaseFilter()))
+    assert abs(stored - rate * (ttl + max(leeway, retention))) <= 2 * rate
+    # None is active, so the old formula, N + R x (leeway + retention), said 175.
+    assert not list(broker.leases())
+    broker.close()

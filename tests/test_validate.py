@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import math
+import tracemalloc
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jitbroker import Broker, KeyRing, MemoryStore, Verifier
+from jitbroker import Broker, KeyRing, MemoryStore, Verifier, validate
 from jitbroker.errors import InvalidRequest, JitBrokerError, MalformedToken
 from jitbroker.testing import TEST_ISSUER, FakeClock
-from jitbroker.tokens import encode_jws
+from jitbroker.tokens import MAX_TOKEN_LENGTH, encode_jws
 from jitbroker.verify import DEFAULT_MAX_TTL
 
 ISSUE: dict[str, Any] = {
@@ -269,6 +275,204 @@ def test_refused_scope_is_not_remembered(jitbroker_broker: Broker) -> None:
         refused(jitbroker_broker, "scopes", scopes=[f"s{i}" for i in range(65)])
 
 
+# -- bounded raw input (issue 15) ----------------------------------------------------
+def traced_growth(action: Callable[[], object], times: int) -> int:
+    """Bytes still allocated after ``action`` ran ``times`` (its results dropped)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(times):
+            action()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("form", ["list", "str", "iterator"])
+def test_repeated_scopes_are_refused_and_never_kept(form: str) -> None:
+    """One scope repeated 100,000 times is not "one scope": the raw count is
+    bounded before de-duplication, and nothing of the input stays in a memo."""
+    counter = iter(range(10**6))
+
+    def request() -> None:
+        scope = f"orders:read{next(counter)}"  # a new one each time: no memo hit hides a leak
+        raw: object = {
+            "list": [scope] * 100_000,
+            "str": " ".join([scope] * 100_000),
+            "iterator": itertools.repeat(scope),  # endless: must not be drained
+        }[form]
+        with pytest.raises(InvalidRequest, match="limit is") as info:
+            validate.scopes(raw)
+        assert "64" in str(info.value) or str(validate.MAX_SCOPE_CHARS) in str(info.value)
+
+    assert traced_growth(request, 20) < 64 * 1024
+
+
+def test_an_over_long_scope_string_is_refused_before_it_is_split() -> None:
+    huge = "a " * 5_000_000  # split, this would be a list of 5 million strings (~300 MB)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(InvalidRequest, match=r"scopes is 10000000 characters; the limit is"):
+            validate.scopes(huge)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    longest = " ".join(["s" * validate.MAX_SCOPE_LEN] * validate.MAX_SCOPES)
+    assert len(longest) == validate.MAX_SCOPE_CHARS
+    assert len(validate.scopes(longest)) == 1
+    with pytest.raises(InvalidRequest, match="characters; the limit is"):
+        validate.scopes(longest + " ")
+
+
+def test_sixty_four_repeats_still_count_as_one_scope() -> None:
+    assert validate.scopes(["a"] * validate.MAX_SCOPES) == ("a",)
+    with pytest.raises(InvalidRequest, match="65 scopes given"):
+        validate.scopes(["a"] * (validate.MAX_SCOPES + 1))
+    with pytest.raises(InvalidRequest, match="65 scopes given"):
+        validate.scopes(" ".join(["a"] * (validate.MAX_SCOPES + 1)))
+
+
+def test_large_valid_scope_lists_are_not_memoized() -> None:
+    """The memo is for the hot path's few short scopes: a large valid list (64
+    scopes of 128 characters, 8 KiB) is validated every time, never kept."""
+    counter = iter(range(10**6))
+
+    def request() -> None:
+        n = next(counter)
+        validate.scopes([f"{n:08d}{i:02d}".ljust(validate.MAX_SCOPE_LEN, "x") for i in range(64)])
+
+    assert traced_growth(request, 300) < 64 * 1024  # memoized, it would be ~3 MiB
+    assert validate.scopes(["orders:read"]) == ("orders:read",)
+    assert ("orders:read",) in validate._scope_memo  # the common case still is
+
+
+def test_text_memo_keeps_only_short_strings() -> None:
+    counter = iter(range(10**6))
+
+    def request() -> None:
+        validate.text(f"svc:{next(counter):08d}".ljust(validate.MAX_TEXT, "x"), "subject")
+
+    assert traced_growth(request, 500) < 64 * 1024  # memoized, it would be ~160 KiB
+    assert validate.text("svc:ci-deploy", "subject") == "svc:ci-deploy"
+    assert "svc:ci-deploy" in validate._text_memo
+
+
+def test_scope_memo_keeps_only_plain_str() -> None:
+    """A str subclass that lies about equality must not poison another caller's
+    scopes through the memo."""
+
+    class Liar(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return hash("orders:read")
+
+    validate._scope_memo.clear()
+    assert "".join(validate.scopes([Liar("admin:all")])) == "admin:all"
+    honest = validate.scopes(["orders:read"])
+    assert [type(s) for s in honest] == [str]
+    assert "".join(honest) == "orders:read"
+
+
+MAX_SCOPES_OF_MAX_LENGTH = [f"{i:02d}".ljust(validate.MAX_SCOPE_LEN, "s") for i in range(64)]
+
+
+def test_issue_refuses_a_token_no_verifier_accepts(jitbroker_broker: Broker) -> None:
+    """Every input within its own limit, together too large for a token: refused
+    at issue (nothing stored), naming the inputs to shorten, not minted to fail
+    every verification."""
+    error = refused(
+        jitbroker_broker,
+        "scopes",
+        scopes=MAX_SCOPES_OF_MAX_LENGTH,
+        subject="svc:" + "s" * 250,
+        owner="o" * 256,
+        purpose="p" * 1024,
+    )
+    assert f"more than the {MAX_TOKEN_LENGTH}" in str(error)
+    assert "purpose" in str(error)
+    # The same scopes fit when the rest is short, and that token verifies.
+    fits = [s[:84] for s in MAX_SCOPES_OF_MAX_LENGTH]
+    cred = jitbroker_broker.issue(**{**ISSUE, "scopes": fits})
+    assert len(cred.token) <= MAX_TOKEN_LENGTH
+    assert jitbroker_broker.verify(cred.token, audience="db:orders", scopes=fits)
+
+
+def test_opaque_tokens_carry_any_valid_request(jitbroker_clock: FakeClock) -> None:
+    """An opaque token is 68 characters whatever the lease holds: nothing to refuse."""
+    broker = Broker(
+        issuer=TEST_ISSUER, keys=KeyRing.generate(), clock=jitbroker_clock, token_format="opaque"
+    )
+    cred = broker.issue(
+        **{**ISSUE, "scopes": MAX_SCOPES_OF_MAX_LENGTH}, owner="o" * 256, purpose="p" * 1024
+    )
+    assert broker.verify(cred.token, audience="db:orders", scopes=MAX_SCOPES_OF_MAX_LENGTH)
+
+
+def test_attenuation_refuses_a_token_no_verifier_accepts(jitbroker_broker: Broker) -> None:
+    """A delegated token adds an act claim: the same refusal, before the child is stored."""
+    scopes = [s[:84] for s in MAX_SCOPES_OF_MAX_LENGTH]
+    parent = jitbroker_broker.issue(**{**ISSUE, "scopes": scopes, "subject": "s" * 200})
+    assert MAX_TOKEN_LENGTH - 400 < len(parent.token) <= MAX_TOKEN_LENGTH  # a near-full token
+    with pytest.raises(InvalidRequest, match=r"shorten the largest inputs: scopes .*delegation"):
+        jitbroker_broker.attenuate(parent, subject="c" * 256)  # its act claim tips it over
+    assert [lease.id for lease in jitbroker_broker.leases()] == [parent.lease_id]
+    child = jitbroker_broker.attenuate(parent, subject="c")
+    assert jitbroker_broker.verify(child.token, audience="db:orders").actor == "c"
+
+
+_TEXT = st.text(st.characters(codec="utf-8", categories=["L", "N", "P", "S"]), min_size=1)
+_SCOPE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters='"\\'))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    subject=_TEXT.map(lambda t: t[: validate.MAX_TEXT]),
+    subject_repeat=st.integers(1, 256),
+    owner=st.none() | _TEXT.map(lambda t: (t * 256)[: validate.MAX_TEXT]),
+    purpose=st.none() | st.integers(1, validate.MAX_PURPOSE).map(lambda n: "p" * n),
+    scope_count=st.integers(0, validate.MAX_SCOPES),
+    scope_len=st.integers(1, validate.MAX_SCOPE_LEN),
+    seed=_SCOPE.filter(bool),
+)
+def test_every_token_issue_accepts_verifies(
+    subject: str,
+    subject_repeat: int,
+    owner: str | None,
+    purpose: str | None,
+    scope_count: int,
+    scope_len: int,
+    seed: str,
+) -> None:
+    """Property: for inputs each within its own limit, issue either refuses with
+    InvalidRequest naming the token size, or hands out a token that verifies."""
+    broker = _PROPERTY_BROKER
+    scopes = [(f"{i:02d}{seed}" * scope_len)[:scope_len] for i in range(scope_count)]
+    scopes = [s for s in scopes if s] or ["s"]
+    subject = (subject * subject_repeat)[: validate.MAX_TEXT]
+    refusal: str | None
+    try:
+        cred = broker.issue(subject, "db:orders", scopes, 60, owner=owner, purpose=purpose)
+    except InvalidRequest as exc:
+        refusal = str(exc)
+    else:
+        refusal = None
+    if refusal is not None:  # refused for its size, and for nothing else
+        assert f"more than the {MAX_TOKEN_LENGTH}" in refusal
+        return
+    claims = broker.verify(cred.token, audience="db:orders", scopes=cred.lease.scopes)
+    assert claims.lease_id == cred.lease_id
+    assert claims.subject == subject
+
+
+_PROPERTY_BROKER = Broker(issuer=TEST_ISSUER, keys=KeyRing.generate(), max_ttl=3600)
+
+
 # -- Broker construction -------------------------------------------------------------
 def make_broker(**options: Any) -> Broker:
     return Broker(**{"issuer": TEST_ISSUER, "keys": KeyRing.generate(), **options})
@@ -436,8 +640,9 @@ def test_verifier_default_audience(jitbroker_broker: Broker, jitbroker_clock: Fa
 def test_text_memo_never_widens_a_smaller_limit() -> None:
     from jitbroker import validate
 
-    value = "x" * 200
+    value = "x" * 120  # short enough to be memoized
     assert validate.text(value, "subject") == value  # now memoized
+    assert value in validate._text_memo
     with pytest.raises(InvalidRequest, match="limit is 100"):
         validate.text(value, "field", limit=100)
 
@@ -464,9 +669,9 @@ def test_text_memo_hands_back_a_plain_str() -> None:
 def test_text_memo_is_bounded() -> None:
     from jitbroker import validate
 
-    for i in range(validate._SCOPE_MEMO_MAX + 10):
+    for i in range(validate._MEMO_MAX + 10):
         validate.text(f"task-{i}", "task")
-    assert len(validate._text_memo) <= validate._SCOPE_MEMO_MAX
+    assert len(validate._text_memo) <= validate._MEMO_MAX
 
 
 def test_fast_builders_make_the_real_values() -> None:

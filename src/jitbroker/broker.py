@@ -23,7 +23,7 @@ from .audit import Sink
 from .clock import Clock, Duration
 from .core import MAX_DELEGATION_DEPTH, Core, Explanation, LeaseRef, TokenFormat
 from .errors import InvalidRequest, InvalidToken, QuotaExceeded
-from .hooks import FailedHook, Hook, Hooks
+from .hooks import FailedHook, Hooks, HookSpec
 from .keyring import KeyRing
 from .keys import Key
 from .lease import Claims, Credential, Lease
@@ -41,7 +41,7 @@ R = TypeVar("R")
 
 
 def _name(fn: Callable[..., object]) -> str:
-    """A readable prefix for the task ids of an ephemeral function (or callable object)."""
+    """The task name of an ephemeral function (or callable object)."""
     qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
 
@@ -74,9 +74,9 @@ class _Base:
         revocations: RevocationCache | None = None,
         labels: Mapping[str, str] | None = None,
         max_delegation_depth: int = MAX_DELEGATION_DEPTH,
-        on_issue: Hook | Iterable[Hook] | None = None,
-        on_revoke: Hook | Iterable[Hook] | None = None,
-        on_expire: Hook | Iterable[Hook] | None = None,
+        on_issue: HookSpec = None,
+        on_revoke: HookSpec = None,
+        on_expire: HookSpec = None,
         hook_retries: int = 5,
         hook_backoff: Duration = 1.0,
     ) -> None:
@@ -127,7 +127,13 @@ class _Base:
         """Public keys for offline verifiers (never an HMAC key or a private member)."""
         return self._core.keys.jwks()
 
-    def _report(self, leases: list[Lease], long_ttl: Duration, oldest: int) -> Report:
+    def _report(
+        self,
+        leases: list[Lease],
+        awaiting: dict[str, int] | None,
+        long_ttl: Duration,
+        oldest: int,
+    ) -> Report:
         core = self._core
         return build_report(
             leases,
@@ -137,6 +143,7 @@ class _Base:
             counts=core.audit.counts,
             sink_failures=core.audit.sink_failures,
             hook_calls_dropped=core.hooks.dropped,
+            awaiting_hooks=awaiting,
             long_ttl=long_ttl,
             oldest=oldest,
         )
@@ -268,12 +275,24 @@ class Broker(_Base):
         task: str | None = None,
         key_id: str | None = None,
         parent: str | None = None,
+        issuer: str | None = None,
+        task_run: str | None = None,
         reason: str = "revoked",
         by: str | None = None,
     ) -> int:
         """Revoke every active lease matching all given fields (and their subtrees);
-        returns how many. Audited as one ``revoked_where`` event with the count."""
-        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        returns how many. Audited as one ``revoked_where`` event with the count.
+        ``issuer`` matches the ``iss`` of the broker that issued a lease, ``task_run``
+        one run of ``task()`` (``Lease.task_run``)."""
+        where = LeaseFilter(
+            owner=owner,
+            subject=subject,
+            task=task,
+            key_id=key_id,
+            parent=parent,
+            issuer=issuer,
+            task_run=task_run,
+        )
         count = run(self._core.revoke_where(where, reason, by), self.store)
         self._core.hooks.run()
         return count
@@ -309,10 +328,20 @@ class Broker(_Base):
         task: str | None = None,
         key_id: str | None = None,
         parent: str | None = None,
+        issuer: str | None = None,
+        task_run: str | None = None,
         include_inactive: bool = False,
     ) -> Iterator[Lease]:
         """Iterate leases matching the filters, oldest first (active ones by default)."""
-        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        where = LeaseFilter(
+            owner=owner,
+            subject=subject,
+            task=task,
+            key_id=key_id,
+            parent=parent,
+            issuer=issuer,
+            task_run=task_run,
+        )
         return iter(run(self._core.leases(where, include_inactive), self.store))
 
     def sweep(self) -> list[Lease]:
@@ -346,7 +375,8 @@ class Broker(_Base):
         (no owner or purpose, TTL over ``long_ttl``, wildcards, retired keys,
         failed hooks), with churn counts."""
         leases = run(self._core.leases(LeaseFilter(), True), self.store)
-        return self._report(leases, long_ttl, oldest)
+        awaiting = run(self._core.awaiting_hooks(), self.store)
+        return self._report(leases, awaiting, long_ttl, oldest)
 
     def retry_failed_hooks(self) -> int:
         """Run every parked hook call once more; returns how many still fail."""
@@ -363,22 +393,30 @@ class Broker(_Base):
 
     @contextlib.contextmanager
     def task(self, task: str, **issue: Any) -> Iterator[Credential]:
-        """Issue for ``task``; on exit revoke every lease of the task and its subtrees.
+        """Issue for ``task``; on exit revoke every lease of this run of the task,
+        and their subtrees.
 
-        The reason is ``task-ended``, or ``task-failed`` if the block raised
-        (the exception propagates).
+        Each call is a new run (``Lease.task_run``, unique): the task's own lease
+        and every lease this broker issues with ``task=task`` inside the block
+        (in this thread or asyncio task, or one that copied its context) belong
+        to it. Other runs of a task of the same name, concurrent or not, from
+        this broker or another sharing the store, are left alone. The reason is
+        ``task-ended``, or ``task-failed`` if the block raised (the exception
+        propagates).
         """
         task = validate.text(task, "task")
-        cred = self.issue(task=task, **issue)
-        reason = "task-failed"
-        try:
-            yield cred
-            reason = "task-ended"
-        finally:
-            self.revoke_where(task=task, reason=reason)
+        with self._core.task_run(task) as task_run:
+            cred = self.issue(task=task, **issue)
+            reason = "task-failed"
+            try:
+                yield cred
+                reason = "task-ended"
+            finally:
+                self.revoke_where(task=task, task_run=task_run, reason=reason)
 
     def ephemeral(self, **issue: Any) -> Callable[[Callable[..., R]], Callable[..., R]]:
-        """Decorate ``fn(cred, ...)``: each call runs in its own task (sync or async def)."""
+        """Decorate ``fn(cred, ...)``: each call is its own run of the task named
+        ``module.qualname`` of ``fn`` (sync or async def), revoked when it returns."""
 
         def decorate(fn: Callable[..., R]) -> Callable[..., R]:
             name = _name(fn)
@@ -386,14 +424,14 @@ class Broker(_Base):
 
                 @functools.wraps(fn)
                 async def acall(*args: Any, **kwargs: Any) -> Any:
-                    with self.task(self._core.task_id(name), **issue) as cred:
+                    with self.task(name, **issue) as cred:
                         return await fn(cred, *args, **kwargs)  # type: ignore[misc]
 
                 return acall  # type: ignore[return-value]
 
             @functools.wraps(fn)
             def call(*args: Any, **kwargs: Any) -> R:
-                with self.task(self._core.task_id(name), **issue) as cred:
+                with self.task(name, **issue) as cred:
                     return fn(cred, *args, **kwargs)
 
             return call
@@ -532,12 +570,24 @@ class AsyncBroker(_Base):
         task: str | None = None,
         key_id: str | None = None,
         parent: str | None = None,
+        issuer: str | None = None,
+        task_run: str | None = None,
         reason: str = "revoked",
         by: str | None = None,
     ) -> int:
         """Revoke every active lease matching all given fields (and their subtrees);
-        returns how many. Audited as one ``revoked_where`` event with the count."""
-        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        returns how many. Audited as one ``revoked_where`` event with the count.
+        ``issuer`` matches the ``iss`` of the broker that issued a lease, ``task_run``
+        one run of ``task()`` (``Lease.task_run``)."""
+        where = LeaseFilter(
+            owner=owner,
+            subject=subject,
+            task=task,
+            key_id=key_id,
+            parent=parent,
+            issuer=issuer,
+            task_run=task_run,
+        )
         count = await arun(self._core.revoke_where(where, reason, by), self._astore)
         await self._core.hooks.arun()
         return count
@@ -571,10 +621,20 @@ class AsyncBroker(_Base):
         task: str | None = None,
         key_id: str | None = None,
         parent: str | None = None,
+        issuer: str | None = None,
+        task_run: str | None = None,
         include_inactive: bool = False,
     ) -> list[Lease]:
         """Leases matching the filters, oldest first (active ones by default)."""
-        where = LeaseFilter(owner=owner, subject=subject, task=task, key_id=key_id, parent=parent)
+        where = LeaseFilter(
+            owner=owner,
+            subject=subject,
+            task=task,
+            key_id=key_id,
+            parent=parent,
+            issuer=issuer,
+            task_run=task_run,
+        )
         return await arun(self._core.leases(where, include_inactive), self._astore)
 
     async def sweep(self) -> list[Lease]:
@@ -614,7 +674,8 @@ class AsyncBroker(_Base):
     async def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
         """The governance report (see ``Broker.report``)."""
         leases = await arun(self._core.leases(LeaseFilter(), True), self._astore)
-        return self._report(leases, long_ttl, oldest)
+        awaiting = await arun(self._core.awaiting_hooks(), self._astore)
+        return self._report(leases, awaiting, long_ttl, oldest)
 
     async def retry_failed_hooks(self) -> int:
         """Run every parked hook call once more; returns how many still fail."""
@@ -629,15 +690,17 @@ class AsyncBroker(_Base):
 
     @contextlib.asynccontextmanager
     async def task(self, task: str, **issue: Any) -> AsyncIterator[Credential]:
-        """Issue for ``task``; on exit revoke every lease of the task and its subtrees."""
+        """Issue for ``task``; on exit revoke every lease of this run of the task,
+        and their subtrees (see ``Broker.task``)."""
         task = validate.text(task, "task")
-        cred = await self.issue(task=task, **issue)
-        reason = "task-failed"
-        try:
-            yield cred
-            reason = "task-ended"
-        finally:
-            await self.revoke_where(task=task, reason=reason)
+        with self._core.task_run(task) as task_run:
+            cred = await self.issue(task=task, **issue)
+            reason = "task-failed"
+            try:
+                yield cred
+                reason = "task-ended"
+            finally:
+                await self.revoke_where(task=task, task_run=task_run, reason=reason)
 
     def ephemeral(
         self, **issue: Any
@@ -651,7 +714,7 @@ class AsyncBroker(_Base):
 
             @functools.wraps(fn)
             async def call(*args: Any, **kwargs: Any) -> R:
-                async with self.task(self._core.task_id(name), **issue) as cred:
+                async with self.task(name, **issue) as cred:
                     return await fn(cred, *args, **kwargs)
 
             return call

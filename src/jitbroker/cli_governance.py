@@ -2,10 +2,10 @@
 
     jitbroker report  --store URL [--json] [--long-ttl S] [--oldest N] [--keys DIR]
     jitbroker leases  --store URL [--owner O] [--subject S] [--task T] [--key-id K]
-                      [--parent ID] [--all] [--json]
+                      [--parent ID] [--issuer ISS] [--task-run RUN] [--all] [--json]
     jitbroker revoke  --store URL (--lease ID | --owner O | --subject S | --task T
-                      | --key-id K | --parent ID ...) [--reason R] [--by WHO]
-                      [--audit-log FILE]
+                      | --key-id K | --parent ID | --issuer ISS | --task-run RUN ...)
+                      [--reason R] [--by WHO] [--audit-log FILE]
     jitbroker policy check FILE [--subject S --audience A [--scopes "a b"] [--ttl S]
                       [--owner O] [--purpose P] [--task T] [--label k=v ...]]
 
@@ -41,7 +41,7 @@ __all__ = ["COMMANDS", "add_parsers", "run"]
 
 Out = Callable[[str], object]
 COMMANDS = ("report", "leases", "revoke", "policy")
-_FILTERS = ("owner", "subject", "task", "key_id", "parent")
+_FILTERS = ("owner", "subject", "task", "key_id", "parent", "issuer", "task_run")
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -123,10 +123,13 @@ def _where(args: argparse.Namespace) -> LeaseFilter:
 
 def _report(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
     keys = None if args.keys is None else {key.kid for key in KeyRing.from_dir(args.keys)}
+    now = time.time()
+    counter = getattr(store, "awaiting_hooks", None)  # optional in the store protocol
     report = build_report(
         store.find(LeaseFilter()),
-        now=time.time(),
+        now=now,
         keys=keys,
+        awaiting_hooks=None if counter is None else counter(now),
         long_ttl=args.long_ttl,
         oldest=args.oldest,
     )

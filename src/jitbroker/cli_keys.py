@@ -10,6 +10,11 @@ mode 0600, PEM-encrypted when ``--password-env`` names a variable holding a
 passphrase (a passphrase on the command line would land in shell history).
 HMAC (HS256) keys are JWK files that cannot be encrypted, so ``--password-env``
 is refused for them: protect their directory instead.
+
+A key directory is trusted as OpenSSH trusts ``~/.ssh`` (see ``KeyRing.from_dir``):
+one that is a symbolic link, belongs to another user, or that group or others
+can write is refused with a one-line error saying what to run (``chmod 700
+DIR``), and the command exits with status 2.
 """
 
 from __future__ import annotations
@@ -72,7 +77,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace, out: Out = print) -> None:
-    """Carry out a parsed ``keys`` command; ``InvalidRequest`` for a bad request."""
+    """Carry out a parsed ``keys`` command.
+
+    ``InvalidRequest`` for a bad request, ``KeySourceError`` for a key directory
+    or file that is refused as unsafe or cannot be written.
+    """
     password = _password(args.password_env)
     command = args.keys_command
     if command == "generate":

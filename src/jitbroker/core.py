@@ -11,12 +11,14 @@ after the store accepted the lease.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from operator import methodcaller
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import attrs
 
@@ -54,6 +56,13 @@ SWEEP_BATCH = 1000
 _ISSUED = EventType.ISSUED  # a module constant: an enum attribute costs 50 ns on 3.11
 #: Attenuated leases may nest this deep by default (a root lease is depth 0).
 MAX_DELEGATION_DEPTH = 4
+#: The ``task()`` blocks the current context is inside, innermost last, as
+#: (core, task name, run id). A context variable, so each thread and asyncio
+#: task sees its own (``asyncio.create_task`` and ``asyncio.to_thread`` copy the
+#: context, so work they start inside the block belongs to the task).
+_TASK_RUNS: ContextVar[tuple[tuple[Core, str, str], ...]] = ContextVar(
+    "jitbroker_task_runs", default=()
+)
 
 
 class Core:
@@ -104,6 +113,10 @@ class Core:
         self.hooks = hooks if hooks is not None else Hooks()
         self.hooks.clock, self.hooks.audit = self.clock, self.audit
         self.issue_hooks = bool(self.hooks.on_issue)  # checked on every issue
+        # Recorded on every lease this broker creates (see Lease.expire_hooks),
+        # and the values its sweeps may claim.
+        self.expire_hooks = self.hooks.expire_profile
+        self.expire_profiles = self.hooks.expire_profiles
         self.verifier = Verifier._online(
             self.keys,
             issuer=self.issuer,
@@ -215,6 +228,10 @@ class Core:
             else self._cap(life, renewable, max_ttl)
         )
         lease_id, opaque = tokens.new_identity(self.opaque)
+        run = None
+        if task is not None:
+            task = validate.text(task, "task")
+            run = self._run_of(task) if _TASK_RUNS.get() else None
         # Positional, through the fast builder: this path is what issue costs.
         lease = new_lease(
             lease_id,
@@ -225,7 +242,7 @@ class Core:
             now + life,  # expires_at
             now + cap,  # max_expires_at
             None if opaque is not None else self.keys.active.kid,
-            None if task is None else validate.text(task, "task"),
+            task,
             None if owner is None else validate.text(owner, "owner"),
             None if purpose is None else validate.text(purpose, "purpose", limit=MAX_PURPOSE),
             None,  # parent
@@ -233,6 +250,9 @@ class Core:
             None,  # revoked_at
             None,  # revoke_reason
             None if holder_key is None else holder_thumbprint(holder_key),
+            self.issuer,
+            run,  # task_run
+            self.expire_hooks,
         )
         quotas: tuple[Quota, ...] = ()
         if dry_run:  # for explain: the lease as issue would build it, nothing more
@@ -348,6 +368,10 @@ class Core:
             expires_at=now + life,
             key_id=None if opaque is not None else self.keys.active.kid,
             parent=parent.id,
+            # The child's own: who minted it, and what its expiry needs here
+            # (its task run is the parent's: it belongs to the same task).
+            issuer=self.issuer,
+            expire_hooks=self.expire_hooks,
             purpose=parent.purpose
             if purpose is None
             else validate.text(purpose, "purpose", limit=validate.MAX_PURPOSE),
@@ -395,6 +419,12 @@ class Core:
         return any(lease.id == lease_id for lease in revoked)
 
     def _revoked(self, revoked: list[Lease], now: float, reason: str, by: str | None) -> None:
+        cache = self.verifier.revocations
+        if cache is not None and revoked:
+            # This broker knows what it just took: its own verifications must
+            # not wait for the feed to bring it back (even with strict
+            # revocations off, or a cache that is not the store's own).
+            cache.add(lease.id for lease in revoked)
         for lease in revoked:
             self.audit.emit(EventType.REVOKED, now, lease, reason=reason, actor=by)
         if self.hooks.on_revoke and revoked:
@@ -404,7 +434,8 @@ class Core:
         """Revoke every active lease matching ``where`` (and subtrees); the count."""
         if where.is_empty():
             raise InvalidRequest(
-                "revoke_where needs at least one of owner, subject, task, key_id, parent"
+                "revoke_where needs at least one of owner, subject, task, key_id, parent,"
+                " issuer, task_run"
             )
         for name, value in attrs.asdict(where).items():
             validate.optional_text(value, name)
@@ -465,12 +496,21 @@ class Core:
         for kid in self.keys.prune(now):  # rotated-out keys whose grace period ended
             self.audit.emit(EventType.KEY_DROPPED, now, where=f"key_id={kid!r}")
         expired: list[Lease] = []
+        claim = self._claim(now)
         while True:
-            batch = yield lambda store: store.claim_expired(now, SWEEP_BATCH)
+            batch = yield claim
             for lease in batch:
                 self.audit.emit(EventType.EXPIRED, now, lease, actor="reaper")
-            if self.hooks.on_expire and batch:
-                self.hooks.enqueue("on_expire", batch)
+            lost = self.hooks.enqueue_expired(batch)
+            if lost:
+                log.error(
+                    "the store handed out %d expired leases whose on_expire hooks this "
+                    "broker does not have (first: lease %s needs %r); their hooks will "
+                    "not run: the store must honour claim_expired(expire_hooks=...)",
+                    len(lost),
+                    lost[0].id,
+                    lost[0].expire_hooks,
+                )
             expired.extend(batch)
             if len(batch) < SWEEP_BATCH:
                 break
@@ -501,9 +541,47 @@ class Core:
             decision = attrs.evolve(decision, allowed=False, reasons=tuple(full))
         return Explanation(decision, lease, tuple(usage))
 
-    def task_id(self, name: str) -> str:
-        """A unique task id for one call of an ``ephemeral`` function."""
-        return f"{name}:{secrets.token_hex(6)}"
+    def _claim(self, now: float) -> Callable[[Any], Any]:
+        """The store call claiming what this broker may expire: leases needing no
+        hook, and those needing only hooks it has (any subset of them)."""
+        profiles = self.expire_profiles
+        if not profiles:  # the protocol's default: leases that need no hook
+            return lambda store: store.claim_expired(now, SWEEP_BATCH)
+        return lambda store: store.claim_expired(now, SWEEP_BATCH, expire_hooks=profiles)
+
+    def awaiting_hooks(self) -> Steps[dict[str, int] | None]:
+        """Expired leases no broker has claimed yet because they need ``on_expire``
+        hooks, per ``expire_hooks`` value; None if the store cannot count them."""
+        now = self.clock()
+
+        def count(store: Any) -> Any:
+            counter = getattr(store, "awaiting_hooks", None)  # optional in the protocol
+            return None if counter is None else counter(now)
+
+        counts: dict[str, int] | None = yield count
+        return counts
+
+    def _run_of(self, task: str) -> str | None:
+        """The run id of this broker's innermost ``task(task)`` block around the
+        caller, if any: a lease issued there belongs to that run."""
+        for core, name, run in reversed(_TASK_RUNS.get()):
+            if core is self and name == task:
+                return run
+        return None
+
+    @contextlib.contextmanager
+    def task_run(self, task: str) -> Iterator[str]:
+        """A new run of ``task``: within the block, leases this broker issues for
+        ``task`` record the run id (``Lease.task_run``), which the block yields."""
+        run = secrets.token_hex(12)  # 96 random bits: unique across every broker
+        token = _TASK_RUNS.set((*_TASK_RUNS.get(), (self, task, run)))
+        try:
+            yield run
+        finally:
+            try:
+                _TASK_RUNS.reset(token)
+            except ValueError:  # left in another context (a generator closed elsewhere)
+                _TASK_RUNS.set(tuple(f for f in _TASK_RUNS.get() if f[2] != run))
 
 
 @attrs.frozen

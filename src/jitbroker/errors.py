@@ -24,7 +24,7 @@
     │   └── RenewalDenied            not renewable, or at its maximum lifetime
     ├── StoreError
     │   └── StoreUnavailable         the store could not be reached; nothing was issued
-    ├── KeySourceError               a JWKS URL could not be fetched, or was refused
+    ├── KeySourceError               a JWKS or key source could not be read, or was refused
     └── InvalidRequest (ValueError)  a bad argument; the message says what to fix
 
 Messages name the lease id, times and scopes involved, never a token or key.
@@ -181,7 +181,9 @@ class StoreUnavailable(StoreError):
 
 
 class KeySourceError(JitBrokerError):
-    """A JWKS URL could not be fetched, or what it served is not a public JWKS."""
+    """A JWKS URL could not be fetched, or what it served is not a public JWKS; or a
+    key directory or file could not be written, or is refused as unsafe (a symlink,
+    another user's, or open to group or others: the message says what to run)."""
 
 
 class InvalidRequest(JitBrokerError, ValueError):

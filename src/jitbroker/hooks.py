@@ -1,17 +1,39 @@
 """Lifecycle hooks: tie external cleanup to a lease (drop a database role, delete
 a cloud key) with ``on_issue``, ``on_revoke`` and ``on_expire``.
 
-A hook is a callable taking the ``Lease`` (sync, or ``async def``). It runs
-after the operation succeeded, so a failing hook can never undo or lose a
-revocation: the error is logged and audited, and the call is retried with
+A hook is a callable taking the ``Lease`` (sync, or ``async def``). Each event
+takes one hook, a list of them, or a mapping ``{name: hook}``.
+
+Every hook has a name, its identity across processes and restarts: the
+mapping's key, else ``module.qualname`` of the callable (of its class for a
+callable object). Names are 1 to 128 printable characters without spaces;
+``on_expire`` names must be unique within the broker. Two brokers treat
+``on_expire`` hooks of the same name as the same hook, so give one name to one
+job (all lambdas of a module share a qualname, and all instances of a class:
+name them with a mapping).
+
+``on_expire`` is decided when a lease is created: the lease records the names
+of its broker's ``on_expire`` hooks (``Lease.expire_hooks``), and when it
+expires only a broker that has a hook of each of those names claims it and runs
+exactly those (not its other ``on_expire`` hooks). A lease that needs none is
+claimed by any broker, and no hook runs for it. So a broker without hooks
+sharing the store never takes another's expiries away; an expired lease whose
+hooks no running broker has waits in the store, unclaimed and counted in
+``broker.report()`` (``awaiting_hooks``), until one that has them sweeps. It is
+not purged meanwhile: start a broker with those hooks (a hook that does
+nothing, under the same name, drains them deliberately). ``on_issue`` hooks run
+in the issuing broker; ``on_revoke`` hooks in the broker that revokes.
+
+A hook runs after the operation succeeded, so a failing hook can never undo or
+lose a revocation: the error is logged and audited, and the call is retried with
 exponential backoff (``backoff``, ``2 * backoff``, ...) by later sweeps, up to
 ``retries`` times. Then it is parked: listed in ``broker.failed_hooks()`` and
 the report, and run again by ``broker.retry_failed_hooks()``.
 
 ``on_expire`` fires exactly once per lease across every broker sharing a store,
-because each expired lease is claimed by exactly one sweep. Retries and parked
-hooks live in the broker's memory: a process that dies loses its pending
-retries (the leases themselves are already dead).
+because each expired lease is claimed by exactly one sweep, of a broker that
+runs its hooks. Retries and parked hooks live in the broker's memory: a process
+that dies loses its pending retries (the leases themselves are already dead).
 
 No call is lost inside a process: every call taken off the queue ends completed,
 back on the queue, or parked. A run that is interrupted (its task cancelled, or
@@ -40,7 +62,8 @@ import inspect
 import logging
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -57,7 +80,7 @@ if TYPE_CHECKING:
     from .audit import Auditor
     from .clock import Clock
 
-__all__ = ["FailedHook", "Hook", "Hooks"]
+__all__ = ["FailedHook", "Hook", "HookSpec", "Hooks", "hook_name"]
 
 log = logging.getLogger("jitbroker.hooks")
 Hook = Callable[[Lease], object]
@@ -66,6 +89,10 @@ MAX_BACKOFF = 3600.0  # seconds: retries never wait longer than this
 MAX_PARKED = 10_000  # parked calls kept; older ones are dropped (and counted)
 MAX_PENDING = 10_000  # a call failing while this many wait is parked at once
 _MAX_DOUBLINGS = 32  # backoff * 2**32 is far past MAX_BACKOFF, and never overflows
+MAX_HOOK_NAME = 128  # characters
+#: A broker claims expired leases needing any subset of its on_expire hooks, so
+#: it names every subset to the store: 2**n - 1 of them. This bounds that list.
+MAX_EXPIRE_HOOKS = 8
 LOOP_RUNNING = (
     "async hook not run: this thread runs an event loop, which a sync Broker never "
     "blocks; use AsyncBroker (a sweep from a thread without a loop retries it)"
@@ -77,7 +104,7 @@ class FailedHook:
     """A hook call that ran out of retries (or is waiting for its next one)."""
 
     event: str  # on_issue, on_revoke or on_expire
-    hook: str  # the callable's name
+    hook: str  # the hook's qualname, or the name it was given
     lease: Lease
     attempts: int
     error: str  # the last error's class and message, shortened
@@ -87,6 +114,7 @@ class FailedHook:
 @attrs.define
 class _Call:
     event: str
+    name: str
     hook: Hook
     lease: Lease
     due: float
@@ -95,17 +123,85 @@ class _Call:
     error: str = ""
 
 
-def _hooks(value: Hook | Iterable[Hook] | None, event: str) -> tuple[Hook, ...]:
+HookSpec = Hook | Iterable[Hook] | Mapping[str, Hook] | None
+
+
+def _hooks(value: HookSpec, event: str) -> tuple[tuple[str, Hook], ...]:
+    """``(name, hook)`` pairs, in the order given."""
     if value is None:
         return ()
-    items = (value,) if callable(value) else tuple(value)
-    if not all(callable(h) for h in items):
-        raise InvalidRequest(f"{event} must be a callable taking a Lease, or a list of them")
-    return items
+    if isinstance(value, Mapping):
+        pairs = [(_check_name(name, event), hook) for name, hook in value.items()]
+    else:
+        items = (value,) if callable(value) else tuple(value)
+        pairs = [(_derived_name(hook, event), hook) for hook in items]
+    if not all(callable(hook) for _, hook in pairs):
+        raise InvalidRequest(
+            f"{event} must be a callable taking a Lease, a list of them, or a mapping"
+            " {name: callable}"
+        )
+    names = [name for name, _ in pairs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice and event == "on_expire":  # elsewhere a name only labels the hook's failures
+        raise InvalidRequest(
+            f"{event} has several hooks named {', '.join(map(repr, twice))}: a name is a"
+            " hook's identity across brokers; give each its own, e.g. {name: hook}"
+        )
+    return tuple(pairs)
 
 
-def _name(hook: Hook) -> str:
-    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
+def hook_name(hook: Hook) -> str:
+    """``module.qualname`` of ``hook`` (of its class for a callable object)."""
+    qualname = getattr(hook, "__qualname__", None)
+    module = getattr(hook, "__module__", None)
+    if not isinstance(qualname, str):
+        qualname, module = type(hook).__qualname__, type(hook).__module__
+    return qualname if not isinstance(module, str) else f"{module}.{qualname}"
+
+
+def _derived_name(hook: Hook, event: str) -> str:
+    name = hook_name(hook) if callable(hook) else ""
+    if not callable(hook) or _valid_name(name):
+        return name
+    raise InvalidRequest(
+        f"{event} hook {name[:MAX_HOOK_NAME]!r} has no usable name (1 to {MAX_HOOK_NAME}"
+        " printable characters, no spaces): give it one, e.g. {name: hook}"
+    )
+
+
+def _check_name(name: object, event: str) -> str:
+    if isinstance(name, str) and _valid_name(name):
+        return name
+    raise InvalidRequest(
+        f"{event} hook names must be 1 to {MAX_HOOK_NAME} printable characters without spaces"
+    )
+
+
+def _valid_name(name: str) -> bool:
+    return 0 < len(name) <= MAX_HOOK_NAME and name.isprintable() and " " not in name
+
+
+def expire_profile(names: Iterable[str]) -> str | None:
+    """The ``Lease.expire_hooks`` value for hooks of these names: sorted, each once,
+    space-separated; None for no hooks."""
+    return " ".join(sorted(set(names))) or None
+
+
+def _plans(pairs: tuple[tuple[str, Hook], ...]) -> dict[str, tuple[tuple[str, Hook], ...]]:
+    """Every profile a broker with these on_expire hooks can run -> the hooks to
+    run for it, in the configured order."""
+    if len(pairs) > MAX_EXPIRE_HOOKS:
+        raise InvalidRequest(
+            f"at most {MAX_EXPIRE_HOOKS} on_expire hooks (a broker names every subset of"
+            " them to the store when it claims); combine some into one hook"
+        )
+    plans: dict[str, tuple[tuple[str, Hook], ...]] = {}
+    for size in range(1, len(pairs) + 1):
+        for subset in combinations(pairs, size):  # combinations keep the order
+            profile = expire_profile(name for name, _ in subset)
+            assert profile is not None
+            plans[profile] = subset
+    return plans
 
 
 class Hooks:
@@ -113,9 +209,9 @@ class Hooks:
 
     def __init__(
         self,
-        on_issue: Hook | Iterable[Hook] | None = None,
-        on_revoke: Hook | Iterable[Hook] | None = None,
-        on_expire: Hook | Iterable[Hook] | None = None,
+        on_issue: HookSpec = None,
+        on_revoke: HookSpec = None,
+        on_expire: HookSpec = None,
         *,
         retries: int = 5,
         backoff: Duration = 1.0,
@@ -126,6 +222,11 @@ class Hooks:
         self.on_issue = _hooks(on_issue, "on_issue")
         self.on_revoke = _hooks(on_revoke, "on_revoke")
         self.on_expire = _hooks(on_expire, "on_expire")
+        #: What every lease this broker creates records as ``expire_hooks``.
+        self.expire_profile = expire_profile(name for name, _ in self.on_expire)
+        self._expire_plans = _plans(self.on_expire)
+        #: The ``expire_hooks`` values this broker can run, for ``claim_expired``.
+        self.expire_profiles = tuple(self._expire_plans)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise InvalidRequest("hook_retries must be a whole number, 0 or more")
         self.retries = retries
@@ -146,12 +247,37 @@ class Hooks:
         return bool(self.on_issue or self.on_revoke or self.on_expire)
 
     def enqueue(self, event: str, leases: Iterable[Lease]) -> None:
-        """Schedule every ``event`` hook for each lease, due now."""
+        """Schedule every ``event`` hook for each lease, due now (``on_expire``:
+        see ``enqueue_expired``)."""
         now = self.clock()
         hooks = getattr(self, event)
-        calls = [_Call(event, h, lease, now, self.retries) for lease in leases for h in hooks]
+        calls = [
+            _Call(event, name, hook, lease, now, self.retries)
+            for lease in leases
+            for name, hook in hooks
+        ]
         with self._lock:
             self._pending.extend(calls)
+
+    def enqueue_expired(self, leases: Iterable[Lease]) -> list[Lease]:
+        """Schedule, for each expired lease, the ``on_expire`` hooks it records
+        (none for a lease that records none); the leases whose hooks this broker
+        does not have (a store that ignored the claim filter: they are lost)."""
+        now, plans, missing = self.clock(), self._expire_plans, []
+        calls: list[_Call] = []
+        for lease in leases:
+            needed = lease.expire_hooks
+            if needed is None:
+                continue
+            plan = plans.get(needed)
+            if plan is None:
+                missing.append(lease)
+                continue
+            calls += (_Call("on_expire", n, h, lease, now, self.retries) for n, h in plan)
+        if calls:
+            with self._lock:
+                self._pending.extend(calls)
+        return missing
 
     def _due(self) -> list[_Call]:
         now = self.clock()
@@ -217,7 +343,7 @@ class Hooks:
         log.warning(
             "hook %s %s failed for lease %s (attempt %d)%s",
             call.event,
-            _name(call.hook),
+            call.name,
             call.lease.id,
             call.attempts,
             "; parked" if parked else "; parked: retry queue full" if full else "; will retry",
@@ -247,7 +373,7 @@ class Hooks:
                 "%d attempts, last error %s; %d dropped so far",
                 self.max_parked,
                 dropped.event,
-                _name(dropped.hook),
+                dropped.name,
                 dropped.lease.id,
                 dropped.attempts,
                 dropped.error,
@@ -299,7 +425,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _failed_hook(call: _Call) -> FailedHook:
-    return FailedHook(call.event, _name(call.hook), call.lease, call.attempts, call.error, call.due)
+    # The qualname alone, as before hooks had names, unless the hook was named.
+    label = call.name
+    if label == hook_name(call.hook):
+        label = getattr(call.hook, "__qualname__", None) or type(call.hook).__qualname__
+    return FailedHook(call.event, label, call.lease, call.attempts, call.error, call.due)
 
 
 def _run_coroutine(awaitable: Awaitable[Any]) -> None:

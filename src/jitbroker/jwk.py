@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -17,7 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .errors import InvalidRequest
 
-__all__ = ["b64url", "material_from_jwk", "oct_jwk", "private_jwk", "public_jwk", "thumbprint"]
+__all__ = [
+    "b64url",
+    "material_from_jwk",
+    "oct_jwk",
+    "private_jwk",
+    "public_jwk",
+    "signature_jwks",
+    "thumbprint",
+    "verifies_signatures",
+]
 
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
@@ -91,6 +100,49 @@ def private_jwk(alg: str, material: Any) -> dict[str, str]:
     n = material.private_numbers()
     extra = {"d": n.d, "p": n.p, "q": n.q, "dp": n.dmp1, "dq": n.dmq1, "qi": n.iqmp}
     return {**jwk, **{k: _uint(v) for k, v in extra.items()}}
+
+
+# Members only a private JWK has (RFC 7518 6.2.2, 6.3.2); an oct key is all secret.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
+
+
+def verifies_signatures(jwk: Mapping[str, Any]) -> bool:
+    """True unless the JWK's ``use`` or ``key_ops`` (RFC 7517 4.2, 4.3) rule out
+    verifying signatures with it.
+
+    Both members are optional. When present, ``use`` must be exactly ``"sig"``
+    (values are case-sensitive: ``"enc"`` and values we do not know are not a
+    signature use) and ``key_ops`` must be a list holding ``"verify"``. A
+    malformed member rules the key out too: a key nobody declared fit for
+    signatures does not vouch for tokens.
+    """
+    if jwk.get("use", "sig") != "sig":
+        return False
+    if "key_ops" not in jwk:
+        return True
+    ops = jwk["key_ops"]
+    return isinstance(ops, list) and "verify" in ops
+
+
+def signature_jwks(keys: Iterable[Any]) -> list[Any]:
+    """The entries of a JWKS ``keys`` list that may verify signatures, in order.
+
+    Keys ``verifies_signatures`` rules out are skipped, not refused: a JWKS that
+    mixes signature and encryption keys is normal, and an encryption key may be
+    of a type we cannot load. A skipped key holding private material is still
+    refused (``InvalidRequest``): a published JWKS with a secret in it is a leak
+    to fix, whatever the key is for. Entries that are not objects are kept, for
+    the JWK loader to refuse.
+    """
+    kept: list[Any] = []
+    for jwk in keys:
+        if not isinstance(jwk, Mapping) or verifies_signatures(jwk):
+            kept.append(jwk)
+        elif jwk.get("kty") == "oct" or not _PRIVATE_MEMBERS.isdisjoint(jwk):
+            raise InvalidRequest(
+                "a JWKS for verification must not contain private keys or HMAC secrets"
+            )
+    return kept
 
 
 def material_from_jwk(jwk: Mapping[str, Any]) -> object:

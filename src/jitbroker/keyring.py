@@ -5,7 +5,8 @@ makes a new signer and, with a grace period, schedules the old one to be
 dropped by ``prune``; ``retire`` drops a key at once. Changes replace the
 internal mappings wholesale (copy-on-write), so a verification in another
 thread never sees a half-updated ring. A ring can be saved to and loaded from a
-key directory (``save_dir``/``from_dir``), a file or an environment variable.
+key directory (``save_dir``/``from_dir``; ``keydir`` checks that nobody else
+could have written it), a file or an environment variable.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import keydir
 from .clock import Duration, seconds
-from .errors import InvalidRequest, MalformedToken
+from .errors import InvalidRequest, KeySourceError, MalformedToken
+from .jwk import signature_jwks
 from .keys import Key, generate_key, key_from_jwk, key_from_pem
 
 __all__ = ["KeyRing"]
@@ -53,38 +56,25 @@ def _key_file(key: Key, password: bytes | None) -> tuple[str, bytes]:
     return f"{key.kid}.key.pem", key.to_pem(password if key.private else None)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the start, replacing it atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    # A leftover temporary file (or a planted symlink) would keep its own mode
-    # or redirect the write: remove it and create afresh, never following links.
-    tmp.unlink(missing_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o600)
-    os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
+def _read_manifest(dir_fd: int, folder: Path) -> dict[str, Any]:
     from .tokens import strict_json_object  # here: tokens imports this module
 
+    path = folder / MANIFEST
+    data = keydir.read_file(dir_fd, MANIFEST, str(path), kind="manifest", secret=False)
     try:
-        return strict_json_object((folder / MANIFEST).read_bytes(), "key ring manifest")
+        return strict_json_object(data, "key ring manifest")
     except MalformedToken as exc:  # duplicates, NaN, not an object, ...
-        raise InvalidRequest(f"{folder / MANIFEST} is not a valid manifest: {exc}") from exc
+        raise InvalidRequest(f"{path} is not a valid manifest: {exc}") from exc
 
 
-def _read_key_file(folder: Path, name: object, password: bytes | None) -> Key:
+def _read_key_file(dir_fd: int, folder: Path, name: object, password: bytes | None) -> Key:
     """One key file named by the manifest: a bare file name of ours, never a path."""
     match = _KEY_FILE.fullmatch(name) if isinstance(name, str) else None
     if match is None:
         raise InvalidRequest(f"{folder / MANIFEST} names a key file that save_dir never writes")
     path = folder / match[0]
-    key = _key_from_text(path.read_bytes(), password, str(path))
+    data = keydir.read_file(dir_fd, match[0], str(path), kind="key file", secret=True)
+    key = _key_from_text(data, password, str(path))
     if key.kid != match[1]:
         raise InvalidRequest(f"{path} holds key {key.kid}, not the key it is named for")
     return key
@@ -141,11 +131,12 @@ class KeyRing:
 
     @classmethod
     def from_jwks(cls, jwks: Mapping[str, Any]) -> KeyRing:
-        """A verify-only ring from a JWKS document ``{"keys": [...]}``."""
+        """A verify-only ring from a JWKS document ``{"keys": [...]}``; keys whose
+        ``use``/``key_ops`` rule out signatures are skipped (``jwk.signature_jwks``)."""
         keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
         if not isinstance(keys, list):
             raise InvalidRequest('a JWKS must be an object with a "keys" list')
-        loaded = [key_from_jwk(k) for k in keys]
+        loaded = [key_from_jwk(k) for k in signature_jwks(keys)]
         if any(k.private for k in loaded):  # HMAC keys are secrets too
             raise InvalidRequest(
                 "a JWKS for verification must not contain private keys or HMAC secrets"
@@ -154,9 +145,14 @@ class KeyRing:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], password: bytes | None = None) -> KeyRing:
-        """A ring from one key in a file: PEM (optionally encrypted) or a JWK."""
+        """A ring from one key in a file: PEM (optionally encrypted) or a JWK.
+
+        The file (a symbolic link is followed) must be a regular file owned by
+        you or root and writable by nobody else, or ``KeySourceError`` says how
+        to fix it: whoever can write it can make the broker sign with their key.
+        """
         try:
-            data = Path(path).read_bytes()
+            data = keydir.read_path(path)
         except OSError as exc:
             raise InvalidRequest(f"could not read the key file {path}: {exc.strerror}") from exc
         return cls([_key_from_text(data, password, f"key file {path}")])
@@ -171,23 +167,37 @@ class KeyRing:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str], password: bytes | None = None) -> KeyRing:
-        """The ring ``save_dir`` wrote: its keys, its signer, and their drop times."""
+        """The ring ``save_dir`` wrote: its keys, its signer, and their drop times.
+
+        Trusted as OpenSSH trusts ``~/.ssh``, or ``KeySourceError`` says how to
+        fix it: the directory is not a symbolic link, it and its files are owned
+        by you or root and writable by nobody else, and key files are readable
+        by nobody else. Files are opened without following symbolic links.
+        """
         folder = Path(path)
+        dir_fd = keydir.open_dir(folder)
         try:
-            manifest = _read_manifest(folder)
-            keys = [_read_key_file(folder, name, password) for name in manifest["keys"]]
+            manifest = _read_manifest(dir_fd, folder)
+            keys = [_read_key_file(dir_fd, folder, name, password) for name in manifest["keys"]]
             ring = cls(keys, active=manifest["active"])
             ring._drop_at = _drop_times(manifest["drop_at"], ring)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if isinstance(exc, InvalidRequest):
                 raise
             raise InvalidRequest(f"{folder} is not a readable jitbroker key directory") from exc
+        finally:
+            os.close(dir_fd)
         return ring
 
     def save_dir(self, path: str | os.PathLike[str], password: bytes | None = None) -> None:
         """Write every key (PKCS#8 PEM, encrypted with ``password``) into the
         directory ``path`` with mode 0600 (the directory 0700), plus a manifest
         naming the signer and drop times. Files of dropped keys are removed.
+
+        The directory is created, or set to 0700 if it exists; one that is a
+        symbolic link or is owned by another user (not root) is refused with
+        ``KeySourceError``. Files are written relative to the opened directory
+        and never through a symbolic link.
 
         HMAC keys are written as JWK files, which cannot be encrypted: a
         password for an HMAC ring is refused rather than silently ignored.
@@ -197,23 +207,29 @@ class KeyRing:
                 "HMAC keys are saved as plain JWK files and cannot be encrypted; save "
                 "without a password and protect the directory (it is made owner-only)"
             )
-        folder = Path(path)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            dir_fd = keydir.open_dir(path, create=True)
+            try:
+                self._save(dir_fd, password)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:  # no permission, disk full, ...: ours, with the path
+            raise KeySourceError(f"could not write the key directory {path}: {exc}") from exc
+
+    def _save(self, dir_fd: int, password: bytes | None) -> None:
         with self._lock:
             names = {}
             for key in self._keys.values():
                 name, data = _key_file(key, password)
-                _write_private(folder / name, data)
+                keydir.write_private(dir_fd, name, data)
                 names[key.kid] = name
             manifest = {
                 "active": self._active,
                 "keys": sorted(names.values()),
                 "drop_at": dict(self._drop_at),
             }
-        _write_private(folder / MANIFEST, json.dumps(manifest, indent=2).encode())
-        for stale in folder.glob("*.key.*"):
-            if stale.name not in names.values():
-                stale.unlink()
+        keydir.write_private(dir_fd, MANIFEST, json.dumps(manifest, indent=2).encode())
+        keydir.remove_except(dir_fd, ".key.", keep=set(names.values()))
 
     # -- membership -------------------------------------------------------
     def add(self, key: Key, *, activate: bool = False) -> None:

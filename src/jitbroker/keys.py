@@ -31,6 +31,7 @@ TOKEN_TYPE = "at+jwt"
 MIN_RSA_BITS = 2048
 MIN_HMAC_BYTES = 32
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_LOW_S_MAX = _P256_ORDER // 2  # the largest S jitbroker signs with (and accepts in tokens)
 
 
 class Key:
@@ -86,14 +87,22 @@ class Key:
             return m.sign(data, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[no-any-return]
         return hmac.digest(m, data, "sha256")
 
-    def verify(self, signature: bytes, data: bytes) -> bool:
-        """True if ``signature`` over ``data`` verifies under this key and algorithm."""
+    def verify(self, signature: bytes, data: bytes, *, allow_high_s: bool = False) -> bool:
+        """True if ``signature`` over ``data`` verifies under this key and algorithm.
+
+        An ES256 signature must have a low S (``s <= n/2``), the one encoding
+        jitbroker signs with, unless ``allow_high_s``: then its high-S twin
+        ``(r, n - s)`` verifies too. That is for signatures made by other
+        libraries (DPoP proofs), where nothing is keyed on the signature bytes.
+        """
         v = self._verifier
         try:
             if self.alg == "EdDSA":
                 v.verify(signature, data)
             elif self.alg == "ES256":
-                return self._verify_es256(signature, data)
+                return self._verify_es256(
+                    signature, data, _P256_ORDER - 1 if allow_high_s else _LOW_S_MAX
+                )
             elif self.alg == "RS256":
                 v.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
             else:
@@ -102,16 +111,17 @@ class Key:
             return False
         return True
 
-    def _verify_es256(self, signature: bytes, data: bytes) -> bool:
+    def _verify_es256(self, signature: bytes, data: bytes, max_s: int) -> bool:
         # Raw r||s, each in [1, n-1]: r = s = 0 is the "psychic signature"
         # (CVE-2022-21449) that broken verifiers accepted.
         if len(signature) != 64:
             return False
         r = int.from_bytes(signature[:32], "big")
         s = int.from_bytes(signature[32:], "big")
-        # High-S is refused too: (r, n - s) would be a second valid encoding of
-        # the same signature (malleability); we only ever sign with low S.
-        if not (0 < r < _P256_ORDER and 0 < s <= _P256_ORDER // 2):
+        # For tokens max_s is n/2, refusing high S: (r, n - s) would be a second
+        # valid encoding of the same signature (malleability), and we only ever
+        # sign with low S. Proofs, signed by any library, pass max_s = n - 1.
+        if not (0 < r < _P256_ORDER and 0 < s <= max_s):
             return False
         self._verifier.verify(encode_dss_signature(r, s), data, ec.ECDSA(hashes.SHA256()))
         return True

@@ -27,6 +27,7 @@ class Lease:
 
     Times are POSIX seconds from the broker's clock. A lease is active while it
     is not revoked and ``now < expires_at``; ``max_expires_at`` caps renewal.
+    Leases stored before a field existed read it as None.
     """
 
     id: str
@@ -45,6 +46,17 @@ class Lease:
     revoked_at: float | None = None
     revoke_reason: str | None = None
     holder: str | None = None  # jkt of the key a DPoP proof must be signed with
+    #: The ``iss`` of the broker that issued the lease (``revoke_where(issuer=...)``).
+    issuer: str | None = None
+    #: The run of ``broker.task(...)`` the lease belongs to: unique per ``task()``
+    #: call, so a task's exit revokes exactly its own leases, never those of
+    #: another run (or another issuer) that uses the same task name.
+    task_run: str | None = None
+    #: The ``on_expire`` hooks this lease needs, decided by the broker that
+    #: created it: their names, sorted and space-separated (see
+    #: ``jitbroker.hooks``). None: no hook runs when it expires. Only a broker
+    #: that runs every one of them claims the lease once it has expired.
+    expire_hooks: str | None = None
 
     def is_active(self, now: float) -> bool:
         """True if not revoked and not yet expired at ``now``."""

@@ -71,14 +71,28 @@ _HOURS = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
+# IANA zone names are Area/Location words ("Europe/Berlin", "Etc/GMT+5"); the
+# longest in use is 32 characters. Checked before zoneinfo sees the name: it
+# becomes a file path under the zone database (TZPATH, or the tzdata package).
+_ZONE_NAME = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
+_MAX_ZONE_NAME = 64
+
+
 def _zone(tz: tzinfo | str) -> tzinfo:
+    """``tz`` itself, or the zone an IANA name names; ``InvalidRequest`` if none."""
     if isinstance(tz, tzinfo):
         return tz
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    if not isinstance(tz, str):
+        raise InvalidRequest(f"a time zone is a tzinfo or an IANA name, not {type(tz).__name__}")
+    if len(tz) > _MAX_ZONE_NAME or not _ZONE_NAME.fullmatch(tz):
+        raise InvalidRequest(f"unknown time zone {tz[:_MAX_ZONE_NAME]!r} (not an IANA name)")
+    from zoneinfo import ZoneInfo
 
     try:
         return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    # Whatever loading the file raises means the same: not found, a directory
+    # ("Europe"), a name the file system refuses, or a file that is not TZif.
+    except Exception as exc:
         raise InvalidRequest(f"unknown time zone {tz!r}") from exc
 
 
@@ -179,7 +193,19 @@ def covers(pattern: str, value: str) -> bool:
     return pattern == value
 
 
+# The quota memo is keyed by caller input, so it keeps only small keys: at
+# most _QUOTA_MEMO_MAX entries of _QUOTA_MEMO_CHARS characters, whatever
+# subjects and owners callers send (a Lease built by hand is not length-checked).
 _QUOTA_MEMO_MAX = 4096
+_QUOTA_MEMO_CHARS = 256
+
+
+def _small_key(subject: str, owner: str | None) -> bool:
+    return (
+        type(subject) is str
+        and (owner is None or type(owner) is str)
+        and len(subject) + len(owner or "") <= _QUOTA_MEMO_CHARS
+    )
 
 
 class _Grants:
@@ -343,9 +369,11 @@ class Rule:
         key = (lease.subject, lease.owner)
         found = self._quota_memo.get(key)
         if found is None:  # the same subjects and owners come back on every issue
-            if len(self._quota_memo) >= _QUOTA_MEMO_MAX:
-                self._quota_memo.clear()
-            found = self._quota_memo[key] = self._new_quotas(lease)
+            found = self._new_quotas(lease)
+            if _small_key(*key):
+                if len(self._quota_memo) >= _QUOTA_MEMO_MAX:
+                    self._quota_memo.clear()
+                self._quota_memo[key] = found
         return found
 
     def _new_quotas(self, lease: Lease) -> tuple[Quota, ...]:

@@ -78,6 +78,10 @@ class Report:
     delegated: Mapping[str, int]  # active delegated lease id -> its depth
     failed_hooks: tuple[FailedHook, ...] | None  # None: not known here (the CLI)
     churn: Mapping[str, int]
+    #: Expired leases no broker has claimed because they need ``on_expire`` hooks,
+    #: per ``Lease.expire_hooks`` value: they wait for a broker that has those
+    #: hooks (and are not purged meanwhile). None: the store cannot count them.
+    awaiting_hooks: Mapping[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -114,6 +118,7 @@ class Report:
                 for h in self.failed_hooks
             ],
             "churn": dict(self.churn),
+            "awaiting_hooks": None if self.awaiting_hooks is None else dict(self.awaiting_hooks),
         }
 
     def __str__(self) -> str:
@@ -149,6 +154,12 @@ class Report:
         yield "\nchurn: " + ", ".join(f"{k} {v}" for k, v in self.churn.items())
 
     def _hook_lines(self) -> Iterable[str]:
+        if self.awaiting_hooks is None:
+            yield "\nexpired leases awaiting their on_expire hooks: not known (store cannot count)"
+        else:
+            waiting = sum(self.awaiting_hooks.values())
+            yield f"\nexpired leases awaiting a broker with their on_expire hooks: {waiting}"
+            yield from (f"  {hooks}  {n}" for hooks, n in self.awaiting_hooks.items())
         if self.failed_hooks is None:
             yield "\nfailed hooks: not known here (each broker keeps its own: broker.report())"
             return
@@ -201,6 +212,7 @@ def build_report(
     counts: Mapping[str, int] | None = None,
     sink_failures: int | None = None,
     hook_calls_dropped: int | None = None,
+    awaiting_hooks: Mapping[str, int] | None = None,
     long_ttl: Duration = 3600,
     oldest: int = 10,
 ) -> Report:
@@ -208,7 +220,8 @@ def build_report(
     gives). ``keys`` is the key ids still held (None: unknown, no retired-key
     finding); ``counts`` the broker's event counts since it started,
     ``sink_failures`` how many audit sink calls raised, and ``hook_calls_dropped``
-    how many parked hook calls were dropped to bound the list."""
+    how many parked hook calls were dropped to bound the list; ``awaiting_hooks``
+    the store's count of expired leases awaiting hooks (``awaiting_hooks(now)``)."""
     threshold = seconds(long_ttl, "long_ttl")
     if isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 0:
         raise InvalidRequest("oldest must be a whole number, 0 or more")
@@ -248,7 +261,12 @@ def build_report(
         delegated=_depths(active, everything),
         failed_hooks=None if failed_hooks is None else tuple(failed_hooks),
         churn=churn,
+        awaiting_hooks=None if awaiting_hooks is None else _sorted_counts(awaiting_hooks),
     )
+
+
+def _sorted_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:

@@ -8,10 +8,25 @@ the store. That is only sound while the cache is known to be current, so:
 - the feed subscribes first and then loads every recent revocation from the
   store (a full resync), so nothing revoked in between is missed; it does the
   same after every reconnect;
-- the cache is *fresh* only while the feed is connected and was confirmed live
-  (a message or a heartbeat answer) within ``max_staleness`` seconds; a stale
-  cache makes the verifier ask the store again (and reject if the store is
-  down): a revocation is honoured within ``max_staleness`` at worst;
+- the cache is *fresh* only while the feed is connected and its knowledge was
+  confirmed current (an authoritative read of the store's revocation log, or a
+  heartbeat answer) within ``max_staleness`` seconds, counted from when that
+  confirming request was *sent*; a stale cache makes the verifier ask the
+  store again (and reject if the store is down);
+- messages are hints, never the authority: a PostgreSQL NOTIFY (which any
+  role may send) only wakes the feed, which then reads the ids revoked since
+  the last one it applied from the leases table; the Redis feed reads a stream
+  kept in the store itself, whose entries carry consecutive numbers, so a
+  missing one ends the session (resync) instead of being skipped;
+- revocation is *strict* by default: each live cache registers in the store
+  and acknowledges the number of the last revocation it applied; ``revoke``
+  returns only once every live cache acknowledged it, or once the cache that
+  did not can no longer be fresh (its last confirmation plus its
+  ``max_staleness`` have passed, by the store's clock). So when ``revoke``
+  returns, no cache in any process still vouches for the revoked lease
+  (invariant 3), at the price of the feed's latency (milliseconds) in
+  ``revoke`` while caches are live, and at most ``max_staleness`` while one of
+  them is cut off;
 - an id is remembered for ``window`` seconds (at least the longest token
   lifetime plus leeway: after that its tokens are expired anyway) and never
   evicted early; if more than ``max_entries`` are held, the cache stops
@@ -38,15 +53,27 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from ._drive import Step, Steps
 from .clock import Duration, seconds
 from .errors import StoreError
 
-__all__ = ["RevocationCache", "parse_ids", "start_feed"]
+__all__ = [
+    "ACK_MARGIN",
+    "RevocationCache",
+    "acknowledged",
+    "parse_ids",
+    "sleep",
+    "start_feed",
+]
 
 log = logging.getLogger("jitbroker")
 #: A resync loads revocations of leases that expired up to this long ago: tokens
 #: verify until exp plus leeway, and leeway is at most 60 s.
 RESYNC_MARGIN = 60.0
+#: A strict revoke that gave up on a silent cache waits this much past the end
+#: of the cache's freshness (by the store's clock), for clock rate differences
+#: between hosts and the time the cache's own check takes.
+ACK_MARGIN = 0.05
 #: One connection's life: subscribe, resync, follow; returns or raises when it ends.
 Session = Callable[["RevocationCache", threading.Event], None]
 
@@ -80,6 +107,8 @@ class RevocationCache:
         self._ids: dict[str, float] = {}  # lease id -> when it may be forgotten
         self._order: list[tuple[float, str]] = []
         self._live_at: float | None = None  # None: not connected / never synced
+        #: The last ``alive`` (never reset by ``down``): did a session get going?
+        self.confirmed_at: float | None = None
         self.epoch = None
         self._stop: Callable[[], None] | None = None
 
@@ -110,12 +139,15 @@ class RevocationCache:
         return lease_id in self._ids
 
     # -- for feeds -------------------------------------------------------------
-    def resync(self, ids: Iterable[str], *, epoch: float | None) -> None:
+    def resync(
+        self, ids: Iterable[str], *, epoch: float | None, since: float | None = None
+    ) -> None:
         """After (re)subscribing: add every recent revocation and take the store's
-        ``epoch`` (read with them, in one snapshot), then count as live."""
+        ``epoch`` (read with them, in one snapshot), then count as live from
+        ``since`` (see ``alive``)."""
         self.add(ids)
         self.epoch = epoch
-        self.alive()
+        self.alive(since)
 
     def check_epoch(self, epoch: float | None) -> None:
         """At a heartbeat: raise ``StoreError`` (ending the feed's session, which
@@ -137,11 +169,15 @@ class RevocationCache:
                     heapq.heappush(self._order, (forget_at, lease_id))
             self._expire(now)
 
-    def alive(self) -> None:
-        """The feed is connected and just heard from the server."""
-        self._live_at = self.clock()
+    def alive(self, since: float | None = None) -> None:
+        """The feed is connected, and knew every revocation as of ``since`` (the
+        cache's clock when it sent the request whose answer proved it; default
+        now). Freshness counts from then: an answer may come late, but the
+        store's state it reflects is no older than the request."""
+        live_at = self.clock() if since is None else since
+        self._live_at = self.confirmed_at = live_at
         with self._lock:
-            self._expire(self._live_at)
+            self._expire(live_at)
 
     def down(self) -> None:
         """The feed lost its connection: stop standing in for the store."""
@@ -174,13 +210,17 @@ def start_feed(cache: RevocationCache, session: Session, *, heartbeat: float) ->
     def loop() -> None:
         pause = 0.1
         while not stop.is_set():
+            began = cache.clock()
             try:
                 session(cache, stop)
             except Exception as exc:
                 log.warning("revocation feed interrupted, verifying against the store: %s", exc)
             finally:
-                pause = 0.1 if cache.fresh() else min(pause * 2, 5.0)
                 cache.down()
+                # A session that got going reconnects at once; one that never
+                # did backs off, up to 5 s.
+                confirmed = cache.confirmed_at
+                pause = 0.1 if confirmed is not None and confirmed >= began else min(pause * 2, 5.0)
             stop.wait(pause)
 
     thread = threading.Thread(target=loop, name="jitbroker-revocations", daemon=True)
@@ -192,6 +232,48 @@ def start_feed(cache: RevocationCache, session: Session, *, heartbeat: float) ->
     cache.attach(halt)
     thread.start()
     return cache
+
+
+def acknowledged(
+    seq: int,
+    waiting: tuple[int, float],
+    look: Callable[[int], Step],
+    pause: Callable[[float], Step],
+) -> Steps[None]:
+    """A strict revoke's wait, as steps (``jitbroker._drive``): until every live
+    cache has applied revocation ``seq``, or can no longer vouch without having
+    done so. ``waiting`` and each ``look(seq)`` step's result are (how many live
+    caches have not applied it, seconds until the last of them can no longer
+    vouch, by the store's clock, ACK_MARGIN included); ``pause(s)`` sleeps.
+
+    The revocation is already durable when this starts. If the store cannot be
+    asked meanwhile (``StoreError``), the rest of the wait is slept out
+    instead, which is just as safe. Each look may push the deadline out: a cache
+    can confirm, after the revocation, knowledge from just before it (its next
+    read then brings the revocation at once). A cache that kept doing so would
+    be broken; the cap bounds what it can cost.
+    """
+    pending, longest = waiting
+    start = time.monotonic()
+    cap, deadline = start + 2 * longest + 1, start + longest
+    delay = 0.0005  # a live feed answers within a millisecond or two; then at most 10 ms
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        yield pause(min(delay, remaining))
+        delay = min(delay * 2, 0.01)
+        try:
+            pending, longest = yield look(seq)
+        except StoreError:
+            yield pause(max(0.0, deadline - time.monotonic()))
+            return
+        deadline = min(cap, time.monotonic() + longest)
+
+
+def sleep(seconds: float) -> Step:
+    """A step that sleeps (see ``acknowledged``)."""
+    return lambda _: time.sleep(seconds)
 
 
 def parse_ids(payload: str | bytes) -> list[str]:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any
 
-from .errors import BadSignature, MalformedToken, UnknownKey
+from .errors import BadSignature, InvalidRequest, MalformedToken, UnknownKey
 from .keyring import KeyRing
 from .keys import TOKEN_TYPE, Key, b64url
 from .lease import Claims, Lease
@@ -92,9 +92,43 @@ def act_claim(lease: Lease, chain: Sequence[Lease]) -> dict[str, Any]:
 
 
 def encode_jws(key: Key, claims: dict[str, Any]) -> str:
-    """Sign ``claims`` with ``key``; the protected header was encoded once, with the key."""
+    """Sign ``claims`` with ``key``; the protected header was encoded once, with the key.
+
+    Refuses (``InvalidRequest``) a token longer than verifiers accept: issuing
+    one would store a lease whose token can never verify.
+    """
     signing_input = key.header + "." + b64url(_dumps(claims).encode("ascii"))
-    return signing_input + "." + b64url(key.sign(signing_input.encode("ascii")))
+    token = signing_input + "." + b64url(key.sign(signing_input.encode("ascii")))
+    if len(token) > MAX_TOKEN_LENGTH:  # a length read on the built string: free on the hot path
+        raise _too_long(len(token), claims)
+    return token
+
+
+# Claims of a fixed, small size: never the ones to shorten.
+_FIXED = frozenset({"iat", "nbf", "exp", "jti", "cnf"})
+# The claims a caller's inputs fill, as the caller named them (others by claim name).
+_CLAIM_INPUTS = {
+    "scope": "scopes",
+    "sub": "subject",
+    "aud": "audience",
+    "act": "delegation chain",
+    "task": "task",
+    "owner": "owner",
+    "purpose": "purpose",
+}
+
+
+def _too_long(length: int, claims: dict[str, Any]) -> InvalidRequest:
+    """The error naming the largest variable-size claims, as the caller's inputs."""
+    sizes = sorted(
+        ((len(_dumps(v)), _CLAIM_INPUTS.get(k, k)) for k, v in claims.items() if k not in _FIXED),
+        reverse=True,
+    )
+    largest = ", ".join(f"{name} ({n} characters encoded)" for n, name in sizes[:3])
+    return InvalidRequest(
+        f"the token would be {length} characters, more than the {MAX_TOKEN_LENGTH} a verifier "
+        f"accepts; shorten the largest inputs: {largest}"
+    )
 
 
 def new_identity(opaque: bool) -> tuple[str, str | None]:

@@ -7,6 +7,11 @@ Offline (``offline=True``, no store) revocation only takes effect at expiry.
 A bounded cache maps a token to its signature-checked claims so a service that
 sees the same token on every request pays for the signature once. A hit still
 checks the key is held, the time window, audience, scopes and (online) the lease.
+
+Verification is written once, as steps that yield the store calls it needs
+(``jitbroker._drive``): ``verify`` makes them, ``averify`` awaits them, so the
+two differ only in how they wait. A JWKS fetch a token has to wait for is one
+more such step (see ``_after_fetch``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import attrs
 from cachetools import LRUCache
 
 from . import tokens, validate
-from ._drive import Steps, run
+from ._drive import Steps, arun, run
 from .audit import Auditor, Sink, verify_failed
 from .clock import Clock, Duration, seconds, system_clock
 from .dpop import ProofChecker
@@ -40,11 +45,11 @@ from .errors import (
     WrongAudience,
     WrongIssuer,
 )
-from .jwks import MAX_JWKS_BYTES, JWKSource, parse_jwks
+from .jwks import MAX_JWKS_BYTES, Fetch, JWKSource, parse_jwks
 from .keyring import KeyRing
 from .lease import Claims, Lease
 from .revocations import RevocationCache
-from .stores.base import LeaseStore
+from .stores.base import AsyncLeaseStore, LeaseStore, as_async
 
 __all__ = ["DEFAULT_MAX_TTL", "MAX_LEEWAY", "Request", "Verifier"]
 
@@ -64,6 +69,55 @@ class Request(NamedTuple):
 
 
 NO_REQUEST = Request()
+
+
+class _NeedKeys(Exception):
+    """Raised by ``Verifier._decode`` when a token can only be checked against
+    the key set a background fetch is bringing (an unknown ``kid``, or keys
+    past ``max_age + max_stale``). Never escapes the verifier.
+
+    ``join``: whether a *thread* waits for the fetch. It always does for the
+    fetch it started, never for another's on an unknown ``kid``
+    (CVE-2026-48524: a flood of made-up kids must not park threads behind a
+    slow endpoint). A coroutine always awaits it: that holds no thread.
+    """
+
+    def __init__(self, fetch: Fetch, *, join: bool) -> None:
+        self.fetch = fetch
+        self.join = join
+
+    def step(self, store: object) -> Fetch:
+        """The wait as a step: ``arun`` awaits the ``Fetch`` it returns."""
+        return self.fetch
+
+
+def _driven(store: LeaseStore | AsyncLeaseStore | None) -> tuple[Any, Any]:
+    """What ``averify`` and ``verify`` make their store calls on: (async, sync).
+
+    An async store is awaited, and refused by the sync ``verify``. A blocking
+    sync store is called in a worker thread by ``averify`` (``as_async``); one
+    that never blocks (``MemoryStore``) is called as it is by both: ``arun``
+    awaits only what is awaitable, so that saves a coroutine per call.
+    """
+    if store is None:
+        return None, None
+    view = as_async(store)  # also refuses what is no store at all
+    if view is store:
+        return store, _AsyncStoreOnly(store)
+    return (view if getattr(store, "blocking", True) else store), store
+
+
+class _AsyncStoreOnly:
+    """What the sync ``verify`` drives its steps against when the store is async:
+    a coroutine cannot run there, so any store call says what to call instead."""
+
+    def __init__(self, store: object) -> None:
+        self.kind = type(store).__name__
+
+    def __getattr__(self, name: str) -> Any:
+        raise InvalidRequest(
+            f"this Verifier's store ({self.kind}) is async: use `await verifier.averify(...)`"
+        )
 
 
 def check_leeway(value: Duration) -> float:
@@ -91,7 +145,9 @@ class Verifier:
         keys: a ``KeyRing`` (an HMAC ring must be the issuer's own) or a JWKS dict.
         issuer: the exact ``iss`` to accept.
         audience: the default audience for ``verify`` calls.
-        store: the lease store to check leases in (online verification).
+        store: the lease store to check leases in (online verification): a
+            ``LeaseStore``, or an async one (``AsyncRedisStore``), which only
+            ``averify`` can use.
         offline: pass True, with no store, to verify signatures and claims only;
             then a revoked token keeps verifying until it expires.
         leeway: clock skew allowed on ``exp``/``nbf``/``iat`` (0..60 s, default 5).
@@ -120,7 +176,7 @@ class Verifier:
         *,
         issuer: str,
         audience: str | None = None,
-        store: LeaseStore | None = None,
+        store: LeaseStore | AsyncLeaseStore | None = None,
         offline: bool = False,
         leeway: Duration = 5,
         max_ttl: Duration = DEFAULT_MAX_TTL,
@@ -140,6 +196,7 @@ class Verifier:
             raise InvalidRequest("offline=True and a store contradict each other; pick one")
         self._init(keys, issuer, audience, leeway, max_ttl, cache_size, clock)
         self.store = store
+        self._astore, self._sync_store = _driven(store)
         self.online = not offline
         self.revocations = revocations
         self.audit: Auditor | None = Auditor(audit)
@@ -152,17 +209,30 @@ class Verifier:
         allow_http: bool = False,
         timeout: Duration = 5,
         max_age: Duration = 3600,
+        max_stale: Duration | None = None,
         min_refresh_interval: Duration = 60,
         **options: Any,
     ) -> Verifier:
         """A verifier whose keys come from a JWKS URL (see ``JWKSource``): https
-        only unless ``allow_http``, refetched on an unknown ``kid`` at most once
-        per ``min_refresh_interval``. ``options`` are the constructor's."""
+        only unless ``allow_http``, fetched now (a failure raises
+        ``KeySourceError``), then refetched on an unknown ``kid`` at most once
+        per ``min_refresh_interval``, and every ``max_age`` (cached tokens
+        included); ``timeout`` bounds each whole fetch. ``options`` are the
+        constructor's.
+
+        Refreshes run in a background thread while verification goes on with
+        the keys held, for up to ``max_stale`` past ``max_age`` (default: one
+        more ``max_age``); past that a call waits for a fetch and raises
+        ``KeySourceError`` if none succeeds. A token naming an unknown ``kid``
+        waits for the refetch it triggers (``verify`` blocks, only for a fetch
+        it started; ``averify`` awaits any, the event loop running on), at
+        most ``timeout``."""
         source = JWKSource(
             url,
             allow_http=allow_http,
             timeout=timeout,
             max_age=max_age,
+            max_stale=max_stale,
             min_refresh_interval=min_refresh_interval,
             clock=options.get("clock", system_clock),
         )
@@ -211,7 +281,7 @@ class Verifier:
         """A verifier whose lease checks are driven by the caller's store (Broker's)."""
         self = cls.__new__(cls)
         self._init(keys, **options)
-        self.store = None
+        self.store = self._astore = self._sync_store = None
         self.online = True
         self.audit = None  # the broker audits its own verifications
         return self
@@ -238,14 +308,58 @@ class Verifier:
         """
         request = Request(proof, method, url)
         try:
-            return run(self.steps(token, audience, scopes, request), self.store)
+            return run(self.steps(token, audience, scopes, request), self._sync_store)
+        except InvalidToken as exc:
+            if self.audit is not None:
+                verify_failed(self.audit, exc, self.clock())
+            raise
+
+    async def averify(
+        self,
+        token: str,
+        *,
+        audience: str | None = None,
+        scopes: Iterable[str] | str = (),
+        proof: str | None = None,
+        method: str | None = None,
+        url: str | None = None,
+    ) -> Claims:
+        """``verify`` for asyncio code (ASGI middleware): the same checks, errors
+        and audit events, and it never blocks the event loop.
+
+        The lease lookup is awaited: an async store (``AsyncRedisStore``)
+        directly, a blocking one (``PostgresStore``, ``SQLiteStore``,
+        ``RedisStore``) in a worker thread, ``MemoryStore`` inline. Offline,
+        cached-key and revocation-cache verifications make no store call and
+        run inline, with no thread hop. With keys from a JWKS URL, a token
+        naming a ``kid`` we do not hold awaits the background refetch (at most
+        the source's ``timeout``, rate-limited as for ``verify``).
+        """
+        request = Request(proof, method, url)
+        try:
+            return await arun(self.steps(token, audience, scopes, request), self._astore)
         except InvalidToken as exc:
             if self.audit is not None:
                 verify_failed(self.audit, exc, self.clock())
             raise
 
     def decode(self, token: str) -> Claims:
-        """Signature, format, issuer and lifetime checks only (cached); no time window."""
+        """Signature, format, issuer and lifetime checks only (cached); no time window.
+
+        With keys from a JWKS URL this may wait (in this thread) for a refetch:
+        on an unknown ``kid``, or once the keys are past ``max_age + max_stale``.
+        """
+        try:
+            return self._decode(token)
+        except _NeedKeys as exc:
+            need = exc
+        if need.join:
+            need.fetch.wait()
+        return self._decode(token, waited=True)
+
+    def _decode(self, token: str, waited: bool = False) -> Claims:
+        """``decode``, raising ``_NeedKeys`` where it would wait for a fetch
+        (unless ``waited``: the fetch has been waited for already)."""
         if type(token) is not str:  # before the cache: it hashes the token
             raise MalformedToken(f"a token must be a string, not {type(token).__name__}")
         cache = self._cache
@@ -253,20 +367,27 @@ class Verifier:
             with self._cache_lock:
                 claims = cache.get(token)
             if claims is not None:
-                if claims.key_id not in self.keys:  # its key was retired since
+                # A JWKS verifier refreshes on a hit too, or a key the issuer
+                # dropped would verify cached tokens until an uncached one came.
+                keys = self.keys if self.source is None else self._fresh_keys(self.source, waited)
+                if claims.key_id not in keys:  # its key was retired since
                     raise UnknownKey(f"no key with kid {claims.key_id!r}")
                 return claims
         source = self.source
-        if source is not None and source.stale(self.clock()) and source.refresh():
-            self.keys = source.keys
+        keys = self.keys if source is None else self._fresh_keys(source, waited)
         try:
-            key, payload = tokens.decode_jws(token, self.keys)
+            key, payload = tokens.decode_jws(token, keys)
         except UnknownKey:
-            # A new key the issuer published since our fetch? Refetch, rate-limited.
-            if source is None or not source.refresh():
+            # A new key the issuer published since our fetch? Refetch, rate-limited,
+            # and wait for it (or another thread's fetch may just have brought it).
+            if source is None:
                 raise
-            self.keys = source.keys
-            key, payload = tokens.decode_jws(token, self.keys)
+            if not waited and (fetch := source.refresh_soon()) is not None:
+                raise _NeedKeys(fetch, join=fetch.started) from None
+            if source.keys is keys:
+                raise
+            self.keys = keys = source.keys
+            key, payload = tokens.decode_jws(token, keys)
         claims = tokens.claims_from_payload(payload, key)
         if claims.issuer != self.issuer:
             raise WrongIssuer(f"token issued by {claims.issuer[:128]!r}, not {self.issuer!r}")
@@ -277,6 +398,27 @@ class Verifier:
                 cache[token] = claims
         return claims
 
+    def _fresh_keys(self, source: JWKSource, waited: bool) -> KeyRing:
+        """The source's keys; once older than its ``max_age``, refreshed in the
+        background (rate-limited) while they stay in use. Past ``max_age +
+        max_stale`` they are not used: wait for the fetch (``_NeedKeys``), or
+        fail closed if there is none, or it did not bring fresh keys.
+        """
+        now = self.clock()
+        keys = source.keys  # first: a call that starts a refresh uses the set it found
+        if source.stale(now):
+            fetch = source.refresh_soon()
+            if source.expired(now):
+                if fetch is not None and not waited:
+                    raise _NeedKeys(fetch, join=True)  # not attacker-driven: time is
+                raise KeySourceError(
+                    f"the keys from {source.where} are {source.age(now):.0f}s old, past "
+                    f"max_age + max_stale ({source.max_age + source.max_stale:g}s), and "
+                    "could not be refreshed: see the log for why"
+                )
+        self.keys = keys
+        return keys
+
     def steps(
         self,
         token: str,
@@ -284,7 +426,8 @@ class Verifier:
         scopes: Iterable[str] | str,
         request: Request = NO_REQUEST,
     ) -> Steps[Claims]:
-        """Verification as steps: yields the lease lookup when online (see ``_drive``)."""
+        """Verification as steps: yields the lease lookup when online (see ``_drive``),
+        and the JWKS fetch a token must wait for (see ``_after_fetch``)."""
         if isinstance(token, str) and tokens.is_opaque(token):
             return self._opaque_steps(token, audience, scopes, request)
         return self._jws_steps(token, audience, scopes, request)
@@ -293,7 +436,14 @@ class Verifier:
     def _jws_steps(
         self, token: str, audience: str | None, scopes: Iterable[str] | str, request: Request
     ) -> Steps[Claims]:
-        claims = self.decode(token)
+        try:
+            claims = self._decode(token)
+        except _NeedKeys as exc:
+            need: _NeedKeys | None = exc
+        else:
+            need = None
+        if need is not None:  # waited for outside the except: no error chained to it
+            claims = yield from self._after_fetch(token, need)
         now = self.clock()
         self._check_window(claims, now)
         self._check_access(claims, audience, scopes)
@@ -315,6 +465,17 @@ class Verifier:
         if claims.holder is not None:
             self._check_proof(claims.holder, token, request)
         return claims
+
+    def _after_fetch(self, token: str, need: _NeedKeys) -> Steps[Claims]:
+        """Wait for the fetch ``need`` names, then decode with what it brought.
+
+        ``arun`` awaits the step's ``Fetch`` (the event loop keeps running) and
+        sends back its outcome; ``run`` sends back the ``Fetch`` itself,
+        unawaited, so a sync caller waits for it here, in its own thread.
+        """
+        if (yield need.step) is need.fetch and need.join:
+            need.fetch.wait()
+        return self._decode(token, waited=True)
 
     def _opaque_steps(
         self, token: str, audience: str | None, scopes: Iterable[str] | str, request: Request

@@ -22,7 +22,20 @@ __all__ = ["COLUMNS", "from_mapping", "from_row", "to_mapping", "to_row"]
 COLUMNS: tuple[str, ...] = tuple(f.name for f in attrs.fields(Lease))
 _TEXT = frozenset({"id", "subject", "audience"})
 _NULLABLE = frozenset(
-    {"key_id", "task", "owner", "purpose", "parent", "revoke_reason", "revoked_at", "holder"}
+    {
+        "key_id",
+        "task",
+        "owner",
+        "purpose",
+        "parent",
+        "revoke_reason",
+        "revoked_at",
+        "holder",
+        # Added later: a record written before them lacks them (None).
+        "issuer",
+        "task_run",
+        "expire_hooks",
+    }
 )
 _TIMES = frozenset({"issued_at", "expires_at", "max_expires_at", "revoked_at"})
 _BOOLS: dict[Any, bool] = {True: True, False: False, "1": True, "0": False}

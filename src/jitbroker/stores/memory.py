@@ -3,9 +3,12 @@
 Leases live in a dict; reads take no lock (a dict lookup is atomic), writes take
 one short lock. Expiry is ordered by a heap with lazy deletion: renewals push
 a new entry and stale ones are skipped when popped, so a sweep costs
-O(k log n) for k expired leases, never a scan. Dead leases wait in a second
-heap until their tokens can no longer verify, then they are purged, which
-keeps memory bounded by the number of live leases.
+O(k log n) for k expired leases, never a scan. Leases that need ``on_expire``
+hooks wait in one heap per ``expire_hooks`` value, so a sweep only pops the
+heaps of leases it can finish: a backlog awaiting other hooks costs it nothing.
+Dead leases wait in a second heap until their tokens can no longer verify, then
+they are purged, which keeps memory bounded by the number of live leases (and
+of expired ones awaiting a broker with their hooks).
 """
 
 from __future__ import annotations
@@ -93,10 +96,15 @@ class MemoryStore:
         self._leases: dict[str, Lease] = {}
         self._claimed: set[str] = set()  # expired leases already handed to a sweeper
         self._expiry: list[tuple[float, str]] = []  # (expires_at, id), lazily deleted
+        # The same for leases that need on_expire hooks, one heap per expire_hooks.
+        self._hook_expiry: dict[str, list[tuple[float, str]]] = {}
         self._dead: list[tuple[float, str]] = []  # (expires_at, id) of dead leases
-        # Task and parent are indexed: task exit and subtree revocation are hot.
-        # Owner, subject and key id filters (offboarding, key retirement) scan.
+        # Task run, task and parent are indexed: task exit and subtree revocation
+        # are hot. Owner, subject, key id and issuer filters (offboarding, key
+        # retirement) scan: an index would hold every lease under a handful of
+        # values (one issuer, typically, in a store that lives in one process).
         self._by_task = _Index()
+        self._by_run = _Index()
         self._by_parent = _Index()
         # Quota counting, off (one falsy check per add) until a quota is first
         # checked; then one scan counts what is there, and add, extend, revoke and
@@ -126,9 +134,14 @@ class MemoryStore:
                     return False
                 self._by_parent.add(parent, lease_id)
             self._leases[lease_id] = lease
-            heappush(self._expiry, (lease.expires_at, lease_id))
+            hooks = lease.expire_hooks
+            heappush(
+                self._expiry if hooks is None else self._heap(hooks), (lease.expires_at, lease_id)
+            )
             if task is not None:
                 self._by_task.add(task, lease_id)
+            if lease.task_run is not None:
+                self._by_run.add(lease.task_run, lease_id)
             if self._counting and lease.revoked_at is None:
                 self._count(lease)
         finally:
@@ -152,7 +165,9 @@ class MemoryStore:
                 return None
             lease = attrs.evolve(self._leases[lease_id], expires_at=expires_at)
             self._leases[lease_id] = lease
-            heapq.heappush(self._expiry, (expires_at, lease_id))
+            hooks = lease.expire_hooks
+            heap = self._expiry if hooks is None else self._heap(hooks)
+            heapq.heappush(heap, (expires_at, lease_id))
             if self._counting:
                 self._count(lease)  # its new expiry: counted until then
             return lease
@@ -161,24 +176,25 @@ class MemoryStore:
         with self._lock:
             return self._find(where)
 
-    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
+    def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+    ) -> list[Lease]:
         claimed: list[Lease] = []
         with self._lock:
-            heap = self._expiry
-            while heap and heap[0][0] <= now and len(claimed) < limit:
-                due, lease_id = heapq.heappop(heap)
-                lease = self._leases.get(lease_id)
-                # Stale entries: purged, renewed since (expiry moved), revoked, claimed.
-                if lease is None or lease.expires_at != due or lease.revoked_at is not None:
-                    continue
-                if lease_id in self._claimed:
-                    continue
-                self._claimed.add(lease_id)
-                heapq.heappush(self._dead, (due, lease_id))
-                claimed.append(lease)
-                if self._counting:
-                    self._uncount(lease)
+            self._claim_from(self._expiry, None, now, limit, claimed)
+            for hooks in expire_hooks:
+                heap = self._hook_expiry.get(hooks)
+                if heap is not None:
+                    self._claim_from(heap, hooks, now, limit, claimed)
+                    if not heap:
+                        del self._hook_expiry[hooks]
         return claimed
+
+    def awaiting_hooks(self, now: float) -> dict[str, int]:
+        """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
+        with self._lock:
+            counts = {h: self._due(heap, h, now) for h, heap in self._hook_expiry.items()}
+        return {hooks: n for hooks, n in counts.items() if n}
 
     def purge(self, before: float) -> int:
         purged = 0
@@ -200,6 +216,57 @@ class MemoryStore:
         """Nothing to release; kept for the protocol."""
 
     # -- helpers (caller holds the lock) ----------------------------------
+    def _heap(self, hooks: str) -> list[tuple[float, str]]:
+        heap = self._hook_expiry.get(hooks)
+        if heap is None:
+            heap = self._hook_expiry[hooks] = []
+        return heap
+
+    def _awaiting(self, due: float, hooks: str | None, lease_id: str) -> Lease | None:
+        """The lease of an entry of ``hooks``' heap if it still awaits its claim at
+        ``due``; None for a stale entry (purged, renewed since, revoked, claimed,
+        or its id stored again with other hooks)."""
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.expires_at != due or lease.revoked_at is not None:
+            return None
+        if lease.expire_hooks != hooks or lease_id in self._claimed:
+            return None
+        return lease
+
+    def _claim_from(
+        self,
+        heap: list[tuple[float, str]],
+        hooks: str | None,
+        now: float,
+        limit: int,
+        claimed: list[Lease],
+    ) -> None:
+        while heap and heap[0][0] <= now and len(claimed) < limit:
+            due, lease_id = heapq.heappop(heap)
+            lease = self._awaiting(due, hooks, lease_id)
+            if lease is None:
+                continue
+            self._claimed.add(lease_id)
+            heapq.heappush(self._dead, (due, lease_id))
+            claimed.append(lease)
+            if self._counting:
+                self._uncount(lease)
+
+    def _due(self, heap: list[tuple[float, str]], hooks: str, now: float) -> int:
+        """How many leases of ``heap`` await their claim at ``now``."""
+        # The entries due by `now` are a subtree at the heap's root: walk only it.
+        found: set[str] = set()  # a lease extended to the same time twice has two entries
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            due, lease_id = heap[i]
+            if due > now:
+                continue
+            if self._awaiting(due, hooks, lease_id) is not None:
+                found.add(lease_id)
+            stack += (j for j in (2 * i + 1, 2 * i + 2) if j < len(heap))
+        return len(found)
+
     def _live(self, lease_id: str, at: float) -> bool:
         lease = self._leases.get(lease_id)
         return lease is not None and lease.is_active(at) and lease_id not in self._claimed
@@ -251,7 +318,9 @@ class MemoryStore:
 
     def _find(self, where: LeaseFilter) -> list[Lease]:
         ids: Collection[str]
-        if where.task is not None:
+        if where.task_run is not None:
+            ids = self._by_run.get(where.task_run)
+        elif where.task is not None:
             ids = self._by_task.get(where.task)
         elif where.parent is not None:
             ids = self._by_parent.get(where.parent)
@@ -281,5 +350,7 @@ class MemoryStore:
     def _unindex(self, lease: Lease) -> None:
         if lease.task is not None:
             self._by_task.discard(lease.task, lease.id)
+        if lease.task_run is not None:
+            self._by_run.discard(lease.task_run, lease.id)
         if lease.parent is not None:
             self._by_parent.discard(lease.parent, lease.id)

@@ -44,27 +44,46 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import re
 import select
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, LiteralString, Protocol, TypeVar
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from time import monotonic
+from typing import Any, LiteralString, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow, tuple_row
 
+from .._drive import Step, run
 from ..clock import Clock, system_clock
-from ..errors import InvalidRequest, StoreError, StoreUnavailable
+from ..errors import InvalidRequest, StoreError
 from ..lease import Lease
-from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
+from ..revocations import (
+    ACK_MARGIN,
+    RESYNC_MARGIN,
+    RevocationCache,
+    acknowledged,
+    sleep,
+    start_feed,
+)
 from .base import LeaseFilter, Quota
 from .codec import COLUMNS, from_row, to_row
+from .postgres_pool import (
+    DEFAULT_TIMEOUT,
+    ConnectionSource,
+    _Bounded,
+    _check_seconds,
+    _connect_timeout,
+    _Deadline,
+    _Pool,
+    _translated,
+    deadline,
+)
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -139,6 +158,37 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
         """CREATE INDEX leases_live_subject ON {schema}.leases (subject, owner, expires_at)
             WHERE revoked_at IS NULL AND NOT claimed""",
     ),
+    # version 4: issuer, task_run and expire_hooks; claims by expire_hooks
+    (
+        # Who issued a lease, the task run it belongs to, and the on_expire hooks
+        # it needs (NULL in rows written before: none). A claim takes only the
+        # hooks its broker runs, one range of leases_claim per value ('' for
+        # none), ordered by expiry; it replaces leases_due.
+        "ALTER TABLE {schema}.leases ADD COLUMN issuer text",
+        "ALTER TABLE {schema}.leases ADD COLUMN task_run text",
+        "ALTER TABLE {schema}.leases ADD COLUMN expire_hooks text",
+        "CREATE INDEX leases_issuer ON {schema}.leases (issuer)",
+        "CREATE INDEX leases_task_run ON {schema}.leases (task_run) WHERE task_run IS NOT NULL",
+        """CREATE INDEX leases_claim ON {schema}.leases (coalesce(expire_hooks, ''), expires_at)
+            WHERE revoked_at IS NULL AND NOT claimed""",
+        "DROP INDEX {schema}.leases_due",
+    ),
+    (
+        # The revocation log and the caches that follow it (see the feed): each
+        # revoke that takes something numbers its leases with the next
+        # jitbroker_meta.revoke_seq; a cache reads the leases numbered past the
+        # last it applied, and acknowledges in `caches`.
+        "ALTER TABLE {schema}.jitbroker_meta ADD COLUMN revoke_seq bigint NOT NULL DEFAULT 0",
+        "ALTER TABLE {schema}.leases ADD COLUMN revoke_seq bigint",
+        """CREATE INDEX leases_revoke_seq ON {schema}.leases (revoke_seq)
+            WHERE revoke_seq IS NOT NULL""",
+        """CREATE TABLE {schema}.caches (
+            id text PRIMARY KEY,
+            acked bigint NOT NULL,
+            seen_at double precision NOT NULL,
+            staleness double precision NOT NULL
+        )""",
+    ),
 )
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -179,7 +229,7 @@ _COUNT_ACTIVE_OWNER = _COUNT_ACTIVE + " AND owner = %(owner)s"
 # replaces the old row whole, as in the other stores.
 _INSERT = """
     INSERT INTO {schema}.leases ({columns}) VALUES ({values})
-    ON CONFLICT (id) DO UPDATE SET ({columns}, claimed) = ROW({excluded}, false)
+    ON CONFLICT (id) DO UPDATE SET ({columns}, claimed, revoke_seq) = ROW({excluded}, false, NULL)
 """
 
 # The active subtree under {roots}. UNION (not UNION ALL) drops a lease reached
@@ -203,7 +253,30 @@ _REVOKE_TREE = """
 """
 _ROOT_ID: LiteralString = "id = %(id)s"
 _ROOT_CHILDREN: LiteralString = "parent = ANY(%(ids)s)"
-_NOTIFY = "SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload"
+
+# The live caches that have not applied revocation {seq}, and the seconds
+# until the last of them can no longer vouch (see jitbroker.revocations). A
+# cache may vouch until seen_at + staleness; the margin covers clock rates.
+_WAITING_FOR = """
+    SELECT count(*) AS pending, coalesce(max(seen_at + staleness + {margin} - now.t), 0) AS longest
+    FROM {schema}.caches, (SELECT extract(epoch FROM clock_timestamp()) AS t) AS now
+    WHERE acked < {seq} AND seen_at + staleness + {margin} > now.t
+"""
+# The last statement of a revoke that took something: the next number, on the
+# leases it took, announced to listeners when the transaction commits (the
+# payload is only a wake-up call: a feed reads the ids from the table). The
+# UPDATE of the one meta row holds its lock until commit, so revocations commit
+# in the order of their numbers and a reader that sees one sees all before it.
+_ANNOUNCE = """
+    WITH seq AS (
+        UPDATE {schema}.jitbroker_meta SET revoke_seq = revoke_seq + 1 RETURNING revoke_seq
+    ), marked AS (
+        UPDATE {schema}.leases SET revoke_seq = (SELECT revoke_seq FROM seq)
+        WHERE id = ANY(%(ids)s)
+    )
+    SELECT seq.revoke_seq, pg_notify(%(channel)s, seq.revoke_seq::text), w.pending, w.longest
+    FROM seq, LATERAL ({waiting}) AS w
+"""
 
 _EXTEND = """
     UPDATE {schema}.leases SET expires_at = %(expires_at)s
@@ -213,18 +286,33 @@ _EXTEND = """
 
 # SKIP LOCKED: a reaper passes over rows another reaper is claiming right now
 # instead of waiting for them; a row claimed since this statement's snapshot is
-# re-read under its lock and dropped (no longer NOT claimed). Served by leases_due.
+# re-read under its lock and dropped (no longer NOT claimed). Only the hooks the
+# claimer runs (%(hooks)s: its expire_hooks values, and '' for none), one range
+# of leases_claim each: leases awaiting other hooks are never read. A row locked
+# by a range but left out by the outer LIMIT stays unclaimed.
 _CLAIM_EXPIRED = """
     WITH due AS (
-        SELECT id FROM {schema}.leases
-        WHERE revoked_at IS NULL AND NOT claimed AND expires_at <= %(now)s
-        ORDER BY expires_at
+        SELECT pick.id FROM unnest(%(hooks)s::text[]) AS need (hooks)
+        CROSS JOIN LATERAL (
+            SELECT id, expires_at FROM {schema}.leases
+            WHERE coalesce(expire_hooks, '') = need.hooks
+              AND revoked_at IS NULL AND NOT claimed AND expires_at <= %(now)s
+            ORDER BY expires_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ) AS pick
+        ORDER BY pick.expires_at
         LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
     )
     UPDATE {schema}.leases AS lease SET claimed = true
     FROM due WHERE lease.id = due.id
     RETURNING {lease_columns}
+"""
+_AWAITING = """
+    SELECT expire_hooks, count(*) FROM {schema}.leases
+    WHERE expire_hooks IS NOT NULL
+      AND revoked_at IS NULL AND NOT claimed AND expires_at <= %(now)s
+    GROUP BY expire_hooks
 """
 
 # Served by leases_dead: the predicate is the index's own.
@@ -239,33 +327,49 @@ _UNLISTEN = "UNLISTEN {channel}"
 _HEARTBEAT = """
 SELECT %s IN (SELECT pg_listening_channels()), (SELECT epoch FROM {schema}.jitbroker_meta)
 """
-# A resync: the epoch and the recent revocations in one snapshot.
+# A resync: the epoch, the last revocation's number and the recent
+# revocations, in one snapshot.
 _RESYNC = """
-SELECT (SELECT epoch FROM {schema}.jitbroker_meta), ARRAY(
+SELECT epoch, revoke_seq, ARRAY(
     SELECT id FROM {schema}.leases
     WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
+) FROM {schema}.jitbroker_meta
+"""
+# A feed's round: acknowledge what it applied (and that it is alive), and read
+# whether it is still listening, the epoch, the last revocation's number and
+# the ids revoked after what it applied (one snapshot).
+_CATCH_UP = """
+WITH ack AS (
+    INSERT INTO {schema}.caches (id, acked, seen_at, staleness)
+    VALUES (%(id)s, %(acked)s, extract(epoch FROM clock_timestamp()), %(staleness)s)
+    ON CONFLICT (id) DO UPDATE SET acked = EXCLUDED.acked, seen_at = EXCLUDED.seen_at
 )
+SELECT %(channel)s IN (SELECT pg_listening_channels()), meta.epoch, meta.revoke_seq, ARRAY(
+    SELECT id FROM {schema}.leases
+    WHERE revoke_seq > %(acked)s AND revoke_seq <= meta.revoke_seq
+) FROM {schema}.jitbroker_meta AS meta
+"""
+# A feed's first statement: the cache, as having applied nothing yet.
+_REGISTER = """
+INSERT INTO {schema}.caches (id, acked, seen_at, staleness)
+VALUES (%(id)s, 0, extract(epoch FROM clock_timestamp()), %(staleness)s)
+"""
+# A cache that stops following: no revoke waits for it. Rows of caches silent
+# for an hour go too (killed processes leave theirs).
+_LEAVE = """
+DELETE FROM {schema}.caches
+WHERE id = %(id)s OR seen_at + staleness < extract(epoch FROM clock_timestamp()) - 3600
 """
 _PURGE = """
     DELETE FROM {schema}.leases
     WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at < %(before)s
 """
 
-_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id")
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,54}")  # + "_revoked" fits in 63 bytes
-#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more.
-NOTIFY_LIMIT = 7900
 #: Transactions that lost a deadlock or serialization race were rolled back
 #: whole, so they are safe to run again; this many attempts in all.
 _ATTEMPTS = 3
-
-
-class ConnectionSource(Protocol):
-    """Anything that lends out connections like ``psycopg_pool.ConnectionPool``."""
-
-    def connection(self) -> AbstractContextManager[psycopg.Connection[Any]]:
-        """A connection for the duration of the ``with`` block."""
-        ...
 
 
 class PostgresStore:
@@ -277,6 +381,16 @@ class PostgresStore:
     for a free one, and replaces broken ones on the next call), or an object
     with a ``connection()`` context manager such as a
     ``psycopg_pool.ConnectionPool`` (left open by ``close``).
+
+    ``timeout`` (seconds, 5 by default) bounds how long one call waits for
+    PostgreSQL's answers, from the moment it has a connection to its last
+    answer: every statement of the call together, COMMIT and retries included.
+    Past it the call raises ``StoreUnavailable`` and its connection is closed,
+    never reused (a frozen or unreachable server fails each call cleanly; see
+    ``jitbroker.stores.postgres_pool``). It applies to a caller's pool as well.
+    Opening a new connection is bounded by libpq's ``connect_timeout``, which
+    defaults to ``timeout`` rounded up to whole seconds (2 at least) unless the
+    DSN sets it.
 
     The schema is created, or migrated forward, when the store opens; a schema
     written by a newer jitbroker is refused with ``StoreError``. The schema
@@ -297,7 +411,9 @@ class PostgresStore:
         *,
         pool_size: int = 10,
         pool_timeout: float = 5.0,
+        timeout: float = DEFAULT_TIMEOUT,
         create: bool = True,
+        strict_revocations: bool = True,
     ) -> None:
         if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
             raise InvalidRequest(
@@ -309,13 +425,25 @@ class PostgresStore:
         self.schema = schema
         #: The NOTIFY channel revocations are announced on.
         self.channel = f"{schema}_revoked"
+        #: Seconds one call may wait for PostgreSQL's answers (see above).
+        self.timeout = _check_seconds("timeout", timeout)
         self._source: ConnectionSource
         if isinstance(dsn_or_pool, str):
-            self._source = _Pool(dsn_or_pool, size=pool_size, timeout=pool_timeout)
+            self._source = _Pool(
+                dsn_or_pool,
+                size=pool_size,
+                timeout=pool_timeout,
+                connect_timeout=_connect_timeout(self.timeout),
+            )
         else:
             self._source = dsn_or_pool
         self._sql = _Statements(schema)
         self._create = create  # False: refuse a database without the schema (the CLI)
+        #: Whether ``revoke`` waits for every live revocation cache (see
+        #: ``jitbroker.revocations``); False gives the feed's latency back to
+        #: the caller: a cache may then accept a revoked token for milliseconds.
+        self.strict_revocations = bool(strict_revocations)
+        _check_psycopg(psycopg.__version__)
         try:
             self._call("open the lease schema", self._migrate)
         except BaseException:
@@ -373,8 +501,10 @@ class PostgresStore:
         """Revoke the lease and its active descendants; those that transitioned."""
         _check_time("at", at)
         query, params = self._sql.revoke_id, {"id": lease_id}
-        return self._call(
-            "revoke a lease", lambda cur: self._revoke_tree(cur, query, params, at, reason)
+        return self._acked(
+            self._call(
+                "revoke a lease", lambda cur: self._revoke_tree(cur, query, params, at, reason)
+            )
         )
 
     def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
@@ -382,9 +512,28 @@ class PostgresStore:
         _check_time("at", at)
         roots, params = _filter(where)
         query = self._sql.compose(_REVOKE_TREE, roots=roots)
-        return self._call(
-            "revoke leases", lambda cur: self._revoke_tree(cur, query, params, at, reason)
+        return self._acked(
+            self._call(
+                "revoke leases", lambda cur: self._revoke_tree(cur, query, params, at, reason)
+            )
         )
+
+    def _acked(self, revoked: _Revoked) -> list[Lease]:
+        """The leases, once every live cache has the revocation (if strict; see
+        ``jitbroker.revocations.acknowledged``). The transaction has committed."""
+        if self.strict_revocations and revoked.waiting[0]:
+            run(acknowledged(revoked.seq, revoked.waiting, self._waiting_for, sleep), None)
+        return revoked.leases
+
+    def _waiting_for(self, seq: int) -> Step:
+        def look(_: object) -> tuple[int, float]:
+            def work(cur: Cursor) -> tuple[int, float]:
+                row = cur.execute(self._sql.waiting, {"seq": seq}).fetchone()
+                return (0, 0.0) if row is None else (int(row[0]), float(row[1]))
+
+            return self._call("read the caches' acknowledgements", work, atomic=False)
+
+        return look
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
         """Set a new expiry if the lease is active and unclaimed at ``at``."""
@@ -408,17 +557,30 @@ class PostgresStore:
 
         return self._call("find leases", work, atomic=False)
 
-    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
+    def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+    ) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
+        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``."""
         _check_time("now", now)
         if limit <= 0:
             return []
-        params = {"now": now, "limit": int(limit)}
+        params = {"now": now, "limit": int(limit), "hooks": ["", *expire_hooks]}
 
         def work(cur: Cursor) -> list[Lease]:
             return [from_row(row) for row in cur.execute(self._sql.claim_expired, params)]
 
         return self._call("claim expired leases", work)
+
+    def awaiting_hooks(self, now: float) -> dict[str, int]:
+        """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
+        _check_time("now", now)
+
+        def work(cur: Cursor) -> dict[str, int]:
+            rows = cur.execute(self._sql.awaiting_hooks, {"now": now})
+            return {str(hooks): int(n) for hooks, n in rows}
+
+        return self._call("count leases awaiting hooks", work, atomic=False)
 
     def purge(self, before: float) -> int:
         """Delete dead leases (revoked or claimed) with ``expires_at < before``; how many."""
@@ -456,29 +618,29 @@ class PostgresStore:
         heartbeat: float = 1.0,
         clock: Clock = system_clock,
     ) -> RevocationCache:
-        """A ``RevocationCache`` fed by LISTEN on this store's channel, for
+        """A ``RevocationCache`` that follows this store's revocations, for
         ``Verifier(..., store=store, revocations=...)`` (see ``jitbroker.revocations``).
-        It holds one connection of the pool while it runs. ``window`` must be at
-        least the longest token lifetime plus leeway; ``clock`` is the brokers'
-        clock (a resync loads the leases that died and expired at most a minute
-        before its "now"); ``close()`` the cache to stop its thread."""
+
+        It holds one connection of the pool while it runs, LISTENing on the
+        store's channel, but a notification is only a wake-up call: the feed
+        reads the revoked ids from the leases table (numbered, so nothing is
+        skipped whatever the notifications do), at once when woken and every
+        ``heartbeat`` seconds anyway, and acknowledges them in the store's
+        ``caches`` table so strict revocations wait for it (a verifier with a
+        cache needs INSERT, UPDATE and DELETE on that table). ``window`` must be
+        at least the longest token lifetime plus leeway; ``clock`` is the
+        brokers' clock (a resync loads the leases that died and expired at most
+        a minute before its "now"); ``close()`` the cache to stop its thread."""
         cache = RevocationCache(window=window, max_staleness=max_staleness)
 
         def session(cache: RevocationCache, stop: threading.Event) -> None:
             with (
-                _translated("listen for revocations"),
+                _translated("follow revocations"),
                 self._source.connection() as conn,
                 self._listening(conn) as cur,
             ):
                 # On the listening connection itself: a pool of one still works.
-                row = cur.execute(self._sql.resync, (clock() - RESYNC_MARGIN,)).fetchone()
-                epoch, ids = row if row is not None else (None, [])
-                cache.resync([str(i) for i in ids], epoch=epoch)
-                while not stop.is_set():
-                    for notice in conn.notifies(timeout=heartbeat):
-                        cache.add(parse_ids(notice.payload))
-                    cache.check_epoch(self._heartbeat(cur))  # a round trip proves the link
-                    cache.alive()
+                _Feed(self, conn, cur, cache, heartbeat).follow(stop, clock)
 
         return start_feed(cache, session, heartbeat=heartbeat)
 
@@ -503,19 +665,27 @@ class PostgresStore:
         The transaction runs at READ COMMITTED whatever the server's, role's or
         pool's default (see ``_read_committed``): the quota count after its
         advisory lock, revoke's second pass and claim's SKIP LOCKED all rely on
-        each statement seeing what committed before it began."""
+        each statement seeing what committed before it began.
+
+        Every wait for the server's answers counts against one deadline,
+        ``timeout`` seconds after the call first has a connection, retries
+        included (see ``postgres_pool.deadline``)."""
         with _translated(action):
+            limit: _Deadline | None = None
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
-                    with (
-                        self._source.connection() as conn,
-                        _read_committed(conn),
-                        conn.cursor(row_factory=tuple_row) as cur,
-                    ):
-                        if not atomic and conn.autocommit:
-                            return work(cur)
-                        with conn.transaction():
-                            return work(cur)
+                    with self._source.connection() as conn:
+                        if limit is None:
+                            limit = _Deadline(monotonic() + self.timeout, self.timeout)
+                        with (
+                            _Bounded(conn, limit),
+                            _read_committed(conn),
+                            conn.cursor(row_factory=tuple_row) as cur,
+                        ):
+                            if not atomic and conn.autocommit:
+                                return work(cur)
+                            with conn.transaction():
+                                return work(cur)
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
                     if attempt == _ATTEMPTS:
                         raise
@@ -567,12 +737,13 @@ class PostgresStore:
             conn.autocommit = True
         try:
             with conn.cursor(row_factory=tuple_row) as cur:
-                cur.execute(self._sql.listen)
-                self._heartbeat(cur)
+                with deadline(conn, self.timeout):
+                    cur.execute(self._sql.listen)
+                    self._heartbeat(cur)
                 yield cur
         finally:
             # A broken connection fails both, and its pool discards it anyway.
-            with contextlib.suppress(psycopg.Error):
+            with contextlib.suppress(psycopg.Error), deadline(conn, self.timeout):
                 conn.execute(self._sql.unlisten)
             with contextlib.suppress(psycopg.Error):
                 conn.autocommit = autocommit
@@ -588,7 +759,7 @@ class PostgresStore:
 
     def _revoke_tree(
         self, cur: Cursor, query: Query, params: dict[str, Any], at: float, reason: str
-    ) -> list[Lease]:
+    ) -> _Revoked:
         # The recursive CTE sees the tree as of its statement's snapshot. A
         # concurrent add that holds a parent FOR SHARE makes the UPDATE wait for
         # that parent, and its child commits after the snapshot: the CTE misses
@@ -605,10 +776,122 @@ class PostgresStore:
                 break
             revoked += batch
             query, step = self._sql.revoke_children, {"ids": [lease.id for lease in batch]}
-        if revoked:
-            payloads = _payloads(lease.id for lease in revoked)
-            cur.execute(_NOTIFY, {"channel": self.channel, "payloads": payloads})
-        return revoked
+        if not revoked:
+            return _Revoked(revoked, 0, (0, 0.0))
+        params = {"ids": [lease.id for lease in revoked], "channel": self.channel}
+        row = cur.execute(self._sql.announce, params).fetchone()
+        assert row is not None  # the meta row exists once the schema does
+        return _Revoked(revoked, int(row[0]), (int(row[2]), float(row[3])))
+
+
+class _Feed:
+    """One session of a PostgreSQL revocation feed, on a LISTENing connection.
+
+    Each round is one statement (``_CATCH_UP``): it acknowledges what the cache
+    applied and reads what was revoked since, with the epoch and whether the
+    connection still listens. Only then is the cache counted live, from the
+    moment that statement was sent (``RevocationCache.alive``). Between rounds
+    the feed waits for the socket to become readable (a notification) or for
+    ``heartbeat`` seconds. Notifications are never parsed, so a forged NOTIFY
+    (any role may send one) costs one round, nothing more; one that arrives
+    while a statement runs is seen by the handler and brings another round at
+    once. The notification generator (``Connection.notifies``) is not used at
+    all: its behaviour around queries changed across psycopg 3.2 releases.
+    """
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        conn: psycopg.Connection[Any],
+        cur: Cursor,
+        cache: RevocationCache,
+        heartbeat: float,
+    ) -> None:
+        self.store, self.conn, self.cur, self.cache = store, conn, cur, cache
+        self.heartbeat = heartbeat
+        self.woken = threading.Event()
+        self.params: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "acked": 0,
+            "staleness": cache.max_staleness,
+            "channel": store.channel,
+        }
+
+    def follow(self, stop: threading.Event, clock: Clock) -> None:
+        cache, conn = self.cache, self.conn
+        conn.add_notify_handler(self._wake)
+        try:
+            sent = cache.clock()
+            # Registered (as having applied nothing) before the snapshot, in a
+            # statement of its own: a revoke that commits after the snapshot
+            # waits for this cache; one before it is in the snapshot. In one
+            # statement the row would commit after the snapshot: a gap.
+            self.execute(self.store._sql.register, self.params)
+            row = self.execute(self.store._sql.resync, (clock() - RESYNC_MARGIN,))
+            if row is None:
+                raise StoreError("the lease schema has no meta row: resyncing")
+            epoch, self.params["acked"], ids = row
+            cache.add(str(i) for i in ids)
+            self.round()  # registers the cache before it counts as live
+            cache.resync((), epoch=epoch, since=sent)
+            while not stop.is_set():
+                if not self.woken.is_set():
+                    self.wait()
+                sent = cache.clock()
+                cache.check_epoch(self.round())
+                cache.alive(sent)
+        finally:
+            # Stale first, then leave: once the row is gone no revoke waits
+            # for this cache, so it must not vouch any more.
+            cache.down()
+            conn.remove_notify_handler(self._wake)
+            with contextlib.suppress(psycopg.Error):
+                self.execute(self.store._sql.leave, self.params)
+
+    def round(self) -> float | None:
+        """Acknowledge and catch up until nothing new comes; the epoch."""
+        while True:
+            self.woken.clear()
+            row = self.execute(self.store._sql.catch_up, self.params)
+            if row is None:
+                raise StoreError("the lease schema has no meta row: resyncing")
+            listening, epoch, latest, ids = row
+            if not listening:
+                raise StoreError(
+                    f"not listening on {self.store.channel!r}: the connection lost its LISTEN"
+                )
+            if int(latest) == self.params["acked"]:
+                return None if epoch is None else float(epoch)
+            self.cache.add(str(i) for i in ids)
+            self.params["acked"] = int(latest)  # acknowledged by the next statement
+
+    def execute(self, query: bytes, params: Any) -> Any:
+        """Run one statement within the store's ``timeout`` (a frozen server ends
+        the session, and the cache goes stale, instead of hanging the feed)."""
+        with deadline(self.conn, self.store.timeout):
+            cur = self.cur.execute(query, params)
+            return None if cur.description is None else cur.fetchone()
+
+    def wait(self) -> None:
+        """Until the server sends something (a notification) or ``heartbeat``."""
+        readable, _, _ = select.select([self.conn.fileno()], [], [], self.heartbeat)
+        if readable:
+            pgconn = self.conn.pgconn
+            pgconn.consume_input()  # raises if the connection was lost
+            while pgconn.notifies() is not None:  # read here: a round follows anyway
+                pass
+
+    def _wake(self, _: psycopg.Notify) -> None:
+        self.woken.set()
+
+
+class _Revoked(NamedTuple):
+    """What a revoke transaction did: the leases it took, the revocation's number
+    (0: none), and the caches to wait for (``acknowledged``'s ``waiting``)."""
+
+    leases: list[Lease]
+    seq: int
+    waiting: tuple[int, float]
 
 
 class _Statements:
@@ -634,12 +917,20 @@ class _Statements:
         self.revoke_children = self.render(_REVOKE_TREE, roots=sql.SQL(_ROOT_CHILDREN))
         self.extend = self.render(_EXTEND)
         self.claim_expired = self.render(_CLAIM_EXPIRED)
+        self.awaiting_hooks = self.render(_AWAITING)
         self.purge = self.render(_PURGE)
         self.revoked_since = self.render(_REVOKED_SINCE)
         self.listen = self.render(_LISTEN)
         self.unlisten = self.render(_UNLISTEN)
         self.heartbeat = self.render(_HEARTBEAT)
         self.resync = self.render(_RESYNC)
+        self.catch_up = self.render(_CATCH_UP)
+        self.register = self.render(_REGISTER)
+        self.leave = self.render(_LEAVE)
+        margin = sql.Literal(ACK_MARGIN)
+        self.waiting = self.render(_WAITING_FOR, seq=sql.Placeholder("seq"), margin=margin)
+        waiting = self.compose(_WAITING_FOR, seq=sql.SQL("seq.revoke_seq"), margin=margin)
+        self.announce = self.render(_ANNOUNCE, waiting=waiting)
         self.drop_schema = self.render(_DROP_SCHEMA)
         digest = hashlib.blake2b(f"jitbroker:{schema}".encode(), digest_size=8).digest()
         self.lock_key = int.from_bytes(digest, "big", signed=True)  # a bigint advisory key
@@ -659,81 +950,6 @@ class _Statements:
         # As bytes: psycopg then sends it as is, with no composing on each call
         # (and prepares it once it has run a few times on a connection).
         return self.compose(template, **parts).as_bytes(None)
-
-
-class _Pool:
-    """A small thread-safe pool of autocommit connections made from a DSN.
-
-    An idle connection whose socket has become readable was closed by the
-    server (restart, idle timeout, failover) or is otherwise out of step, so it
-    is dropped at checkout instead of failing the caller's first query: after
-    an outage the same store works again without being rebuilt.
-    """
-
-    def __init__(self, dsn: str, *, size: int, timeout: float) -> None:
-        if size < 1:
-            raise InvalidRequest(f"pool_size must be at least 1, got {size!r}")
-        if not (timeout > 0 and math.isfinite(timeout)):
-            raise InvalidRequest(f"pool_timeout must be positive seconds, got {timeout!r}")
-        try:
-            params = conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError:
-            # Not the parser's message: it may quote the DSN, password included.
-            raise InvalidRequest("not a valid PostgreSQL connection string") from None
-        _check_params(params)
-        # Fail fast rather than hang when the server is unreachable; a DSN may override.
-        params.setdefault("connect_timeout", 5)
-        params.setdefault("application_name", "jitbroker")
-        self._conninfo = make_conninfo("", **params)
-        self._size, self._timeout = size, timeout
-        self._slots = threading.BoundedSemaphore(size)
-        self._idle: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
-        self._generation = 0  # bumped by close: connections lent out before it are not kept
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        if not self._slots.acquire(timeout=self._timeout):
-            raise StoreUnavailable(
-                f"no PostgreSQL connection free within {self._timeout}s"
-                f" (all {self._size} in use): raise pool_size or pool_timeout"
-            )
-        try:
-            generation = self._generation
-            conn = self._checkout()
-            try:
-                yield conn
-            finally:
-                self._checkin(conn, generation)
-        finally:
-            self._slots.release()
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-            self._generation += 1
-        for conn in idle:
-            _discard(conn)
-
-    def _checkout(self) -> psycopg.Connection[Any]:
-        while True:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None:
-                conn = psycopg.connect(self._conninfo, autocommit=True)
-                conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # see _read_committed
-                return conn
-            if _usable(conn):
-                return conn
-            _discard(conn)
-
-    def _checkin(self, conn: psycopg.Connection[Any], generation: int) -> None:
-        idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        with self._lock:
-            if idle and not conn.closed and generation == self._generation:
-                self._idle.append(conn)
-                return
-        _discard(conn)
 
 
 @contextmanager
@@ -766,43 +982,24 @@ def _read_committed(conn: psycopg.Connection[Any]) -> Iterator[None]:
             conn.isolation_level = previous
 
 
-def _usable(conn: psycopg.Connection[Any]) -> bool:
-    """False if ``conn`` is closed or the server sent something while it sat idle
-    (normally a termination notice, or EOF)."""
-    if conn.closed:
-        return False
-    try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    except (OSError, ValueError, psycopg.Error):
-        return False
-    return not readable
+#: The oldest psycopg this store runs on. Older 3.2 releases lose notifications
+#: received outside ``notifies()`` (3.2.0-3.2.3) or keep every notification a
+#: handler received in a backlog that grows forever (up to 3.2.9). The feed no
+#: longer depends on notifications arriving, but the floor is checked here
+#: anyway: the package's own requirement can be bypassed.
+PSYCOPG_REQUIRED = (3, 2, 10)
 
 
-def _discard(conn: psycopg.Connection[Any]) -> None:
-    with contextlib.suppress(Exception):  # closing a dead connection may complain
-        conn.close()
-
-
-# -- helpers (no I/O: shared with an asyncio twin when one arrives) ----------
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """psycopg errors become ours at the boundary, the original chained as cause."""
-    try:
-        yield
-    except psycopg.OperationalError as exc:  # connection lost or refused, shutdown, deadlock
-        raise StoreUnavailable(f"could not reach PostgreSQL to {action}: {exc}") from exc
-    except psycopg.Error as exc:
-        raise StoreError(f"PostgreSQL failed to {action}: {exc}") from exc
-
-
-def _check_params(params: dict[str, Any]) -> None:
-    """Refuse what libpq would only reject when connecting (as an outage)."""
-    for port in str(params.get("port", "")).split(","):  # one per host, "" = default
-        if port and not (re.fullmatch(r"[0-9]{1,5}", port) and 1 <= int(port) <= 65535):
-            raise InvalidRequest(f"the port must be a number from 1 to 65535, got {port!r}")
-    timeout = str(params.get("connect_timeout", "0"))
-    if not re.fullmatch(r"-?[0-9]+", timeout):
-        raise InvalidRequest(f"connect_timeout must be whole seconds, got {timeout!r}")
+def _check_psycopg(version: str) -> None:
+    """Refuse a psycopg older than ``PSYCOPG_REQUIRED`` (``StoreError``)."""
+    parts = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    found = tuple(int(p) for p in parts.groups()) if parts else (0, 0, 0)
+    if found < PSYCOPG_REQUIRED:
+        need = ".".join(map(str, PSYCOPG_REQUIRED))
+        raise StoreError(
+            f"PostgresStore needs psycopg {need} or newer, found {version}:"
+            f" pip install 'psycopg[binary]>={need}'"
+        )
 
 
 def _check_time(name: str, value: float) -> None:
@@ -821,20 +1018,3 @@ def _filter(where: LeaseFilter) -> tuple[sql.Composable, dict[str, Any]]:
         sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in fields
     )
     return condition, {name: getattr(where, name) for name in fields}
-
-
-def _payloads(ids: Iterable[str]) -> list[str]:
-    """JSON lists of ``ids``, each small enough for one NOTIFY."""
-    payloads: list[str] = []
-    chunk: list[str] = []
-    size = 2  # the brackets
-    for lease_id in ids:
-        item = len(json.dumps(lease_id).encode()) + 1  # with its comma (ASCII-only JSON)
-        if chunk and size + item > NOTIFY_LIMIT:
-            payloads.append(json.dumps(chunk, separators=(",", ":")))
-            chunk, size = [], 2
-        chunk.append(lease_id)
-        size += item
-    if chunk:
-        payloads.append(json.dumps(chunk, separators=(",", ":")))
-    return payloads

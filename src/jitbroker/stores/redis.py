@@ -11,11 +11,17 @@ so every key of one store lives in one slot and the scripts may touch them all):
     {p}:lease:<id>            hash: the lease, one field per codec column
                               (absent field = None); dead ones carry a TTL
     {p}:exp                   zset: id -> expires_at of leases neither revoked nor
-                              claimed; membership *is* "still awaiting its claim"
-    {p}:dead                  zset: JSON [id, task, parent, owner, subject, key_id]
-                              -> expires_at of revoked or claimed leases, for purge
+                              claimed that need no on_expire hook; membership *is*
+                              "still awaiting its claim"
+    {p}:due:<expire_hooks>    zset: the same for leases that need these on_expire
+                              hooks (a claim reads only the sets of hooks it runs)
+    {p}:hooks                 set: the expire_hooks values that have a due set
+    {p}:dead                  zset: JSON [id, task, parent, owner, subject, key_id,
+                              issuer, task_run] -> expires_at of revoked or claimed
+                              leases, for purge (older members lack the last two)
     {p}:all                   set: every stored id (``find`` with an empty filter)
-    {p}:idx:<field>:<value>   set: ids whose task/parent/owner/subject/key_id is value
+    {p}:idx:<field>:<value>   set: ids whose task/parent/owner/subject/key_id/
+                              issuer/task_run is value
     {p}:live:<subject>        zset: id -> expires_at of the subject's leases neither
     {p}:live:<subject>\x1f<owner>   revoked nor claimed (and of those with this owner):
                               a quota's count is one ZCOUNT
@@ -42,12 +48,14 @@ may touch keys it did not declare, within one slot (no ``allow-cross-slot-keys``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import logging
 import math
 import operator
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, Generic, TypeVar, cast
@@ -60,11 +68,21 @@ from .._drive import Step, Steps, run
 from ..clock import Clock, system_clock
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
-from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids, start_feed
+from ..revocations import (
+    ACK_MARGIN,
+    RESYNC_MARGIN,
+    RevocationCache,
+    acknowledged,
+    parse_ids,
+    sleep,
+    start_feed,
+)
 from .base import LeaseFilter, Quota
 from .codec import from_mapping, to_mapping
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("jitbroker")
 
 #: The Redis version the scripts need: 7.0 brought the shebang and its flags.
 _REDIS_REQUIRED = "7.0"
@@ -83,20 +101,38 @@ _READS = "#!lua flags=no-writes\n"  # reads only: runs anyway, writes would fail
 _PRELUDE = """
 local EXP, DEAD, ALL = KEYS[1], KEYS[2], KEYS[3]
 local BASE, RETENTION = ARGV[1], tonumber(ARGV[2])
-local INDEXED = {'task', 'parent', 'owner', 'subject', 'key_id'}
+local INDEXED = {'task', 'parent', 'owner', 'subject', 'key_id', 'issuer', 'task_run'}
 
 local function lease_key(id) return BASE .. 'lease:' .. id end
 local function index_key(field, value) return BASE .. 'idx:' .. field .. ':' .. value end
 
--- Active at `at`: still in EXP (not revoked, not claimed) and not yet expired.
--- EXP's score is kept equal to the record's expires_at by add and extend.
+-- Where a lease awaits its claim, given its record's expire_hooks (false: none):
+-- EXP, or the due set of those hooks.
+local function due_key(hooks)
+  if hooks then return BASE .. 'due:' .. hooks end
+  return EXP
+end
+
+-- The lease's expires_at while it awaits its claim (neither revoked nor
+-- claimed), else false. The score is kept equal to the record's expires_at by
+-- add and extend.
+local function awaiting(id)
+  local score = redis.call('ZSCORE', EXP, id)
+  if score then return score end
+  local hooks = redis.call('HGET', lease_key(id), 'expire_hooks')
+  if hooks then return redis.call('ZSCORE', due_key(hooks), id) end
+  return false
+end
+
+-- Active at `at`: still awaiting its claim (not revoked, not claimed) and not yet expired.
 local function live(id, at)
-  local expires_at = redis.call('ZSCORE', EXP, id)
+  local expires_at = awaiting(id)
   return expires_at ~= false and tonumber(at) < tonumber(expires_at)
 end
 
 -- The record's index values ({} if there is no record) and its DEAD member:
--- JSON [id, task, parent, owner, subject, key_id], '' for a missing value.
+-- JSON [id, task, parent, owner, subject, key_id, issuer, task_run], '' for a
+-- missing value.
 local function indexed(id, key)
   local values = redis.call('HMGET', key, unpack(INDEXED))
   local entry = {id}
@@ -127,13 +163,13 @@ local function uncount(id, values)
   for _, k in ipairs(live_keys(values[4], values[3] or nil)) do redis.call('ZREM', k, id) end
 end
 
--- A lease dies (revoked or claimed): it leaves EXP and enters DEAD. The DEAD
--- member carries its index values, so purge can unindex it even after Redis
--- itself dropped the record at the end of its retention TTL.
+-- A lease dies (revoked or claimed): it leaves its due set and enters DEAD. The
+-- DEAD member carries its index values, so purge can unindex it even after
+-- Redis itself dropped the record at the end of its retention TTL.
 local function bury(id, key)
   local values, entry = indexed(id, key)
   uncount(id, values)
-  redis.call('ZREM', EXP, id)
+  redis.call('ZREM', due_key(redis.call('HGET', key, 'expire_hooks')), id)
   redis.call('ZADD', DEAD, redis.call('HGET', key, 'expires_at'), entry)
   if RETENTION > 0 then redis.call('PEXPIRE', key, RETENTION) end
 end
@@ -172,6 +208,9 @@ for i, field in ipairs(INDEXED) do
 end
 uncount(id, old)
 redis.call('ZREM', DEAD, old_entry)
+if old[4] then  -- a record was there (every lease has a subject): out of its due set
+  redis.call('ZREM', due_key(redis.call('HGET', key, 'expire_hooks')), id)
+end
 redis.call('DEL', key)
 redis.call('HSET', key, unpack(ARGV, 8))
 local values = indexed(id, key)
@@ -182,7 +221,9 @@ redis.call('SADD', ALL, id)
 if ARGV[7] == '1' then
   bury(id, key)
 else
-  redis.call('ZADD', EXP, expires_at, id)
+  local hooks = redis.call('HGET', key, 'expire_hooks')
+  if hooks then redis.call('SADD', BASE .. 'hooks', hooks) end
+  redis.call('ZADD', due_key(hooks), expires_at, id)
   count_in(id, values, expires_at)
 end
 return 1
@@ -204,9 +245,54 @@ end
 for _ = 1, 1 + 3 * quotas do table.remove(ARGV, 8) end
 """
 
+# The revocation log and the caches that follow it (see the feed, below, and
+# jitbroker.revocations). Each revocation that took something gets the next
+# number of REVSEQ and one entry in the stream REVLOG ({n, ids}), written in the
+# same script as the revocation itself; entries older than an hour are trimmed
+# (a live feed is never that far behind; one that is sees a gap in the numbers
+# and resyncs). CACHES holds, per live cache, "acked seen_ms staleness_ms": the
+# number of the last revocation it applied, when it last confirmed it (server
+# time), and how long after that it may still vouch.
+_CACHES = (
+    """
+local REVSEQ, REVLOG, CACHES = BASE .. 'revseq', BASE .. 'revlog', BASE .. 'caches'
+local LOG_HORIZON_MS = 3600000
+local ACK_MARGIN_MS = """
+    + str(round(ACK_MARGIN * 1000))
+    + """
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- {caches that may still vouch and have not applied revocation `seq`, ms until
+-- the last of them can no longer vouch (+ margin)}. Rows of caches silent for
+-- an hour are dropped when `prune`.
+local function waiting(seq, prune)
+  local now, pending, longest = now_ms(), 0, 0
+  local flat = redis.call('HGETALL', CACHES)
+  for i = 1, #flat, 2 do
+    local acked, seen, staleness = string.match(flat[i + 1], '^(%d+) (%d+) (%d+)$')
+    if acked then
+      local ends = tonumber(seen) + tonumber(staleness) + ACK_MARGIN_MS
+      if ends > now and tonumber(acked) < seq then
+        pending = pending + 1
+        if ends - now > longest then longest = ends - now end
+      elseif prune and ends < now - LOG_HORIZON_MS then
+        redis.call('HDEL', CACHES, flat[i])
+      end
+    end
+  end
+  return {pending, longest}
+end
+"""
+)
+
 # Walks down from the roots. A lease that is already dead had its subtree
 # revoked with it (or its children expired first), so the walk only descends
 # through leases that transition now: each revoked exactly once, whoever races.
+# Returns {n, {caches to wait for, ms}, records}: n = 0 if nothing transitioned.
 _REVOKE_TREE = """
 local function revoke_tree(roots, at, reason)
   local revoked, ids, stack = {}, {}, roots
@@ -223,26 +309,43 @@ local function revoke_tree(roots, at, reason)
       end
     end
   end
-  -- For revocation caches in other processes; costs nothing without subscribers.
-  if #ids > 0 then redis.call('PUBLISH', BASE .. 'revoked', cjson.encode(ids)) end
-  return revoked
+  if #ids == 0 then return {0, {0, 0}, revoked} end
+  local seq = redis.call('INCR', REVSEQ)
+  local trim = string.format('%d-0', now_ms() - LOG_HORIZON_MS)
+  redis.call('XADD', REVLOG, 'MINID', '~', trim, '*', 'n', seq, 'ids', cjson.encode(ids))
+  return {seq, waiting(seq, true), revoked}
 end
 """
 
-# ARGV: at, reason, id. The records that transitioned.
+# ARGV: at, reason, id.
 _REVOKE = "return revoke_tree({ARGV[5]}, ARGV[3], ARGV[4])"
 
-# ARGV: at, reason, then the filter's field/value pairs. The records that transitioned.
+# ARGV: at, reason, then the filter's field/value pairs.
 _REVOKE_WHERE = "return revoke_tree(matching(5), ARGV[3], ARGV[4])"
 
+# ARGV: n. What a strict revoke polls: see waiting().
+_WAITING = "return waiting(tonumber(ARGV[3]), false)"
+
+# A cache's acknowledgement and heartbeat. ARGV: cache id, the number of the
+# last revocation it applied, its max staleness in ms. {epoch, current n}.
+_ACK = """
+local seen = string.format('%d', now_ms())
+redis.call('HSET', CACHES, ARGV[3], ARGV[4] .. ' ' .. seen .. ' ' .. ARGV[5])
+return {redis.call('GET', BASE .. 'epoch'), redis.call('GET', REVSEQ) or '0'}
+"""
+
+# ARGV: cache id. A cache that stops following: no revoke waits for it.
+_LEAVE = "return redis.call('HDEL', CACHES, ARGV[3])"
+
 # ARGV: id, expires_at, at. The updated record, or {} if the lease is not active.
-# ZADD moves the lease's place in EXP, so a renewed lease is claimed at its new expiry.
+# ZADD moves the lease's place in its due set, so a renewed lease is claimed at
+# its new expiry.
 _EXTEND = """
 local id, expires_at = ARGV[3], ARGV[4]
 if not live(id, ARGV[5]) then return {} end
 local key = lease_key(id)
 redis.call('HSET', key, 'expires_at', expires_at)
-redis.call('ZADD', EXP, expires_at, id)
+redis.call('ZADD', due_key(redis.call('HGET', key, 'expire_hooks')), expires_at, id)
 count_in(id, indexed(id, key), expires_at)
 return redis.call('HGETALL', key)
 """
@@ -257,25 +360,56 @@ end
 return found
 """
 
-# ARGV: now, limit. Pops up to `limit` leases due by `now` from EXP; being one
-# script, two reapers can never pop the same lease.
+# ARGV: now, limit, then the expire_hooks values the claimer runs. Pops up to
+# `limit` leases due by `now` from EXP (leases needing no hook) and from the due
+# set of each of those values, never from another's: leases awaiting hooks the
+# claimer lacks are not even read. Being one script, two reapers can never pop
+# the same lease.
 _CLAIM_EXPIRED = """
 local now, limit, claimed = ARGV[3], tonumber(ARGV[4]), {}
-while #claimed < limit do
-  local due = redis.call('ZRANGEBYSCORE', EXP, '-inf', now, 'LIMIT', 0, limit - #claimed)
-  if #due == 0 then break end
-  for _, id in ipairs(due) do
-    local key = lease_key(id)
-    local record = redis.call('HGETALL', key)
-    if #record == 0 then
-      redis.call('ZREM', EXP, id)  -- the record was deleted behind our back
-    else
-      bury(id, key)
-      claimed[#claimed + 1] = record
+local function hooks_of(record)  -- its expire_hooks, read from the HGETALL reply
+  for i = 1, #record, 2 do
+    if record[i] == 'expire_hooks' then return record[i + 1] end
+  end
+  return false
+end
+local function claim_from(set)
+  while #claimed < limit do
+    local due = redis.call('ZRANGEBYSCORE', set, '-inf', now, 'LIMIT', 0, limit - #claimed)
+    if #due == 0 then break end
+    for _, id in ipairs(due) do
+      local key = lease_key(id)
+      local record = redis.call('HGETALL', key)
+      if #record == 0 or due_key(hooks_of(record)) ~= set then
+        redis.call('ZREM', set, id)  -- deleted behind our back, or stored again
+      else
+        bury(id, key)
+        claimed[#claimed + 1] = record
+      end
     end
   end
 end
+claim_from(EXP)
+for i = 5, #ARGV do
+  local set = due_key(ARGV[i])
+  claim_from(set)
+  if redis.call('EXISTS', set) == 0 then redis.call('SREM', BASE .. 'hooks', ARGV[i]) end
+end
 return claimed
+"""
+
+# ARGV: now. {expire_hooks, count, ...} of the leases due by `now` still
+# awaiting the hooks they need (read only).
+_AWAITING = """
+local counts = {}
+for _, hooks in ipairs(redis.call('SMEMBERS', BASE .. 'hooks')) do
+  local n = redis.call('ZCOUNT', due_key(hooks), '-inf', ARGV[3])
+  if n > 0 then
+    counts[#counts + 1] = hooks
+    counts[#counts + 1] = n
+  end
+end
+return counts
 """
 
 # ARGV: before, limit. Deletes and unindexes up to `limit` dead leases with
@@ -288,10 +422,10 @@ for _, entry in ipairs(entries) do
   local id = values[1]
   -- A stale member of an id stored again after Redis dropped its old record
   -- must not take the new, live one with it.
-  if redis.call('ZSCORE', EXP, id) == false then
+  if awaiting(id) == false then
     for i, field in ipairs(INDEXED) do
-      local value = values[i + 1]
-      if value ~= '' then redis.call('SREM', index_key(field, value), id) end
+      local value = values[i + 1]  -- nil in members written before a field was indexed
+      if value and value ~= '' then redis.call('SREM', index_key(field, value), id) end
     end
     redis.call('SREM', ALL, id)
     purged = purged + redis.call('DEL', lease_key(id))  -- 0 if Redis dropped it already
@@ -304,7 +438,7 @@ return {#entries, purged}
 #: Dead entries one purge script handles: bounds how long it holds the server.
 PURGE_BATCH = 1000
 
-_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id")
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run")
 
 #: What a store built from a URL gives its client (sync or asyncio) besides
 #: ``retry=Retry(NoBackoff(), 0)``. No client-side retries: a retried script
@@ -312,6 +446,14 @@ _FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id")
 #: revoke), and backoff turns an outage into seconds of waiting per call.
 #: Callers get StoreUnavailable at once and decide whether to retry.
 CLIENT_OPTIONS: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
+
+#: The sync connection class for a pool's (sync or asyncio) connection class.
+_SYNC_CONNECTIONS: dict[str, type[redis.Connection] | type[redis.UnixDomainSocketConnection]] = {
+    "SSLConnection": redis.SSLConnection,
+    "UnixDomainSocketConnection": redis.UnixDomainSocketConnection,
+}
+#: The name of a revocation feed's connection (``CLIENT LIST``).
+FEED_CLIENT_NAME = "jitbroker-revocations"
 
 C = TypeVar("C")
 
@@ -329,6 +471,7 @@ class RedisLeases(Generic[C]):
         prefix: str = "jitbroker",
         *,
         retention: float | None = 86_400.0,
+        strict_revocations: bool = True,
     ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise InvalidRequest(f"prefix must be non-empty and free of braces, got {prefix!r}")
@@ -351,12 +494,64 @@ class RedisLeases(Generic[C]):
         script = cast("Any", self._client).register_script
         self._add = script(_FAILS_OOM + _PRELUDE + _ADD)
         self._add_counted = script(_FAILS_OOM + _PRELUDE + _QUOTAS + _ADD)
-        self._revoke = script(_RUNS_OOM + _PRELUDE + _REVOKE_TREE + _REVOKE)
-        self._revoke_where = script(_RUNS_OOM + _PRELUDE + _REVOKE_TREE + _REVOKE_WHERE)
+        #: Whether ``revoke`` waits for every live revocation cache (see
+        #: ``jitbroker.revocations``); False gives the feed's latency back to
+        #: the caller: a cache may then accept a revoked token for milliseconds.
+        self.strict_revocations = bool(strict_revocations)
+        revokes = _RUNS_OOM + _PRELUDE + _CACHES + _REVOKE_TREE
+        self._revoke = script(revokes + _REVOKE)
+        self._revoke_where = script(revokes + _REVOKE_WHERE)
+        self._waiting = script(_READS + _PRELUDE + _CACHES + _WAITING)
         self._extend = script(_FAILS_OOM + _PRELUDE + _EXTEND)
         self._find = script(_READS + _PRELUDE + _FIND)
         self._claim_expired = script(_RUNS_OOM + _PRELUDE + _CLAIM_EXPIRED)
+        self._awaiting = script(_READS + _PRELUDE + _AWAITING)
         self._purge = script(_RUNS_OOM + _PRELUDE + _PURGE)
+
+    def revocations(
+        self,
+        *,
+        window: float = 86_400.0,
+        max_staleness: float = 5.0,
+        heartbeat: float = 1.0,
+        clock: Clock = system_clock,
+    ) -> RevocationCache:
+        """A ``RevocationCache`` that follows this store's revocation log, for
+        ``Verifier(..., store=store, revocations=...)``: online verification of
+        JWS tokens with no round trip while the feed is live (see
+        ``jitbroker.revocations``). ``window`` must be at least the longest
+        token lifetime plus leeway; ``clock`` is the brokers' clock (a resync
+        loads the leases that died and expired at most a minute before its
+        "now"). The feed holds one connection of the client's pool, blocks on
+        it for at most ``heartbeat`` seconds at a time (keep the client's
+        ``socket_timeout`` above that), and registers the cache in the store so
+        strict revocations wait for it. ``close()`` the cache to stop its thread."""
+        cache = RevocationCache(window=window, max_staleness=max_staleness)
+
+        def session(cache: RevocationCache, stop: threading.Event) -> None:
+            client = self._feed_client()
+            try:
+                _Feed(self, client, cache, heartbeat).follow(stop, clock)
+            finally:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    client.close()
+                    client.connection_pool.disconnect()
+
+        return start_feed(cache, session, heartbeat=heartbeat)
+
+    def _feed_client(self) -> redis.Redis:
+        """A client of its own for the feed's blocking reads, so they never tie up
+        a connection of the store's pool: the same server and options, one
+        connection, named ``FEED_CLIENT_NAME`` (kept across reconnects) so
+        operators can tell it apart in ``CLIENT LIST``."""
+        # The async store's client has the same options: the feed is a thread
+        # with a sync connection of its own either way.
+        pool = cast("Any", self._client).connection_pool
+        options = {**pool.connection_kwargs, "client_name": FEED_CLIENT_NAME}
+        options.pop("retry", None)  # an asyncio Retry; the sync default reconnects alike
+        kind = _SYNC_CONNECTIONS.get(pool.connection_class.__name__, redis.Connection)
+        own = redis.ConnectionPool(connection_class=kind, **options)
+        return redis.Redis(connection_pool=own, single_connection_client=True)
 
     def _connect(self, url: str) -> C:
         """The client a store owns when given a URL (see ``CLIENT_OPTIONS``)."""
@@ -403,13 +598,36 @@ class RedisLeases(Generic[C]):
 
     def _revoke_steps(self, lease_id: str, at: float, reason: str) -> Steps[list[Lease]]:
         step = self._script(self._revoke, _time("at", at), reason, lease_id)
-        with _translated("revoke a lease"):
-            return _leases((yield step))
+        return (yield from self._revoked("revoke a lease", step))
 
     def _revoke_where_steps(self, where: LeaseFilter, at: float, reason: str) -> Steps[list[Lease]]:
         step = self._script(self._revoke_where, _time("at", at), reason, *_filter(where))
-        with _translated("revoke leases"):
-            return _leases((yield step))
+        return (yield from self._revoked("revoke leases", step))
+
+    def _revoked(self, action: str, step: Step) -> Steps[list[Lease]]:
+        """Run a revoke script; if strict, wait for the caches (``acknowledged``)."""
+        with _translated(action):
+            seq, (pending, longest_ms), records = yield step
+        if self.strict_revocations and int(pending):
+            waiting = (int(pending), int(longest_ms) / 1000)
+            yield from acknowledged(int(seq), waiting, self._waiting_for, self._pause)
+        return _leases(records)
+
+    def _waiting_for(self, seq: int) -> Step:
+        script = self._script(self._waiting, seq)
+
+        def look(client: Any) -> Any:
+            with _translated("read the caches' acknowledgements"):
+                reply = script(client)
+                if inspect.isawaitable(reply):
+                    return _waiting_reply(reply)
+                return _waiting(reply)
+
+        return look
+
+    def _pause(self, seconds: float) -> Step:
+        """A step that sleeps (the async store awaits ``asyncio.sleep`` instead)."""
+        return sleep(seconds)
 
     def _extend_steps(self, lease_id: str, expires_at: float, at: float) -> Steps[Lease | None]:
         args = (lease_id, _time("expires_at", expires_at), _time("at", at))
@@ -423,10 +641,17 @@ class RedisLeases(Generic[C]):
         # The sets are exact; this only guards against an id re-added with new values.
         return [lease for lease in found if where.matches(lease)]
 
-    def _claim_expired_steps(self, now: float, limit: int) -> Steps[list[Lease]]:
-        step = self._script(self._claim_expired, _time("now", now), int(limit))
+    def _claim_expired_steps(
+        self, now: float, limit: int, expire_hooks: Collection[str] = ()
+    ) -> Steps[list[Lease]]:
+        step = self._script(self._claim_expired, _time("now", now), int(limit), *expire_hooks)
         with _translated("claim expired leases"):
             return _leases((yield step))
+
+    def _awaiting_hooks_steps(self, now: float) -> Steps[dict[str, int]]:
+        with _translated("count leases awaiting hooks"):
+            flat = yield self._script(self._awaiting, _time("now", now))
+        return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
 
     def _purge_steps(self, before: float) -> Steps[int]:
         purged, cutoff = 0, _time("before", before)
@@ -443,21 +668,27 @@ class RedisLeases(Generic[C]):
             entries = yield operator.methodcaller("zrangebyscore", dead, low, "+inf")
         return [str(json.loads(entry)[0]) for entry in entries]
 
-    def _resync_steps(self, since: float) -> Steps[tuple[float | None, list[str]]]:
-        """The epoch and ``revoked_since(since)``, read in one MULTI (one snapshot)."""
+    def _resync_steps(self, since: float) -> Steps[tuple[float | None, int, list[str], str]]:
+        """One snapshot (MULTI) for a feed's resync: the epoch, the number of the
+        last revocation, ``revoked_since(since)``, and the id of the log's last
+        entry (where to follow from; ``0-0`` if the log is empty)."""
         dead, low = self._keys[1], _time("since", since)
 
         def read(client: Any) -> Any:
             return (
                 client.pipeline(transaction=True)
                 .get(self._epoch)
+                .get(self._base + "revseq")
                 .zrangebyscore(dead, low, "+inf")
+                .xrevrange(self._base + "revlog", count=1)
                 .execute()
             )
 
         with _translated("read recent revocations"):
-            epoch, entries = yield read
-        return _epoch(epoch), [str(json.loads(entry)[0]) for entry in entries]
+            epoch, seq, entries, last = yield read
+        last_id = _text(last[0][0]) if last else "0-0"
+        ids = [str(json.loads(entry)[0]) for entry in entries]
+        return _epoch(epoch), int(seq or 0), ids, last_id
 
     def _epoch_steps(self) -> Steps[float | None]:
         with _translated("read the store's epoch"):
@@ -537,9 +768,16 @@ class RedisStore(RedisLeases[redis.Redis]):
         """Every stored lease matching ``where`` (live or dead, not yet purged)."""
         return run(self._find_steps(where), self._client)
 
-    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
-        return run(self._claim_expired_steps(now, limit), self._client)
+    def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+    ) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
+        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``."""
+        return run(self._claim_expired_steps(now, limit, expire_hooks), self._client)
+
+    def awaiting_hooks(self, now: float) -> dict[str, int]:
+        """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
+        return run(self._awaiting_hooks_steps(now), self._client)
 
     def purge(self, before: float) -> int:
         """Delete and unindex dead leases with ``expires_at < before``; how many."""
@@ -556,37 +794,6 @@ class RedisStore(RedisLeases[redis.Redis]):
         """Ids of dead leases (revoked, or claimed expired) whose ``expires_at`` is
         at or after ``since``: what a revocation cache must know after a resync."""
         return run(self._revoked_since_steps(since), self._client)
-
-    def revocations(
-        self,
-        *,
-        window: float = 86_400.0,
-        max_staleness: float = 5.0,
-        heartbeat: float = 1.0,
-        clock: Clock = system_clock,
-    ) -> RevocationCache:
-        """A ``RevocationCache`` fed by this store's revocation channel, for
-        ``Verifier(..., store=store, revocations=...)``: online verification of
-        JWS tokens with no round trip while the feed is live (see
-        ``jitbroker.revocations``). ``window`` must be at least the longest
-        token lifetime plus leeway; ``clock`` is the brokers' clock (a resync
-        loads the leases that died and expired at most a minute before its
-        "now"). ``close()`` the cache to stop its thread."""
-        cache = RevocationCache(window=window, max_staleness=max_staleness)
-
-        def session(cache: RevocationCache, stop: threading.Event) -> None:
-            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
-            try:
-                pubsub.subscribe(self._base + "revoked")
-                _await_subscription(pubsub, heartbeat)
-                epoch, ids = run(self._resync_steps(clock() - RESYNC_MARGIN), self._client)
-                cache.resync(ids, epoch=epoch)
-                _follow(pubsub, cache, stop, heartbeat, self._read_epoch)
-            finally:
-                with contextlib.suppress(redis.RedisError, OSError):
-                    pubsub.close()
-
-        return start_feed(cache, session, heartbeat=heartbeat)
 
     def holds_data(self) -> bool:
         """True if this prefix holds a store: a lease was ever added under it (its
@@ -605,42 +812,134 @@ class RedisStore(RedisLeases[redis.Redis]):
         return run(self._epoch_steps(), self._client)
 
 
-def _follow(
-    pubsub: Any,
-    cache: RevocationCache,
-    stop: threading.Event,
-    heartbeat: float,
-    read_epoch: Callable[[], float | None],
-) -> None:
-    """Add each published revocation; every ``heartbeat``, a PING proves the link
-    and the epoch is read again (a FLUSHALL leaves the subscription connected)."""
-    pinged = time.monotonic()
-    while not stop.is_set():
-        message = pubsub.get_message(timeout=heartbeat / 4)
-        if message is not None:
-            if message["type"] == "message":
-                cache.add(parse_ids(message["data"]))
-                cache.alive()
-            elif message["type"] == "pong":
-                cache.alive()
-            elif message["type"] == "subscribe":
-                # redis-py reconnected and subscribed again by itself (a client
-                # with retries): whatever was published meanwhile is lost.
-                raise redis.ConnectionError("the subscription was renewed: resyncing")
-        if time.monotonic() - pinged >= heartbeat:
-            cache.check_epoch(read_epoch())
-            pubsub.ping()
-            pinged = time.monotonic()
+class _Feed:
+    """One session of a Redis revocation feed: resync, then follow the log.
+
+    Each round is a blocking XREAD of the log from the last entry applied, then
+    the cache's acknowledgement (which also reads the epoch and the last
+    revocation's number): only once the store has recorded that, is the cache
+    counted live, from the moment the XREAD was sent (``RevocationCache.alive``).
+    A revocation numbered past what the log gave (written between the read and
+    the acknowledgement) is read at once; one that the log does not have ends
+    the session, and the next one resyncs.
+    """
+
+    def __init__(
+        self,
+        store: RedisLeases[Any],
+        client: redis.Redis,
+        cache: RevocationCache,
+        heartbeat: float,
+    ) -> None:
+        self.store, self.client, self.cache = store, client, cache
+        self.log = store._base + "revlog"
+        self.id = uuid.uuid4().hex
+        self.staleness_ms = max(1, round(cache.max_staleness * 1000))
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        block = heartbeat if timeout is None else min(heartbeat, float(timeout) / 2)
+        self.block_ms = max(1, round(block * 1000))
+        self.log_pos = _LogPosition(0, "0-0")
+        # On the feed's own (sync) client, whichever store made it.
+        self.ack = client.register_script(_RUNS_OOM + _PRELUDE + _CACHES + _ACK)
+        self.leave = client.register_script(_RUNS_OOM + _PRELUDE + _CACHES + _LEAVE)
+
+    def follow(self, stop: threading.Event, clock: Clock) -> None:
+        cache, store = self.cache, self.store
+        try:
+            sent = cache.clock()
+            # Registered (as having applied nothing) before the snapshot: a
+            # revoke that commits after it waits for this cache; one before it
+            # is in the snapshot. Registering after would leave a gap.
+            self.acknowledge()
+            epoch, seq, ids, last_id = run(
+                store._resync_steps(clock() - RESYNC_MARGIN), self.client
+            )
+            self.log_pos = _LogPosition(seq, last_id)
+            self.acknowledge()
+            cache.resync(ids, epoch=epoch, since=sent)
+            while not stop.is_set():
+                sent = cache.clock()
+                self.read(block=self.block_ms)
+                epoch, latest = self.acknowledge()
+                if latest > self.log_pos.applied:  # revoked since our read began
+                    while latest > self.log_pos.applied:
+                        if not self.read(block=None):
+                            raise StoreError(
+                                f"the revocation log lacks revocation {self.log_pos.applied + 1}"
+                                " (trimmed or deleted): resyncing"
+                            )
+                    epoch, latest = self.acknowledge()
+                cache.check_epoch(epoch)
+                cache.alive(sent)
+        finally:
+            # Stale first, then leave: once the row is gone no revoke waits
+            # for this cache, so it must not vouch any more.
+            cache.down()
+            with contextlib.suppress(redis.RedisError, OSError, StoreError):
+                run(self._step(self.leave, self.id), self.client)
+
+    def read(self, *, block: int | None) -> bool:
+        """Apply what the log holds after our position; False if it held nothing."""
+        with _translated("follow the revocation log"):
+            reply: Any = self.client.xread(
+                {self.log: self.log_pos.last_id}, count=1000, block=block
+            )
+        # RESP2 gives [[stream, entries]], RESP3 {stream: entries}.
+        streams = reply.values() if isinstance(reply, dict) else [s for _, s in reply or ()]
+        entries = [entry for stream_entries in streams for entry in stream_entries]
+        self.cache.add(self.log_pos.take(entries))
+        return bool(entries)
+
+    def acknowledge(self) -> tuple[float | None, int]:
+        """Record in the store what this cache applied; the epoch and the number
+        of the last revocation."""
+        epoch, latest = run(self._step(self.ack, self.id, self.log_pos.applied), self.client)
+        return _epoch(epoch), int(latest)
+
+    def _step(self, script: Any, *args: Any) -> Steps[Any]:
+        with _translated("acknowledge revocations"):
+            return (yield self.store._script(script, *args, self.staleness_ms))
 
 
-def _await_subscription(pubsub: Any, timeout: float) -> None:
-    """Block until the server confirms the subscription (then no message is lost)."""
-    deadline = time.monotonic() + max(timeout, 1.0) * 5
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.1)
-        if message is not None and message["type"] == "subscribe":
-            return
-    raise redis.TimeoutError("no subscription confirmation from Redis")
+class _LogPosition:
+    """Where a feed is in the revocation log: the number of the last revocation
+    applied and the id of the last entry read. No I/O."""
+
+    def __init__(self, applied: int, last_id: str) -> None:
+        self.applied, self.last_id = applied, last_id
+
+    def take(self, entries: Sequence[tuple[Any, Mapping[Any, Any]]]) -> list[str]:
+        """The ids to add from ``entries`` (in log order). An entry that is not
+        ours (no number) is skipped with a warning; a gap in the numbers, or one
+        of ours that cannot be read, raises ``StoreError``: the session ends and
+        the next one resyncs from the leases themselves, never skipping one."""
+        ids: list[str] = []
+        for entry_id, fields in entries:
+            self.last_id = _text(entry_id)
+            number = _number(fields.get(b"n", fields.get("n")))
+            if number is None:
+                log.warning("ignored an entry of the revocation log that jitbroker did not write")
+                continue
+            if number <= self.applied:
+                continue
+            if number != self.applied + 1:
+                raise StoreError(
+                    f"the revocation log went from {self.applied} to {number}: resyncing"
+                )
+            try:
+                ids += parse_ids(fields.get(b"ids", fields.get("ids")) or b"")
+            except ValueError as exc:
+                raise StoreError(
+                    f"revocation {number} in the log is unreadable: resyncing"
+                ) from exc
+            self.applied = number
+        return ids
+
+
+def _number(value: Any) -> int | None:
+    """A log entry's revocation number, or None if it has none."""
+    text = _text(value) if value is not None else ""
+    return int(text) if text.isdigit() and len(text) < 20 else None
 
 
 # -- helpers (no I/O) ----------------------------------------------------------
@@ -714,6 +1013,17 @@ def _filter(where: LeaseFilter) -> list[str]:
         if value is not None:
             pairs += (name, value)
     return pairs
+
+
+def _waiting(reply: Sequence[Any]) -> tuple[int, float]:
+    """The ``_WAITING`` script's reply: (caches pending, seconds)."""
+    return int(reply[0]), int(reply[1]) / 1000
+
+
+async def _waiting_reply(reply: Awaitable[Sequence[Any]]) -> tuple[int, float]:
+    # The async client's reply; errors are translated where it is awaited.
+    with _translated("read the caches' acknowledgements"):
+        return _waiting(await reply)
 
 
 def _epoch(value: Any) -> float | None:

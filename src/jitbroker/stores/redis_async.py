@@ -9,13 +9,14 @@ two stores read and write the same keys, so they can share one prefix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Collection, Sequence
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .._drive import arun
+from .._drive import Step, arun
 from ..lease import Lease
 from .base import LeaseFilter, Quota
 from .redis import CLIENT_OPTIONS, RedisLeases, _translated
@@ -34,13 +35,18 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
     connections belong to the loop that opened them.
 
     Errors reaching Redis raise ``StoreUnavailable``, any other Redis error
-    ``StoreError``, each with the original as ``__cause__``. For a revocation
-    cache, use ``RedisStore(url, prefix).revocations()``: its feed runs in a
-    thread of its own either way.
+    ``StoreError``, each with the original as ``__cause__``. ``revocations()``
+    gives a revocation cache as ``RedisStore``'s does: its feed runs in a thread
+    of its own, on a sync connection made with this client's options, and a
+    strict ``revoke`` awaits the caches without blocking the event loop.
     """
 
     def _connect(self, url: str) -> redis.asyncio.Redis:
         return redis.asyncio.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **CLIENT_OPTIONS)
+
+    def _pause(self, seconds: float) -> Step:
+        # A strict revoke's wait for the caches must not block the event loop.
+        return lambda client: asyncio.sleep(seconds)
 
     # -- the protocol ------------------------------------------------------
     async def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
@@ -68,9 +74,16 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         """Every stored lease matching ``where`` (live or dead, not yet purged)."""
         return await arun(self._find_steps(where), self._client)
 
-    async def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once."""
-        return await arun(self._claim_expired_steps(now, limit), self._client)
+    async def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+    ) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
+        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``."""
+        return await arun(self._claim_expired_steps(now, limit, expire_hooks), self._client)
+
+    async def awaiting_hooks(self, now: float) -> dict[str, int]:
+        """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
+        return await arun(self._awaiting_hooks_steps(now), self._client)
 
     async def purge(self, before: float) -> int:
         """Delete and unindex dead leases with ``expires_at < before``; how many."""

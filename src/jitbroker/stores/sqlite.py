@@ -5,24 +5,29 @@ wait for the writer; every write is one short transaction that takes the write
 lock up front (``BEGIN IMMEDIATE``, or a single write statement, which SQLite
 also locks before it reads), so two writers never deadlock on a lock upgrade
 and each check-then-write (a child's parent is alive, a lease is unclaimed)
-sees the latest commit of every process.
+sees the latest commit of every process. Opening an up-to-date file only
+reads; the write lock is taken only to create or migrate the schema.
 
 The table holds one column per codec field plus ``dead``: 1 once the lease is
 revoked or claimed expired. ``dead = 0`` is "live, or expired awaiting its
-claim", so one index on ``(dead, expires_at)`` orders both the claims and the
-purge. Task, parent, owner, subject and key id are indexed for ``find``.
+claim", so the claims read ``(expire_hooks, expires_at) WHERE dead = 0`` (one
+range per hook set the claimer runs) and the purge ``(expires_at) WHERE dead =
+1``. Task, parent, owner, subject, key id, issuer and task run are indexed for
+``find``.
 
 WAL does not work over a network file system: keep the file on a local disk.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sqlite3
+import stat
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -34,6 +39,8 @@ from .base import LeaseFilter, Quota
 from .codec import COLUMNS, from_row, to_row
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+log = logging.getLogger("jitbroker")
 
 #: ``PRAGMA application_id`` of our files ("JITB"): tells our database from a foreign one.
 APPLICATION_ID = 0x4A495442
@@ -75,6 +82,21 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # the dead ones a long retention keeps.
         "CREATE INDEX leases_live_subject ON leases (subject, owner, expires_at) WHERE dead = 0",
     ),
+    (
+        # Who issued a lease, the task run it belongs to, and the on_expire hooks
+        # it needs (NULL in rows written before: none). A claim takes only the
+        # hooks its broker runs, one range of leases_claim per value, ordered by
+        # expiry; leases_due gives way to it and to leases_dead (purge), so an
+        # add still writes one of the two.
+        "ALTER TABLE leases ADD COLUMN issuer TEXT",
+        "ALTER TABLE leases ADD COLUMN task_run TEXT",
+        "ALTER TABLE leases ADD COLUMN expire_hooks TEXT",
+        "CREATE INDEX leases_issuer ON leases (issuer) WHERE issuer IS NOT NULL",
+        "CREATE INDEX leases_task_run ON leases (task_run) WHERE task_run IS NOT NULL",
+        "CREATE INDEX leases_claim ON leases (expire_hooks, expires_at) WHERE dead = 0",
+        "CREATE INDEX leases_dead ON leases (expires_at) WHERE dead = 1",
+        "DROP INDEX leases_due",
+    ),
 )
 
 #: The schema version this code writes; a file at a higher one is refused.
@@ -113,13 +135,24 @@ _COUNT_OWNER = _COUNT + " AND owner = :owner"
 _REVOKE = "UPDATE leases SET revoked_at = ?, revoke_reason = ?, dead = 1 WHERE id = ?"
 _LIVE_ONE = f"SELECT {_COLS} FROM leases WHERE id = :id AND {_LIVE}"  # noqa: S608
 _EXTEND = "UPDATE leases SET expires_at = ? WHERE id = ?"
+# Due leases that need no hook; then those needing the hooks `expire_hooks`
+# (leases_claim: one range per value, so leases awaiting hooks the claimer
+# lacks are never read).
 _DUE = (
-    f"SELECT {_COLS} FROM leases WHERE dead = 0 AND expires_at <= ?"  # noqa: S608
-    " ORDER BY expires_at LIMIT ?"
+    f"SELECT {_COLS} FROM leases WHERE expire_hooks IS NULL"  # noqa: S608
+    " AND dead = 0 AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+)
+_DUE_HOOKS = (
+    f"SELECT {_COLS} FROM leases WHERE expire_hooks = ?"  # noqa: S608
+    " AND dead = 0 AND expires_at <= ? ORDER BY expires_at LIMIT ?"
+)
+_AWAITING = (
+    "SELECT expire_hooks, COUNT(*) FROM leases INDEXED BY leases_claim"
+    " WHERE expire_hooks IS NOT NULL AND dead = 0 AND expires_at <= ? GROUP BY expire_hooks"
 )
 _CLAIM = "UPDATE leases SET dead = 1 WHERE id = ?"
 _PURGE = "DELETE FROM leases WHERE dead = 1 AND expires_at < ?"
-_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id")
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run")
 
 # SQLite primary result codes (the low byte of ``sqlite_errorcode``) that mean
 # "could not get at the file right now", as opposed to a broken or foreign file.
@@ -157,6 +190,12 @@ class SQLiteStore:
 
     Opening a file written by a newer jitbroker, another application's SQLite
     database, or a file that is not SQLite raises ``StoreError`` naming the path.
+    Opening an up-to-date file only reads, so it works while another process
+    writes; only creating or migrating the schema takes the write lock.
+
+    A new file is created with mode 0600 (its -wal and -shm files follow). An
+    existing file keeps its mode, but one every user can write is refused with
+    ``StoreError``, and one every user can read is logged as a warning.
     """
 
     blocking = True
@@ -238,8 +277,11 @@ class SQLiteStore:
             rows = db.execute(_FIND.format(condition=condition), params).fetchall()
         return _rows(rows)
 
-    def claim_expired(self, now: float, limit: int = 1000) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once.
+    def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+    ) -> list[Lease]:
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
+        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``.
 
         Selecting and marking happen in one write transaction, and write
         transactions run one at a time across every process: a second claimer
@@ -249,8 +291,17 @@ class SQLiteStore:
             return []
         with self._transaction("claim expired leases") as db:
             rows = db.execute(_DUE, (now, limit)).fetchall()
+            for hooks in expire_hooks:  # in-process statements: one each is cheap
+                if len(rows) >= limit:
+                    break
+                rows += db.execute(_DUE_HOOKS, (hooks, now, limit - len(rows))).fetchall()
             db.executemany(_CLAIM, [(row[0],) for row in rows])
         return _rows(rows)
+
+    def awaiting_hooks(self, now: float) -> dict[str, int]:
+        """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
+        with self._session("count leases awaiting hooks") as db:
+            return {str(hooks): int(n) for hooks, n in db.execute(_AWAITING, (now,))}
 
     def purge(self, before: float) -> int:
         """Delete dead leases (revoked or claimed expired) with ``expires_at < before``."""
@@ -268,6 +319,9 @@ class SQLiteStore:
 
     # -- connection and transactions ---------------------------------------
     def _open(self) -> sqlite3.Connection:
+        # On every (re)open, not only the first: SQLite would recreate a file
+        # deleted meanwhile with its default mode.
+        _create_private(self.path)
         with _translated("open the store", self.path):
             # Autocommit mode (isolation_level=None): transactions are ours to begin.
             db = sqlite3.connect(
@@ -360,14 +414,94 @@ if hasattr(os, "register_at_fork"):  # POSIX only
 
 
 # -- opening a file ---------------------------------------------------------------
+def _create_private(path: str) -> None:
+    """Create the file with mode 0600 before SQLite opens it; check an existing one.
+
+    SQLite would create it 0644 under the usual umask, and it gives the -wal
+    and -shm files the main file's mode: created 0600 here, all three are.
+    """
+    # SQLite follows symbolic links (and puts -wal and -shm next to the target):
+    # create and check the file it will open, even behind a dangling link.
+    real = os.path.realpath(path)
+    try:
+        fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _check_existing(real)
+        return
+    except OSError as exc:  # as SQLite would fail to open it: no directory, no access
+        raise StoreUnavailable(
+            f"SQLite store {path} unavailable (cannot open), could not create it: {exc.strerror}"
+        ) from exc
+    try:
+        os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+    finally:
+        os.close(fd)
+
+
+def _check_existing(path: str) -> None:
+    """Refuse a store file every user can write; warn if every user can read it.
+
+    An existing file's mode is never changed: a group may share it on purpose
+    (brokers running as several users of one host). But whoever can write it
+    can un-revoke a lease, and whoever can read it sees every lease's subject,
+    owner and purpose (never a token). The -wal file holds recent leases too,
+    and a forged -shm index could make readers see a lease before its revocation.
+    """
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except OSError:  # absent (-wal, -shm), or SQLite will say what is wrong
+            continue
+        if mode & stat.S_IWOTH:
+            raise StoreError(
+                f"SQLite store file {name} is writable by every user (mode {mode:04o}), "
+                f"who could un-revoke leases: run `chmod o-rw {name}` (or chmod 600)"
+            )
+        if mode & stat.S_IROTH and not name.endswith("-shm"):  # the index holds no lease
+            log.warning(
+                "SQLite store file %s is readable by every user (mode %04o), who can "
+                "read every lease's subject, owner and purpose: run `chmod o-r %s`",
+                name,
+                mode,
+                name,
+            )
+
+
 def _prepare(db: sqlite3.Connection, path: str) -> None:
     """Check the file is ours, migrate it to ``SCHEMA_VERSION``, switch to WAL."""
     # Only takes effect when this creates the file. Every commit writes each page
     # it dirtied to the WAL (an add: the row and 6 index pages), so smaller pages
     # mean fewer bytes per add: issue measured ~10% faster than with 4096.
     db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    if _read_schema(db, path) < SCHEMA_VERSION:
+        _migrate(db, path)
+    # Only after the checks: a foreign database must not be switched to WAL.
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise StoreError(f"SQLite store {path}: cannot use WAL mode (journal mode {mode!r})")
+    db.execute("PRAGMA synchronous = NORMAL")  # see the class docstring
+
+
+def _read_schema(db: sqlite3.Connection, path: str) -> int:
+    """The file's schema version (its columns checked if current), without the write lock."""
+    # A deferred transaction that only reads: in WAL mode it never waits for a
+    # writer, so an up-to-date store opens however busy other processes are.
+    db.execute("BEGIN")
+    try:
+        version = _schema_version(db, path)
+        if version == SCHEMA_VERSION:
+            _check_columns(db, path)
+        return version
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")  # nothing was written
+
+
+def _migrate(db: sqlite3.Connection, path: str) -> None:
+    """Create or migrate the schema, all steps in one write transaction."""
     db.execute("BEGIN IMMEDIATE")  # one opener at a time checks and migrates
     try:
+        # Read again under the lock: another opener may have migrated meanwhile.
         version = _schema_version(db, path)
         for steps in _MIGRATIONS[version:]:
             for sql in steps:
@@ -380,11 +514,6 @@ def _prepare(db: sqlite3.Connection, path: str) -> None:
     finally:
         if db.in_transaction:
             db.execute("ROLLBACK")
-    # Only after the checks: a foreign database must not be switched to WAL.
-    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode != "wal":
-        raise StoreError(f"SQLite store {path}: cannot use WAL mode (journal mode {mode!r})")
-    db.execute("PRAGMA synchronous = NORMAL")  # see the class docstring
 
 
 def _schema_version(db: sqlite3.Connection, path: str) -> int:

@@ -11,7 +11,9 @@
 
 The ``sqlite:///`` forms follow SQLAlchemy's: three slashes, then the path.
 ``prefix`` and ``schema`` are taken out of the URL before it reaches the
-driver; the other query parameters are the driver's.
+driver, and so is PostgreSQL's ``timeout`` (``?timeout=2``: seconds one call
+waits for the server, ``PostgresStore(timeout=...)``); the other query
+parameters are the driver's.
 
 A libpq ``key=value`` connection string (``host=db user=app password=...``) is
 refused rather than taken for a SQLite file name: give PostgreSQL as a
@@ -76,9 +78,13 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
         return redis_store
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
+        from .postgres_pool import DEFAULT_TIMEOUT
 
         bare, schema = _pop_param(url, "schema", "jitbroker")
-        return PostgresStore(bare, schema=schema, create=create)
+        bare, timeout = _pop_param(bare, "timeout", str(DEFAULT_TIMEOUT))
+        return PostgresStore(
+            bare, schema=schema, timeout=_seconds("timeout", timeout), create=create
+        )
     if scheme == "sqlite":
         path = url[len("sqlite:") :]
         if path.startswith("//"):
@@ -97,6 +103,14 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
             "or postgresql://"
         )
     return _sqlite(url, create)
+
+
+def _seconds(name: str, value: str) -> float:
+    """A URL parameter as positive, finite seconds (the store checks the range)."""
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number of seconds, got {value!r}") from None
 
 
 def _sqlite(path: str, create: bool) -> SQLiteStore:
