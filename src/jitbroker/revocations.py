@@ -1,13 +1,15 @@
 """``RevocationCache``: verify online without a store round trip, safely.
 
-A shared store (Redis, PostgreSQL) announces every revocation on a channel. A
-``RevocationCache`` subscribed to it holds the ids of recently revoked leases,
-so a ``Verifier`` can check a JWS token against local memory instead of asking
-the store. That is only sound while the cache is known to be current, so:
+A shared store (Redis, PostgreSQL) numbers every revocation, in the same
+atomic step, in a log it keeps. A ``RevocationCache`` whose feed follows that
+log holds the ids of recently revoked leases, so a ``Verifier`` can check a JWS
+token against local memory instead of asking the store. That is only sound
+while the cache is known to be current, so:
 
-- the feed subscribes first and then loads every recent revocation from the
-  store (a full resync), so nothing revoked in between is missed; it does the
-  same after every reconnect;
+- the feed registers the cache in the store first, then loads every recent
+  revocation from the store (a full resync) and follows the log from there,
+  so nothing revoked in between is missed; it does the same after every
+  reconnect;
 - the cache is *fresh* only while the feed is connected and its knowledge was
   confirmed current (an authoritative read of the store's revocation log, or a
   heartbeat answer) within ``max_staleness`` seconds, counted from when that
@@ -277,8 +279,8 @@ def sleep(seconds: float) -> Step:
 
 
 def parse_ids(payload: str | bytes) -> list[str]:
-    """The lease ids of one revocation message (a JSON list of strings); a
-    ``ValueError`` for anything else, which ends the session: resync, never skip."""
+    """The lease ids of one revocation log entry (a JSON list of strings); a
+    ``ValueError`` for anything else (the feed then resyncs, never skips)."""
     ids = json.loads(payload)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ValueError("unexpected revocation message")

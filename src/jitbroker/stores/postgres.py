@@ -24,11 +24,17 @@ Layout, in the store's own schema (``jitbroker`` by default)::
                               TRUNCATE of the leases (for revocation caches)
     <schema>.leases           one row per lease: the codec's COLUMNS, plus
                               ``claimed`` (an expired lease handed to a reaper)
+                              and ``revoke_seq`` (the revocation that took it)
+    <schema>.caches           one row per live revocation cache: the last
+                              revocation it applied, when it said so, and for
+                              how long after that it may vouch (strict revoke)
 
-Revocations are announced with ``pg_notify('<schema>_revoked', '["id", ...]')``
-(a JSON list of the ids one revoke took, split so each payload stays under
-PostgreSQL's 8000-byte limit) inside the revoking transaction, so listeners
-hear of it when it commits, and only then.
+Each revoke that takes something numbers its leases with the next
+``jitbroker_meta.revoke_seq`` and sends ``pg_notify('<schema>_revoked', n)``
+inside the revoking transaction (heard when it commits). The payload is a
+wake-up call only: anyone may NOTIFY, so revocation caches read the ids from
+the table (``_Feed``), and a strict ``revoke`` returns once every live cache
+has acknowledged ``n`` in ``caches`` (see ``jitbroker.revocations``).
 
 There is no asyncio PostgreSQL store (yet). ``AsyncBroker`` takes this one
 through ``as_async`` (``stores.base``): the store is ``blocking``, so each call
@@ -396,8 +402,11 @@ class PostgresStore:
     written by a newer jitbroker is refused with ``StoreError``. The schema
     belongs to the store: ``clear`` drops it with everything in it.
 
-    Revocations are announced on the channel ``channel`` (``<schema>_revoked``),
-    as a JSON list of lease ids. Failing to reach PostgreSQL raises
+    Revocations are numbered and announced on the channel ``channel``
+    (``<schema>_revoked``) by their number; ``revocations()`` follows them, and
+    with ``strict_revocations`` (the default) ``revoke`` waits for every live
+    cache. Each call waits at most ``timeout`` seconds for the server (see
+    ``postgres_pool.deadline``). Failing to reach PostgreSQL raises
     ``StoreUnavailable``, any other database error ``StoreError``, each with
     the original as ``__cause__``.
     """

@@ -27,7 +27,10 @@ so every key of one store lives in one slot and the scripts may touch them all):
                               a quota's count is one ZCOUNT
     {p}:epoch                 string: the server time (seconds) the store's data
                               began, written by the first add into an empty store
-    {p}:revoked               pub/sub channel: JSON list of the ids each revoke took
+    {p}:revseq                string: the number of the last revocation
+    {p}:revlog                stream: {n, ids} per revocation, trimmed after an hour
+    {p}:caches                hash: cache id -> "acked seen_ms staleness_ms" of each
+                              live revocation cache (see _CACHES and the feed)
 
 The scripts are declared with the three fixed keys and build the per-lease keys
 from the prefix; all share the hash tag, so Redis Cluster routes them to the one
@@ -714,7 +717,9 @@ class RedisStore(RedisLeases[redis.Redis]):
     ``?socket_timeout=2``) or an existing ``redis.Redis`` (left open by ``close``).
 
     Each mutating method is one Lua script: one round trip, atomic. Revocations
-    are also published on the channel ``{prefix}:revoked`` (a JSON list of ids).
+    are numbered and logged in the stream ``{prefix}:revlog`` by the same
+    script; ``revocations()`` follows it, and with ``strict_revocations`` (the
+    default) ``revoke`` waits for every live cache.
 
     Key expiry: when a lease dies (revoked or claimed), its record gets a TTL of
     ``retention`` seconds counted from that moment on the *server's* clock,
