@@ -563,6 +563,23 @@ class TestLeaseStoreConformance:
         assert store.purge(T0 + 20.5) == 1
         assert store.get("claimed-edge") is None
 
+    def test_a_purge_right_after_a_claim_sees_what_died_since(self, store: LeaseStore) -> None:
+        # A claim may tell the purge right after it (a sweep's) that nothing is
+        # old enough to go, sparing it a round trip; what the claim itself took
+        # and any write through the store in between must still be purged.
+        self.add(store, make("a", ttl=10))
+        assert store.claim_expired(T0 + 5) == []  # nothing dead yet
+        store.revoke("a", at=T0 + 1, reason=REASON)
+        assert store.purge(T0 + 11) == 1
+        self.add(store, make("c", ttl=10))
+        assert store.claim_expired(T0 + 5) == []
+        assert store.purge(T0 + 11) == 0  # c is alive
+        assert ids(store.claim_expired(T0 + 11)) == {"c"}
+        assert store.purge(T0 + 10) == 0  # c expired at T0 + 10: not before it
+        assert store.claim_expired(T0 + 11) == []
+        assert store.purge(T0 + 11) == 1
+        assert store.find(LeaseFilter()) == []
+
     def test_purge_never_removes_live_or_unclaimed_leases(self, store: LeaseStore) -> None:
         active = make("active", ttl=1000)
         expired = make("expired", ttl=10)

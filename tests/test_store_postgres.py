@@ -297,6 +297,8 @@ def test_a_version_1_schema_is_migrated_and_starts_an_epoch(
     store.add(make("a"))
     schema = sql.Identifier(store.schema)
     for statement in (  # back to what version 1 created
+        "DROP FUNCTION {}.jitbroker_revoke",  # version 6
+        "DROP FUNCTION {}.jitbroker_read_committed",
         "DROP TABLE {}.caches",
         "ALTER TABLE {}.leases DROP COLUMN revoke_seq",  # and its index
         "ALTER TABLE {}.jitbroker_meta DROP COLUMN revoke_seq",
@@ -765,6 +767,26 @@ def test_a_quota_holds_whatever_the_session_isolation(
         assert sum(isinstance(o, QuotaExceeded) for o in outcomes) == threads - limit
     row = admin.execute(sql.SQL("SELECT count(*) FROM {}").format(table(store))).fetchone()
     assert row == (limit,)
+
+
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "pool-transactions"])
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_claims_and_revokes_whatever_the_session_isolation(
+    new_store: Callable[..., PostgresStore], level: LiteralString, autocommit: bool
+) -> None:
+    # On an autocommit connection a claim is one statement at the session's
+    # level: it refuses (JB001) before reading a row, and runs again in a READ
+    # COMMITTED transaction. A revoke begins READ COMMITTED itself.
+    with session_pool(level, size=1, autocommit=autocommit) as pool:
+        store = new_store(pool)
+        store.add(make("a", ttl=10))
+        store.add(make("b", ttl=100))
+        store.add(make("c", at=T0 + 1, ttl=30, parent="b"))
+        assert ids(store.claim_expired(T0 + 20)) == {"a"}
+        assert store.claim_expired(T0 + 20) == []
+        assert ids(store.revoke("b", at=T0 + 21, reason="x")) == {"b", "c"}
+        assert ids(store.revoke_where(LeaseFilter(), at=T0 + 21, reason="x")) == set()
+        assert store.purge(T0 + 20) == 1
 
 
 def test_revoke_takes_a_late_child_whatever_the_session_isolation(

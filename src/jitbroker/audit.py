@@ -44,6 +44,9 @@ class EventType(enum.StrEnum):
     KEY_DROPPED = "key_dropped"
     HOOK_FAILED = "hook_failed"  # a lifecycle hook raised; it will be retried
     HOOK_PARKED = "hook_parked"  # out of retries: see failed hooks in the report
+    # A task's exit revoke failed after its retries: the leases live until their
+    # TTL. ``where`` names the run, ``error`` the exception class; never a token.
+    TASK_REVOKE_FAILED = "task_revoke_failed"
 
 
 @attrs.frozen

@@ -13,16 +13,18 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import validate
 from ._drive import Steps, arun, run
+from ._sigterm import GUARD
 from .audit import Sink
 from .clock import Clock, Duration
 from .core import MAX_DELEGATION_DEPTH, Core, Explanation, LeaseRef, TokenFormat
-from .errors import InvalidRequest, InvalidToken, QuotaExceeded
+from .errors import InvalidRequest, InvalidToken, QuotaExceeded, StoreError
 from .hooks import FailedHook, Hooks, HookSpec
 from .keyring import KeyRing
 from .keys import Key
@@ -52,6 +54,14 @@ def _is_async(fn: Callable[..., object]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
 
 
+def _exit_reason(failure: BaseException | None, guarded: bool) -> str:
+    """Why a task block's leases are revoked: it ended, it raised, or a SIGTERM
+    unwound it (or arrived while it was failing)."""
+    if failure is None:
+        return "task-ended"
+    return "task-terminated" if guarded and GUARD.signalled else "task-failed"
+
+
 class _Base:
     """Construction and the I/O-free methods both brokers share."""
 
@@ -79,6 +89,9 @@ class _Base:
         on_expire: HookSpec = None,
         hook_retries: int = 5,
         hook_backoff: Duration = 1.0,
+        revoke_on_sigterm: bool = True,
+        task_revoke_tries: int = 3,
+        task_revoke_backoff: Duration = 0.1,
     ) -> None:
         if revocations is not None and not isinstance(revocations, RevocationCache):
             raise InvalidRequest("revocations must be a RevocationCache (store.revocations())")
@@ -98,7 +111,13 @@ class _Base:
             labels=labels,
             max_delegation_depth=max_delegation_depth,
             hooks=Hooks(on_issue, on_revoke, on_expire, retries=hook_retries, backoff=hook_backoff),
+            task_revoke_tries=task_revoke_tries,
+            task_revoke_backoff=task_revoke_backoff,
         )
+        if not isinstance(revoke_on_sigterm, bool):
+            raise InvalidRequest("revoke_on_sigterm must be True or False")
+        #: Whether a SIGTERM ends ``task()`` blocks of the main thread (see ``task``).
+        self.revoke_on_sigterm = revoke_on_sigterm
         self._core.shell = self  # type: ignore[assignment]
         # With a shared store's revocation feed, verify skips the store while it is live.
         self._core.verifier.revocations = revocations
@@ -391,8 +410,7 @@ class Broker(_Base):
         except Exception:  # any failure: the lease is stored, the token must go out
             log.warning("opportunistic sweep failed; the reaper will retry", exc_info=True)
 
-    @contextlib.contextmanager
-    def task(self, task: str, **issue: Any) -> Iterator[Credential]:
+    def task(self, task: str, **issue: Any) -> contextlib.AbstractContextManager[Credential]:
         """Issue for ``task``; on exit revoke every lease of this run of the task,
         and their subtrees.
 
@@ -403,16 +421,61 @@ class Broker(_Base):
         this broker or another sharing the store, are left alone. The reason is
         ``task-ended``, or ``task-failed`` if the block raised (the exception
         propagates).
+
+        In the main thread, unless the broker has ``revoke_on_sigterm=False``, a
+        SIGTERM unwinds the block (as ``SystemExit``), which revokes with reason
+        ``task-terminated``; then the previous handler runs, or, if there was
+        none, the process dies of SIGTERM. The exit revoke is tried
+        ``task_revoke_tries`` times; if it still fails the leases are left to
+        their TTL, a ``task_revoke_failed`` event is audited, and the job's own
+        exception propagates with a note, or, if the job succeeded,
+        ``StoreUnavailable`` (the caller's credential outlives the task).
         """
+        return self._task(task, None, issue)
+
+    @contextlib.contextmanager
+    def _task(
+        self, task: str, current: asyncio.Task[Any] | None, issue: dict[str, Any]
+    ) -> Iterator[Credential]:
+        # ``current``: the asyncio task an ``ephemeral`` async def runs in, which
+        # a SIGTERM cancels (raising from the handler could land in the loop).
         task = validate.text(task, "task")
         with self._core.task_run(task) as task_run:
-            cred = self.issue(task=task, **issue)
-            reason = "task-failed"
+            guarded = self.revoke_on_sigterm and GUARD.enter(current)
+            ended = False
             try:
-                yield cred
-                reason = "task-ended"
+                cred = self.issue(task=task, **issue)
+                failure: BaseException | None = None
+                try:
+                    if guarded:
+                        GUARD.body()
+                    yield cred
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    if guarded:
+                        GUARD.ending()
+                    self._end_task(task, task_run, _exit_reason(failure, guarded), failure)
+                ended = True
             finally:
-                self.revoke_where(task=task, task_run=task_run, reason=reason)
+                if guarded:
+                    GUARD.leave(current, failing=not ended)
+
+    def _end_task(self, task: str, run: str, reason: str, failure: BaseException | None) -> None:
+        """Revoke a run at its exit, retrying a store failure (see ``task``)."""
+        delays = iter(self._core.task_revoke_delays)
+        while True:
+            try:
+                self.revoke_where(task=task, task_run=run, reason=reason)
+                return
+            except StoreError as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    if self._core.task_revoke_failed(task, run, exc, failure):
+                        raise
+                    return
+                time.sleep(delay)
 
     def ephemeral(self, **issue: Any) -> Callable[[Callable[..., R]], Callable[..., R]]:
         """Decorate ``fn(cred, ...)``: each call is its own run of the task named
@@ -424,7 +487,7 @@ class Broker(_Base):
 
                 @functools.wraps(fn)
                 async def acall(*args: Any, **kwargs: Any) -> Any:
-                    with self.task(name, **issue) as cred:
+                    with self._task(name, asyncio.current_task(), issue) as cred:
                         return await fn(cred, *args, **kwargs)  # type: ignore[misc]
 
                 return acall  # type: ignore[return-value]
@@ -691,16 +754,48 @@ class AsyncBroker(_Base):
     @contextlib.asynccontextmanager
     async def task(self, task: str, **issue: Any) -> AsyncIterator[Credential]:
         """Issue for ``task``; on exit revoke every lease of this run of the task,
-        and their subtrees (see ``Broker.task``)."""
+        and their subtrees (see ``Broker.task``). On SIGTERM the asyncio task
+        running the block is cancelled."""
         task = validate.text(task, "task")
         with self._core.task_run(task) as task_run:
-            cred = await self.issue(task=task, **issue)
-            reason = "task-failed"
+            current = asyncio.current_task()
+            guarded = self.revoke_on_sigterm and GUARD.enter(current)
+            ended = False
             try:
-                yield cred
-                reason = "task-ended"
+                cred = await self.issue(task=task, **issue)
+                failure: BaseException | None = None
+                try:
+                    if guarded:
+                        GUARD.body()
+                    yield cred
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    if guarded:
+                        GUARD.ending()
+                    await self._end_task(task, task_run, _exit_reason(failure, guarded), failure)
+                ended = True
             finally:
-                await self.revoke_where(task=task, task_run=task_run, reason=reason)
+                if guarded:
+                    GUARD.leave(current, failing=not ended)
+
+    async def _end_task(
+        self, task: str, run: str, reason: str, failure: BaseException | None
+    ) -> None:
+        """Revoke a run at its exit, retrying a store failure (see ``Broker.task``)."""
+        delays = iter(self._core.task_revoke_delays)
+        while True:
+            try:
+                await self.revoke_where(task=task, task_run=run, reason=reason)
+                return
+            except StoreError as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    if self._core.task_revoke_failed(task, run, exc, failure):
+                        raise
+                    return
+                await asyncio.sleep(delay)
 
     def ephemeral(
         self, **issue: Any

@@ -86,6 +86,8 @@ class Core:
         labels: Mapping[str, str] | None = None,
         max_delegation_depth: int = MAX_DELEGATION_DEPTH,
         hooks: Hooks | None = None,
+        task_revoke_tries: int = 3,
+        task_revoke_backoff: Duration = 0.1,
     ) -> None:
         self.issuer = validate.text(issuer, "issuer")
         self.keys = keys if keys is not None else KeyRing.generate()
@@ -126,6 +128,7 @@ class Core:
             cache_size=cache_size,
             clock=self.clock,
         )
+        self.task_revoke_delays = revoke_delays(task_revoke_tries, task_revoke_backoff)
         self.shell: Broker | AsyncBroker | None = None
 
     # -- helpers without I/O ----------------------------------------------
@@ -582,6 +585,36 @@ class Core:
                 _TASK_RUNS.reset(token)
             except ValueError:  # left in another context (a generator closed elsewhere)
                 _TASK_RUNS.set(tuple(f for f in _TASK_RUNS.get() if f[2] != run))
+
+    def task_revoke_failed(
+        self, task: str, run: str, error: BaseException, job_error: BaseException | None
+    ) -> bool:
+        """A task's exit revoke failed for good: audit it, attach it to the job's
+        own exception (which is what propagates), and say whether ``error`` must
+        be raised instead: only when the job succeeded, since the caller then has
+        no other way to learn that its leases outlive the task (until their TTL)."""
+        where = f"task={task!r} task_run={run!r}"
+        self.audit.emit(
+            EventType.TASK_REVOKE_FAILED, self.clock(), where=where, error=type(error).__name__
+        )
+        if job_error is None:
+            return True
+        job_error.add_note(
+            f"jitbroker: revoking the leases of {where} at exit failed"
+            f" ({type(error).__name__}: {error}); they stay active until their TTL"
+        )
+        log.warning("task exit revoke failed; leases left to their TTL: %s", where)
+        return False
+
+
+def revoke_delays(tries: object, backoff: object) -> tuple[float, ...]:
+    """The waits between the ``tries`` of a task's exit revoke, doubling from
+    ``backoff``: (0.1, 0.2) by default, so a store blip costs at most a third of
+    a second before the leases are left to their TTL."""
+    if isinstance(tries, bool) or not isinstance(tries, int) or not 1 <= tries <= 10:
+        raise InvalidRequest(f"task_revoke_tries must be an int from 1 to 10, got {tries!r}")
+    first = seconds(backoff, "task_revoke_backoff", allow_zero=True)
+    return tuple(first * 2**i for i in range(tries - 1))
 
 
 @attrs.frozen

@@ -6,11 +6,15 @@ holds across any number of brokers:
 - ``add`` locks the parent row (``FOR SHARE``) while it checks it and inserts
   the child, so a concurrent revoke or claim of the parent waits for the insert
   and then takes the child with it, or the add sees the parent dead and refuses;
-- ``revoke`` and ``revoke_where`` update the active subtree with one recursive
-  CTE, then look again for children that concurrent adds committed while the
-  update waited for their parent's lock (see ``_revoke_tree``);
+- ``revoke`` and ``revoke_where`` call ``jitbroker_revoke``, a function in the
+  schema: it updates the active subtree with one recursive CTE, then looks
+  again for children that concurrent adds committed while the update waited
+  for their parent's lock (see ``_revoke_tree``), then numbers and announces
+  the revocation; BEGIN goes in the same message, COMMIT after the answer;
 - ``claim_expired`` locks due rows ``FOR UPDATE SKIP LOCKED``, so reapers of
-  several brokers take disjoint batches and each lease is claimed once.
+  several brokers take disjoint batches and each lease is claimed once; it is
+  one statement, atomic on its own (no BEGIN or COMMIT on an autocommit
+  connection), and tells the ``purge`` after it whether it has anything to do.
 
 All of this assumes READ COMMITTED (each statement sees what committed before
 it began), so every transaction the store begins is READ COMMITTED, whatever
@@ -195,6 +199,86 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
             staleness double precision NOT NULL
         )""",
     ),
+    # version 6: revoke and claim as one statement each (one round trip)
+    (
+        # One-statement calls on an autocommit connection run at the session's
+        # default isolation level, and both need READ COMMITTED (each statement
+        # sees what committed before it began): this raises JB001 otherwise,
+        # and the store runs the call again in a READ COMMITTED transaction.
+        """CREATE OR REPLACE FUNCTION {schema}.jitbroker_read_committed() RETURNS boolean
+            LANGUAGE plpgsql STABLE AS $$
+            BEGIN
+                IF current_setting('transaction_isolation') <> 'read committed' THEN
+                    RAISE EXCEPTION 'jitbroker: this call needs READ COMMITTED'
+                        USING ERRCODE = 'JB001';
+                END IF;
+                RETURN true;
+            END $$""",
+        # A revoke, whole: the active subtrees under p_roots, then passes from
+        # the children of what the last pass took until one takes nothing (see
+        # PostgresStore._revoke_tree), then the announcement: the next
+        # revoke_seq on what it took, the NOTIFY (a wake-up call, heard at
+        # commit), and the live caches still to acknowledge it. The meta row's
+        # lock is held until commit, so revocations commit in the order of
+        # their numbers and a reader that sees one sees all before it. VOLATILE
+        # (the default): at READ COMMITTED each statement in it takes a new
+        # snapshot, which the passes rely on. One row per lease taken; none if none.
+        """CREATE OR REPLACE FUNCTION {schema}.jitbroker_revoke(
+                p_roots text[], p_at double precision, p_reason text, p_channel text,
+                p_margin double precision
+            ) RETURNS TABLE (
+                seq bigint, pending bigint, longest double precision, lease {schema}.leases
+            ) LANGUAGE plpgsql AS $$
+            DECLARE
+                v_roots text[] := p_roots;
+                v_parents text[] := ARRAY[]::text[];
+                v_batch {schema}.leases[];
+                v_taken {schema}.leases[] := ARRAY[]::{schema}.leases[];
+                v_seq bigint;
+            BEGIN
+                PERFORM {schema}.jitbroker_read_committed();
+                LOOP
+                    -- UNION (not UNION ALL) drops a lease reached twice; the
+                    -- UPDATE checks "active" again, so each lease transitions once.
+                    WITH RECURSIVE tree (id) AS (
+                        SELECT l.id FROM {schema}.leases AS l
+                        WHERE (l.id = ANY(v_roots) OR l.parent = ANY(v_parents))
+                          AND l.revoked_at IS NULL AND NOT l.claimed AND p_at < l.expires_at
+                      UNION
+                        SELECT c.id FROM {schema}.leases AS c JOIN tree ON c.parent = tree.id
+                        WHERE c.revoked_at IS NULL AND NOT c.claimed AND p_at < c.expires_at
+                    ), done AS (
+                        UPDATE {schema}.leases AS l
+                        SET revoked_at = p_at, revoke_reason = p_reason
+                        FROM tree
+                        WHERE l.id = tree.id
+                          AND l.revoked_at IS NULL AND NOT l.claimed AND p_at < l.expires_at
+                        RETURNING l AS taken
+                    )
+                    SELECT array_agg(done.taken) INTO v_batch FROM done;
+                    EXIT WHEN v_batch IS NULL;
+                    v_taken := v_taken || v_batch;
+                    v_roots := ARRAY[]::text[];
+                    v_parents := ARRAY(SELECT b.id FROM unnest(v_batch) AS b);
+                END LOOP;
+                IF cardinality(v_taken) = 0 THEN
+                    RETURN;
+                END IF;
+                UPDATE {schema}.jitbroker_meta AS meta SET revoke_seq = meta.revoke_seq + 1
+                RETURNING meta.revoke_seq INTO v_seq;
+                UPDATE {schema}.leases AS l SET revoke_seq = v_seq
+                WHERE l.id = ANY(ARRAY(SELECT t.id FROM unnest(v_taken) AS t));
+                PERFORM pg_notify(p_channel, v_seq::text);
+                -- _WAITING_FOR, for this revocation
+                SELECT count(*), coalesce(max(k.seen_at + k.staleness + p_margin - now.t), 0)
+                INTO pending, longest
+                FROM {schema}.caches AS k,
+                    (SELECT extract(epoch FROM clock_timestamp()) AS t) AS now
+                WHERE k.acked < v_seq AND k.seen_at + k.staleness + p_margin > now.t;
+                RETURN QUERY SELECT v_seq, pending, longest, v_taken[i]
+                    FROM generate_subscripts(v_taken, 1) AS i;
+            END $$""",
+    ),
 )
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -238,50 +322,27 @@ _INSERT = """
     ON CONFLICT (id) DO UPDATE SET ({columns}, claimed, revoke_seq) = ROW({excluded}, false, NULL)
 """
 
-# The active subtree under {roots}. UNION (not UNION ALL) drops a lease reached
-# twice (a root that is also a descendant). The UPDATE checks "active" again:
-# a row another transaction revoked or claimed meanwhile is re-read after its
-# lock is released and skipped, so each lease transitions exactly once.
-_REVOKE_TREE = """
-    WITH RECURSIVE tree (id) AS (
-        SELECT id FROM {schema}.leases
-        WHERE ({roots})
-          AND revoked_at IS NULL AND NOT claimed AND %(at)s < expires_at
-      UNION
-        SELECT lease.id FROM {schema}.leases AS lease JOIN tree ON lease.parent = tree.id
-        WHERE lease.revoked_at IS NULL AND NOT lease.claimed AND %(at)s < lease.expires_at
-    )
-    UPDATE {schema}.leases AS lease SET revoked_at = %(at)s, revoke_reason = %(reason)s
-    FROM tree
-    WHERE lease.id = tree.id
-      AND lease.revoked_at IS NULL AND NOT lease.claimed AND %(at)s < lease.expires_at
-    RETURNING {lease_columns}
+# A revoke (see jitbroker_revoke, schema version 6): one statement, so on an
+# autocommit connection one round trip. {roots} is the text[] of root ids; the
+# leases taken come back in the codec's COLUMNS order after seq, pending, longest.
+_REVOKE = """
+    SELECT r.seq, r.pending, r.longest, {revoked_columns}
+    FROM {schema}.jitbroker_revoke({roots}, %(at)s, %(reason)s, %(channel)s, {margin}) AS r
 """
-_ROOT_ID: LiteralString = "id = %(id)s"
-_ROOT_CHILDREN: LiteralString = "parent = ANY(%(ids)s)"
+_ROOT_ID: LiteralString = "ARRAY[%(id)s]::text[]"
+_ROOT_WHERE: LiteralString = """ARRAY(
+    SELECT id FROM {schema}.leases
+    WHERE ({where}) AND revoked_at IS NULL AND NOT claimed AND %(at)s < expires_at
+)"""
 
 # The live caches that have not applied revocation {seq}, and the seconds
 # until the last of them can no longer vouch (see jitbroker.revocations). A
 # cache may vouch until seen_at + staleness; the margin covers clock rates.
+# (jitbroker_revoke runs the same query for the revocation it announces.)
 _WAITING_FOR = """
     SELECT count(*) AS pending, coalesce(max(seen_at + staleness + {margin} - now.t), 0) AS longest
     FROM {schema}.caches, (SELECT extract(epoch FROM clock_timestamp()) AS t) AS now
     WHERE acked < {seq} AND seen_at + staleness + {margin} > now.t
-"""
-# The last statement of a revoke that took something: the next number, on the
-# leases it took, announced to listeners when the transaction commits (the
-# payload is only a wake-up call: a feed reads the ids from the table). The
-# UPDATE of the one meta row holds its lock until commit, so revocations commit
-# in the order of their numbers and a reader that sees one sees all before it.
-_ANNOUNCE = """
-    WITH seq AS (
-        UPDATE {schema}.jitbroker_meta SET revoke_seq = revoke_seq + 1 RETURNING revoke_seq
-    ), marked AS (
-        UPDATE {schema}.leases SET revoke_seq = (SELECT revoke_seq FROM seq)
-        WHERE id = ANY(%(ids)s)
-    )
-    SELECT seq.revoke_seq, pg_notify(%(channel)s, seq.revoke_seq::text), w.pending, w.longest
-    FROM seq, LATERAL ({waiting}) AS w
 """
 
 _EXTEND = """
@@ -295,10 +356,18 @@ _EXTEND = """
 # re-read under its lock and dropped (no longer NOT claimed). Only the hooks the
 # claimer runs (%(hooks)s: its expire_hooks values, and '' for none), one range
 # of leases_claim each: leases awaiting other hooks are never read. A row locked
-# by a range but left out by the outer LIMIT stays unclaimed.
+# by a range but left out by the outer LIMIT stays unclaimed. One statement,
+# atomic on its own: on an autocommit connection one round trip, checked to run
+# at READ COMMITTED (jitbroker_read_committed, before any row is read). It also
+# reads the oldest expiry among the leases dead before it (``floor``, NULL if
+# none; leases_dead's first entry), on a row of its own when nothing was
+# claimed, so a purge right after it knows whether it has anything to delete.
 _CLAIM_EXPIRED = """
     WITH due AS (
-        SELECT pick.id FROM unnest(%(hooks)s::text[]) AS need (hooks)
+        SELECT pick.id FROM (
+            SELECT hooks FROM unnest(%(hooks)s::text[]) AS hooks
+            WHERE {schema}.jitbroker_read_committed()
+        ) AS need
         CROSS JOIN LATERAL (
             SELECT id, expires_at FROM {schema}.leases
             WHERE coalesce(expire_hooks, '') = need.hooks
@@ -309,10 +378,15 @@ _CLAIM_EXPIRED = """
         ) AS pick
         ORDER BY pick.expires_at
         LIMIT %(limit)s
+    ), taken AS (
+        UPDATE {schema}.leases AS lease SET claimed = true
+        FROM due WHERE lease.id = due.id
+        RETURNING {lease_columns}
     )
-    UPDATE {schema}.leases AS lease SET claimed = true
-    FROM due WHERE lease.id = due.id
-    RETURNING {lease_columns}
+    SELECT dead.floor, taken.* FROM (
+        SELECT min(expires_at) AS floor FROM {schema}.leases
+        WHERE revoked_at IS NOT NULL OR claimed
+    ) AS dead LEFT JOIN taken ON true
 """
 _AWAITING = """
     SELECT expire_hooks, count(*) FROM {schema}.leases
@@ -336,10 +410,12 @@ SELECT %s IN (SELECT pg_listening_channels()), (SELECT epoch FROM {schema}.jitbr
 # A resync: the epoch, the last revocation's number and the recent
 # revocations, in one snapshot.
 _RESYNC = """
-SELECT epoch, revoke_seq, ARRAY(
-    SELECT id FROM {schema}.leases
-    WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
-) FROM {schema}.jitbroker_meta
+SELECT (SELECT epoch FROM {schema}.jitbroker_meta),
+    (SELECT revoke_seq FROM {schema}.jitbroker_meta),
+    ARRAY(
+        SELECT id FROM {schema}.leases
+        WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
+    )
 """
 # A feed's round: acknowledge what it applied (and that it is alive), and read
 # whether it is still listening, the epoch, the last revocation's number and
@@ -353,8 +429,12 @@ WITH ack AS (
 SELECT %(channel)s IN (SELECT pg_listening_channels()), meta.epoch, meta.revoke_seq, ARRAY(
     SELECT id FROM {schema}.leases
     WHERE revoke_seq > %(acked)s AND revoke_seq <= meta.revoke_seq
-) FROM {schema}.jitbroker_meta AS meta
+) FROM (SELECT epoch, revoke_seq FROM {schema}.jitbroker_meta LIMIT 1) AS meta
 """
+# Why "LIMIT 1" and scalar subqueries over the one meta row: the planner has no
+# statistics for that table and guesses it holds ~1,700 rows, multiplies the
+# ARRAY's cost by that, passes jit_above_cost and JIT-compiles every round
+# (140 ms each, measured with 100,000 leases): revokes then waited for that.
 # A feed's first statement: the cache, as having applied nothing yet.
 _REGISTER = """
 INSERT INTO {schema}.caches (id, acked, seen_at, staleness)
@@ -376,6 +456,10 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,54}")  # + "_revoked" fits in 63 b
 #: Transactions that lost a deadlock or serialization race were rolled back
 #: whole, so they are safe to run again; this many attempts in all.
 _ATTEMPTS = 3
+#: The SQLSTATE jitbroker_read_committed raises outside READ COMMITTED.
+_NOT_READ_COMMITTED = "JB001"
+#: What a revoke on an autocommit connection sends before its statement.
+_BEGIN = b"BEGIN ISOLATION LEVEL READ COMMITTED; "
 
 
 class PostgresStore:
@@ -448,6 +532,9 @@ class PostgresStore:
             self._source = dsn_or_pool
         self._sql = _Statements(schema)
         self._create = create  # False: refuse a database without the schema (the CLI)
+        # The oldest expiry among dead leases as the last claim saw it (inf:
+        # none), for the purge right after it; None: unknown (see ``purge``).
+        self._dead_floor: float | None = None
         #: Whether ``revoke`` waits for every live revocation cache (see
         #: ``jitbroker.revocations``); False gives the feed's latency back to
         #: the caller: a cache may then accept a revoked token for milliseconds.
@@ -485,7 +572,10 @@ class PostgresStore:
         # A root lease without quotas is one INSERT: atomic on its own, so on an
         # autocommit connection it needs no BEGIN/COMMIT (one round trip, not three).
         alone = lease.parent is None and not quotas
-        return self._call("store a lease", work, atomic=not alone)
+        stored = self._call("store a lease", work, atomic=not alone)
+        if lease.revoked_at is not None:
+            self._dead_floor = None  # stored dead
+        return stored
 
     def _check_quotas(self, cur: Cursor, lease: Lease, quotas: Sequence[Quota]) -> None:
         # Every quota of a lease is on its subject: one lock serializes them all.
@@ -510,22 +600,14 @@ class PostgresStore:
         """Revoke the lease and its active descendants; those that transitioned."""
         _check_time("at", at)
         query, params = self._sql.revoke_id, {"id": lease_id}
-        return self._acked(
-            self._call(
-                "revoke a lease", lambda cur: self._revoke_tree(cur, query, params, at, reason)
-            )
-        )
+        return self._acked(self._revoke_tree("revoke a lease", query, params, at, reason))
 
     def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
         """Revoke every active lease matching ``where`` and their descendants."""
         _check_time("at", at)
-        roots, params = _filter(where)
-        query = self._sql.compose(_REVOKE_TREE, roots=roots)
-        return self._acked(
-            self._call(
-                "revoke leases", lambda cur: self._revoke_tree(cur, query, params, at, reason)
-            )
-        )
+        condition, params = _filter(where)
+        query = self._sql.compose(_REVOKE, roots=self._sql.compose(_ROOT_WHERE, where=condition))
+        return self._acked(self._revoke_tree("revoke leases", query, params, at, reason))
 
     def _acked(self, revoked: _Revoked) -> list[Lease]:
         """The leases, once every live cache has the revocation (if strict; see
@@ -576,10 +658,14 @@ class PostgresStore:
             return []
         params = {"now": now, "limit": int(limit), "hooks": ["", *expire_hooks]}
 
-        def work(cur: Cursor) -> list[Lease]:
-            return [from_row(row) for row in cur.execute(self._sql.claim_expired, params)]
+        def work(cur: Cursor) -> tuple[float, list[Lease]]:
+            rows = cur.execute(self._sql.claim_expired, params).fetchall()
+            floor = math.inf if not rows or rows[0][0] is None else float(rows[0][0])
+            return floor, [from_row(row[1:]) for row in rows if row[1] is not None]
 
-        return self._call("claim expired leases", work)
+        floor, claimed = self._call("claim expired leases", work, statement=True)
+        self._dead_floor = min([floor, *(lease.expires_at for lease in claimed)])
+        return claimed
 
     def awaiting_hooks(self, now: float) -> dict[str, int]:
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
@@ -592,13 +678,24 @@ class PostgresStore:
         return self._call("count leases awaiting hooks", work, atomic=False)
 
     def purge(self, before: float) -> int:
-        """Delete dead leases (revoked or claimed) with ``expires_at < before``; how many."""
+        """Delete dead leases (revoked or claimed) with ``expires_at < before``; how many.
+
+        Right after a ``claim_expired`` (a sweep's last step) that saw no dead
+        lease expired before ``before``, this returns 0 without asking the
+        server: the claim read the oldest dead lease's expiry, and this store
+        has written nothing since. A lease that died meanwhile through another
+        store (another broker) is purged by the next sweep."""
         _check_time("before", before)
+        floor, self._dead_floor = self._dead_floor, None  # good for one purge
+        if floor is not None and floor >= before:
+            return 0
 
         def work(cur: Cursor) -> int:
             return cur.execute(self._sql.purge, {"before": before}).rowcount
 
-        return self._call("purge dead leases", work)
+        # One DELETE, atomic on its own: no transaction around it (a purge that
+        # loses a race with another at REPEATABLE READ is retried by _call).
+        return self._call("purge dead leases", work, atomic=False)
 
     def close(self) -> None:
         """Close the pooled connections if this store made the pool from a DSN.
@@ -665,11 +762,25 @@ class PostgresStore:
             cur.execute(self._sql.drop_schema)
 
         self._call("drop the lease schema", work)
+        self._dead_floor = None
 
     # -- internals -----------------------------------------------------------
-    def _call(self, action: str, work: Callable[[Cursor], T], *, atomic: bool = True) -> T:
+    def _call(
+        self,
+        action: str,
+        work: Callable[[Cursor], T],
+        *,
+        atomic: bool = True,
+        statement: bool = False,
+    ) -> T:
         """Run ``work`` on a pooled connection, in one transaction if ``atomic``
         (reads are single statements and need none on an autocommit connection).
+
+        ``statement``: ``work`` is one statement, atomic on its own, that needs
+        READ COMMITTED and checks it (``jitbroker_read_committed``). On an
+        autocommit connection it runs alone, in one round trip; if the session
+        defaults to another level it fails with JB001 before touching a row, and
+        runs again in a transaction begun READ COMMITTED.
 
         The transaction runs at READ COMMITTED whatever the server's, role's or
         pool's default (see ``_read_committed``): the quota count after its
@@ -691,8 +802,12 @@ class PostgresStore:
                             _read_committed(conn),
                             conn.cursor(row_factory=tuple_row) as cur,
                         ):
-                            if not atomic and conn.autocommit:
-                                return work(cur)
+                            if conn.autocommit and (statement or not atomic):
+                                try:
+                                    return work(cur)
+                                except psycopg.Error as exc:
+                                    if not statement or exc.sqlstate != _NOT_READ_COMMITTED:
+                                        raise
                             with conn.transaction():
                                 return work(cur)
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
@@ -767,30 +882,43 @@ class PostgresStore:
         return None if row[1] is None else float(row[1])
 
     def _revoke_tree(
-        self, cur: Cursor, query: Query, params: dict[str, Any], at: float, reason: str
+        self, action: str, query: Query, params: dict[str, Any], at: float, reason: str
     ) -> _Revoked:
-        # The recursive CTE sees the tree as of its statement's snapshot. A
+        # One statement, jitbroker_revoke, does it all. Its first pass (a
+        # recursive CTE) sees the tree as of that statement's snapshot. A
         # concurrent add that holds a parent FOR SHARE makes the UPDATE wait for
         # that parent, and its child commits after the snapshot: the CTE misses
         # it. Once this transaction holds the locks of every lease it revoked,
-        # no such add is still running, so a new statement (a new snapshot)
-        # starting from the children of what was just revoked finds them all.
-        # Normally that is one extra statement, which finds nothing.
-        revoked: list[Lease] = []
-        step = params
-        while True:
-            cur.execute(query, {**step, "at": at, "reason": reason})
-            batch = [from_row(row) for row in cur]
-            if not batch:
-                break
-            revoked += batch
-            query, step = self._sql.revoke_children, {"ids": [lease.id for lease in batch]}
-        if not revoked:
-            return _Revoked(revoked, 0, (0, 0.0))
-        params = {"ids": [lease.id for lease in revoked], "channel": self.channel}
-        row = cur.execute(self._sql.announce, params).fetchone()
-        assert row is not None  # the meta row exists once the schema does
-        return _Revoked(revoked, int(row[0]), (int(row[2]), float(row[3])))
+        # no such add is still running, so a new statement (a new snapshot: the
+        # function is VOLATILE and runs at READ COMMITTED) starting from the
+        # children of what was just revoked finds them all. The function loops
+        # so until a pass takes nothing: normally one extra pass, server-side.
+        params = {**params, "at": at, "reason": reason, "channel": self.channel}
+
+        def work(cur: Cursor) -> _Revoked:
+            conn = cur.connection
+            if not conn.autocommit:  # in the transaction _call began
+                return _read_revoked(cur.execute(query, params))
+            # BEGIN travels with the call, in one simple-query message (so the
+            # parameters are bound client-side, by psycopg's quoting): two round
+            # trips, not three. COMMIT waits for the answer, so a revoke cut
+            # short by the deadline never commits; in the same message it would.
+            text = psycopg.ClientCursor(conn).mogrify(query, params)
+            try:
+                cur.execute(_BEGIN + text.encode(conn.info.encoding))
+                cur.nextset()
+                revoked = _read_revoked(cur)
+                cur.execute(b"COMMIT")
+            except BaseException:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        cur.execute(b"ROLLBACK")
+                raise
+            return revoked
+
+        revoked = self._call(action, work, atomic=False)
+        self._dead_floor = None  # what it revoked is dead now
+        return revoked
 
 
 class _Feed:
@@ -912,6 +1040,10 @@ class _Statements:
             "channel": sql.Identifier(f"{schema}_revoked"),
             "columns": sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
             "lease_columns": sql.SQL(", ").join(sql.Identifier("lease", c) for c in COLUMNS),
+            "revoked_columns": sql.SQL(", ").join(
+                sql.SQL("(r.lease).{}").format(sql.Identifier(c)) for c in COLUMNS
+            ),
+            "margin": sql.Literal(ACK_MARGIN),
         }
         self.get = self.render(_GET)
         self.lock_parent = self.render(_LOCK_PARENT)
@@ -922,8 +1054,7 @@ class _Statements:
             values=sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
             excluded=sql.SQL(", ").join(sql.Identifier("excluded", c) for c in COLUMNS),
         )
-        self.revoke_id = self.render(_REVOKE_TREE, roots=sql.SQL(_ROOT_ID))
-        self.revoke_children = self.render(_REVOKE_TREE, roots=sql.SQL(_ROOT_CHILDREN))
+        self.revoke_id = self.render(_REVOKE, roots=sql.SQL(_ROOT_ID))
         self.extend = self.render(_EXTEND)
         self.claim_expired = self.render(_CLAIM_EXPIRED)
         self.awaiting_hooks = self.render(_AWAITING)
@@ -936,10 +1067,7 @@ class _Statements:
         self.catch_up = self.render(_CATCH_UP)
         self.register = self.render(_REGISTER)
         self.leave = self.render(_LEAVE)
-        margin = sql.Literal(ACK_MARGIN)
-        self.waiting = self.render(_WAITING_FOR, seq=sql.Placeholder("seq"), margin=margin)
-        waiting = self.compose(_WAITING_FOR, seq=sql.SQL("seq.revoke_seq"), margin=margin)
-        self.announce = self.render(_ANNOUNCE, waiting=waiting)
+        self.waiting = self.render(_WAITING_FOR, seq=sql.Placeholder("seq"))
         self.drop_schema = self.render(_DROP_SCHEMA)
         digest = hashlib.blake2b(f"jitbroker:{schema}".encode(), digest_size=8).digest()
         self.lock_key = int.from_bytes(digest, "big", signed=True)  # a bigint advisory key
@@ -1009,6 +1137,16 @@ def _check_psycopg(version: str) -> None:
             f"PostgresStore needs psycopg {need} or newer, found {version}:"
             f" pip install 'psycopg[binary]>={need}'"
         )
+
+
+def _read_revoked(cur: Cursor) -> _Revoked:
+    """What ``jitbroker_revoke`` answered: seq, pending, longest, then a lease's
+    columns, on each row (no row: it took nothing)."""
+    rows = cur.fetchall()
+    if not rows:
+        return _Revoked([], 0, (0, 0.0))
+    seq, pending, longest = rows[0][:3]
+    return _Revoked([from_row(row[3:]) for row in rows], int(seq), (int(pending), float(longest)))
 
 
 def _check_time(name: str, value: float) -> None:

@@ -25,9 +25,12 @@ flight and its state is unknown, and the pending call raises
 ``StoreUnavailable``). A closed connection is never lent again, by this pool
 or by ``psycopg_pool``. What the call did is then unknown, as with any lost
 connection: the server rolls back an open transaction when it notices the
-client is gone, but a single autocommit statement (``add`` of a root lease) may
-still commit. A backend blocked on a lock only notices once it gets the lock,
-unless the server sets ``client_connection_check_interval`` (PostgreSQL 14+).
+client is gone, but a single autocommit statement (``add`` of a root lease, a
+claim of expired leases, a purge) may still commit: a claim whose answer was
+lost leaves its leases claimed with nobody running their hooks, as a lost
+COMMIT answer would. (A revoke sends COMMIT only once it has the answer.) A
+backend blocked on a lock only notices once it gets the lock, unless the server
+sets ``client_connection_check_interval`` (PostgreSQL 14+).
 """
 
 from __future__ import annotations

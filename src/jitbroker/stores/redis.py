@@ -367,7 +367,8 @@ return found
 # `limit` leases due by `now` from EXP (leases needing no hook) and from the due
 # set of each of those values, never from another's: leases awaiting hooks the
 # claimer lacks are not even read. Being one script, two reapers can never pop
-# the same lease.
+# the same lease. {claimed records, the lowest expires_at in DEAD after the
+# claim (false: none)}: a purge right after it knows whether it has work.
 _CLAIM_EXPIRED = """
 local now, limit, claimed = ARGV[3], tonumber(ARGV[4]), {}
 local function hooks_of(record)  -- its expire_hooks, read from the HGETALL reply
@@ -398,7 +399,8 @@ for i = 5, #ARGV do
   claim_from(set)
   if redis.call('EXISTS', set) == 0 then redis.call('SREM', BASE .. 'hooks', ARGV[i]) end
 end
-return claimed
+local oldest = redis.call('ZRANGE', DEAD, 0, 0, 'WITHSCORES')
+return {claimed, oldest[2] or false}
 """
 
 # ARGV: now. {expire_hooks, count, ...} of the leases due by `now` still
@@ -510,6 +512,9 @@ class RedisLeases(Generic[C]):
         self._claim_expired = script(_RUNS_OOM + _PRELUDE + _CLAIM_EXPIRED)
         self._awaiting = script(_READS + _PRELUDE + _AWAITING)
         self._purge = script(_RUNS_OOM + _PRELUDE + _PURGE)
+        # The lowest expires_at in DEAD as the last claim saw it (inf: none), for
+        # the purge right after it; None: unknown (see ``_purge_steps``).
+        self._dead_floor: float | None = None
 
     def revocations(
         self,
@@ -589,6 +594,8 @@ class RedisLeases(Generic[C]):
             step = self._script(self._add, *args, *record)
         with _translated("store a lease"):
             answer = yield step
+        if lease.revoked_at is not None:
+            self._dead_floor = None  # stored dead
         if answer < 0:
             raise quotas[-answer - 1].exceeded()
         return bool(answer)
@@ -611,6 +618,7 @@ class RedisLeases(Generic[C]):
         """Run a revoke script; if strict, wait for the caches (``acknowledged``)."""
         with _translated(action):
             seq, (pending, longest_ms), records = yield step
+        self._dead_floor = None  # what it revoked is dead now
         if self.strict_revocations and int(pending):
             waiting = (int(pending), int(longest_ms) / 1000)
             yield from acknowledged(int(seq), waiting, self._waiting_for, self._pause)
@@ -649,7 +657,9 @@ class RedisLeases(Generic[C]):
     ) -> Steps[list[Lease]]:
         step = self._script(self._claim_expired, _time("now", now), int(limit), *expire_hooks)
         with _translated("claim expired leases"):
-            return _leases((yield step))
+            records, oldest = yield step
+        self._dead_floor = math.inf if oldest is None else float(oldest)
+        return _leases(records)
 
     def _awaiting_hooks_steps(self, now: float) -> Steps[dict[str, int]]:
         with _translated("count leases awaiting hooks"):
@@ -658,6 +668,13 @@ class RedisLeases(Generic[C]):
 
     def _purge_steps(self, before: float) -> Steps[int]:
         purged, cutoff = 0, _time("before", before)
+        # Right after a claim (a sweep's last step) that left nothing in DEAD
+        # below ``before``, and with nothing written by this store since, there
+        # is nothing to purge: no round trip. A lease that died meanwhile through
+        # another store (another broker) is purged by the next sweep.
+        floor, self._dead_floor = self._dead_floor, None  # good for one purge
+        if floor is not None and floor >= before:
+            return 0
         with _translated("purge dead leases"):
             while True:  # one script per batch, so a big purge never stalls the server
                 handled, deleted = yield self._script(self._purge, cutoff, PURGE_BATCH)
@@ -699,6 +716,7 @@ class RedisLeases(Generic[C]):
 
     def _clear_steps(self) -> Steps[int]:
         pattern, cursor, deleted = _glob_escape(self._base) + "*", 0, 0
+        self._dead_floor = None
         with _translated("clear the store"):
             while True:  # SCAN page by page: never one long KEYS on a shared server
                 cursor, keys = yield operator.methodcaller("scan", cursor, match=pattern, count=500)
