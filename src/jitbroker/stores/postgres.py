@@ -37,7 +37,7 @@ Each revoke that takes something numbers its leases with the next
 ``jitbroker_meta.revoke_seq`` and sends ``pg_notify('<schema>_revoked', n)``
 inside the revoking transaction (heard when it commits). The payload is a
 wake-up call only: anyone may NOTIFY, so revocation caches read the ids from
-the table (``_Feed``), and a strict ``revoke`` returns once every live cache
+the table (``postgres_feed.Feed``), and a strict ``revoke`` returns once every live cache
 has acknowledged ``n`` in ``caches`` (see ``jitbroker.revocations``).
 
 There is no asyncio PostgreSQL store (yet). ``AsyncBroker`` takes this one
@@ -56,9 +56,7 @@ import contextlib
 import hashlib
 import math
 import re
-import select
 import threading
-import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from time import monotonic
@@ -75,7 +73,6 @@ from ..errors import InvalidRequest, StoreError
 from ..lease import Lease
 from ..revocations import (
     ACK_MARGIN,
-    RESYNC_MARGIN,
     RevocationCache,
     acknowledged,
     sleep,
@@ -739,6 +736,8 @@ class PostgresStore:
         a minute before its "now"); ``close()`` the cache to stop its thread."""
         cache = RevocationCache(window=window, max_staleness=max_staleness)
 
+        from .postgres_feed import Feed  # the feed needs this module: imported late
+
         def session(cache: RevocationCache, stop: threading.Event) -> None:
             with (
                 _translated("follow revocations"),
@@ -746,7 +745,7 @@ class PostgresStore:
                 self._listening(conn) as cur,
             ):
                 # On the listening connection itself: a pool of one still works.
-                _Feed(self, conn, cur, cache, heartbeat).follow(stop, clock)
+                Feed(self, conn, cur, cache, heartbeat).follow(stop, clock)
 
         return start_feed(cache, session, heartbeat=heartbeat)
 
@@ -919,107 +918,6 @@ class PostgresStore:
         revoked = self._call(action, work, atomic=False)
         self._dead_floor = None  # what it revoked is dead now
         return revoked
-
-
-class _Feed:
-    """One session of a PostgreSQL revocation feed, on a LISTENing connection.
-
-    Each round is one statement (``_CATCH_UP``): it acknowledges what the cache
-    applied and reads what was revoked since, with the epoch and whether the
-    connection still listens. Only then is the cache counted live, from the
-    moment that statement was sent (``RevocationCache.alive``). Between rounds
-    the feed waits for the socket to become readable (a notification) or for
-    ``heartbeat`` seconds. Notifications are never parsed, so a forged NOTIFY
-    (any role may send one) costs one round, nothing more; one that arrives
-    while a statement runs is seen by the handler and brings another round at
-    once. The notification generator (``Connection.notifies``) is not used at
-    all: its behaviour around queries changed across psycopg 3.2 releases.
-    """
-
-    def __init__(
-        self,
-        store: PostgresStore,
-        conn: psycopg.Connection[Any],
-        cur: Cursor,
-        cache: RevocationCache,
-        heartbeat: float,
-    ) -> None:
-        self.store, self.conn, self.cur, self.cache = store, conn, cur, cache
-        self.heartbeat = heartbeat
-        self.woken = threading.Event()
-        self.params: dict[str, Any] = {
-            "id": uuid.uuid4().hex,
-            "acked": 0,
-            "staleness": cache.max_staleness,
-            "channel": store.channel,
-        }
-
-    def follow(self, stop: threading.Event, clock: Clock) -> None:
-        cache, conn = self.cache, self.conn
-        conn.add_notify_handler(self._wake)
-        try:
-            sent = cache.clock()
-            # Registered (as having applied nothing) before the snapshot, in a
-            # statement of its own: a revoke that commits after the snapshot
-            # waits for this cache; one before it is in the snapshot. In one
-            # statement the row would commit after the snapshot: a gap.
-            self.execute(self.store._sql.register, self.params)
-            row = self.execute(self.store._sql.resync, (clock() - RESYNC_MARGIN,))
-            if row is None:
-                raise StoreError("the lease schema has no meta row: resyncing")
-            epoch, self.params["acked"], ids = row
-            cache.add(str(i) for i in ids)
-            self.round()  # registers the cache before it counts as live
-            cache.resync((), epoch=epoch, since=sent)
-            while not stop.is_set():
-                if not self.woken.is_set():
-                    self.wait()
-                sent = cache.clock()
-                cache.check_epoch(self.round())
-                cache.alive(sent)
-        finally:
-            # Stale first, then leave: once the row is gone no revoke waits
-            # for this cache, so it must not vouch any more.
-            cache.down()
-            conn.remove_notify_handler(self._wake)
-            with contextlib.suppress(psycopg.Error):
-                self.execute(self.store._sql.leave, self.params)
-
-    def round(self) -> float | None:
-        """Acknowledge and catch up until nothing new comes; the epoch."""
-        while True:
-            self.woken.clear()
-            row = self.execute(self.store._sql.catch_up, self.params)
-            if row is None:
-                raise StoreError("the lease schema has no meta row: resyncing")
-            listening, epoch, latest, ids = row
-            if not listening:
-                raise StoreError(
-                    f"not listening on {self.store.channel!r}: the connection lost its LISTEN"
-                )
-            if int(latest) == self.params["acked"]:
-                return None if epoch is None else float(epoch)
-            self.cache.add(str(i) for i in ids)
-            self.params["acked"] = int(latest)  # acknowledged by the next statement
-
-    def execute(self, query: bytes, params: Any) -> Any:
-        """Run one statement within the store's ``timeout`` (a frozen server ends
-        the session, and the cache goes stale, instead of hanging the feed)."""
-        with deadline(self.conn, self.store.timeout):
-            cur = self.cur.execute(query, params)
-            return None if cur.description is None else cur.fetchone()
-
-    def wait(self) -> None:
-        """Until the server sends something (a notification) or ``heartbeat``."""
-        readable, _, _ = select.select([self.conn.fileno()], [], [], self.heartbeat)
-        if readable:
-            pgconn = self.conn.pgconn
-            pgconn.consume_input()  # raises if the connection was lost
-            while pgconn.notifies() is not None:  # read here: a round follows anyway
-                pass
-
-    def _wake(self, _: psycopg.Notify) -> None:
-        self.woken.set()
 
 
 class _Revoked(NamedTuple):
