@@ -395,3 +395,18 @@ def test_a_wsgi_user_does_not_import_starlette_or_httpx() -> None:
     asgi = imported_after("from jitbroker.web import BearerAuth, require")
     assert "starlette" not in asgi
     assert "fastapi" not in asgi
+
+
+def test_no_public_name_of_jitbroker_web_is_shadowed_by_a_submodule() -> None:
+    # Importing a submodule sets it as an attribute of the package: a module
+    # named like a public function (web/require.py) replaced the function.
+    import importlib
+    import pkgutil
+    import types
+
+    import jitbroker.web as web
+
+    for info in pkgutil.iter_modules(web.__path__):
+        importlib.import_module(f"jitbroker.web.{info.name}")
+    for name in web.__all__:
+        assert not isinstance(getattr(web, name), types.ModuleType), name

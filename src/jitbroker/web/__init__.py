@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .errors import MalformedRequest, NoCredentials, NonceRequired, RequestRejected
     from .nonces import DPoPNonces
     from .proxies import TrustedProxies
-    from .require import Requirement, authorize, require
+    from .requirements import Requirement, authorize, require
     from .responses import ErrorResponse, error_response
     from .sources import AsyncTokenSource, Grant, TokenSource
     from .wsgi import WSGIBearer
@@ -44,13 +44,13 @@ _EXPORTS = {
     "NoCredentials": ".errors",
     "NonceRequired": ".errors",
     "RequestRejected": ".errors",
-    "Requirement": ".require",
+    "Requirement": ".requirements",
     "TokenSource": ".sources",
     "TrustedProxies": ".proxies",
     "WSGIBearer": ".wsgi",
-    "authorize": ".require",
+    "authorize": ".requirements",
     "error_response": ".responses",
-    "require": ".require",
+    "require": ".requirements",
 }
 
 __all__ = [

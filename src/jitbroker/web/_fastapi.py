@@ -11,7 +11,7 @@ from fastapi.security import HTTPBearer, SecurityScopes
 from starlette.requests import HTTPConnection
 
 from ..lease import Claims
-from .require import Requirement
+from .requirements import Requirement
 
 __all__ = ["FastAPIRequirement"]
 

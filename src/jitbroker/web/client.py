@@ -223,19 +223,7 @@ class BrokerAuth(httpx.Auth):
         # The hot path: a token held, not due. get() refuses an async source.
         if held is None or self._async_only or self._clock() >= held.renew_after:
             held = self._renewal.get()
-        if self._prover is None:
-            request.headers["Authorization"] = held.header
-            response = yield request
-            if response.status_code == 401:
-                self.answered(held, None, response.status_code, response.headers, None)
-            return
-        origin, sent = self._authorize(request, held, None)
-        response = yield request
-        retry = self.answered(held, origin, response.status_code, response.headers, sent)
-        if retry is not None and _replayable(request):
-            self._authorize(request, held, retry)
-            response = yield request
-            self.answered(held, origin, response.status_code, response.headers, retry, last=True)
+        yield from self._send(request, held)
 
     async def async_auth_flow(
         self, request: httpx.Request
@@ -244,6 +232,21 @@ class BrokerAuth(httpx.Auth):
         held = self._renewal.held
         if held is None or self._clock() >= held.renew_after:
             held = await self._renewal.aget()
+        # Only getting the token awaits: the exchange itself is the sync one's.
+        flow = self._send(request, held)
+        outgoing = next(flow)
+        while True:
+            response = yield outgoing
+            try:
+                outgoing = flow.send(response)
+            except StopIteration:
+                return
+
+    def _send(
+        self, request: httpx.Request, held: Held
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        """The exchange for one request with token ``held``: the header (and a
+        DPoP proof), and one retry with the server's nonce if it asks for one."""
         if self._prover is None:
             request.headers["Authorization"] = held.header
             response = yield request
