@@ -16,6 +16,7 @@ from .errors import InvalidRequest
 
 if TYPE_CHECKING:
     from .broker import AsyncBroker, Broker
+    from .keepalive import KeepAlive
 
 __all__ = ["Claims", "Credential", "Lease"]
 T = TypeVar("T", bound=attrs.AttrsInstance)
@@ -116,6 +117,16 @@ class Credential:
         if isinstance(self._broker, AsyncBroker):
             return await self._broker.revoke(self, reason=reason)
         return self.revoke(reason)
+
+    def keep_alive(self, every: float | None = None, ttl: float | None = None) -> KeepAlive:
+        """Renew this credential in the background while a block runs:
+        ``with cred.keep_alive() as live:`` (a ``Broker``'s credential) or
+        ``async with`` (either broker); ``live.token`` is the current token.
+        Every ``every`` seconds (a third of the TTL by default) the lease is
+        renewed for ``ttl`` more (its TTL by default), never past its cap."""
+        from .keepalive import KeepAlive
+
+        return KeepAlive(self, every, ttl)
 
     def __enter__(self) -> Credential:
         return self
