@@ -52,6 +52,18 @@ def test_renewal_stops_quietly_at_the_cap_or_when_revoked() -> None:
     assert isinstance(live.stopped, LeaseNotActive)
 
 
+def test_renewal_stops_when_the_policy_refuses_it() -> None:
+    from jitbroker import Policy, Rule
+    from jitbroker.errors import PolicyDenied
+
+    clock = FakeClock()
+    broker = Broker(clock=clock, policy=Policy([Rule(["svc:*"], ["api"], ["read"], max_ttl=60)]))
+    cred = broker.issue("svc:job", "api", ["read"], ttl=30)
+    with cred.keep_alive(every=0.005, ttl=120) as live:  # more than the rule's max_ttl
+        until(lambda: live.stopped is not None)
+    assert isinstance(live.stopped, PolicyDenied)
+
+
 def test_a_store_blip_is_retried_at_the_next_tick() -> None:
     clock = FakeClock()
     broker = Broker(clock=clock)

@@ -6,9 +6,10 @@ the job runs as long as it needs. ``with cred.keep_alive() as live:`` on a
 ``Broker`` (a daemon thread), ``async with`` on either broker (a task). Read
 the current token as ``live.token``: each renewal re-signs it.
 
-Renewal stops quietly when the lease reaches its maximum lifetime or dies
-(revoked, expired); a store error is logged and retried at the next tick, so a
-blip shorter than the remaining lifetime costs nothing.
+Renewal stops quietly when the lease reaches its maximum lifetime, dies
+(revoked, expired), or the policy no longer allows it; a store error is logged
+and retried at the next tick, so a blip shorter than the remaining lifetime
+costs nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .clock import Duration, seconds
-from .errors import InvalidRequest, LeaseError
+from .errors import InvalidRequest, JitBrokerError, LeaseError, PolicyDenied
 
 if TYPE_CHECKING:
     from .lease import Credential, Lease
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["KeepAlive"]
 
 log = logging.getLogger("jitbroker.keepalive")
+#: Renewal errors that another try cannot fix: renewal stops.
+_FINAL = (LeaseError, PolicyDenied)
 
 
 class KeepAlive:
@@ -49,8 +52,9 @@ class KeepAlive:
             )
         self.credential = credential
         self.renewals = 0
-        #: Why renewal stopped early (the lease died or hit its cap), or None.
-        self.stopped: LeaseError | None = None
+        #: Why renewal stopped early (the lease died, hit its cap, or the policy
+        #: refused it), or None.
+        self.stopped: JitBrokerError | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
@@ -96,7 +100,7 @@ class KeepAlive:
         while not self._stop.wait(self.every):
             try:
                 self.credential = broker.renew(self.credential, self.ttl)  # type: ignore[union-attr,assignment]
-            except LeaseError as exc:  # dead, or at its cap: nothing more to do
+            except _FINAL as exc:  # dead, at its cap, or refused: nothing more to do
                 self._ended(exc)
                 return
             except Exception:  # a store blip: the next tick retries
@@ -138,7 +142,7 @@ class KeepAlive:
                     renewed = await broker.renew(self.credential, self.ttl)
                 else:  # a sync Broker's store may block: keep it off the loop
                     renewed = await asyncio.to_thread(broker.renew, self.credential, self.ttl)  # type: ignore[union-attr]
-            except LeaseError as exc:
+            except _FINAL as exc:
                 self._ended(exc)
                 return
             except Exception:
@@ -147,6 +151,6 @@ class KeepAlive:
                 self.credential = renewed
                 self.renewals += 1
 
-    def _ended(self, error: LeaseError) -> None:
+    def _ended(self, error: JitBrokerError) -> None:
         self.stopped = error
         log.info("keep_alive: lease %s no longer renews: %s", self.lease.id, error)
