@@ -315,6 +315,36 @@ class Bench:
                 result = compare(issuing(ours), issuing(base), self.number, self.repeat)
                 self.row(f"{fmt} issue with {name} / without", *result, None)
 
+    def outbox(self) -> None:
+        """What the durable outbox costs a plain issue with an ``on_issue`` hook (a
+        hook that does nothing: the job is recorded with the lease, run, and
+        finished), against the same broker without a hook; MemoryStore and a
+        SQLite file (where the job is a row written in the lease's transaction)."""
+
+        def nothing(lease: Lease) -> None:
+            """The cheapest hook: what is measured is the outbox around it."""
+
+        with tempfile.TemporaryDirectory() as tmp:
+            from jitbroker.stores.sqlite import SQLiteStore
+
+            for name, make in (
+                ("memory", MemoryStore),
+                ("sqlite", lambda: SQLiteStore(os.path.join(tmp, f"{secrets.token_hex(4)}.db"))),
+            ):
+                base = Broker(issuer=ISSUER, keys=self.ring, store=make(), reap_interval=3600)
+                ours = Broker(
+                    issuer=ISSUER,
+                    keys=self.ring,
+                    store=make(),
+                    reap_interval=3600,
+                    on_issue={"nothing": nothing},
+                )
+                number = self.number if name == "memory" else max(self.number // 10, 50)
+                result = compare(issuing(ours), issuing(base), number, self.repeat)
+                self.row(f"{name} issue with an on_issue hook / without", *result, 1.2)
+                ours.close()
+                base.close()
+
     def stores(self) -> None:
         """Each shared store against MemoryStore: issue, verify (online), revoke,
         sweep, and verify through a live revocation cache; round trips counted."""
@@ -652,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    steps = ["issue", "verify", "opaque", "scale", "memory", "governance", "stores"]
+    steps = ["issue", "verify", "opaque", "scale", "memory", "governance", "outbox", "stores"]
     parser.add_argument("--only", choices=steps, action="append", help="run only these")
     args = parser.parse_args(argv)
     bench = Bench(args.quick)

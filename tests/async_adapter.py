@@ -44,17 +44,17 @@ class SyncOverAsync:
 
         return call
 
-    def add(self, lease: Any, quotas: Sequence[Any] = ()) -> bool:
-        return bool(self._call(self.store.add(lease, quotas)))
+    def add(self, lease: Any, quotas: Sequence[Any] = (), **outbox: Any) -> bool:
+        return bool(self._call(self.store.add(lease, quotas, **outbox)))
 
     def get(self, lease_id: str) -> Any:
         return self._call(self.store.get(lease_id))
 
-    def revoke(self, lease_id: str, *, at: float, reason: str) -> Any:
-        return self._call(self.store.revoke(lease_id, at=at, reason=reason))
+    def revoke(self, lease_id: str, *, at: float, reason: str, **outbox: Any) -> Any:
+        return self._call(self.store.revoke(lease_id, at=at, reason=reason, **outbox))
 
-    def revoke_where(self, where: Any, *, at: float, reason: str) -> Any:
-        return self._call(self.store.revoke_where(where, at=at, reason=reason))
+    def revoke_where(self, where: Any, *, at: float, reason: str, **outbox: Any) -> Any:
+        return self._call(self.store.revoke_where(where, at=at, reason=reason, **outbox))
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Any:
         return self._call(self.store.extend(lease_id, expires_at=expires_at, at=at))
@@ -62,8 +62,10 @@ class SyncOverAsync:
     def find(self, where: Any) -> Any:
         return self._call(self.store.find(where))
 
-    def claim_expired(self, now: float, limit: int = 1000, expire_hooks: Any = ()) -> Any:
-        return self._call(self.store.claim_expired(now, limit, expire_hooks))
+    def claim_expired(
+        self, now: float, limit: int = 1000, expire_hooks: Any = (), **outbox: Any
+    ) -> Any:
+        return self._call(self.store.claim_expired(now, limit, expire_hooks, **outbox))
 
     def purge(self, before: float) -> int:
         return int(self._call(self.store.purge(before)))

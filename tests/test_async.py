@@ -410,12 +410,12 @@ def test_reaper_survives_a_failing_sweep(caplog: pytest.LogCaptureFixture) -> No
         failures = 0
 
         def claim_expired(
-            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = (), **kw: Any
         ) -> list[Lease]:
             if self.failures:
                 self.failures -= 1
                 raise StoreUnavailable("backend hiccup")
-            return super().claim_expired(now, limit, expire_hooks)
+            return super().claim_expired(now, limit, expire_hooks, **kw)
 
     store = Flaky()
     env = Env(store=store, reap_interval=POLL)
@@ -517,11 +517,11 @@ def test_a_cancelled_sweep_still_queues_the_expiry_hooks_of_what_it_claimed() ->
         blocking = True  # as the shared stores are: AsyncBroker calls it in a thread
 
         def claim_expired(
-            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = (), **kw: Any
         ) -> list[Lease]:
             if not gate.is_set():
                 time.sleep(0.2)  # a slow round trip, under way when stop() gives up
-            return super().claim_expired(now, limit, expire_hooks)
+            return super().claim_expired(now, limit, expire_hooks, **kw)
 
     fired: list[str] = []
 
@@ -541,7 +541,10 @@ def test_a_cancelled_sweep_still_queues_the_expiry_hooks_of_what_it_claimed() ->
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(broker.stop(), 0.01)
         gate.set()
-        await asyncio.sleep(0.3)  # the shielded claim finishes and queues the hooks
+        await asyncio.sleep(0.3)  # the shielded claim finishes, its jobs held by this broker
+        await broker.sweep()
+        assert fired == []  # held by the cancelled sweep's claim, until hook_timeout
+        clock.advance(60)
         await broker.sweep()
         assert sorted(fired) == sorted(cred.lease_id for cred in creds)
 
@@ -587,12 +590,12 @@ def test_close_waits_for_the_claim_of_a_cancelled_sweep() -> None:
         claiming = False
 
         def claim_expired(
-            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = (), **kw: Any
         ) -> list[Lease]:
             self.claiming = True
             time.sleep(0.2)
             try:
-                return super().claim_expired(now, limit, expire_hooks)
+                return super().claim_expired(now, limit, expire_hooks, **kw)
             finally:
                 self.claiming = False
 
@@ -602,11 +605,13 @@ def test_close_waits_for_the_claim_of_a_cancelled_sweep() -> None:
     fired: list[str] = []
     store = SlowStore()
 
+    clock = FakeClock()
+
+    def record(lease: Lease) -> None:
+        fired.append(lease.id)
+
     async def main() -> AsyncBroker:
-        clock = FakeClock()
-        broker = AsyncBroker(
-            issuer=TEST_ISSUER, store=store, clock=clock, on_expire=lambda x: fired.append(x.id)
-        )
+        broker = AsyncBroker(issuer=TEST_ISSUER, store=store, clock=clock, on_expire=record)
         for _ in range(3):
             await broker.issue("svc:a", "api", ttl=1)
         clock.advance(2)
@@ -618,7 +623,13 @@ def test_close_waits_for_the_claim_of_a_cancelled_sweep() -> None:
         await broker.close()
         return broker
 
-    broker = asyncio.run(main())
+    asyncio.run(main())
     assert store.closed_during_claim is False
-    broker._core.hooks.run()  # the queued on_expire calls, as the next sweep would
+    # The claim recorded their on_expire jobs with it (the sweep was cancelled
+    # before it ran them): a sweep once the claim has run out runs them.
+    assert fired == []
+    assert len(store.jobs()) == 3
+    clock.advance(60)
+    asyncio.run(AsyncBroker(issuer=TEST_ISSUER, store=store, clock=clock, on_expire=record).sweep())
     assert len(fired) == 3
+    assert store.jobs() == []

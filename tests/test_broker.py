@@ -93,9 +93,9 @@ def test_issue_adds_the_lease_to_the_store_once(
     seen: list[str] = []
 
     class Watching(MemoryStore):
-        def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+        def add(self, lease: Lease, quotas: Sequence[Quota] = (), **kw: Any) -> bool:
             seen.append(lease.id)
-            return super().add(lease, quotas)
+            return super().add(lease, quotas, **kw)
 
     store = Watching()
     broker = Broker(issuer=TEST_ISSUER, keys=jitbroker_keys, store=store, clock=jitbroker_clock)
@@ -108,7 +108,7 @@ def test_issue_fails_without_a_token_when_the_store_fails(
     jitbroker_keys: KeyRing, jitbroker_clock: FakeClock
 ) -> None:
     class Broken(MemoryStore):
-        def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+        def add(self, lease: Lease, quotas: Sequence[Quota] = (), **kw: Any) -> bool:
             raise RuntimeError("disk on fire")
 
     store = Broken()
@@ -1074,7 +1074,7 @@ def test_issue_returns_its_token_even_if_the_inline_sweep_breaks(
 ) -> None:
     class BrokenSweepStore(MemoryStore):
         def claim_expired(
-            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+            self, now: float, limit: int = 1000, expire_hooks: Collection[str] = (), **kw: Any
         ) -> list[Lease]:
             raise RuntimeError("a store bug, not translated")
 

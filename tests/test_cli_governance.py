@@ -432,3 +432,60 @@ def test_leak_detection_runs_after_the_fixtures_that_use_the_broker(
         ["*ERROR at teardown of test_a_fixture_that_leaks_is_caught*", "*t-fixture-leak*"]
     )
     result.stdout.no_fnmatch_line("*teardown of test_a_yield_fixture*")
+
+
+def test_outbox_lists_retries_and_forgets_parked_work(db: Path, tmp_path: Path) -> None:
+    def failing(lease: object) -> None:
+        raise RuntimeError("backend down")
+
+    clock = FakeClock()
+    broker = Broker(
+        issuer=TEST_ISSUER,
+        store=SQLiteStore(db),
+        clock=clock,
+        on_revoke={"drop": failing},
+        hook_retries=0,
+    )
+    cred = issue(broker, "svc:ci-a", "alice")
+    broker.revoke(cred)
+    [parked] = broker.failed_hooks()
+    code, out, _ = cli("outbox", "list", "--store", str(db), "--json")
+    assert code == 0
+    row = json.loads(out)
+    assert (row["id"], row["event"], row["name"], row["parked"]) == (
+        parked.id,
+        "on_revoke",
+        "drop",
+        True,
+    )
+    assert cred.token not in out
+    code, out, _ = cli("report", "--store", str(db))
+    assert "failed hooks: 1" in out
+    code, _, err = cli("outbox", "forget", parked.id, "--store", str(db))
+    assert code == 2
+    assert "force" in err
+    code, out, _ = cli("outbox", "retry", "--store", str(db))
+    assert (code, out.split()[0]) == (0, "1")
+    code, out, _ = cli("outbox", "list", "--store", str(db), "--all")
+    assert "parked=False" in out
+    log = tmp_path / "audit.jsonl"
+    code, out, _ = cli(
+        "outbox",
+        "forget",
+        parked.id,
+        "--force",
+        "--by",
+        "ops:bob",
+        "--store",
+        str(db),
+        "--audit-log",
+        str(log),
+    )
+    assert (code, out.strip()) == (0, "forgot 1 job(s)")
+    [event] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert (event["action"], event["actor"], event["where"]) == (
+        "hook_forgotten",
+        "ops:bob",
+        parked.id,
+    )
+    assert broker.failed_hooks() == []

@@ -3,10 +3,12 @@
 Hooks run after the operation, get the right leases (sync and async hooks, on
 ``Broker`` and ``AsyncBroker``), fire ``on_expire`` once per lease across
 brokers sharing a store, and when they fail the operation still stands: the
-call is retried by later sweeps with backoff, then parked where
-``failed_hooks()`` and the report show it. The audit trail has one event type
-per transition, JSON lines files that stay whole under threads, and no secret
-anywhere. Time comes from a ``FakeClock``: backoff is checked by moving it.
+call is a job in the store's outbox, retried by later sweeps (of this broker or
+another on the same store) with backoff and the same idempotency key, then
+parked where ``failed_hooks()`` and the report show it until it is retried or
+forgotten by force. The audit trail has one event type per transition, JSON
+lines files that stay whole under threads, and no secret anywhere. Time comes
+from a ``FakeClock``: backoff is checked by moving it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ from jitbroker import (
     PolicyDenied,
     Rule,
 )
+from jitbroker._drive import run
 from jitbroker.audit import AuditEvent, Auditor, EventType, JsonLinesSink
 from jitbroker.errors import InvalidRequest, InvalidToken, TokenRevoked, WrongAudience
-from jitbroker.hooks import FailedHook
+from jitbroker.hooks import FailedHook, Hooks
+from jitbroker.lease import Secret
+from jitbroker.outbox import SYNC
+from jitbroker.stores.base import Job, job_id
 from jitbroker.stores.sqlite import SQLiteStore
 from jitbroker.testing import TEST_ISSUER, FakeClock
 from test_secrets import Secrets, key_secrets, tampered
@@ -48,6 +54,10 @@ AUDIENCE = "db:orders"
 SCOPES = ["orders:read", "orders:write"]
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
+
+
+#: The name a ``Hook`` instance gets: ``module.qualname`` of its class.
+HOOK = "test_governance_hooks_audit.Hook"
 
 
 class Hook:
@@ -98,6 +108,19 @@ def issue(broker: Broker, **changes: Any) -> Credential:
 
 def of(events: list[AuditEvent], action: str) -> list[AuditEvent]:
     return [event for event in events if event.action == action]
+
+
+def waiting(broker: Broker | AsyncBroker) -> list[tuple[str, str, int]]:
+    """Every job in the outbox not parked, oldest due first: (event, lease id,
+    attempts), retries and not-yet-run (or held) calls alike."""
+    store: LeaseStore = broker.store
+    return [(job.event, job.lease.id, job.attempts) for job in store.jobs(parked=False)]
+
+
+def retries(broker: Broker | AsyncBroker) -> list[Job]:
+    """The jobs waiting in the outbox (not parked), oldest due first."""
+    store: LeaseStore = broker.store
+    return store.jobs(parked=False)
 
 
 @pytest.fixture
@@ -185,13 +208,12 @@ def test_async_hooks_on_a_sync_broker(clock: FakeClock) -> None:
 
     other = asyncio.run(inside_a_running_loop())
     assert len(seen) == 2
-    assert [(h.event, h.attempts) for h in broker._core.hooks.pending()] == [
-        ("on_issue", 1),
-        ("on_revoke", 1),
-    ]
+    assert waiting(broker) == [("on_issue", other.lease_id, 1), ("on_revoke", other.lease_id, 1)]
+    assert all(job.error.startswith("RuntimeError: async hook not run") for job in retries(broker))
     clock.advance(1)
     broker.sweep()  # no loop runs here: they run now
     assert seen[-2:] == [("issue", other.lease_id), ("revoke", other.lease_id)]
+    assert waiting(broker) == []
 
 
 def test_a_failing_async_hook_on_a_sync_broker_is_recorded(clock: FakeClock) -> None:
@@ -267,7 +289,8 @@ def test_a_failing_hook_on_an_async_broker_is_retried(clock: FakeClock) -> None:
         await broker.sweep()
         clock.advance(20)
         await broker.sweep()
-        return broker.failed_hooks()
+        assert waiting(broker) == []
+        return await broker.failed_hooks()
 
     t0 = clock()
     assert asyncio.run(main()) == []
@@ -347,7 +370,7 @@ def test_a_failing_on_revoke_hook_keeps_the_revocation_durable(
     hook = Hook(clock, failing=True)
     broker = make_broker(clock, store=SQLiteStore(path), on_revoke=hook)
     cred = issue(broker)
-    with caplog.at_level(logging.WARNING, logger="jitbroker.hooks"):
+    with caplog.at_level(logging.WARNING, logger="jitbroker.outbox"):
         assert broker.revoke(cred, reason="compromised") is True
     assert hook.ids == [cred.lease_id]
     assert any("on_revoke" in r.getMessage() for r in caplog.records)
@@ -358,6 +381,11 @@ def test_a_failing_on_revoke_hook_keeps_the_revocation_durable(
     lease = reopened.get(cred.lease_id)
     assert lease is not None
     assert (lease.revoked_at, lease.revoke_reason) == (clock(), "compromised")
+    # And the failed call too: its retry waits in the same file, with the lease.
+    (job,) = reopened.jobs()
+    assert (job.event, job.lease, job.attempts, job.parked) == ("on_revoke", lease, 1, False)
+    assert job.error == "RuntimeError: the cleanup service is down"
+    assert job.id == job_id(cred.lease_id, "on_revoke", HOOK)
     reopened.close()
 
 
@@ -385,7 +413,10 @@ def test_a_failing_on_expire_hook_does_not_unexpire(clock: FakeClock) -> None:
 
 def test_only_the_failing_hook_is_retried(clock: FakeClock) -> None:
     good, bad = Hook(clock), Hook(clock, failing=True)
-    broker = make_broker(clock, on_revoke=[good, bad], hook_backoff=1, hook_retries=2)
+    # Two instances of one class share a derived name: a mapping names each.
+    broker = make_broker(
+        clock, on_revoke={"good": good, "bad": bad}, hook_backoff=1, hook_retries=2
+    )
     cred = issue(broker)
     broker.revoke(cred)
     for _ in range(5):
@@ -394,7 +425,8 @@ def test_only_the_failing_hook_is_retried(clock: FakeClock) -> None:
     assert good.ids == [cred.lease_id]
     assert bad.ids == [cred.lease_id] * 3
     (failed,) = broker.failed_hooks()
-    assert failed.attempts == 3
+    assert (failed.hook, failed.attempts) == ("bad", 3)
+    assert failed.id == job_id(cred.lease_id, "on_revoke", "bad")
 
 
 # -- retries with backoff, then parking ------------------------------------------------
@@ -499,7 +531,7 @@ def test_retry_failed_hooks_runs_them_once_more(clock: FakeClock) -> None:
     # Fixed: one more run each, and they are gone from the failed list.
     hook.failing = False
     assert broker.retry_failed_hooks() == 0
-    assert hook.ids[-2:] == [cred.lease_id for cred in creds]
+    assert sorted(hook.ids[-2:]) == sorted(cred.lease_id for cred in creds)  # due alike
     assert broker.failed_hooks() == []
     assert broker.report().failed_hooks == ()
     assert broker.retry_failed_hooks() == 0
@@ -512,7 +544,7 @@ def test_retry_failed_hooks_on_an_async_broker(clock: FakeClock) -> None:
     async def main() -> tuple[int, int, int]:
         broker = AsyncBroker(issuer=TEST_ISSUER, clock=clock, on_revoke=hook, hook_retries=0)
         await broker.revoke(await broker.issue(SUBJECT, AUDIENCE, SCOPES))
-        parked = len(broker.failed_hooks())
+        parked = len(await broker.failed_hooks())
         still = await broker.retry_failed_hooks()
         hook.failing = False
         return parked, still, await broker.retry_failed_hooks()
@@ -529,8 +561,13 @@ def test_retry_failed_hooks_on_an_async_broker(clock: FakeClock) -> None:
         {"hook_retries": 1.5},
         {"hook_backoff": 0},
         {"hook_backoff": -1},
+        {"hook_timeout": 0},
+        {"hook_timeout": -1},
         {"on_issue": "not callable"},
         {"on_revoke": [print, 42]},
+        {"on_revoke": {"drop role": print}},  # a name has no spaces
+        {"on_revoke": {"": print}},
+        {"on_expire": [Hook(FakeClock()), Hook(FakeClock())]},  # one derived name twice
     ],
 )
 def test_bad_hook_options_are_refused(options: dict[str, Any]) -> None:
@@ -538,11 +575,48 @@ def test_bad_hook_options_are_refused(options: dict[str, Any]) -> None:
         Broker(issuer=TEST_ISSUER, **options)
 
 
+def test_hooks_of_different_events_may_share_a_name(clock: FakeClock) -> None:
+    hook = Hook(clock)
+    broker = make_broker(clock, on_issue=hook, on_revoke=hook)  # unique per event
+    cred = issue(broker)
+    broker.revoke(cred)
+    assert hook.ids == [cred.lease_id, cred.lease_id]
+
+
 # -- the audit trail ---------------------------------------------------------------------
 #: What the realistic session emits: every event type but a task's failed exit
 #: revoke, which needs a store that fails (tests/test_task_exit.py covers it,
 #: secrets included).
 SESSION_EVENTS = set(EventType) - {EventType.TASK_REVOKE_FAILED}
+VAULT = "vault:orders"
+ORPHAN = "e" * 32  # a backend principal whose lease the store never had
+
+
+class Vault:
+    """A provider whose principals live in a dict: each lease of audience
+    ``VAULT`` gets a user and a password, which must never be audited or logged."""
+
+    name = VAULT
+
+    def __init__(self) -> None:
+        self.principals: dict[str, str] = {}  # lease id -> password
+
+    def check(self, lease: Lease) -> None:
+        pass
+
+    def create(self, lease: Lease) -> Secret:
+        password = "pw-" + os.urandom(12).hex()
+        self.principals[lease.id] = password
+        return Secret({"user": f"jit_{lease.id}", "password": password})
+
+    def revoke(self, lease: Lease) -> None:
+        self.principals.pop(lease.id, None)  # not found: done
+
+    def renew(self, lease: Lease) -> None:
+        pass
+
+    def managed(self) -> list[str]:
+        return list(self.principals)
 
 
 def session(broker: Broker, clock: FakeClock) -> dict[str, Any]:
@@ -570,10 +644,29 @@ def session(broker: Broker, clock: FakeClock) -> dict[str, Any]:
     second = broker.rotate_keys()
     third = broker.rotate_keys()
     assert broker.retire_key(second.kid, revoke=False) == 0
+    # A backend credential: the backend loses it, and keeps one of a lease the
+    # store never had (a restored backup); reconcile flags one, revokes the other.
+    vault: Vault = broker._core.outbox.providers[VAULT]  # type: ignore[assignment]
+    backed = issue(broker, audience=VAULT)
+    assert backed.secret is not None
+    passwords = [backed.secret["password"]]
+    del vault.principals[backed.lease_id]
+    vault.principals[ORPHAN] = "pw-" + os.urandom(12).hex()
+    passwords.append(vault.principals[ORPHAN])
+    found = broker.reconcile()
+    assert (found.revoked, [x.id for x in found.missing]) == ((ORPHAN,), [backed.lease_id])
+    assert broker.revoke(backed, reason="backend-lost") is True
     clock.advance(3600 + 5)  # max_ttl + leeway: the first key's grace is over
     broker.sweep()  # drops it; also retries the failing on_expire hook, which parks it
+    assert vault.principals == {}
+    # The parked on_expire call is given up on, by force: audited, with who did it.
+    (parked,) = [f for f in broker.failed_hooks() if f.event == "on_expire"]
+    assert broker.forget_failed_hook(parked, force=True, by="ops") == 1
     return {
-        "creds": [a, renewed, child, *bobs, short],
+        "creds": [a, renewed, child, *bobs, short, backed],
+        "passwords": passwords,
+        "backed": backed,
+        "forgotten": parked,
         "bad": bad,
         "child": child,
         "first_kid": first_kid,
@@ -586,7 +679,9 @@ def session(broker: Broker, clock: FakeClock) -> dict[str, Any]:
 
 
 def audited_broker(clock: FakeClock, keys: KeyRing, *sinks: Any, **options: Any) -> Broker:
-    policy = Policy([Rule(subjects=[SUBJECT, "svc:report"], audiences=AUDIENCE, scopes=SCOPES)])
+    policy = Policy(
+        [Rule(subjects=[SUBJECT, "svc:report"], audiences=[AUDIENCE, VAULT], scopes=SCOPES)]
+    )
     return Broker(
         issuer=TEST_ISSUER,
         keys=keys,
@@ -596,6 +691,7 @@ def audited_broker(clock: FakeClock, keys: KeyRing, *sinks: Any, **options: Any)
         on_expire=Hook(clock, failing=True),
         hook_retries=1,
         hook_backoff=1,
+        providers=[Vault()],
         **options,
     )
 
@@ -651,6 +747,20 @@ def test_every_event_type_in_a_realistic_session(clock: FakeClock) -> None:
     assert dropped.where == f"key_id={seen['first_kid']!r}"
     assert [e.where for e in of(events, "hook_failed")] == ["on_expire"]
     assert [e.where for e in of(events, "hook_parked")] == ["on_expire"]
+    (forgotten,) = of(events, "hook_forgotten")
+    assert (forgotten.where, forgotten.actor) == (seen["forgotten"].id, "ops")
+    assert forgotten.where == job_id(seen["short"].lease_id, "on_expire", HOOK)
+    assert forgotten.error == "RuntimeError: the cleanup service is down"
+    assert forgotten.lease is not None
+    assert forgotten.lease.id == seen["short"].lease_id
+    (orphaned,) = of(events, "principal_orphaned")
+    assert (orphaned.where, orphaned.actor) == (VAULT, "reconcile")
+    assert orphaned.lease is not None
+    assert orphaned.lease.id == ORPHAN
+    (missing,) = of(events, "principal_missing")
+    assert missing.where == VAULT
+    assert missing.lease is not None
+    assert missing.lease.id == seen["backed"].lease_id
     # to_dict: JSON-ready, the action as its string, unset fields left out.
     for event in events:
         data = event.to_dict()
@@ -678,6 +788,9 @@ def test_event_types_are_strings() -> None:
         "key_dropped",
         "hook_failed",
         "hook_parked",
+        "hook_forgotten",
+        "principal_orphaned",
+        "principal_missing",
         "task_revoke_failed",
     ]
 
@@ -887,6 +1000,7 @@ def test_no_secret_in_events_files_or_logs(
         seen = session(broker, clock)
     for key in seen["keys"]:  # and the keys rotated in
         secrets.values += key_secrets(key)
+    secrets.values += seen["passwords"]  # the backend's, handed out or orphaned
     for cred in seen["creds"]:
         secrets.add(cred)
     for token in seen["bad"]:
@@ -909,14 +1023,7 @@ def test_no_secret_in_events_files_or_logs(
         secrets.check_object("failed hook", failed)
 
 
-# -- no hook call is lost: interrupted runs, bounded lists ------------------------------
-def pending(broker: Broker | AsyncBroker) -> list[tuple[str, str, int]]:
-    """Every queued call: (event, lease id, attempts), retries and not-yet-run alike."""
-    hooks = broker._core.hooks
-    with hooks._lock:
-        return [(c.event, c.lease.id, c.attempts) for c in hooks._pending]
-
-
+# -- no hook call is lost: interrupted runs, parked work, the store holds it all --------
 class Gated:
     """An async hook that starts, then waits for ``gate``; records who finished."""
 
@@ -933,7 +1040,7 @@ class Gated:
         self.finished.append(lease.id)
 
 
-def test_a_cancelled_async_run_requeues_the_calls_it_did_not_reach(clock: FakeClock) -> None:
+def test_a_cancelled_async_run_hands_back_the_calls_it_did_not_reach(clock: FakeClock) -> None:
     hook = Gated()
 
     async def main() -> None:
@@ -946,23 +1053,31 @@ def test_a_cancelled_async_run_requeues_the_calls_it_did_not_reach(clock: FakeCl
         with pytest.raises(asyncio.CancelledError):
             await revoking
         assert await broker.leases() == []  # the revocations stand
-        # The interrupted call is a failed attempt; the two not reached are due now.
+        # The interrupted call is a failed attempt, due after the backoff; the two
+        # not reached are handed back unclaimed, due now.
         (first,) = hook.started
         rest = [i for i in ids if i != first]
-        assert sorted(pending(broker)) == sorted(
+        assert sorted(waiting(broker)) == sorted(
             [("on_revoke", first, 1)] + [("on_revoke", i, 0) for i in rest]
         )
+        now = clock()
+        jobs = retries(broker)
+        assert {job.lease.id: job.due for job in jobs} == {
+            first: now + 10,
+            **dict.fromkeys(rest, now),
+        }
+        assert [job.claim for job in jobs] == [None, None, None]
         hook.gate.set()
         await broker.sweep()
         assert sorted(hook.finished) == sorted(rest)
-        assert pending(broker) == [("on_revoke", first, 1)]
-        (waiting,) = broker._core.hooks.pending()
-        assert waiting.error.startswith("CancelledError")
+        assert waiting(broker) == [("on_revoke", first, 1)]
+        (job,) = retries(broker)
+        assert job.error.startswith("CancelledError")
         clock.advance(10)
         await broker.sweep()
         assert sorted(hook.finished) == sorted(ids)
-        assert pending(broker) == []
-        assert broker.failed_hooks() == []
+        assert waiting(broker) == []
+        assert await broker.failed_hooks() == []
 
     asyncio.run(main())
 
@@ -991,13 +1106,15 @@ def test_a_hook_raising_a_base_exception_is_recorded_then_raised(
     (failed,) = broker.failed_hooks()
     assert (failed.attempts, failed.error) == (1, f"{error.__name__}: stop")
     assert [e.error for e in of(events, "hook_parked")] == [error.__name__]
-    assert pending(broker) == [("on_revoke", cred.lease_id, 0)]
+    assert waiting(broker) == [("on_revoke", cred.lease_id, 0)]
+    (handed_back,) = retries(broker)
+    assert (handed_back.name, handed_back.due, handed_back.claim) == (HOOK, clock(), None)
     broker.sweep()
     assert after.ids == [cred.lease_id]
-    assert pending(broker) == []
+    assert waiting(broker) == []
 
 
-def test_a_base_exception_on_an_async_broker_requeues_the_rest(clock: FakeClock) -> None:
+def test_a_base_exception_on_an_async_broker_hands_back_the_rest(clock: FakeClock) -> None:
     after = Hook(clock)
 
     def bad(lease: Lease) -> None:
@@ -1010,13 +1127,13 @@ def test_a_base_exception_on_an_async_broker_requeues_the_rest(clock: FakeClock)
         cred = await broker.issue(SUBJECT, AUDIENCE, SCOPES)
         with pytest.raises(KeyboardInterrupt):
             await broker.revoke(cred)
-        assert pending(broker) == [
+        assert waiting(broker) == [
             ("on_revoke", cred.lease_id, 0),  # not reached: first in line, due now
             ("on_revoke", cred.lease_id, 1),  # failed once: due after the backoff
         ]
         await broker.sweep()
         assert after.ids == [cred.lease_id]
-        assert pending(broker) == [("on_revoke", cred.lease_id, 1)]
+        assert waiting(broker) == [("on_revoke", cred.lease_id, 1)]
 
     asyncio.run(main())
 
@@ -1044,8 +1161,8 @@ def test_stopping_the_async_reaper_lets_its_sweep_finish(tmp_path: Path, clock: 
         hook.gate.set()
         await stopping
         assert sorted(hook.finished) == sorted(ids)
-        assert pending(broker) == []
-        assert broker.failed_hooks() == []
+        assert waiting(broker) == []
+        assert await broker.failed_hooks() == []
         # Each fired exactly once: no broker sharing the store fires them again.
         other = AsyncBroker(issuer=TEST_ISSUER, clock=clock, store=SQLiteStore(path))
         assert await other.sweep() == []
@@ -1073,11 +1190,15 @@ def test_cancelling_stop_cuts_the_sweep_short_and_keeps_the_calls(
         for _ in range(yields):
             await asyncio.sleep(0)
         assert not stopping.done()
+        reaper = broker._reaper
+        assert reaper is not None
         stopping.cancel()  # a second cancel: the caller will not wait
         with pytest.raises(asyncio.CancelledError):
             await stopping
+        # Nor does stop: the reaper records what its sweep did on its own time.
+        await asyncio.wait([reaper])
         (first,) = hook.started
-        assert sorted(pending(broker)) == sorted(
+        assert sorted(waiting(broker)) == sorted(
             [("on_expire", i, 1 if i == first else 0) for i in ids]
         )
         hook.gate.set()
@@ -1085,7 +1206,7 @@ def test_cancelling_stop_cuts_the_sweep_short_and_keeps_the_calls(
         clock.advance(10)
         await broker.sweep()
         assert sorted(hook.finished) == sorted(ids)
-        assert pending(broker) == []
+        assert waiting(broker) == []
         await broker.close()
 
     asyncio.run(main())
@@ -1114,63 +1235,79 @@ def test_the_async_reaper_outlives_a_hook_raising_cancelled_error(clock: FakeClo
             clock.advance(1)  # the backoff
             await asyncio.wait_for(retried.wait(), 10)
         assert broker._reaper is None
-        assert pending(broker) == []
-        assert broker.failed_hooks() == []
+        assert waiting(broker) == []
+        assert await broker.failed_hooks() == []
 
     asyncio.run(main())
     assert len(attempts) == 2
 
 
-def test_parked_calls_are_bounded_and_the_drops_counted(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_parked_work_is_never_dropped(clock: FakeClock) -> None:
+    events: list[AuditEvent] = []
     hook = Hook(clock, failing=True)
-    broker = make_broker(clock, on_issue=hook, hook_retries=0)
-    broker._core.hooks.max_parked = 3
-    with caplog.at_level(logging.WARNING, logger="jitbroker.hooks"):
-        ids = [issue(broker).lease_id for _ in range(5)]
-    assert [f.lease.id for f in broker.failed_hooks()] == ids[2:]  # the newest kept
-    assert broker._core.hooks.dropped == 2
-    drops = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert len(drops) == 2
-    assert ids[0] in drops[0]
-    assert "1 dropped so far" in drops[0]
+    broker = make_broker(clock, events, on_issue=hook, hook_retries=0)
+    ids = []
+    for _ in range(3):
+        ids.append(issue(broker).lease_id)
+        clock.advance(1)  # parked one after another: the list is oldest first
+    for _ in range(3):  # sweeps and time leave parked work alone, and keep it
+        clock.advance(100_000)
+        broker.sweep()
+    parked = broker.failed_hooks()
+    assert [f.id for f in parked] == [job_id(i, "on_issue", HOOK) for i in ids]
+    assert len(hook.calls) == 3
     report = broker.report()
-    assert report.churn["hook calls dropped (this broker)"] == 2
-    assert report.to_dict()["churn"]["hook calls dropped (this broker)"] == 2
-    assert "hook calls dropped (this broker) 2" in str(report)
-    # Retrying empties the list, and a still-failing call takes its place again.
-    assert broker.retry_failed_hooks() == 3
-    assert len(broker.failed_hooks()) == 3
-    assert broker._core.hooks.dropped == 2
+    assert report.failed_hooks == tuple(parked)
+    assert not [name for name in report.churn if "dropped" in name]  # nothing is dropped
+    # Forgetting means the side effect never happens: only by force.
+    with pytest.raises(InvalidRequest, match="force=True"):
+        broker.forget_failed_hook(parked[0])
+    with pytest.raises(InvalidRequest, match="force=True"):
+        broker.forget_failed_hook(parked[0], force="yes")  # type: ignore[arg-type]
+    assert broker.failed_hooks() == parked
+    assert of(events, "hook_forgotten") == []
+    # By FailedHook or by id; each one audited, with who did it.
+    assert broker.forget_failed_hook(parked[0], parked[1].id, force=True, by="ops") == 2
+    assert broker.failed_hooks() == [parked[2]]
+    forgotten = of(events, "hook_forgotten")
+    assert sorted((e.where, e.actor, e.error) for e in forgotten) == sorted(
+        (f.id, "ops", "RuntimeError: the cleanup service is down") for f in parked[:2]
+    )
+    assert sorted(e.lease.id for e in forgotten if e.lease) == sorted(ids[:2])
+    assert broker.forget_failed_hook(parked[0], force=True) == 0  # gone: nothing audited
+    assert len(of(events, "hook_forgotten")) == 2
+    # The last one: retried, still failing, parked again (not dropped); then fixed.
+    assert broker.retry_failed_hooks() == 1
+    (again,) = broker.failed_hooks()
+    assert (again.id, again.attempts) == (parked[2].id, 2)
+    hook.failing = False
+    assert broker.retry_failed_hooks() == 0
+    assert broker.failed_hooks() == []
+    assert broker.store.jobs() == []
 
 
-def test_the_default_bounds() -> None:
-    from jitbroker.hooks import MAX_PARKED, MAX_PENDING, Hooks
+def test_the_hook_defaults(clock: FakeClock) -> None:
+    from jitbroker.hooks import MAX_BACKOFF
 
     hooks = Hooks()
-    assert (hooks.max_parked, hooks.max_pending) == (MAX_PARKED, MAX_PENDING) == (10_000, 10_000)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(InvalidRequest):
-            Hooks(max_parked=bad)  # type: ignore[arg-type]
-        with pytest.raises(InvalidRequest):
-            Hooks(max_pending=bad)  # type: ignore[arg-type]
-    assert Broker(issuer=TEST_ISSUER).report().churn["hook calls dropped (this broker)"] == 0
+    assert (hooks.retries, hooks.backoff, hooks.timeout) == (5, 1.0, 60.0)
+    assert [hooks.delay(n) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+    assert hooks.delay(10_000) == MAX_BACKOFF == 3600.0
+    assert make_broker(clock, hook_timeout=5)._core.hooks.timeout == 5.0
 
 
-def test_a_full_retry_queue_parks_new_failures_at_once(clock: FakeClock) -> None:
+def test_every_failure_waits_in_the_store_for_its_retry(clock: FakeClock) -> None:
+    # No queue in memory to fill: however many fail, each waits for its retry.
     events: list[AuditEvent] = []
     hook = Hook(clock, failing=True)
     broker = make_broker(clock, events, on_revoke=hook, hook_retries=5)
-    broker._core.hooks.max_pending = 2
-    creds = [issue(broker) for _ in range(4)]
+    creds = [issue(broker) for _ in range(50)]
     for cred in creds:
         broker.revoke(cred)
-    assert [c[1] for c in pending(broker)] == [c.lease_id for c in creds[:2]]
-    parked = broker.failed_hooks()
-    assert [(f.lease.id, f.attempts) for f in parked] == [(c.lease_id, 1) for c in creds[2:]]
-    assert len(of(events, "hook_failed")) == 2
-    assert len(of(events, "hook_parked")) == 2
+    assert sorted(waiting(broker)) == sorted(("on_revoke", c.lease_id, 1) for c in creds)
+    assert broker.failed_hooks() == []
+    assert len(of(events, "hook_failed")) == 50
+    assert of(events, "hook_parked") == []
 
 
 def test_many_retries_never_overflow_the_backoff(clock: FakeClock) -> None:
@@ -1182,9 +1319,9 @@ def test_many_retries_never_overflow_the_backoff(clock: FakeClock) -> None:
         clock.advance(3600)
         broker.sweep()
     assert len(hook.calls) == 1101
-    (waiting,) = broker._core.hooks.pending()
-    assert waiting.attempts == 1101
-    assert broker._core.hooks._pending[0].due == clock() + 3600
+    (job,) = retries(broker)
+    assert job.attempts == 1101
+    assert job.due == clock() + 3600
     assert broker.failed_hooks() == []
 
 
@@ -1210,13 +1347,129 @@ def test_an_async_hook_never_blocks_a_running_loop(clock: FakeClock) -> None:
     assert broker.failed_hooks() == []
 
 
-def test_running_hooks_with_nothing_queued_is_free(clock: FakeClock) -> None:
-    broker = make_broker(clock)
-    hooks = broker._core.hooks
-    hooks.clock = None  # type: ignore[assignment]  # neither the clock nor the lock
-    hooks._lock = None  # type: ignore[assignment]
-    assert hooks.run() == 0
-    assert asyncio.run(hooks.arun()) == 0
+class NoJobs(MemoryStore):
+    """A store whose outbox must not be touched."""
+
+    def claim_jobs(self, *args: Any, **kwargs: Any) -> list[Job]:
+        raise AssertionError("claim_jobs called")
+
+    def finish_jobs(self, *args: Any, **kwargs: Any) -> int:
+        raise AssertionError("finish_jobs called")
+
+    def fail_job(self, *args: Any, **kwargs: Any) -> bool:
+        raise AssertionError("fail_job called")
+
+    def get_job(self, *args: Any, **kwargs: Any) -> Job | None:
+        raise AssertionError("get_job called")
+
+    def jobs(self, *args: Any, **kwargs: Any) -> list[Job]:
+        raise AssertionError("jobs called")
+
+
+def test_a_broker_without_hooks_never_touches_the_outbox(clock: FakeClock) -> None:
+    broker = make_broker(clock, store=NoJobs())
+    cred = issue(broker, ttl=5)
+    broker.attenuate(cred, scopes=["orders:read"])
+    broker.revoke(issue(broker))
+    assert broker.revoke_where(owner=ALICE) == 2
+    short = issue(broker, ttl=5)
+    clock.advance(5)
+    assert [lease.id for lease in broker.sweep()] == [short.lease_id]
+    runner = broker._core.outbox
+    assert run(runner.run([], SYNC), None) == 0  # nothing to run: not even a store
+    assert run(runner.sweep(SYNC), None) == 0
+
+
+def test_a_hook_that_takes_idempotency_key_sees_the_same_key_on_each_retry(
+    clock: FakeClock,
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def drop_role(lease: Lease, *, idempotency_key: str) -> None:
+        calls.append((lease.id, idempotency_key))
+        if len(calls) < 3:
+            raise RuntimeError("the role is busy")
+
+    plain = Hook(clock)
+    broker = make_broker(clock, on_revoke={"drop-role": drop_role, "notify": plain}, hook_retries=1)
+    cred = issue(broker)
+    broker.revoke(cred)
+    clock.advance(1)
+    broker.sweep()  # the retry fails too: parked
+    key = f"{cred.lease_id}/on_revoke/drop-role"
+    (parked,) = broker.failed_hooks()
+    assert (parked.id, parked.hook, parked.attempts) == (key, "drop-role", 2)
+    assert broker.retry_failed_hooks() == 0
+    assert calls == [(cred.lease_id, key)] * 3
+    assert plain.ids == [cred.lease_id]  # a hook without the keyword gets the lease alone
+    assert broker.store.jobs() == []
+
+
+def test_a_hook_slower_than_hook_timeout_runs_again_elsewhere_with_the_same_key(
+    clock: FakeClock,
+) -> None:
+    store = MemoryStore()
+    keys: list[str] = []
+    brokers: list[Broker] = []
+
+    def slow(lease: Lease, idempotency_key: str) -> None:
+        keys.append(idempotency_key)
+        if len(keys) == 1:  # the first call outlives its claim; meanwhile the
+            clock.advance(31)  # other broker takes the job and runs it
+            brokers[1].sweep()
+
+    for _ in range(2):
+        brokers.append(make_broker(clock, store=store, on_revoke={"slow": slow}, hook_timeout=30))
+    cred = issue(brokers[0])
+    assert brokers[0].revoke(cred) is True
+    assert keys == [job_id(cred.lease_id, "on_revoke", "slow")] * 2  # idempotent: one key
+    assert store.jobs() == []  # done once by each; finished by the one holding it
+
+
+def test_a_failed_hook_survives_its_broker(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "leases.db"
+    down = Hook(clock, failing=True)
+    first = make_broker(
+        clock,
+        store=SQLiteStore(path),
+        on_revoke={"drop-role": down},
+        hook_retries=1,
+        hook_backoff=10,
+    )
+    gone, later_cred = issue(first), issue(first)
+    first.revoke(gone)
+    clock.advance(10)
+    first.sweep()  # its retry fails too: parked
+    first.revoke(later_cred)  # its first failure: retried in 10 s
+    first.close()
+    # Another process, with a hook of the same name: it lists the parked job and
+    # runs the retry when it is due, with the same idempotency key.
+    keys: list[str] = []
+
+    def drop_role(lease: Lease, idempotency_key: str) -> None:
+        keys.append(idempotency_key)
+
+    later = make_broker(
+        clock, store=SQLiteStore(path), on_revoke={"drop-role": drop_role}, hook_retries=1
+    )
+    stranger = make_broker(clock, store=SQLiteStore(path), on_revoke={"notify": Hook(clock)})
+    (parked,) = later.failed_hooks()
+    assert (parked.lease.id, parked.hook, parked.attempts) == (gone.lease_id, "drop-role", 2)
+    assert parked.error == "RuntimeError: the cleanup service is down"
+    later.sweep()
+    assert keys == []  # the backoff holds across processes
+    clock.advance(10)
+    stranger.sweep()  # a broker without a hook of that name leaves the job alone
+    assert waiting(later) == [("on_revoke", later_cred.lease_id, 1)]
+    later.sweep()
+    assert keys == [job_id(later_cred.lease_id, "on_revoke", "drop-role")]
+    assert later.retry_failed_hooks() == 0
+    assert keys[-1] == parked.id
+    assert later.failed_hooks() == []
+    assert later.store.jobs() == []
+    assert down.ids == [gone.lease_id, gone.lease_id, later_cred.lease_id]
+    later.close()
+    stranger.close()
 
 
 def test_a_hook_error_whose_message_cannot_be_read_is_still_recorded(clock: FakeClock) -> None:

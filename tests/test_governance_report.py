@@ -197,7 +197,6 @@ def test_churn(estate: Estate) -> None:
         "expired (this broker)": 1,
         "denied (this broker)": 1,
         "audit sink failures (this broker)": 0,
-        "hook calls dropped (this broker)": 0,
     }
 
 

@@ -258,10 +258,14 @@ def test_on_expire_hooks_need_distinct_usable_names(on_expire: Any) -> None:
         Hooks(on_expire=on_expire)
 
 
-def test_on_issue_and_on_revoke_names_only_label_failures() -> None:
-    # Run where they happen, so two hooks of one class are fine there.
-    hooks = Hooks(on_issue=[Recorder(), Recorder()], on_revoke={"cleanup": Recorder()})
-    assert [name for name, _ in hooks.on_issue] == [f"{__name__}.Recorder"] * 2
+@pytest.mark.parametrize("event", ["on_issue", "on_revoke"])
+def test_every_event_needs_distinct_hook_names(event: str) -> None:
+    # A name is the identity of the hook's jobs in the outbox (and their
+    # idempotency keys), so two hooks of one event must not share one.
+    with pytest.raises(InvalidRequest, match="several hooks named"):
+        Hooks(**{event: [Recorder(), Recorder()]})  # type: ignore[arg-type]
+    hooks = Hooks(**{event: {"a": Recorder(), "b": Recorder()}})  # type: ignore[arg-type]
+    assert hooks.names(event) == ("a", "b")
     assert hooks.expire_profile is None
     assert hooks.expire_profiles == ()
 
@@ -277,9 +281,9 @@ def test_a_store_that_ignores_the_claim_filter_is_reported(
 ) -> None:
     class Careless(MemoryStore):
         def claim_expired(
-            self, now: float, limit: int = 1000, expire_hooks: Any = ()
+            self, now: float, limit: int = 1000, expire_hooks: Any = (), **kw: Any
         ) -> list[Lease]:
-            return super().claim_expired(now, limit, ["someone-else"])
+            return super().claim_expired(now, limit, ["someone-else"], **kw)
 
     clock, store = FakeClock(), Careless()
     broker(clock, store, on_expire={"someone-else": drop_role}).issue("svc:a", "api", ttl=10)

@@ -38,9 +38,12 @@ from conftest import server_or_skip
 from jitbroker import Broker, Verifier
 from jitbroker.errors import InvalidRequest, QuotaExceeded, StoreError, StoreUnavailable
 from jitbroker.lease import Lease
-from jitbroker.stores.base import LeaseFilter, Quota
-from jitbroker.stores.codec import COLUMNS, to_row
+from jitbroker.stores import postgres as postgres_module
+from jitbroker.stores import postgres_outbox
+from jitbroker.stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota, event_jobs, job_id
+from jitbroker.stores.codec import COLUMNS, to_mapping, to_row
 from jitbroker.stores.postgres import SCHEMA_VERSION, PostgresStore
+from jitbroker.stores.postgres_outbox import read_job
 from jitbroker.testing import TEST_ISSUER
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -261,7 +264,13 @@ def test_the_indexes(admin: psycopg.Connection[Any], store: PostgresStore) -> No
         "leases_task_run",  # version 4: a task's exit
         "leases_claim",  # version 4: claims by expire_hooks (was leases_due)
         "leases_revoke_seq",  # version 5: the revocation log
+        "leases_provider",  # version 7: revoke_where(provider=...)
     }
+    rows = admin.execute(
+        "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = 'jobs'",
+        (store.schema,),
+    ).fetchall()
+    assert {row[0] for row in rows} == {"jobs_pkey", "jobs_claim", "jobs_parked"}  # version 7
 
 
 def test_the_version_is_recorded(admin: psycopg.Connection[Any], store: PostgresStore) -> None:
@@ -297,7 +306,10 @@ def test_a_version_1_schema_is_migrated_and_starts_an_epoch(
     store.add(make("a"))
     schema = sql.Identifier(store.schema)
     for statement in (  # back to what version 1 created
-        "DROP FUNCTION {}.jitbroker_revoke",  # version 6
+        "DROP FUNCTION {}.jitbroker_revoke",  # version 7 (and 6)
+        "DROP FUNCTION {}.jitbroker_event_jobs",
+        "DROP TABLE {}.jobs",
+        "ALTER TABLE {}.leases DROP COLUMN provider",  # and its index
         "DROP FUNCTION {}.jitbroker_read_committed",
         "DROP TABLE {}.caches",
         "ALTER TABLE {}.leases DROP COLUMN revoke_seq",  # and its index
@@ -601,6 +613,423 @@ def test_a_big_revocation_is_one_number_and_one_notification(
     assert len(store.revoke_where(LeaseFilter(task="big"), at=T0 + 1, reason="x")) == 600
     assert heard(listener, 1) == ["1"]
     assert numbered(admin, store) == {lease.id: 1 for lease in leases}
+
+
+# -- the outbox (schema version 7) ----------------------------------------------
+HOOKS = Outbox(hooks=("app.a", "app.b"), providers=frozenset({"db"}), claim="c1", until=T0 + 30)
+
+
+def jobs_table(store: PostgresStore) -> sql.Composed:
+    return sql.SQL("{}.jobs").format(sql.Identifier(store.schema))
+
+
+def test_a_version_6_schema_is_migrated_keeping_leases_and_adding_jobs(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    # Built as version 6 left it, with a revocation numbered by its own
+    # jitbroker_revoke: the leases stay, the numbering goes on, jobs start.
+    schema = new_schema()
+    statements = postgres_module._Statements(schema)
+    for statement in postgres_module._BOOTSTRAP:
+        admin.execute(statements.compose(statement))
+    for migration in postgres_module._MIGRATIONS[:6]:
+        for statement in migration:
+            admin.execute(statements.compose(statement))
+    admin.execute(statements.compose(postgres_module._SET_VERSION), (6,))
+    old = [c for c in COLUMNS if c != "provider"]
+    insert = sql.SQL("INSERT INTO {}.leases ({}) VALUES ({})").format(
+        sql.Identifier(schema),
+        sql.SQL(", ").join(map(sql.Identifier, old)),
+        sql.SQL(", ").join(sql.Placeholder() * len(old)),
+    )
+    leases = [make("a", task="t"), make("b", at=T0 + 1, parent="a", task="t"), make("gone")]
+    for lease in leases:
+        row = zip(COLUMNS, to_row(lease), strict=True)
+        admin.execute(insert, [value for column, value in row if column != "provider"])
+    v6_revoke = sql.SQL("SELECT count(*) FROM {}.jitbroker_revoke(ARRAY['gone'], %s, 'x', %s, 0)")
+    assert admin.execute(
+        v6_revoke.format(sql.Identifier(schema)), (T0 + 2, f"{schema}_revoked")
+    ).fetchone() == (1,)
+    store = new_store(schema=schema)
+    query = sql.SQL("SELECT version FROM {}.jitbroker_meta").format(sql.Identifier(schema))
+    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)] == [(7,)]
+    assert store.get("a") == leases[0]
+    assert store.get("a").provider is None  # type: ignore[union-attr]
+    assert store.get("gone").revoked_at == T0 + 2  # type: ignore[union-attr]
+    assert store.jobs() == []
+    revoked = store.revoke("a", at=T0 + 3, reason="x", outbox=HOOKS)
+    assert ids(revoked) == {"a", "b"}
+    want = [job for lease in revoked for job in event_jobs("on_revoke", lease, HOOKS, T0 + 3)]
+    assert sorted(store.jobs(), key=lambda j: j.id) == sorted(want, key=lambda j: j.id)
+    assert numbered(admin, store) == {"gone": 1, "a": 2, "b": 2}
+    functions = admin.execute(
+        "SELECT count(*) FROM pg_proc WHERE proname = 'jitbroker_revoke'"
+        " AND pronamespace = %s::regnamespace",
+        (schema,),
+    ).fetchone()
+    assert functions == (1,)  # version 6's signature went: no ambiguous call
+
+
+EVENT_CASES = [
+    ("on_issue", {}, NO_OUTBOX),
+    ("on_issue", {"provider": "db"}, NO_OUTBOX),
+    ("on_issue", {"provider": "db"}, attrs.evolve(HOOKS, limit=3)),
+    ("on_issue", {"provider": "db"}, attrs.evolve(HOOKS, providers=frozenset({"other"}))),
+    ("on_revoke", {"provider": "db"}, Outbox(hooks=("app.a",))),  # unclaimed hooks
+    ("on_revoke", {"expire_hooks": "x"}, HOOKS),  # expire_hooks are not revoke hooks
+    ("on_expire", {"expire_hooks": " x  y ", "provider": "db"}, Outbox(claim="c", until=T0 + 9)),
+    ("on_expire", {"expire_hooks": ""}, HOOKS),  # the outbox's hooks are not expire hooks
+    ("on_expire", {"provider": "db"}, HOOKS),
+    ("on_expire", {}, NO_OUTBOX),
+]
+
+
+@pytest.mark.parametrize(("event", "fields", "outbox"), EVENT_CASES)
+def test_jitbroker_event_jobs_is_event_jobs(
+    admin: psycopg.Connection[Any],
+    store: PostgresStore,
+    event: str,
+    fields: dict[str, Any],
+    outbox: Outbox,
+) -> None:
+    # The SQL twin of stores.base.event_jobs (revoke and claim_expired write its
+    # rows server-side) gives the same jobs, field for field.
+    store.add(make("a", **fields))
+    lease = store.get("a")
+    assert lease is not None
+    query = sql.SQL(
+        "SELECT * FROM {schema}.jitbroker_event_jobs(%s, ARRAY(SELECT l FROM {schema}.leases AS l),"
+        " %s, %s::text[], %s::text[], %s::text, %s::float8, %s::int)"
+    ).format(schema=sql.Identifier(store.schema))
+    args = (event, T0 + 5, list(outbox.hooks), sorted(outbox.providers), outbox.claim)
+    rows = admin.execute(query, (*args, outbox.until, outbox.limit)).fetchall()
+    got = [read_job((*row[:6], 0, "", False, row[6])) for row in rows]
+    want = event_jobs(event, lease, outbox, T0 + 5)
+    assert sorted(got, key=lambda j: j.id) == sorted(want, key=lambda j: j.id)
+
+
+def test_events_write_their_jobs_as_event_jobs_says(store: PostgresStore) -> None:
+    # Through the store: add (event_jobs in Python), revoke and claim_expired
+    # (the SQL twin), with and without an outbox; the snapshot keeps odd floats.
+    issued = T0 + 0.1 + 1e-7
+    first = make("a", at=issued, ttl=1 / 3, provider="db", expire_hooks="x")
+    second = make("b", provider="db")
+    third = make("c", at=T0 + 1, parent="b", expire_hooks="x y")
+    assert store.add(first, outbox=HOOKS) is True
+    assert store.add(second) is True
+    assert store.add(third, [Quota(subject="svc:a", owner=None, limit=9)], outbox=HOOKS) is True
+    want = [
+        *event_jobs("on_issue", first, HOOKS, issued),
+        *event_jobs("on_issue", second, NO_OUTBOX, T0),
+        *event_jobs("on_issue", third, HOOKS, T0 + 1),
+    ]
+    revoked = store.revoke("b", at=T0 + 2, reason="x")
+    assert ids(revoked) == {"b", "c"}
+    assert attrs.evolve(second, revoked_at=T0 + 2, revoke_reason="x") in revoked
+    for lease in revoked:  # c has no provider and NO_OUTBOX no hooks: b's revoke only
+        want += event_jobs("on_revoke", lease, NO_OUTBOX, T0 + 2)
+    outbox = Outbox(providers=frozenset({"db"}), claim="r", until=T0 + 50, limit=7)
+    (claimed,) = store.claim_expired(T0 + 10, expire_hooks=("x",), outbox=outbox)
+    assert claimed == first
+    want += event_jobs("on_expire", first, outbox, T0 + 10)
+    assert sorted(store.jobs(), key=lambda j: j.id) == sorted(want, key=lambda j: j.id)
+    job = store.get_job(job_id("a", "on_expire", "x"))
+    assert job is not None
+    assert job.lease == first
+    assert job.lease.issued_at == issued
+
+
+def test_an_add_stored_again_keeps_its_jobs(store: PostgresStore) -> None:
+    lease = make("a", provider="db")
+    assert store.add(lease, outbox=HOOKS) is True
+    before = store.jobs()
+    assert store.add(attrs.evolve(lease, task="again"), outbox=attrs.evolve(HOOKS, claim="c2"))
+    assert store.jobs() == before  # insert if absent: a job id present is kept as it is
+
+
+@pytest.mark.parametrize("count", [1, 2, 40])
+def test_an_add_with_any_number_of_jobs_is_one_statement(store: PostgresStore, count: int) -> None:
+    # One add statement per job count, kept for the small counts; a hook named
+    # twice is one job (insert if absent, within the statement too).
+    hooks = tuple(f"app.h{i}" for i in range(count))
+    outbox = Outbox(hooks=(*hooks, hooks[0]), claim="c", until=T0 + 9)
+    assert store.add(make("a"), outbox=outbox) is True
+    assert store.add(make("b"), outbox=outbox) is True
+    assert len(store.jobs()) == 2 * count
+    assert {j.name for j in store.jobs()} == set(hooks)
+
+
+def test_a_revoke_takes_a_late_child_with_its_jobs(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    # As test_revoke_takes_a_child_committed_while_it_waited: the child the
+    # second pass finds gets its jobs in the same transaction.
+    store.add(make("parent", provider="db"))
+    child = make("child", at=T0 + 1, ttl=30, parent="parent", provider="db")
+    columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+    values = sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS))
+    with admin.transaction():
+        admin.execute(lock_row(store, "parent", "FOR SHARE"))
+        admin.execute(
+            sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(table(store), columns, values),
+            to_row(child),
+        )
+        revoke = Background(lambda: store.revoke("parent", at=T0 + 5, reason="x", outbox=HOOKS))
+        assert poll(lambda: sessions(admin, store, waiting=True) == 1)
+    assert ids(revoke.result()) == {"parent", "child"}
+    revoke_jobs = {j.id for j in store.jobs() if j.event != "create"}
+    assert revoke_jobs == {
+        job_id(lease, event, name)
+        for lease in ("parent", "child")
+        for event, name in (("on_revoke", "app.a"), ("on_revoke", "app.b"), ("revoke", "db"))
+    }
+
+
+def test_a_revoke_with_jobs_is_still_numbered_and_announced(
+    admin: psycopg.Connection[Any], store: PostgresStore, listener: psycopg.Connection[Any]
+) -> None:
+    store.add(make("a"))
+    store.add(make("b", provider="db"))
+    store.revoke("a", at=T0 + 1, reason="x", outbox=HOOKS)
+    store.revoke_where(LeaseFilter(provider="db"), at=T0 + 1, reason="x")
+    assert heard(listener, 2) == ["1", "2"]
+    assert numbered(admin, store) == {"a": 1, "b": 2}
+    assert {j.id for j in store.jobs()} == {
+        "a/on_revoke/app.a",
+        "a/on_revoke/app.b",
+        "b/create/db",
+        "b/revoke/db",
+    }
+
+
+def queue_jobs(
+    admin: psycopg.Connection[Any], store: PostgresStore, count: int, name: str = "h"
+) -> set[str]:
+    """``count`` unclaimed jobs of kind ``on_revoke:<name>``, due at T0 (written directly)."""
+    query = sql.SQL(
+        "INSERT INTO {} (id, event, name, lease, due, attempt_limit)"
+        " SELECT 'l' || i || '/on_revoke/' || %(name)s, 'on_revoke', %(name)s, %(lease)s::jsonb,"
+        " %(due)s, 5 FROM generate_series(1, %(count)s) AS i"
+    ).format(jobs_table(store))
+    lease = json.dumps(to_mapping(make("l")))
+    admin.execute(query, {"name": name, "lease": lease, "due": T0, "count": count})
+    return {f"l{i}/on_revoke/{name}" for i in range(1, count + 1)}
+
+
+def test_claim_jobs_skips_jobs_locked_by_another_claimer(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    queue_jobs(admin, store, 2)
+    lock = sql.SQL("SELECT 1 FROM {} WHERE id = 'l1/on_revoke/h' FOR UPDATE")
+    with admin.transaction():
+        admin.execute(lock.format(jobs_table(store)))
+        got = store.claim_jobs(T0, ["on_revoke:h"], claim="x", until=T0 + 9)
+        assert [j.id for j in got] == ["l2/on_revoke/h"]  # did not wait for l1
+    got = store.claim_jobs(T0, ["on_revoke:h"], claim="y", until=T0 + 9)
+    assert [j.id for j in got] == ["l1/on_revoke/h"]
+
+
+def test_claim_jobs_from_several_connections_never_hands_a_job_twice(
+    admin: psycopg.Connection[Any], new_store: Callable[..., PostgresStore]
+) -> None:
+    first = new_store(pool_size=2)
+    second = new_store(schema=first.schema, pool_size=2)
+    every = queue_jobs(admin, first, 300)
+    taken: list[list[str]] = [[] for _ in range(4)]
+    barrier = threading.Barrier(4)
+
+    def claimer(n: int, store: PostgresStore) -> None:
+        barrier.wait()
+        while got := store.claim_jobs(T0, ["on_revoke:h"], claim=f"c{n}", until=T0 + 60, limit=4):
+            taken[n] += [job.id for job in got]
+            assert all(job.claim == f"c{n}" for job in got)
+
+    threads = [threading.Thread(target=claimer, args=(n, (first, second)[n % 2])) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    claimed = [job for batch in taken for job in batch]
+    assert len(claimed) == len(set(claimed)) == len(every)
+    assert set(claimed) == every
+    assert sum(1 for batch in taken if batch) >= 2  # both stores took part
+    rows = admin.execute(
+        sql.SQL("SELECT claim, count(*) FROM {} GROUP BY claim").format(jobs_table(first))
+    ).fetchall()
+    assert dict(rows) == {f"c{n}": len(batch) for n, batch in enumerate(taken) if batch}
+
+
+def plan(admin: psycopg.Connection[Any], query: bytes | sql.Composed, params: Any) -> str:
+    """The plan PostgreSQL chooses (EXPLAIN: not run)."""
+    text = query if isinstance(query, bytes) else query.as_bytes(admin)
+    rows = admin.execute(b"EXPLAIN " + text, params).fetchall()
+    return "\n".join(str(row[0]) for row in rows)
+
+
+def test_claim_jobs_reads_jobs_claim_in_order(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    # A backlog of due jobs: one range of jobs_claim per kind, in (due, id)
+    # order, read only as far as the limit (no sort of every due job).
+    queue_jobs(admin, store, 5000)
+    queue_jobs(admin, store, 5000, name="other")
+    admin.execute(sql.SQL("ANALYZE {}").format(jobs_table(store)))
+    params = {"kinds": ["on_revoke:h"], "now": T0, "until": T0 + 9, "claim": "x", "limit": 100}
+    shown = plan(admin, store._jobs_sql.claim, params)
+    assert "Index Scan using jobs_claim on jobs job" in shown
+    assert "Sort Key: job.due" not in shown, shown
+
+
+def test_the_outbox_statements_are_never_jit_compiled(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    # Tables without statistics make the planner guess ~1,000s of rows per
+    # table; a plan that then passes jit_above_cost compiles on every call.
+    limit = admin.execute("SELECT current_setting('jit_above_cost')::float8").fetchone()
+    assert limit is not None
+    lease = make("a", provider="db")
+    outbox = postgres_outbox.outbox_params(HOOKS)
+    jobs = event_jobs("on_issue", lease, HOOKS, T0)
+    revoke_insert = sql.SQL(
+        "INSERT INTO {schema}.jobs (id, event, name, lease, due, attempt_limit, claim)"
+        " SELECT * FROM {schema}.jitbroker_event_jobs('on_revoke',"
+        " ARRAY(SELECT l FROM {schema}.leases AS l), %(at)s, %(job_hooks)s::text[],"
+        " %(job_providers)s::text[], %(job_claim)s::text, %(job_until)s::float8,"
+        " %(job_limit)s::int) ON CONFLICT (id) DO NOTHING"  # as in jitbroker_revoke
+    ).format(schema=sql.Identifier(store.schema))
+    statements: list[tuple[bytes | sql.Composed, Any]] = [
+        (store._jobs_sql.add(len(jobs)), (*to_row(lease), *postgres_outbox.add_params(jobs))),
+        (revoke_insert, {"at": T0, **outbox}),
+        (store._sql.claim_expired, {"now": T0, "limit": 1000, "hooks": [""], **outbox}),
+        (
+            store._jobs_sql.claim,
+            {"kinds": ["a", "b"], "now": T0, "until": T0, "claim": "x", "limit": 100},
+        ),
+        (store._jobs_sql.parked, {"limit": 1000}),
+    ]
+    for query, params in statements:
+        shown = plan(admin, query, params)
+        assert "JIT" not in shown, shown
+        top = float(shown.split("cost=")[1].split("..")[1].split(" ")[0])
+        assert top < float(limit[0]) / 10, shown
+
+
+class CountingSource:
+    """One autocommit connection lent to a store, counting its round trips as
+    benchmarks/run.py does: libpq's trace has one ReadyForQuery per exchange.
+    Never prepared (a prepare would add a Parse on a statement's 6th run)."""
+
+    def __init__(self) -> None:
+        self.conn = psycopg.connect(DSN, autocommit=True, prepare_threshold=None)
+        self.trace = b""
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        yield self.conn
+
+    def round_trips(self, fn: Callable[[], object]) -> int:
+        with tempfile.TemporaryFile() as log:
+            fd = os.dup(log.fileno())
+            self.conn.pgconn.trace(fd)
+            self.conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                fn()
+            finally:
+                self.conn.pgconn.untrace()
+                os.close(fd)
+            log.seek(0)
+            self.trace = log.read()
+        lines = self.trace.splitlines()
+        return sum(line.startswith(b"B\t") and b"\tReadyForQuery" in line for line in lines)
+
+
+@pytest.fixture
+def counting(new_store: Callable[..., PostgresStore]) -> Iterator[CountingSource]:
+    if sys.platform != "linux":
+        pytest.skip("psycopg supports libpq's trace on Linux only")
+    source = CountingSource()
+    try:
+        yield source
+    finally:
+        source.conn.close()
+
+
+def test_round_trips_with_and_without_jobs(
+    new_store: Callable[..., PostgresStore], counting: CountingSource
+) -> None:
+    store = new_store(counting)
+    trips = counting.round_trips
+    # add: a root lease is one statement, jobs or not; the jobs ride in it.
+    assert trips(lambda: store.add(make("a"))) == 1
+    assert b"jobs" not in counting.trace  # and without jobs the statement is as before
+    assert trips(lambda: store.add(make("b", provider="db"))) == 1
+    assert trips(lambda: store.add(make("c"), outbox=HOOKS)) == 1
+    # a child (a transaction: lock the parent, insert) costs the same either way
+    plain = trips(lambda: store.add(make("d", at=T0 + 1, parent="a")))
+    assert trips(lambda: store.add(make("e", at=T0 + 1, parent="a"), outbox=HOOKS)) == plain
+    # revoke: BEGIN with the call, then COMMIT, whatever it records
+    assert trips(lambda: store.revoke("d", at=T0 + 2, reason="x")) == 2
+    assert trips(lambda: store.revoke("a", at=T0 + 2, reason="x", outbox=HOOKS)) == 2
+    assert trips(lambda: store.revoke("b", at=T0 + 2, reason="x")) == 2  # its provider's revoke
+    where = LeaseFilter(subject="svc:a")
+    assert trips(lambda: store.revoke_where(where, at=T0 + 2, reason="x", outbox=HOOKS)) == 2
+    # claim_expired: one statement, with the jobs of what it claims
+    store.add(make("f", expire_hooks="h", provider="db"))
+    store.add(make("g"))
+    assert trips(lambda: store.claim_expired(T0 + 100, expire_hooks=("h",), outbox=HOOKS)) == 1
+    assert trips(lambda: store.claim_expired(T0 + 100)) == 1
+    assert store.get_job("f/on_expire/h") is not None
+    # the job calls: one statement each
+    kinds = ["on_revoke:app.a", "revoke:db"]
+    got: list[Job] = []
+    assert (
+        trips(lambda: got.extend(store.claim_jobs(T0 + 100, kinds, claim="z", until=T0 + 200))) == 1
+    )
+    assert got
+    assert trips(lambda: store.fail_job(got[0].id, "z", due=T0, error="E", park=True)) == 1
+    assert trips(lambda: store.finish_jobs([j.id for j in got[1:]], "z")) == 1
+    assert trips(lambda: store.retry_jobs(None, T0)) == 1
+    assert trips(lambda: store.claim_jobs(T0, [], claim="z", until=T0)) == 0
+
+
+def test_a_corrupt_job_is_a_store_error(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("a", provider="db"))
+    for bad in ('"text"', '{"id": ""}'):
+        update = sql.SQL("UPDATE {} SET lease = %s::jsonb").format(jobs_table(store))
+        admin.execute(update, (bad,))
+        with pytest.raises(StoreError):
+            store.get_job("a/create/db")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_outbox_times_are_refused_before_any_io(
+    store: PostgresStore, bad: float
+) -> None:
+    calls: list[Callable[[], object]] = [
+        lambda: store.add(make("a"), outbox=attrs.evolve(HOOKS, until=bad)),
+        lambda: store.revoke("a", at=T0, reason="x", outbox=attrs.evolve(HOOKS, until=bad)),
+        lambda: store.claim_expired(T0, outbox=attrs.evolve(HOOKS, until=bad)),
+        lambda: store.claim_jobs(bad, ["k"], claim="x", until=T0),
+        lambda: store.claim_jobs(T0, ["k"], claim="x", until=bad),
+        lambda: store.fail_job("j", "x", due=bad, error="", park=False),
+        lambda: store.retry_jobs(None, bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRequest):
+            call()
+    assert store.find(LeaseFilter()) == []
+
+
+def test_purge_and_truncate_leave_the_jobs(
+    admin: psycopg.Connection[Any], store: PostgresStore
+) -> None:
+    store.add(make("a", provider="db"))
+    store.revoke("a", at=T0 + 1, reason="x")
+    assert store.purge(T0 + 1000) == 1
+    admin.execute(sql.SQL("TRUNCATE {}").format(table(store)))
+    assert {j.id for j in store.jobs()} == {"a/create/db", "a/revoke/db"}
 
 
 # -- the pool and borrowed pools ------------------------------------------------

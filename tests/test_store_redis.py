@@ -1,6 +1,7 @@
 """``RedisStore`` beyond the conformance suite: its key layout, one round trip per
-call, key expiry of dead records, the revocation channel, and error translation
-(including a private ``redis-server`` killed and restarted under the store).
+call, key expiry of dead records, the revocation channel, the outbox's Lua
+against ``event_jobs``, and error translation (including a private
+``redis-server`` killed and restarted under the store).
 
 The shared server is the one CI starts at 127.0.0.1:6379; every test works under
 a random prefix and deletes its keys at the end. Waits are short polls.
@@ -32,15 +33,21 @@ from jitbroker import Broker, KeyRing
 from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable, TokenRevoked
 from jitbroker.lease import Lease
 from jitbroker.stores import redis as redis_module
-from jitbroker.stores.base import LeaseFilter, Quota
+from jitbroker.stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota, event_jobs
+from jitbroker.stores.codec import from_mapping
 from jitbroker.stores.redis import RedisStore
 from jitbroker.stores.redis_async import AsyncRedisStore
+from jitbroker.stores.redis_outbox import add_args
 from jitbroker.testing import TEST_ISSUER, FakeClock
 
 URL = "redis://127.0.0.1:6379/0"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 POLL = 0.01
 POLL_LIMIT = 2.0
+#: An outbox whose hooks (and provider "db") the caller runs itself: its jobs held.
+HELD = Outbox(
+    hooks=("app.a", "app.b"), providers=frozenset({"db"}), claim="c1", until=T0 + 30.125, limit=3
+)
 
 
 def make(lease_id: str, *, at: float = T0, ttl: float = 60.0, **fields: Any) -> Lease:
@@ -188,6 +195,15 @@ def test_works_with_either_response_decoding(
     )
     assert {lease.id for lease in store.revoke("p", at=T0 + 3, reason="x")} == {"p", "c"}
     assert store.purge(T0 + 1000) == 2
+    backed = make("b", provider="db", owner="ünïcode ✓")
+    assert store.add(backed, outbox=HELD) is True
+    assert {job.lease for job in store.jobs()} == {backed}
+    job = store.get_job("b/create/db")
+    assert job is not None
+    assert (job.claim, job.due, job.lease) == ("c1", T0 + 30.125, backed)
+    [held] = store.claim_jobs(T0 + 31, ["create:db"], claim="x", until=T0 + 40)
+    assert attrs.evolve(job, claim="x", due=T0 + 40) == held
+    assert [j.id for j in store.forget_jobs(["b/create/db"])] == ["b/create/db"]
 
 
 # -- layout -----------------------------------------------------------------
@@ -195,12 +211,17 @@ def test_every_key_carries_the_hash_tag(client: redis.Redis, store: RedisStore) 
     store.add(make("root", task="t", owner="o", key_id="k"))
     store.add(make("child", parent="root", task="t", owner="o", subject="svc:b"))
     store.add(make("other", ttl=1))
+    store.add(make("backed", provider="db", expire_hooks="app.x"), outbox=HELD)
     store.revoke("child", at=T0 + 1, reason="x")
     store.claim_expired(T0 + 1)
+    [job] = store.claim_jobs(T0 + 31, ["create:db"], claim="c", until=T0 + 32)
+    store.fail_job(job.id, "c", due=T0 + 2, error="E", park=True)
     keys = keys_of(client, store)
     tag = f"{{{store.prefix}}}:"
     assert f"{tag}lease:root" in keys
     assert {f"{tag}exp", f"{tag}dead", f"{tag}all", f"{tag}idx:task:t"} <= keys
+    assert {f"{tag}job:backed/create/db", f"{tag}queue:on_issue:app.a", f"{tag}jobs"} <= keys
+    assert {f"{tag}parked", f"{tag}idx:provider:db"} <= keys
     assert len({key_slot(key.encode()) for key in keys}) == 1  # one Cluster slot
 
 
@@ -256,6 +277,13 @@ def test_each_call_is_one_round_trip(new_store: Callable[..., RedisStore]) -> No
     store.claim_expired(T0)
     store.purge(T0)
     store.get("w")
+    store.add(make("wp", provider="db"), [Quota("svc:a", None, 100)], outbox=HELD)
+    store.claim_jobs(T0, ["create:db"], claim="w", until=T0 + 1)
+    store.finish_jobs(["wp/create/db"], "w")
+    store.fail_job("wp/on_issue/app.a", "c1", due=T0, error="E", park=True)
+    store.jobs()
+    store.retry_jobs(None, T0)
+    store.forget_jobs(["wp/on_issue/app.a"])
 
     calls: dict[str, Callable[[], object]] = {
         "add": lambda: store.add(make("a", task="t")),
@@ -267,6 +295,24 @@ def test_each_call_is_one_round_trip(new_store: Callable[..., RedisStore]) -> No
         "revoke_where": lambda: store.revoke_where(LeaseFilter(task="t"), at=T0, reason="x"),
         "claim_expired": lambda: store.claim_expired(T0 + 1000),
         "purge": lambda: store.purge(T0 + 1000),
+        # With jobs, an event is still its one script.
+        "add with jobs": lambda: store.add(make("p", provider="db"), outbox=HELD),
+        "add counted with jobs": lambda: store.add(
+            make("q", provider="db"), [Quota("svc:a", None, 100)], outbox=HELD
+        ),
+        "revoke with jobs": lambda: store.revoke("p", at=T0 + 2, reason="x", outbox=HELD),
+        "revoke_where with jobs": lambda: store.revoke_where(
+            LeaseFilter(provider="db"), at=T0 + 2, reason="x", outbox=HELD
+        ),
+        "claim_expired with jobs": lambda: store.claim_expired(T0 + 1000, outbox=HELD),
+        "claim_jobs": lambda: store.claim_jobs(T0 + 2, ["revoke:db"], claim="x", until=T0 + 9),
+        "claim_jobs, no kinds": lambda: store.claim_jobs(T0, [], claim="x", until=T0 + 9),
+        "finish_jobs": lambda: store.finish_jobs(["p/revoke/db"], "x"),
+        "fail_job": lambda: store.fail_job("q/revoke/db", "c1", due=T0, error="E", park=True),
+        "get_job": lambda: store.get_job("q/revoke/db"),
+        "jobs": lambda: store.jobs(),
+        "retry_jobs": lambda: store.retry_jobs(None, T0 + 3),
+        "forget_jobs": lambda: store.forget_jobs(["q/revoke/db"]),
     }
     trips = {}
     for name, call in calls.items():
@@ -283,6 +329,19 @@ def test_each_call_is_one_round_trip(new_store: Callable[..., RedisStore]) -> No
         "revoke_where": ["EVALSHA"],
         "claim_expired": ["EVALSHA"],
         "purge": ["EVALSHA"],
+        "add with jobs": ["EVALSHA"],
+        "add counted with jobs": ["EVALSHA"],
+        "revoke with jobs": ["EVALSHA"],
+        "revoke_where with jobs": ["EVALSHA"],
+        "claim_expired with jobs": ["EVALSHA"],
+        "claim_jobs": ["EVALSHA"],
+        "claim_jobs, no kinds": [],
+        "finish_jobs": ["EVALSHA"],
+        "fail_job": ["EVALSHA"],
+        "get_job": ["HGETALL"],
+        "jobs": ["EVALSHA"],
+        "retry_jobs": ["EVALSHA"],
+        "forget_jobs": ["EVALSHA"],
     }
 
 
@@ -416,6 +475,7 @@ def test_a_redis_error_is_a_store_error(client: redis.Redis, store: RedisStore) 
 
 CALLS: dict[str, Callable[[RedisStore], object]] = {
     "add": lambda store: store.add(make("a")),
+    "add with jobs": lambda store: store.add(make("a", provider="db"), outbox=HELD),
     "get": lambda store: store.get("a"),
     "revoke": lambda store: store.revoke("a", at=T0, reason="x"),
     "revoke_where": lambda store: store.revoke_where(LeaseFilter(task="t"), at=T0, reason="x"),
@@ -424,6 +484,13 @@ CALLS: dict[str, Callable[[RedisStore], object]] = {
     "claim_expired": lambda store: store.claim_expired(T0),
     "purge": lambda store: store.purge(T0),
     "clear": lambda store: store.clear(),
+    "claim_jobs": lambda store: store.claim_jobs(T0, ["on_revoke:h"], claim="c", until=T0),
+    "finish_jobs": lambda store: store.finish_jobs(["a/on_revoke/h"], "c"),
+    "fail_job": lambda store: store.fail_job("a/on_revoke/h", "c", due=T0, error="", park=False),
+    "get_job": lambda store: store.get_job("a/on_revoke/h"),
+    "jobs": lambda store: store.jobs(),
+    "retry_jobs": lambda store: store.retry_jobs(None, T0),
+    "forget_jobs": lambda store: store.forget_jobs(["a/on_revoke/h"]),
 }
 
 
@@ -686,3 +753,261 @@ def poll_long(condition: Callable[[], bool]) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+# -- the outbox: the jobs are written by the event's own script ---------------
+OUTBOXES = {
+    "no outbox": NO_OUTBOX,
+    "hooks held, has db": HELD,
+    "hooks unclaimed": Outbox(hooks=("app.a",), providers=frozenset({"db"}), limit=7),
+    "held, no hooks, no providers": Outbox(claim="c2", until=T0 + 1 / 3),
+}
+LEASES = {
+    "plain": {},
+    "provider db": {"provider": "db"},
+    "provider cache": {"provider": "cache"},
+    "expire hooks": {"expire_hooks": "app.x app.y"},
+    "everything": {
+        "provider": "db",
+        "expire_hooks": "app.x",
+        "task": "t",
+        "owner": "ünïcode ✓",
+        "purpose": 'quotes " and \\ and /',
+        "holder": "h" * 43,
+        "issuer": "urn:x",
+        "task_run": "r" * 24,
+    },
+}
+
+
+def written(store: RedisStore) -> dict[str, Job]:
+    return {job.id: job for job in store.jobs()}
+
+
+def by_id(jobs: list[Job]) -> dict[str, Job]:
+    return {job.id: job for job in jobs}
+
+
+@pytest.mark.parametrize("outbox", OUTBOXES.values(), ids=OUTBOXES.keys())
+@pytest.mark.parametrize("fields", LEASES.values(), ids=LEASES.keys())
+def test_the_lua_writes_what_event_jobs_says(
+    store: RedisStore, fields: dict[str, Any], outbox: Outbox
+) -> None:
+    # Times that need 17 digits: the jobs' due must never pass through a Lua number.
+    issued = T0 + 0.1 + 1e-7
+    lease = make("a" * 32, at=issued, ttl=60.2, **fields)
+    child = make("b" * 32, at=issued + 1, parent=lease.id, **fields)
+    assert store.add(lease, outbox=outbox) is True
+    assert store.add(child) is True  # NO_OUTBOX: only a provider's create
+    want = event_jobs("on_issue", lease, outbox, issued) + event_jobs(
+        "on_issue", child, NO_OUTBOX, child.issued_at
+    )
+    assert written(store) == by_id(want)
+    store.forget_jobs(list(written(store)))
+
+    at = T0 + 2 / 3
+    revoked = store.revoke(lease.id, at=at, reason="r", outbox=outbox)  # the subtree: both
+    assert len(revoked) == 2
+    assert written(store) == by_id(
+        [j for x in revoked for j in event_jobs("on_revoke", x, outbox, at)]
+    )
+    store.forget_jobs(list(written(store)))
+
+    other = make("c" * 32, at=issued, **{**fields, "task": "w"})
+    assert store.add(other) is True
+    store.forget_jobs(list(written(store)))
+    [gone] = store.revoke_where(LeaseFilter(task="w"), at=at, reason="r", outbox=outbox)
+    assert written(store) == by_id(event_jobs("on_revoke", gone, outbox, at))
+    store.forget_jobs(list(written(store)))
+
+    expiring = make("d" * 32, at=issued, **fields)
+    assert store.add(expiring) is True
+    store.forget_jobs(list(written(store)))
+    now = expiring.expires_at + 1e-6
+    hooks = [fields["expire_hooks"]] if "expire_hooks" in fields else []
+    [claimed] = store.claim_expired(now, 10, hooks, outbox=outbox)
+    assert written(store) == by_id(event_jobs("on_expire", claimed, outbox, now))
+
+
+def test_a_job_is_a_hash_in_its_kinds_queue(client: redis.Redis, store: RedisStore) -> None:
+    lease = make("a" * 32, provider="db", owner="ünïcode ✓")
+    assert store.add(lease, outbox=HELD) is True
+    tag = f"{{{store.prefix}}}:"
+    raw = client.hgetall(f"{tag}job:{lease.id}/create/db")
+    snapshot = json.loads(raw.pop(b"lease"))
+    assert raw == {
+        b"id": f"{lease.id}/create/db".encode(),
+        b"event": b"create",
+        b"name": b"db",
+        b"due": repr(T0 + 30.125).encode(),
+        b"limit": b"3",
+        b"attempts": b"0",
+        b"error": b"",
+        b"parked": b"0",
+        b"claim": b"c1",
+    }
+    assert from_mapping(snapshot) == lease
+    assert client.zscore(f"{tag}queue:create:db", f"{lease.id}/create/db") == T0 + 30.125
+    assert client.zcard(f"{tag}jobs") == 3
+    assert client.exists(f"{tag}parked") == 0
+    # No outbox and no provider: the script is told to skip the jobs section.
+    assert add_args(make("b" * 32), NO_OUTBOX) == ("0", "")
+    assert store.add(make("b" * 32)) is True
+    assert client.zcard(f"{tag}jobs") == 3
+
+
+def test_claim_jobs_orders_ties_by_id_byte_by_byte(store: RedisStore) -> None:
+    # Lua compares strings by the server's locale; a sorted set and Python by bytes.
+    ids = ["B" * 32, "a" * 32, "_" * 32, "Z" * 32]
+    for n, lease_id in enumerate(ids):
+        assert store.add(make(lease_id)) is True
+        hook = "x" if n % 2 else "y"
+        store.revoke(lease_id, at=T0 + 1, reason="r", outbox=Outbox(hooks=(hook,)))
+    got = store.claim_jobs(T0 + 1, ["on_revoke:x", "on_revoke:y"], claim="c", until=T0 + 9)
+    assert [job.id for job in got] == sorted(job.id for job in got)
+    assert [job.lease.id for job in got] == sorted(ids)
+    first = store.claim_jobs(
+        T0 + 9, ["on_revoke:y", "on_revoke:x"], claim="d", until=T0 + 20, limit=1
+    )
+    assert [job.lease.id for job in first] == ["B" * 32]
+
+
+def test_the_provider_filter_is_served_by_an_index(client: redis.Redis, store: RedisStore) -> None:
+    assert store.add(make("a", provider="db")) is True
+    assert store.add(make("b", provider="cache")) is True
+    assert store.add(make("c")) is True
+    key = f"{{{store.prefix}}}:idx:provider:db"
+    assert client.smembers(key) == {b"a"}
+    assert [lease.id for lease in store.find(LeaseFilter(provider="db"))] == ["a"]
+    assert [x.id for x in store.revoke_where(LeaseFilter(provider="db"), at=T0, reason="r")] == [
+        "a"
+    ]
+    assert store.purge(T0 + 1000) == 1
+    assert client.exists(key) == 0
+
+
+def test_purge_and_expired_records_leave_the_jobs(
+    client: redis.Redis, new_store: Callable[..., RedisStore]
+) -> None:
+    store = new_store(retention=0.02)
+    lease = make("a", provider="db")
+    assert store.add(lease) is True
+    [revoked] = store.revoke("a", at=T0 + 1, reason="r", outbox=Outbox(hooks=("h",)))
+    assert poll(lambda: store.get("a") is None)  # Redis dropped the dead record itself
+    assert store.purge(T0 + 10_000) == 0
+    assert store.get("a") is None
+    assert set(written(store)) == {"a/create/db", "a/revoke/db", "a/on_revoke/h"}
+    job = store.get_job("a/revoke/db")
+    assert job is not None
+    assert job.lease == revoked  # the snapshot outlives the record
+    tag = f"{{{store.prefix}}}:job:"
+    assert all(client.pttl(tag + job_id) == -1 for job_id in written(store))  # no TTL, ever
+
+
+def test_a_corrupt_job_is_a_store_error(client: redis.Redis, store: RedisStore) -> None:
+    store.add(make("a", provider="db"))
+    client.hset(f"{{{store.prefix}}}:job:a/create/db", "lease", "{not json")
+    with pytest.raises(StoreError, match="corrupt outbox job 'a/create/db'"):
+        store.get_job("a/create/db")
+    with pytest.raises(StoreError, match="corrupt outbox job"):
+        store.jobs()
+
+
+def test_unparked_listing_skips_parked_jobs(store: RedisStore) -> None:
+    for n in range(7):
+        lease_id = f"{n:032x}"
+        assert store.add(make(lease_id)) is True
+        store.revoke(lease_id, at=T0 + n, reason="r", outbox=Outbox(hooks=("h",)))
+    for job in store.claim_jobs(T0 + 9, ["on_revoke:h"], claim="c", until=T0 + 99, limit=5):
+        assert store.fail_job(job.id, "c", due=job.lease.revoked_at or 0, error="E", park=True)
+    assert [job.due for job in store.jobs(parked=False, limit=1)] == [T0 + 5]
+    assert [job.due for job in store.jobs(parked=False)] == [T0 + 5, T0 + 6]
+    assert [job.due for job in store.jobs(parked=True, limit=2)] == [T0, T0 + 1]
+    assert len(store.jobs(limit=6)) == 6
+    assert store.jobs(limit=0) == []
+
+
+JOB_CLAIMER = """if True:
+    import json, os, sys, time
+    from jitbroker.stores.redis import RedisStore
+
+    url, prefix, ready, go, name = sys.argv[1:6]
+    store = RedisStore(url, prefix=prefix)
+    open(ready, "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    kinds, taken = ["on_revoke:h", "revoke:db"], []
+    while batch := store.claim_jobs(2e9, kinds, claim=name, until=3e9, limit=3):
+        taken += [job.id for job in batch if job.claim == name]
+    store.close()
+    print(json.dumps(taken))
+"""
+
+
+def test_concurrent_claimers_never_share_a_job(store: RedisStore, tmp_path: Path) -> None:
+    import sys
+
+    count, workers = 150, 4
+    for i in range(count):
+        lease = make(f"l{i:03}", provider="db" if i % 3 == 0 else None)
+        assert store.add(lease) is True
+        store.revoke(lease.id, at=T0 + i % 7, reason="r", outbox=Outbox(hooks=("h",)))
+    store.forget_jobs([job.id for job in store.jobs() if job.event == "create"])
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    procs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-c", JOB_CLAIMER, URL, store.prefix),
+                *(str(tmp_path / f"ready{n}"), str(go), f"claimer{n}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for n in range(workers)
+    ]
+    try:
+        assert poll_long(lambda: all((tmp_path / f"ready{n}").exists() for n in range(workers)))
+        go.touch()
+        outputs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    taken = [job_id for out, _ in outputs for job_id in json.loads(out)]
+    assert len(taken) == len(set(taken)) == count + count // 3  # each exactly once
+    holders = {job.id: job.claim for job in store.jobs()}
+    for n, (out, _) in enumerate(outputs):
+        assert all(holders[job_id] == f"claimer{n}" for job_id in json.loads(out))
+
+
+def test_past_maxmemory_revoking_still_records_and_runs_its_jobs(
+    private_server: PrivateServer,
+) -> None:
+    client = fast_client(private_server.port)
+    store = RedisStore(client, prefix="oom")
+    lease = make("a", provider="db", expire_hooks="app.x")
+    assert store.add(lease) is True
+    assert store.add(make("b", provider="db", expire_hooks="app.x")) is True
+    fill(client)
+    with pytest.raises(StoreError, match="out of memory"):
+        store.add(make("c", provider="db"), outbox=HELD)  # issuing fails closed, jobs too
+    outbox = Outbox(providers=frozenset({"db"}), claim="r", until=T0 + 30)
+    [revoked] = store.revoke("a", at=T0 + 1, reason="r", outbox=outbox)
+    assert store.claim_expired(T0 + 61, 10, ["app.x"], outbox=outbox) != []
+    got = store.claim_jobs(T0 + 1, ["create:db"], claim="r", until=T0 + 30)
+    assert {job.id for job in got} == {"a/create/db", "b/create/db"}
+    assert store.finish_jobs([job.id for job in got], "r") == 2
+    job = store.get_job("a/revoke/db")
+    assert job is not None
+    assert (job.claim, job.lease) == ("r", revoked)
+    assert store.fail_job(job.id, "r", due=T0 + 2, error="E", park=True) is True
+    assert store.retry_jobs(None, T0 + 3) == 1
+    assert len(store.forget_jobs([j.id for j in store.jobs()])) == 3
+    client.delete(BALLAST)
+    client.close()

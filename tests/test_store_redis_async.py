@@ -32,6 +32,7 @@ from jitbroker.stores.redis_async import AsyncRedisStore
 from jitbroker.testing import TEST_ISSUER, FakeClock
 from test_store_redis import (
     BALLAST,
+    HELD,
     T0,
     URL,
     PrivateServer,
@@ -161,12 +162,16 @@ def test_each_call_is_one_round_trip() -> None:
     async def test(store: AsyncRedisStore) -> list[list[str]]:
         await store.add(make("warm-up"))  # connect; load the add script (NOSCRIPT once)
         await store.revoke("warm-up", at=T0, reason="x")  # and the revoke script
+        await store.claim_jobs(T0, ["create:db"], claim="w", until=T0)  # and the claim's
         trips = []
         calls: list[Callable[[], Awaitable[object]]] = [
             lambda: store.add(make("a", task="t")),
-            lambda: store.add(make("c", at=T0 + 1, parent="a", task="t")),
-            lambda: store.revoke("a", at=T0 + 2, reason="x"),
+            lambda: store.add(make("c", at=T0 + 1, parent="a", task="t", provider="db")),
+            lambda: store.revoke("a", at=T0 + 2, reason="x", outbox=HELD),
             lambda: store.get("a"),
+            lambda: store.claim_jobs(T0 + 2, ["create:db"], claim="x", until=T0 + 9),
+            lambda: store.claim_jobs(T0 + 2, [], claim="x", until=T0 + 9),
+            lambda: store.get_job("c/create/db"),
         ]
         for call in calls:
             CountingConnection.sent.clear()
@@ -174,7 +179,8 @@ def test_each_call_is_one_round_trip() -> None:
             trips.append(list(CountingConnection.sent))
         return trips
 
-    assert run(counting_client, test) == [["EVALSHA"], ["EVALSHA"], ["EVALSHA"], ["HGETALL"]]
+    script, read = ["EVALSHA"], ["HGETALL"]
+    assert run(counting_client, test) == [script, script, script, read, script, [], read]
 
 
 # -- errors -----------------------------------------------------------------

@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from jitbroker.audit import AuditEvent
 from jitbroker.errors import InvalidRequest, StoreError, StoreUnavailable, TokenRevoked
 from jitbroker.lease import Lease
 from jitbroker.stores import sqlite as sqlite_module
-from jitbroker.stores.base import LeaseFilter
+from jitbroker.stores.base import NO_OUTBOX, LeaseFilter, Outbox, event_jobs, job_id
+from jitbroker.stores.codec import COLUMNS
 from jitbroker.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
 from jitbroker.testing import FakeClock
 
@@ -68,6 +69,26 @@ def raw(path: Path) -> closing[sqlite3.Connection]:
 def pragma(path: Path, name: str) -> Any:
     with raw(path) as db:
         return db.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+@contextmanager
+def traced(store: SQLiteStore) -> Iterator[list[str]]:
+    """The statements the store's connection runs in the block, parameters bound."""
+    statements: list[str] = []
+    db = store._db
+    assert db is not None
+    db.set_trace_callback(statements.append)
+    try:
+        yield statements
+    finally:
+        db.set_trace_callback(None)
+
+
+def plan(db: sqlite3.Connection, sql: str) -> str:
+    return " / ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql))
+
+
+HOOK = Outbox(hooks=("app.h",))  # an unclaimed on_issue / on_revoke job "app.h", due at once
 
 
 # -- the file ---------------------------------------------------------------------
@@ -123,6 +144,78 @@ def test_queries_use_the_indexes(path: Path, store: SQLiteStore) -> None:
                 assert "USING INDEX leases_parent" in plan, plan
 
 
+def test_claim_jobs_reads_one_range_of_jobs_due_per_kind(path: Path, store: SQLiteStore) -> None:
+    # A backlog nobody here runs (another kind), parked jobs of the kind asked
+    # for, and jobs not due yet: none of them is read.
+    for i in range(30):
+        store.add(make(f"other{i}"), outbox=Outbox(hooks=("app.other",)))
+    for i in range(3):
+        store.add(make(f"mine{i}", at=T0 + i), outbox=HOOK)
+    [parked] = store.claim_jobs(T0, ["on_issue:app.h"], claim="c", until=T0 + 9, limit=1)
+    assert store.fail_job(parked.id, "c", due=T0, error="E", park=True)
+    with traced(store) as statements:
+        got = store.claim_jobs(T0 + 1, ["on_issue:app.h"], claim="c", until=T0 + 9)
+    assert [job.id for job in got] == [job_id("mine1", "on_issue", "app.h")]
+    [select] = [sql for sql in statements if sql.startswith("SELECT")]
+    with raw(path) as db:
+        found = plan(db, select)
+    assert found.startswith("SEARCH jobs USING INDEX jobs_due (kind=? AND due<?)"), found
+    assert "SCAN" not in found, found
+
+
+# -- the hot path: an event without jobs runs what it ran before the outbox -------------
+def test_an_event_without_jobs_runs_no_outbox_statement(store: SQLiteStore) -> None:
+    store.add(make("parent", ttl=600))
+    with traced(store) as statements:
+        assert store.add(make("root"), outbox=NO_OUTBOX) is True
+    assert len(statements) == 1  # the insert, its own transaction: no BEGIN, no jobs
+    with traced(store) as statements:
+        assert store.add(make("child", parent="parent")) is True
+    assert len(statements) == 1
+    with traced(store) as statements:
+        assert len(store.revoke("root", at=T0 + 1, reason="r")) == 1
+        assert len(store.revoke_where(LeaseFilter(owner="x"), at=T0 + 1, reason="r")) == 0
+        assert [x.id for x in store.claim_expired(T0 + 60)] == ["child"]
+    assert statements
+    assert not [sql for sql in statements if "jobs" in sql], statements
+    assert store.jobs() == []
+
+
+def test_outbox_calls_about_no_job_take_no_lock(store: SQLiteStore) -> None:
+    with traced(store) as statements:
+        assert store.claim_jobs(T0, [], claim="c", until=T0 + 9) == []
+        assert store.finish_jobs([], "c") == 0
+        assert store.retry_jobs([], T0) == 0
+        assert store.forget_jobs([]) == []
+    assert statements == []
+
+
+def test_an_events_jobs_are_written_in_its_transaction(store: SQLiteStore) -> None:
+    def between_begin_and_commit(statements: list[str]) -> list[str]:
+        begin, commit = statements.index("BEGIN IMMEDIATE"), statements.index("COMMIT")
+        assert [sql for sql in statements if "INTO jobs" in sql]
+        assert all(begin < i < commit for i, sql in enumerate(statements) if "INTO jobs" in sql), (
+            statements
+        )
+        return statements
+
+    with traced(store) as statements:
+        store.add(make("a", expire_hooks="app.x"), outbox=HOOK)
+    between_begin_and_commit(statements)
+    with traced(store) as statements:
+        store.revoke("a", at=T0 + 1, reason="r", outbox=HOOK)
+    between_begin_and_commit(statements)
+    store.add(make("b", expire_hooks="app.x"))
+    with traced(store) as statements:
+        store.claim_expired(T0 + 60, expire_hooks=["app.x"])
+    between_begin_and_commit(statements)
+    assert {job.id for job in store.jobs()} == {
+        "a/on_issue/app.h",
+        "a/on_revoke/app.h",
+        "b/on_expire/app.x",
+    }
+
+
 # -- schema versions and migrations --------------------------------------------------
 def test_migrations_run_forward_in_order(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SQLiteStore(path)  # a file at the current version
@@ -159,6 +252,61 @@ def test_a_failed_migration_changes_nothing(path: Path, monkeypatch: pytest.Monk
     store = SQLiteStore(path)
     assert store.get("kept") == make("kept")
     store.close()
+
+
+def schema_3_file(path: Path, leases: list[Lease]) -> None:
+    """A file as jitbroker with schema 3 left it (no provider, no outbox), holding
+    ``leases`` (their provider None)."""
+    columns = [name for name in COLUMNS if name != "provider"]
+    insert = (
+        f"INSERT INTO leases ({', '.join(columns)}, dead)"  # noqa: S608 (fixed names)
+        f" VALUES ({', '.join('?' * (len(columns) + 1))})"
+    )
+    with raw(path) as db:
+        for steps in sqlite_module._MIGRATIONS[:3]:
+            for sql in steps:
+                db.execute(sql)
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute("PRAGMA user_version = 3")
+        for lease in leases:
+            values = [
+                " ".join(lease.scopes) if c == "scopes" else getattr(lease, c) for c in columns
+            ]
+            db.execute(insert, (*values, lease.revoked_at is not None))
+
+
+def test_a_file_of_schema_3_gets_the_outbox_and_keeps_its_leases(path: Path) -> None:
+    leases = [
+        make("live", ttl=600, task="t", owner="alice", issuer="urn:x", task_run="r"),
+        make("hooked", ttl=10, expire_hooks="app.x"),
+        attrs.evolve(make("revoked", task="t"), revoked_at=T0 + 1, revoke_reason="done"),
+    ]
+    schema_3_file(path, leases)
+    store = SQLiteStore(path)
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    assert {lease.id: lease for lease in store.find(LeaseFilter())} == {x.id: x for x in leases}
+    assert store.find(LeaseFilter(provider="db")) == []
+    with raw(path) as db:
+        assert "provider" in {row[1] for row in db.execute("PRAGMA table_info(leases)")}
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'jobs'")
+        }
+    assert {"jobs_due", "jobs_order"} <= indexes
+    assert store.jobs() == []
+
+    # The old leases take part in the outbox like new ones.
+    store.add(make("new", parent="live", provider="db"), outbox=HOOK)
+    revoked = store.revoke("live", at=T0 + 2, reason="r", outbox=HOOK)
+    assert {lease.id for lease in revoked} == {"live", "new"}
+    [expired] = store.claim_expired(T0 + 10, expire_hooks=["app.x"])
+    want = [
+        *event_jobs("on_issue", make("new", parent="live", provider="db"), HOOK, T0),
+        *(job for lease in revoked for job in event_jobs("on_revoke", lease, HOOK, T0 + 2)),
+        *event_jobs("on_expire", expired, NO_OUTBOX, T0 + 10),
+    ]
+    assert sorted(store.jobs(), key=lambda job: job.id) == sorted(want, key=lambda job: job.id)
+    store.close()
+    assert pragma(path, "integrity_check") == "ok"
 
 
 def test_a_file_from_a_newer_version_is_refused(path: Path) -> None:
@@ -323,9 +471,21 @@ CALLS: dict[str, Callable[[SQLiteStore], object]] = {
     "claim_expired": lambda s: s.claim_expired(T0 + 100),
     "purge": lambda s: s.purge(T0 + 100),
 }
+OUTBOX_CALLS: dict[str, Callable[[SQLiteStore], object]] = {
+    "add-with-jobs": lambda s: s.add(make("new"), outbox=HOOK),
+    "claim_jobs": lambda s: s.claim_jobs(T0, ["on_issue:app.h"], claim="c", until=T0 + 9),
+    "finish_jobs": lambda s: s.finish_jobs(["a/on_issue/app.h"], "c"),
+    "fail_job": lambda s: s.fail_job("a/on_issue/app.h", "c", due=T0, error="E", park=False),
+    "get_job": lambda s: s.get_job("a/on_issue/app.h"),
+    "jobs": lambda s: s.jobs(),
+    "retry_jobs": lambda s: s.retry_jobs(None, T0),
+    "forget_jobs": lambda s: s.forget_jobs(["a/on_issue/app.h"]),
+}
 
 
-@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+@pytest.mark.parametrize(
+    "call", [*CALLS.values(), *OUTBOX_CALLS.values()], ids=[*CALLS, *OUTBOX_CALLS]
+)
 def test_a_closed_store_raises_store_error(store: SQLiteStore, call: Callable[..., object]) -> None:
     store.add(make("a", task="t"))
     store.close()
@@ -344,6 +504,58 @@ def test_sqlite_errors_become_store_errors(
         call(store)
     assert isinstance(info.value.__cause__, sqlite3.Error)
     assert not isinstance(info.value, StoreUnavailable)
+
+
+@pytest.mark.parametrize("call", OUTBOX_CALLS.values(), ids=OUTBOX_CALLS.keys())
+def test_sqlite_errors_of_the_outbox_become_store_errors(
+    path: Path, store: SQLiteStore, call: Callable[..., object]
+) -> None:
+    store.add(make("a", task="t"), outbox=HOOK)
+    with raw(path) as db:
+        db.execute("DROP TABLE jobs")
+    with pytest.raises(StoreError, match="no such table") as info:
+        call(store)
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+    assert not isinstance(info.value, StoreUnavailable)
+
+
+def test_a_job_whose_lease_does_not_decode_is_a_store_error(path: Path, store: SQLiteStore) -> None:
+    store.add(make("a"), outbox=HOOK)
+    with raw(path) as db:
+        db.execute("UPDATE jobs SET lease = '{\"id\": 1'")
+    with pytest.raises(StoreError, match=r"corrupt outbox job 'a/on_issue/app\.h'"):
+        store.get_job("a/on_issue/app.h")
+
+
+EVENTS_WITH_JOBS: dict[str, Callable[[SQLiteStore], object]] = {
+    "add": lambda s: s.add(make("new", ttl=600), outbox=HOOK),
+    "add-child": lambda s: s.add(make("new", ttl=600, parent="root"), outbox=HOOK),
+    "revoke": lambda s: s.revoke("root", at=T0 + 1, reason="r", outbox=HOOK),
+    "revoke_where": lambda s: s.revoke_where(
+        LeaseFilter(task="t"), at=T0 + 1, reason="r", outbox=HOOK
+    ),
+    "claim_expired": lambda s: s.claim_expired(T0 + 60, expire_hooks=["app.x"]),
+}
+
+
+@pytest.mark.parametrize("event", EVENTS_WITH_JOBS.values(), ids=EVENTS_WITH_JOBS.keys())
+def test_an_event_whose_jobs_cannot_be_written_does_not_happen(
+    path: Path, store: SQLiteStore, event: Callable[[SQLiteStore], object]
+) -> None:
+    store.add(make("root", task="t", expire_hooks="app.x"))
+    before = store.find(LeaseFilter())
+    with raw(path) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    with pytest.raises(StoreError, match="refused"):
+        event(store)
+    assert store.find(LeaseFilter()) == before
+    assert store.jobs() == []
+    with raw(path) as db:
+        db.execute("DROP TRIGGER refuse")
+    event(store)  # the connection is fine
+    assert store.jobs() != []
 
 
 def test_a_failing_revoke_rolls_back_whole(path: Path, store: SQLiteStore) -> None:
@@ -385,6 +597,24 @@ def test_times_must_be_finite(store: SQLiteStore) -> None:
     with pytest.raises(InvalidRequest, match="expires_at"):
         store.extend("a", expires_at=float("nan"), at=T0)
     assert store.get("a") == make("a")
+
+
+def test_a_name_given_twice_counts_once(store: SQLiteStore) -> None:
+    store.add(make("a"), outbox=HOOK)
+    kinds = ["on_issue:app.h", "on_issue:app.h"]
+    [job] = store.claim_jobs(T0, kinds, claim="c", until=T0 + 9)
+    assert store.finish_jobs([job.id, job.id], "c") == 1
+    store.add(make("b"), outbox=HOOK)
+    [gone] = store.forget_jobs(["b/on_issue/app.h", "b/on_issue/app.h"])
+    assert gone.id == "b/on_issue/app.h"
+
+
+def test_a_negative_limit_is_no_job_not_every_job(store: SQLiteStore) -> None:
+    # SQLite reads LIMIT -1 as "no limit".
+    store.add(make("a"), outbox=HOOK)
+    assert store.jobs(limit=-1) == []
+    assert store.claim_jobs(T0, ["on_issue:app.h"], claim="c", until=T0 + 9, limit=-1) == []
+    assert [job.claim for job in store.jobs()] == [None]
 
 
 # -- fork ---------------------------------------------------------------------------
@@ -633,6 +863,87 @@ say(json.dumps(claimed))
         assert child.wait(timeout=CHILD_TIMEOUT) == 0
     assert len(claimed) == count
     assert set(claimed) == {f"l{i:03}" for i in range(count)}
+
+
+def test_processes_claiming_jobs_at_once_never_get_the_same_job(path: Path, spawn: Spawn) -> None:
+    store = SQLiteStore(path)
+    for i in range(300):  # 300 on_issue jobs, and 150 on_revoke ones
+        store.add(make(f"l{i:03}"), outbox=HOOK)
+        if i % 2:
+            store.revoke(f"l{i:03}", at=T0 + 1, reason="r", outbox=HOOK)
+    every = {job.id for job in store.jobs()}
+    assert len(every) == 450
+    kinds = ["on_issue:app.h", "on_revoke:app.h"]
+    children = [
+        spawn(
+            f"""
+say("ready")
+sys.stdin.readline()
+claimed = []
+while batch := store.claim_jobs(T0 + 5, {kinds!r}, claim=sys.argv[2], until=T0 + 999, limit=4):
+    claimed += [job.id for job in batch]
+say(json.dumps(claimed))
+""",
+            path,
+            args=[f"claimer-{n}"],
+        )
+        for n in range(3)
+    ]
+    for child in children:
+        assert read_line(child) == "ready"
+    for child in children:  # a start line for all, so they race from the same moment
+        tell(child, "go")
+    claimed = {f"claimer-{n}": json.loads(read_line(child)) for n, child in enumerate(children)}
+    for child in children:
+        assert child.wait(timeout=CHILD_TIMEOUT) == 0
+    handed = [job_id for ids in claimed.values() for job_id in ids]
+    assert len(handed) == len(set(handed)) == len(every)
+    assert set(handed) == every
+    holders = {job.id: job.claim for job in store.jobs()}
+    assert holders == {i: who for who, ids in claimed.items() for i in ids}
+    store.close()
+
+
+@needs_sigkill
+def test_a_crash_never_leaves_an_event_without_its_jobs(path: Path, spawn: Spawn) -> None:
+    child = spawn(
+        """
+from jitbroker.stores.base import Outbox
+hook = Outbox(hooks=("app.h",))
+i = 0
+while True:
+    store.add(make(f"l{i}", task="crash", ttl=5 + i % 3, expire_hooks="app.x"), outbox=hook)
+    say("added", f"l{i}")
+    if i % 3 == 1:
+        store.revoke(f"l{i}", at=T0 + 1, reason="crash-test", outbox=hook)
+        say("revoked", f"l{i}")
+    if i % 3 == 2:
+        store.claim_expired(T0 + 6, limit=2, expire_hooks=["app.x"])
+        say("swept")
+    i += 1
+""",
+        path,
+    )
+    lines = [read_line(child) for _ in range(300)]
+    lines += kill(child)
+    added = {line.split()[1] for line in lines if line.startswith("added")}
+
+    store = SQLiteStore(path)
+    leases = {lease.id: lease for lease in store.find(LeaseFilter(task="crash"))}
+    assert added <= set(leases)
+    with raw(path) as db:
+        expired = {
+            row[0] for row in db.execute("SELECT id FROM leases WHERE dead AND revoked_at IS NULL")
+        }
+    assert expired
+    jobs = {job.id for job in store.jobs(limit=10_000)}
+    # Every event that committed has its jobs, and no job outlived a rolled-back event.
+    want = {job_id(i, "on_issue", "app.h") for i in leases}
+    want |= {job_id(i, "on_revoke", "app.h") for i, x in leases.items() if x.revoked_at}
+    want |= {job_id(i, "on_expire", "app.x") for i in expired}
+    assert jobs == want
+    store.close()
+    assert pragma(path, "integrity_check") == "ok"
 
 
 def test_a_revocation_is_visible_to_another_process_at_once(path: Path, spawn: Spawn) -> None:

@@ -16,7 +16,7 @@ from .errors import (
     StoreError,
 )
 from .keyring import KeyRing
-from .lease import Claims, Credential, Lease
+from .lease import Claims, Credential, Lease, Secret
 from .policy import Policy, Rule
 from .stores import LeaseFilter, LeaseStore, MemoryStore
 from .verify import Verifier
@@ -39,6 +39,7 @@ __all__ = [
     "Policy",
     "PolicyDenied",
     "Rule",
+    "Secret",
     "StoreError",
     "Verifier",
 ]

@@ -44,6 +44,11 @@ class EventType(enum.StrEnum):
     KEY_DROPPED = "key_dropped"
     HOOK_FAILED = "hook_failed"  # a lifecycle hook raised; it will be retried
     HOOK_PARKED = "hook_parked"  # out of retries: see failed hooks in the report
+    HOOK_FORGOTTEN = "hook_forgotten"  # parked work dropped by force; ``where`` names it
+    # Reconciliation: a backend principal with no live lease was revoked, or a
+    # live lease's principal is missing from the backend (``where`` the provider).
+    PRINCIPAL_ORPHANED = "principal_orphaned"
+    PRINCIPAL_MISSING = "principal_missing"
     # A task's exit revoke failed after its retries: the leases live until their
     # TTL. ``where`` names the run, ``error`` the exception class; never a token.
     TASK_REVOKE_FAILED = "task_revoke_failed"

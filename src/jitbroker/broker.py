@@ -29,10 +29,11 @@ from .hooks import FailedHook, Hooks, HookSpec
 from .keyring import KeyRing
 from .keys import Key
 from .lease import Claims, Credential, Lease
+from .outbox import ASYNC, Reconciliation
 from .policy import Policy
 from .report import Report, build_report
 from .revocations import RevocationCache
-from .stores.base import AsyncLeaseStore, LeaseFilter, LeaseStore, as_async
+from .stores.base import AsyncLeaseStore, Job, LeaseFilter, LeaseStore, as_async
 from .stores.memory import MemoryStore
 from .verify import Request
 
@@ -89,6 +90,9 @@ class _Base:
         on_expire: HookSpec = None,
         hook_retries: int = 5,
         hook_backoff: Duration = 1.0,
+        hook_timeout: Duration = 60.0,
+        providers: Iterable[Any] = (),
+        reconcile_interval: Duration = 300.0,
         revoke_on_sigterm: bool = True,
         task_revoke_tries: int = 3,
         task_revoke_backoff: Duration = 0.1,
@@ -110,9 +114,18 @@ class _Base:
             audit=audit,
             labels=labels,
             max_delegation_depth=max_delegation_depth,
-            hooks=Hooks(on_issue, on_revoke, on_expire, retries=hook_retries, backoff=hook_backoff),
+            hooks=Hooks(
+                on_issue,
+                on_revoke,
+                on_expire,
+                retries=hook_retries,
+                backoff=hook_backoff,
+                timeout=hook_timeout,
+            ),
             task_revoke_tries=task_revoke_tries,
             task_revoke_backoff=task_revoke_backoff,
+            providers=providers,
+            reconcile_interval=reconcile_interval,
         )
         if not isinstance(revoke_on_sigterm, bool):
             raise InvalidRequest("revoke_on_sigterm must be True or False")
@@ -146,30 +159,31 @@ class _Base:
         """Public keys for offline verifiers (never an HMAC key or a private member)."""
         return self._core.keys.jwks()
 
-    def _report(
-        self,
-        leases: list[Lease],
-        awaiting: dict[str, int] | None,
-        long_ttl: Duration,
-        oldest: int,
-    ) -> Report:
+    def _report(self, long_ttl: Duration, oldest: int) -> Steps[Report]:
         core = self._core
+        leases = yield from core.leases(LeaseFilter(), True)
+        awaiting = yield from core.awaiting_hooks()
+        failed = yield from core.outbox.parked()
         return build_report(
             leases,
             now=core.clock(),
             keys={key.kid for key in core.keys},
-            failed_hooks=core.hooks.failed(),
+            failed_hooks=failed,
             counts=core.audit.counts,
             sink_failures=core.audit.sink_failures,
-            hook_calls_dropped=core.hooks.dropped,
             awaiting_hooks=awaiting,
             long_ttl=long_ttl,
             oldest=oldest,
         )
 
-    def failed_hooks(self) -> list[FailedHook]:
-        """Hook calls that ran out of retries (see ``retry_failed_hooks``)."""
-        return self._core.hooks.failed()
+    def _forget(self, hooks: Iterable[FailedHook | str], force: bool, by: str | None) -> Steps[int]:
+        if force is not True:
+            raise InvalidRequest(
+                "forgetting parked work means its side effect never happens (a backend"
+                " credential left behind, say): pass force=True to do it anyway"
+            )
+        ids = [h.id if isinstance(h, FailedHook) else validate.text(h, "hook id") for h in hooks]
+        return (yield from self._core.outbox.forget(ids, validate.optional_text(by, "by")))
 
     #: ``issue``'s keyword arguments: what ``explain(**issue)`` may pass on.
     _ISSUE_OPTIONS = frozenset({"task", "owner", "purpose", "renewable", "max_ttl", "holder_key"})
@@ -242,6 +256,11 @@ class Broker(_Base):
         lease, token, sweep_due, quotas = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
+        if core.issue_hooks or lease.provider is not None:  # jobs go with the lease
+            cred = run(core.store_issue(lease, token, quotas), self.store)
+            if sweep_due:
+                self._sweep_quietly()
+            return cred
         # The store raises if it fails: the token never leaves. Quotas are passed
         # only when the policy sets one, so a store without quota support works
         # until one is configured.
@@ -251,10 +270,7 @@ class Broker(_Base):
             core.denied(lease, exc, lease.issued_at)
         if sweep_due:
             self._sweep_quietly()
-        cred = core.issued(lease, token)
-        if core.issue_hooks:
-            core.hooks.run()
-        return cred
+        return core.issued(lease, token)
 
     def verify(
         self,
@@ -282,9 +298,7 @@ class Broker(_Base):
     def revoke(self, cred: LeaseRef, reason: str = "revoked", *, by: str | None = None) -> bool:
         """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent.
         ``by`` names who revoked it, for the audit trail."""
-        revoked = run(self._core.revoke(cred, reason, by), self.store)
-        self._core.hooks.run()
-        return revoked
+        return run(self._core.revoke(cred, reason, by), self.store)
 
     def revoke_where(
         self,
@@ -312,9 +326,7 @@ class Broker(_Base):
             issuer=issuer,
             task_run=task_run,
         )
-        count = run(self._core.revoke_where(where, reason, by), self.store)
-        self._core.hooks.run()
-        return count
+        return run(self._core.revoke_where(where, reason, by), self.store)
 
     def attenuate(
         self,
@@ -330,10 +342,7 @@ class Broker(_Base):
         RFC 8693 (``subject`` hands it to another workload; the token's ``act``
         claim names the delegating leases)."""
         steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
-        child = run(steps, self.store)
-        if self._core.issue_hooks:
-            self._core.hooks.run()
-        return child
+        return run(steps, self.store)
 
     def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
@@ -366,16 +375,12 @@ class Broker(_Base):
     def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once), purge long-dead records,
         and run the hook calls that are due (``on_expire`` and retries)."""
-        expired = run(self._core.sweep(), self.store)
-        self._core.hooks.run()
-        return expired
+        return run(self._core.sweep(), self.store)
 
     def retire_key(self, kid: str, *, revoke: bool = True, reason: str = "key-retired") -> int:
         """Drop signing key ``kid`` at once and (by default) revoke every lease it
         signed; returns how many were revoked."""
-        count = run(self._core.retire_key(kid, revoke, reason), self.store)
-        self._core.hooks.run()
-        return count
+        return run(self._core.retire_key(kid, revoke, reason), self.store)
 
     def explain(
         self,
@@ -393,14 +398,32 @@ class Broker(_Base):
         """The governance report: what is alive, who owns it, and what looks wrong
         (no owner or purpose, TTL over ``long_ttl``, wildcards, retired keys,
         failed hooks), with churn counts."""
-        leases = run(self._core.leases(LeaseFilter(), True), self.store)
-        awaiting = run(self._core.awaiting_hooks(), self.store)
-        return self._report(leases, awaiting, long_ttl, oldest)
+        return run(self._report(long_ttl, oldest), self.store)
+
+    def failed_hooks(self) -> list[FailedHook]:
+        """Parked work, in the store's outbox: hook calls and provider revokes that
+        ran out of retries, oldest first (see ``retry_failed_hooks``)."""
+        return run(self._core.outbox.parked(), self.store)
 
     def retry_failed_hooks(self) -> int:
-        """Run every parked hook call once more; returns how many still fail."""
-        self._core.hooks.retry_parked()
-        return self._core.hooks.run()
+        """Give every parked job one more attempt, and run those this broker can;
+        returns how many still fail."""
+        return run(self._core.outbox.retry(self._core.mode), self.store)
+
+    def forget_failed_hook(
+        self, *hooks: FailedHook | str, force: bool = False, by: str | None = None
+    ) -> int:
+        """Drop parked jobs (``FailedHook`` or its ``id``) for good: their side
+        effect will never happen. Needs ``force=True``; each one is audited
+        (``hook_forgotten``, with ``by``). Returns how many were dropped."""
+        return run(self._forget(hooks, force, by), self.store)
+
+    def reconcile(self) -> Reconciliation:
+        """Make every provider's backend agree with the store (see
+        ``jitbroker.outbox``): principals with no live lease are revoked, live
+        leases without their principal flagged. The reaper runs it every
+        ``reconcile_interval`` seconds."""
+        return run(self._core.outbox.reconcile(self._core.mode), self.store)
 
     def _sweep_quietly(self) -> None:
         # The opportunistic sweep inside issue: the lease is already stored, so
@@ -550,11 +573,12 @@ class AsyncBroker(_Base):
     """
 
     def _setup(self) -> None:
+        self._core.mode = ASYNC
         self._astore: AsyncLeaseStore = as_async(self.store)
         self._reaper: asyncio.Task[None] | None = None
-        self._claims: set[asyncio.Future[list[Lease]]] = set()
+        self._claims: set[asyncio.Future[tuple[list[Lease], list[Job]]]] = set()
 
-    def _claim_done(self, claim: asyncio.Future[list[Lease]]) -> None:
+    def _claim_done(self, claim: asyncio.Future[tuple[list[Lease], list[Job]]]) -> None:
         self._claims.discard(claim)
         if not claim.cancelled() and claim.exception() is not None:  # retrieved: no warning
             log.debug("a sweep's claim failed", exc_info=claim.exception())
@@ -582,16 +606,18 @@ class AsyncBroker(_Base):
         lease, token, sweep_due, quotas = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
+        if core.issue_hooks or lease.provider is not None:  # jobs go with the lease
+            cred = await arun(core.store_issue(lease, token, quotas), self._astore)
+            if sweep_due:
+                await self._sweep_quietly()
+            return cred
         try:  # raises if the store fails: the token never leaves
             await (self._astore.add(lease, quotas) if quotas else self._astore.add(lease))
         except QuotaExceeded as exc:
             core.denied(lease, exc, lease.issued_at)
         if sweep_due:
             await self._sweep_quietly()
-        cred = core.issued(lease, token)
-        if core.issue_hooks:
-            await core.hooks.arun()
-        return cred
+        return core.issued(lease, token)
 
     async def verify(
         self,
@@ -621,9 +647,7 @@ class AsyncBroker(_Base):
     ) -> bool:
         """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent.
         ``by`` names who revoked it, for the audit trail."""
-        revoked = await arun(self._core.revoke(cred, reason, by), self._astore)
-        await self._core.hooks.arun()
-        return revoked
+        return await arun(self._core.revoke(cred, reason, by), self._astore)
 
     async def revoke_where(
         self,
@@ -651,9 +675,7 @@ class AsyncBroker(_Base):
             issuer=issuer,
             task_run=task_run,
         )
-        count = await arun(self._core.revoke_where(where, reason, by), self._astore)
-        await self._core.hooks.arun()
-        return count
+        return await arun(self._core.revoke_where(where, reason, by), self._astore)
 
     async def attenuate(
         self,
@@ -667,10 +689,7 @@ class AsyncBroker(_Base):
     ) -> Credential:
         """A narrower child credential that dies with its parent (see ``Broker.attenuate``)."""
         steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
-        child = await arun(steps, self._astore)
-        if self._core.issue_hooks:
-            await self._core.hooks.arun()
-        return child
+        return await arun(steps, self._astore)
 
     async def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
@@ -703,15 +722,16 @@ class AsyncBroker(_Base):
     async def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once), purge long-dead records,
         and run the hook calls that are due (``on_expire`` and retries)."""
-        # Shielded: once the store has claimed expired leases, nothing else will
-        # ever hand them out again, so the claim and the queueing of their
-        # on_expire calls must finish even if the caller is cancelled (the hook
-        # calls themselves may then wait for the next sweep).
-        claiming = asyncio.ensure_future(arun(self._core.sweep(), self._astore))
+        # Only the claim is shielded: once the store has claimed expired leases
+        # (their jobs held by this broker), it finishes even if the caller is
+        # cancelled, so close() never closes the store under it. The jobs run
+        # unshielded: cancelled, the run hands back what it did not reach, and
+        # jobs left held are taken again once their claim runs out.
+        claiming = asyncio.ensure_future(arun(self._core.claim_sweep(), self._astore))
         self._claims.add(claiming)  # close() waits for it before closing the store
         claiming.add_done_callback(self._claim_done)
-        expired = await asyncio.shield(claiming)
-        await self._core.hooks.arun()
+        expired, held = await asyncio.shield(claiming)
+        await arun(self._core.finish_sweep(held), self._astore)
         return expired
 
     async def retire_key(
@@ -719,9 +739,7 @@ class AsyncBroker(_Base):
     ) -> int:
         """Drop signing key ``kid`` at once and (by default) revoke every lease it
         signed; returns how many were revoked."""
-        count = await arun(self._core.retire_key(kid, revoke, reason), self._astore)
-        await self._core.hooks.arun()
-        return count
+        return await arun(self._core.retire_key(kid, revoke, reason), self._astore)
 
     async def explain(
         self,
@@ -736,14 +754,25 @@ class AsyncBroker(_Base):
 
     async def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
         """The governance report (see ``Broker.report``)."""
-        leases = await arun(self._core.leases(LeaseFilter(), True), self._astore)
-        awaiting = await arun(self._core.awaiting_hooks(), self._astore)
-        return self._report(leases, awaiting, long_ttl, oldest)
+        return await arun(self._report(long_ttl, oldest), self._astore)
+
+    async def failed_hooks(self) -> list[FailedHook]:
+        """Parked work, oldest first (see ``Broker.failed_hooks``)."""
+        return await arun(self._core.outbox.parked(), self._astore)
 
     async def retry_failed_hooks(self) -> int:
-        """Run every parked hook call once more; returns how many still fail."""
-        self._core.hooks.retry_parked()
-        return await self._core.hooks.arun()
+        """Give every parked job one more attempt (see ``Broker.retry_failed_hooks``)."""
+        return await arun(self._core.outbox.retry(self._core.mode), self._astore)
+
+    async def forget_failed_hook(
+        self, *hooks: FailedHook | str, force: bool = False, by: str | None = None
+    ) -> int:
+        """Drop parked jobs for good (see ``Broker.forget_failed_hook``)."""
+        return await arun(self._forget(hooks, force, by), self._astore)
+
+    async def reconcile(self) -> Reconciliation:
+        """Make every provider's backend agree with the store (see ``Broker.reconcile``)."""
+        return await arun(self._core.outbox.reconcile(self._core.mode), self._astore)
 
     async def _sweep_quietly(self) -> None:
         try:

@@ -30,6 +30,7 @@ from pathlib import Path
 from .audit import JsonLinesSink, Sink
 from .broker import Broker
 from .errors import InvalidRequest
+from .hooks import failed_hook
 from .keyring import KeyRing
 from .policy import Policy
 from .report import build_report, lease_summary
@@ -40,7 +41,7 @@ from .validate import optional_text
 __all__ = ["COMMANDS", "add_parsers", "run"]
 
 Out = Callable[[str], object]
-COMMANDS = ("report", "leases", "revoke", "policy")
+COMMANDS = ("report", "leases", "revoke", "policy", "outbox")
 _FILTERS = ("owner", "subject", "task", "key_id", "parent", "issuer", "task_run")
 
 
@@ -66,6 +67,25 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     revoke.add_argument("--reason", default="revoked-by-operator")
     revoke.add_argument("--by", help="who revokes, for the audit trail (default cli:$USER)")
     revoke.add_argument("--audit-log", type=Path, metavar="FILE", help="append events here")
+
+    outbox = sub.add_parser(
+        "outbox", help="parked work: hook calls and backend revokes that ran out of retries"
+    )
+    jobs = outbox.add_subparsers(dest="outbox_command", required=True)
+    listed = jobs.add_parser("list", help="list parked jobs (with --all, every job waiting)")
+    listed.add_argument("--all", action="store_true", help="also jobs waiting for a retry")
+    listed.add_argument("--json", action="store_true", help="one JSON object per line")
+    retry = jobs.add_parser(
+        "retry", help="make parked jobs due again (every one without ID); brokers run them"
+    )
+    forget = jobs.add_parser("forget", help="drop parked jobs for good (needs --force; audited)")
+    forget.add_argument("--force", action="store_true", help="yes: their side effect never runs")
+    forget.add_argument("--by", help="who drops them, for the audit trail (default cli:$USER)")
+    forget.add_argument("--audit-log", type=Path, metavar="FILE", help="append events here")
+    for cmd in (listed, retry, forget):
+        _store_arg(cmd)
+    retry.add_argument("ids", nargs="*", metavar="ID", help="job ids (from `outbox list`)")
+    forget.add_argument("ids", nargs="+", metavar="ID", help="job ids (from `outbox list`)")
 
     policy = sub.add_parser("policy", help="validate a policy file and explain a request")
     cmds = policy.add_subparsers(dest="policy_command", required=True)
@@ -103,6 +123,8 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
             return _report(args, store, out)
         if args.command == "leases":
             return _leases(args, store, out)
+        if args.command == "outbox":
+            return _outbox(args, store, out)
         return _revoke(args, store, out)
 
 
@@ -130,6 +152,7 @@ def _report(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
         now=now,
         keys=keys,
         awaiting_hooks=None if counter is None else counter(now),
+        failed_hooks=[failed_hook(job, job.name) for job in store.jobs(parked=True)],
         long_ttl=args.long_ttl,
         oldest=args.oldest,
     )
@@ -178,6 +201,44 @@ def _revoke_now(
     count = broker.revoke_where(**_filters(where), reason=args.reason, by=by)
     out(f"revoked {count} lease(s) matching {where.describe()} (subtrees included)")
     return 0 if count else 1  # 1: nothing to revoke (a typo in a filter, or already done)
+
+
+def _outbox(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
+    if args.outbox_command == "list":
+        jobs = store.jobs(parked=None if args.all else True)
+        for job in jobs:
+            row = {
+                "id": job.id,
+                "event": job.event,
+                "name": job.name,
+                "lease": job.lease.id,
+                "subject": job.lease.subject,
+                "attempts": job.attempts,
+                "parked": job.parked,
+                "error": job.error,
+            }
+            out(
+                json.dumps(row, sort_keys=True)
+                if args.json
+                else "  ".join(f"{k}={v}" for k, v in row.items())
+            )
+        if not args.json:
+            out(f"{len(jobs)} job(s)")
+        return 0
+    if args.outbox_command == "retry":
+        count = store.retry_jobs(args.ids or None, time.time())
+        out(f"{count} parked job(s) due again; a broker that runs them will on its next sweep")
+        return 0 if count else 1
+    with contextlib.ExitStack() as stack:
+        sinks: list[Sink] = []
+        if args.audit_log is not None:
+            sinks.append(stack.enter_context(JsonLinesSink(args.audit_log)))
+        broker = Broker(keys=KeyRing.generate(), store=store, audit=sinks)
+        count = broker.forget_failed_hook(
+            *args.ids, force=args.force, by=args.by or _default_actor()
+        )
+    out(f"forgot {count} job(s)")
+    return 0 if count else 1
 
 
 def _default_actor() -> str:

@@ -34,15 +34,17 @@ from .errors import (
     LeaseNotActive,
     LeaseNotFound,
     PolicyDenied,
+    ProviderError,
     QuotaExceeded,
     RenewalDenied,
 )
 from .hooks import Hooks
 from .keyring import KeyRing
 from .keys import Key
-from .lease import Credential, Lease, new_credential, new_lease
+from .lease import Credential, Lease, Secret, new_credential, new_lease
+from .outbox import SYNC, Mode, ProviderLike, Runner, check_providers
 from .policy import AccessRequest, Decision, Policy, covers
-from .stores.base import LeaseFilter, Quota
+from .stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota
 from .validate import MAX_PURPOSE
 from .verify import Verifier, check_leeway
 
@@ -88,6 +90,8 @@ class Core:
         hooks: Hooks | None = None,
         task_revoke_tries: int = 3,
         task_revoke_backoff: Duration = 0.1,
+        providers: Iterable[ProviderLike] = (),
+        reconcile_interval: Duration = 300.0,
     ) -> None:
         self.issuer = validate.text(issuer, "issuer")
         self.keys = keys if keys is not None else KeyRing.generate()
@@ -113,12 +117,21 @@ class Core:
         self.labels = MappingProxyType(_labels(labels))
         self.max_depth = _depth(max_delegation_depth)
         self.hooks = hooks if hooks is not None else Hooks()
-        self.hooks.clock, self.hooks.audit = self.clock, self.audit
-        self.issue_hooks = bool(self.hooks.on_issue)  # checked on every issue
+        self.outbox = Runner(
+            self.hooks, check_providers(providers), self.clock, self.audit, self._revoked
+        )
+        #: How the shell finishes async hooks and blocking provider calls.
+        self.mode: Mode = SYNC
+        self.issue_hooks = self.outbox.issues  # checked on every issue
+        # The audiences that name a provider (their leases get a backend credential).
+        self.provider_names = frozenset(self.outbox.providers)
+        self.reconcile_interval = seconds(reconcile_interval, "reconcile_interval")
+        self.next_reconcile = 0.0
         # Recorded on every lease this broker creates (see Lease.expire_hooks),
         # and the values its sweeps may claim.
         self.expire_hooks = self.hooks.expire_profile
         self.expire_profiles = self.hooks.expire_profiles
+        self._runnable = frozenset((None, *self.expire_profiles))
         self.verifier = Verifier._online(
             self.keys,
             issuer=self.issuer,
@@ -235,11 +248,12 @@ class Core:
         if task is not None:
             task = validate.text(task, "task")
             run = self._run_of(task) if _TASK_RUNS.get() else None
+        audience = validate.text(audience, "audience")
         # Positional, through the fast builder: this path is what issue costs.
         lease = new_lease(
             lease_id,
             validate.text(subject, "subject"),
-            validate.text(audience, "audience"),
+            audience,
             validate.scopes(scopes),
             now,  # issued_at
             now + life,  # expires_at
@@ -256,6 +270,7 @@ class Core:
             self.issuer,
             run,  # task_run
             self.expire_hooks,
+            audience if self.provider_names and audience in self.provider_names else None,
         )
         quotas: tuple[Quota, ...] = ()
         if dry_run:  # for explain: the lease as issue would build it, nothing more
@@ -265,12 +280,38 @@ class Core:
         token = opaque if opaque is not None else self._token(lease, None, now)
         return lease, token, now >= self.next_sweep, quotas
 
-    def issued(self, lease: Lease, token: str) -> Credential:
-        """After the store accepted ``lease``: audit, hooks, and hand out the credential."""
+    def issued(self, lease: Lease, token: str, secret: Secret | None = None) -> Credential:
+        """After the store accepted ``lease``: audit, and hand out the credential."""
         self.audit.emit(_ISSUED, lease.issued_at, lease)
-        if self.issue_hooks:
-            self.hooks.enqueue("on_issue", [lease])
-        return new_credential(token, lease, self.shell)
+        return new_credential(token, lease, self.shell, secret)
+
+    def store_issue(self, lease: Lease, token: str, quotas: tuple[Quota, ...]) -> Steps[Credential]:
+        """``issue`` for a lease with jobs (``on_issue`` hooks, a provider): the
+        lease and its jobs in one store step, the backend credential made, then
+        the hooks run. Without jobs the shells store the lease themselves."""
+        _, secret, hooks = yield from self._store_new(lease, quotas)
+        cred = self.issued(lease, token, secret)
+        yield from self.outbox.run(hooks, self.mode)
+        return cred
+
+    def _store_new(
+        self, lease: Lease, quotas: tuple[Quota, ...]
+    ) -> Steps[tuple[bool, Secret | None, list[Job]]]:
+        """Store a new lease with its jobs and make its backend credential: whether
+        it was added, the secret, and the ``on_issue`` jobs to run once it is out."""
+        runner, mode, now = self.outbox, self.mode, lease.issued_at
+        provider = runner.provider_of(lease.provider) if lease.provider else None
+        if provider is not None:  # refuse what it cannot grant before anything is stored
+            yield lambda store: mode.blocking(provider.check, lease)
+        outbox = runner.plan("on_issue", now) if self.issue_hooks or provider else NO_OUTBOX
+        added = yield from self._add(lease, quotas, now, outbox)
+        if not added:
+            return False, None, []
+        secret = None
+        if provider is not None:
+            secret = yield from runner.create(lease, outbox, mode)
+        held = runner.held("on_issue", [lease], outbox, now)
+        return True, secret, [job for job in held if job.event == "on_issue"]
 
     def _cap(self, life: float, renewable: object, max_ttl: Duration | None) -> float:
         """The lease's total lifetime, renewals included."""
@@ -317,8 +358,31 @@ class Core:
             renewed = yield lambda store: store.extend(lease_id, expires_at=expires_at, at=now)
         if renewed is None:
             raise LeaseNotActive(f"lease {lease_id} died while renewing", lease_id=lease_id)
+        if renewed is not lease and renewed.provider is not None:
+            yield from self._provider_renew(renewed)
         self.audit.emit(EventType.RENEWED, now, renewed)
         return new_credential(self._token(renewed, opaque, now, chain), renewed, self.shell)
+
+    def _provider_renew(self, lease: Lease) -> Steps[None]:
+        provider = self.outbox.provider_of(lease.provider or "")
+        if provider is None:
+            raise ProviderError(
+                f"lease {lease.id} holds a credential of provider {lease.provider!r}, which"
+                " this broker does not have: renew it through a broker that does",
+                provider=lease.provider or "",
+                lease_id=lease.id,
+            )
+        mode = self.mode
+        try:
+            yield lambda store: mode.blocking(provider.renew, lease)
+        except Exception as exc:
+            raise ProviderError(
+                f"lease {lease.id} was renewed, but provider {provider.name!r} could not move"
+                f" its backend expiry ({type(exc).__name__}): the backend may cut it off at"
+                " the old expiry; renew again",
+                provider=provider.name,
+                lease_id=lease.id,
+            ) from exc
 
     def attenuate(
         self,
@@ -375,27 +439,36 @@ class Core:
             # (its task run is the parent's: it belongs to the same task).
             issuer=self.issuer,
             expire_hooks=self.expire_hooks,
+            # A child whose audience names a provider gets a principal of its own.
+            provider=child_audience if child_audience in self.provider_names else None,
             purpose=parent.purpose
             if purpose is None
             else validate.text(purpose, "purpose", limit=validate.MAX_PURPOSE),
         )
         quotas = self._check_policy(child, "attenuate", now)
         token = self._token(child, opaque, now, chain)
-        added = yield from self._add(child, quotas, now)
+        # A child is a new lease: whoever sets up per lease hears of it.
+        added, secret, hooks = yield from self._store_new(child, quotas)
         if not added:  # the parent died between our read and the add
             raise LeaseNotActive(
                 f"parent lease {parent.id} is no longer active", lease_id=parent.id
             )
         self.audit.emit(EventType.ATTENUATED, now, child)
-        if self.issue_hooks:  # a child is a new lease: whoever sets up per lease hears of it
-            self.hooks.enqueue("on_issue", [child])
-        return new_credential(token, child, self.shell)
+        yield from self.outbox.run(hooks, self.mode)
+        return new_credential(token, child, self.shell, secret)
 
-    def _add(self, lease: Lease, quotas: tuple[Quota, ...], now: float) -> Steps[bool]:
+    def _add(
+        self, lease: Lease, quotas: tuple[Quota, ...], now: float, outbox: Outbox = NO_OUTBOX
+    ) -> Steps[bool]:
+        # Optional arguments only when set: a store written before quotas or the
+        # outbox works until a broker needs them.
+        def add(store: Any) -> Any:
+            if outbox is not NO_OUTBOX:
+                return store.add(lease, quotas, outbox=outbox)
+            return store.add(lease, quotas) if quotas else store.add(lease)
+
         try:
-            added: bool = (
-                yield lambda store: store.add(lease, quotas) if quotas else store.add(lease)
-            )
+            added: bool = yield add
         except QuotaExceeded as exc:
             self.denied(lease, exc, now)
         return added
@@ -417,8 +490,10 @@ class Core:
         reason = validate.text(reason, "reason")
         by = validate.optional_text(by, "by")
         now = self.clock()
-        revoked = yield lambda store: store.revoke(lease_id, at=now, reason=reason)
+        outbox = self.outbox.plan("on_revoke", now) if self.outbox.revokes else NO_OUTBOX
+        revoked = yield _revoking("revoke", lease_id, outbox, at=now, reason=reason)
         self._revoked(revoked, now, reason, by)
+        yield from self.outbox.run(self.outbox.held("on_revoke", revoked, outbox, now), self.mode)
         return any(lease.id == lease_id for lease in revoked)
 
     def _revoked(self, revoked: list[Lease], now: float, reason: str, by: str | None) -> None:
@@ -430,8 +505,6 @@ class Core:
             cache.add(lease.id for lease in revoked)
         for lease in revoked:
             self.audit.emit(EventType.REVOKED, now, lease, reason=reason, actor=by)
-        if self.hooks.on_revoke and revoked:
-            self.hooks.enqueue("on_revoke", revoked)
 
     def revoke_where(self, where: LeaseFilter, reason: str, by: str | None = None) -> Steps[int]:
         """Revoke every active lease matching ``where`` (and subtrees); the count."""
@@ -445,7 +518,8 @@ class Core:
         reason = validate.text(reason, "reason")
         by = validate.optional_text(by, "by")
         now = self.clock()
-        revoked = yield lambda store: store.revoke_where(where, at=now, reason=reason)
+        outbox = self.outbox.plan("on_revoke", now) if self.outbox.revokes else NO_OUTBOX
+        revoked = yield _revoking("revoke_where", where, outbox, at=now, reason=reason)
         self._revoked(revoked, now, reason, by)
         self.audit.emit(
             EventType.REVOKED_WHERE,
@@ -455,6 +529,7 @@ class Core:
             where=where.describe(),
             actor=by,
         )
+        yield from self.outbox.run(self.outbox.held("on_revoke", revoked, outbox, now), self.mode)
         return len(revoked)
 
     def rotate_keys(self) -> Key:
@@ -493,18 +568,28 @@ class Core:
         return lease  # type: ignore[no-any-return]
 
     def sweep(self) -> Steps[list[Lease]]:
-        """Claim every lease due by now (each exactly once), then purge the long dead."""
+        """Claim every lease due by now (each exactly once), purge the long dead,
+        then run the jobs: the claim's, retries, and those other brokers left."""
+        expired, held = yield from self.claim_sweep()
+        yield from self.finish_sweep(held)
+        return expired
+
+    def claim_sweep(self) -> Steps[tuple[list[Lease], list[Job]]]:
+        """A sweep's store work: claim what expired (with its jobs, held by this
+        broker) and purge; the leases claimed and the jobs to run."""
         now = self.clock()
         self.next_sweep = now + self.reap_interval
         for kid in self.keys.prune(now):  # rotated-out keys whose grace period ended
             self.audit.emit(EventType.KEY_DROPPED, now, where=f"key_id={kid!r}")
         expired: list[Lease] = []
-        claim = self._claim(now)
+        held: list[Job] = []
+        runner = self.outbox
         while True:
-            batch = yield claim
+            outbox = runner.plan("on_expire", now)
+            batch = yield self._claim(now, outbox)
             for lease in batch:
                 self.audit.emit(EventType.EXPIRED, now, lease, actor="reaper")
-            lost = self.hooks.enqueue_expired(batch)
+            lost = [x for x in batch if x.expire_hooks not in self._runnable]
             if lost:
                 log.error(
                     "the store handed out %d expired leases whose on_expire hooks this "
@@ -515,10 +600,28 @@ class Core:
                     lost[0].expire_hooks,
                 )
             expired.extend(batch)
+            jobs = runner.held("on_expire", batch, outbox, now)
+            held += (job for job in jobs if job.lease not in lost)
             if len(batch) < SWEEP_BATCH:
                 break
         yield lambda store: store.purge(now - self.retention)
-        return expired
+        return expired, held
+
+    def finish_sweep(self, held: list[Job]) -> Steps[None]:
+        """A sweep's jobs: those its claim holds (one claim per batch), then the
+        retries and jobs others left, then (every ``reconcile_interval``) the
+        reconciliation. Interrupted, the jobs not run are handed back."""
+        runner = self.outbox
+        for claim in dict.fromkeys(job.claim for job in held):
+            yield from runner.run([job for job in held if job.claim == claim], self.mode)
+        yield from runner.sweep(self.mode)
+        now = self.clock()
+        if runner.providers and now >= self.next_reconcile:
+            self.next_reconcile = now + self.reconcile_interval
+            try:
+                yield from runner.reconcile(self.mode)
+            except Exception:  # the sweep's own work is done; the next interval retries
+                log.warning("reconcile failed; retrying next interval", exc_info=True)
 
     def _active(self, lease_id: str) -> Steps[Lease]:
         lease: Lease | None = yield lambda store: store.get(lease_id)
@@ -544,13 +647,15 @@ class Core:
             decision = attrs.evolve(decision, allowed=False, reasons=tuple(full))
         return Explanation(decision, lease, tuple(usage))
 
-    def _claim(self, now: float) -> Callable[[Any], Any]:
+    def _claim(self, now: float, outbox: Outbox) -> Callable[[Any], Any]:
         """The store call claiming what this broker may expire: leases needing no
         hook, and those needing only hooks it has (any subset of them)."""
         profiles = self.expire_profiles
-        if not profiles:  # the protocol's default: leases that need no hook
+        if not profiles and outbox is NO_OUTBOX:  # the protocol's defaults
             return lambda store: store.claim_expired(now, SWEEP_BATCH)
-        return lambda store: store.claim_expired(now, SWEEP_BATCH, expire_hooks=profiles)
+        return lambda store: store.claim_expired(
+            now, SWEEP_BATCH, expire_hooks=profiles, outbox=outbox
+        )
 
     def awaiting_hooks(self) -> Steps[dict[str, int] | None]:
         """Expired leases no broker has claimed yet because they need ``on_expire``
@@ -605,6 +710,14 @@ class Core:
         )
         log.warning("task exit revoke failed; leases left to their TTL: %s", where)
         return False
+
+
+def _revoking(method: str, target: object, outbox: Outbox, **kwargs: Any) -> Callable[[Any], Any]:
+    """The store call of a revoke: with this broker's outbox only when it has one
+    (a store written before the outbox works until a broker needs it)."""
+    if outbox is not NO_OUTBOX:
+        kwargs["outbox"] = outbox
+    return methodcaller(method, target, **kwargs)
 
 
 def revoke_delays(tries: object, backoff: object) -> tuple[float, ...]:

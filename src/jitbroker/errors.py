@@ -25,6 +25,8 @@
     ├── StoreError
     │   └── StoreUnavailable         the store could not be reached; nothing was issued
     ├── KeySourceError               a JWKS or key source could not be read, or was refused
+    ├── ProviderError                a provider could not create, renew or revoke a backend
+    │                                credential (.provider, .lease_id)
     └── InvalidRequest (ValueError)  a bad argument; the message says what to fix
 
 Messages name the lease id, times and scopes involved, never a token or key.
@@ -48,6 +50,7 @@ __all__ = [
     "MalformedToken",
     "PolicyDenied",
     "ProofReplayed",
+    "ProviderError",
     "QuotaExceeded",
     "RenewalDenied",
     "StoreError",
@@ -184,6 +187,17 @@ class KeySourceError(JitBrokerError):
     """A JWKS URL could not be fetched, or what it served is not a public JWKS; or a
     key directory or file could not be written, or is refused as unsafe (a symlink,
     another user's, or open to group or others: the message says what to run)."""
+
+
+class ProviderError(JitBrokerError):
+    """A provider (``jitbroker.providers``) failed to create, renew or revoke the
+    backend credential of a lease. The message names the provider and lease,
+    never a password; the backend's own error is the ``__cause__``."""
+
+    def __init__(self, message: str, *, provider: str, lease_id: str | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.lease_id = lease_id
 
 
 class InvalidRequest(JitBrokerError, ValueError):

@@ -6,9 +6,9 @@ All three are frozen attrs classes; a change makes a new value. Only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import attrs
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .broker import AsyncBroker, Broker
     from .keepalive import KeepAlive
 
-__all__ = ["Claims", "Credential", "Lease"]
+__all__ = ["Claims", "Credential", "Lease", "Secret"]
 T = TypeVar("T", bound=attrs.AttrsInstance)
 
 
@@ -58,6 +58,10 @@ class Lease:
     #: ``jitbroker.hooks``). None: no hook runs when it expires. Only a broker
     #: that runs every one of them claims the lease once it has expired.
     expire_hooks: str | None = None
+    #: The provider (``jitbroker.providers``) holding this lease's backend
+    #: credential: the audience named it. Whenever the lease dies, by any path,
+    #: the store records the provider's revoke in its outbox in the same step.
+    provider: str | None = None
 
     def is_active(self, now: float) -> bool:
         """True if not revoked and not yet expired at ``now``."""
@@ -75,6 +79,44 @@ class Lease:
         return " ".join(self.scopes)
 
 
+class Secret(Mapping[str, str]):
+    """A backend credential a provider minted for a lease (user, password, DSN...).
+
+    A read-only mapping whose values never show: ``repr`` and ``str`` list the
+    field names only, and it refuses to be pickled or copied into a log by
+    accident (``__reduce__`` raises). Read a value by its key.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
+            raise InvalidRequest("a provider's secret maps names to strings")
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> str:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"<Secret {', '.join(self._values)} (values hidden)>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._values == self._values
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a Secret is not picklable: it holds a backend credential")
+
+
 @attrs.frozen(slots=True, weakref_slot=False)
 class Credential:
     """What ``issue`` returns: the token and its lease. ``repr`` never shows the token.
@@ -87,6 +129,9 @@ class Credential:
     _broker: Broker | AsyncBroker | None = attrs.field(
         default=None, repr=False, eq=False, alias="broker"
     )
+    #: The backend credential, for a lease whose audience names a provider
+    #: (``jitbroker.providers``); None otherwise. Never in a repr or a pickle.
+    secret: Secret | None = attrs.field(default=None, repr=False)
 
     @property
     def lease_id(self) -> str:

@@ -108,6 +108,7 @@ class Report:
             if self.failed_hooks is None
             else [
                 {
+                    "id": h.id,
                     "event": h.event,
                     "hook": h.hook,
                     "lease": h.lease.id,
@@ -211,7 +212,6 @@ def build_report(
     failed_hooks: Iterable[FailedHook] | None = None,
     counts: Mapping[str, int] | None = None,
     sink_failures: int | None = None,
-    hook_calls_dropped: int | None = None,
     awaiting_hooks: Mapping[str, int] | None = None,
     long_ttl: Duration = 3600,
     oldest: int = 10,
@@ -219,8 +219,7 @@ def build_report(
     """The report over ``leases`` (live and dead, as ``leases(include_inactive=True)``
     gives). ``keys`` is the key ids still held (None: unknown, no retired-key
     finding); ``counts`` the broker's event counts since it started,
-    ``sink_failures`` how many audit sink calls raised, and ``hook_calls_dropped``
-    how many parked hook calls were dropped to bound the list; ``awaiting_hooks``
+    ``sink_failures`` how many audit sink calls raised; ``awaiting_hooks``
     the store's count of expired leases awaiting hooks (``awaiting_hooks(now)``)."""
     threshold = seconds(long_ttl, "long_ttl")
     if isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 0:
@@ -241,8 +240,6 @@ def build_report(
             churn[f"{event} (this broker)"] = counts.get(event, 0)
     if sink_failures is not None:
         churn["audit sink failures (this broker)"] = sink_failures
-    if hook_calls_dropped is not None:
-        churn["hook calls dropped (this broker)"] = hook_calls_dropped
     return Report(
         generated_at=now,
         active=tuple(active),

@@ -7,6 +7,18 @@ whole subtree, ``claim_expired`` hands each lease to exactly one caller).
 
 Stores translate their own errors: a failure to reach the backend becomes
 ``StoreUnavailable`` with the original as ``__cause__``.
+
+The outbox. Every side effect a lease event requires (a hook call, a provider's
+create or revoke) is a ``Job`` the store records in the same atomic step as the
+event: ``add``, ``revoke``, ``revoke_where`` and ``claim_expired`` take an
+``Outbox`` saying which hooks the caller runs for the event, and the store
+writes ``event_jobs(...)`` for every lease the event applies to. A job is
+handed to one caller at a time by a claim with a deadline (``claim_jobs``); a
+caller that dies mid-job leaves it to whoever claims it after the deadline.
+A job that keeps failing is parked (``fail_job(..., park=True)``): listed by
+``jobs(parked=True)``, made due again by ``retry_jobs``, deleted by
+``forget_jobs``. Its id, ``<lease id>/<event>/<name>``, is the idempotency
+key: the same on every attempt, in every process.
 """
 
 from __future__ import annotations
@@ -21,7 +33,19 @@ import attrs
 from ..errors import InvalidRequest, QuotaExceeded
 from ..lease import Lease
 
-__all__ = ["AsyncLeaseStore", "LeaseFilter", "LeaseStore", "Quota", "as_async"]
+__all__ = [
+    "EVENTS",
+    "NO_OUTBOX",
+    "AsyncLeaseStore",
+    "Job",
+    "LeaseFilter",
+    "LeaseStore",
+    "Outbox",
+    "Quota",
+    "as_async",
+    "event_jobs",
+    "job_id",
+]
 
 T = TypeVar("T")
 
@@ -37,6 +61,7 @@ class LeaseFilter:
     key_id: str | None = None
     issuer: str | None = None
     task_run: str | None = None
+    provider: str | None = None
 
     def is_empty(self) -> bool:
         """True if no field is set (it would match every lease)."""
@@ -79,6 +104,104 @@ class Quota:
         )
 
 
+#: The lease events that make jobs: hook events, and a provider's create (when
+#: a lease with a provider is added) and revoke (when it dies, by any path).
+EVENTS = ("on_issue", "on_revoke", "on_expire", "create", "revoke")
+
+
+@attrs.frozen
+class Job:
+    """One side effect a lease event requires, waiting in the store's outbox."""
+
+    #: ``<lease id>/<event>/<name>``: unique, and the idempotency key a hook
+    #: receives (the same on a retry after a crash, in any process).
+    id: str
+    event: str  # one of EVENTS
+    name: str  # the hook's name, or the provider's
+    lease: Lease  # the lease as the event left it
+    #: When it may be claimed next; while claimed, the claim's deadline.
+    due: float
+    limit: int  # a failure that makes ``attempts`` exceed it parks the job
+    attempts: int = 0
+    error: str = ""  # the last failure's class and message, shortened
+    parked: bool = False
+    claim: str | None = None  # who holds it (until ``due``), or None
+
+    @property
+    def kind(self) -> str:
+        """``event:name``: what ``claim_jobs`` filters on (who can run it)."""
+        return f"{self.event}:{self.name}"
+
+
+@attrs.frozen
+class Outbox:
+    """What the caller of a lease event asks the store to record with it.
+
+    ``hooks`` are the caller's hook names for the event (for ``on_expire`` the
+    names come from each lease's ``expire_hooks`` instead). Jobs the caller
+    runs itself are written claimed by ``claim`` until ``until``; a provider
+    job for a provider not in ``providers`` is written unclaimed, due at once,
+    for a broker that has it.
+    """
+
+    hooks: tuple[str, ...] = ()
+    providers: frozenset[str] = frozenset()
+    claim: str | None = None
+    until: float = 0.0
+    limit: int = 5
+
+
+#: No hooks, nothing claimed: what a store records when given no ``Outbox``
+#: (a provider's jobs are still written: a lease with a provider never dies
+#: without its revoke recorded).
+NO_OUTBOX = Outbox()
+
+
+def job_id(lease_id: str, event: str, name: str) -> str:
+    """The id (and idempotency key) of ``event``'s job ``name`` for a lease."""
+    return f"{lease_id}/{event}/{name}"
+
+
+def event_jobs(event: str, lease: Lease, outbox: Outbox, at: float) -> list[Job]:
+    """The jobs a store records when ``event`` (``on_issue``, ``on_revoke`` or
+    ``on_expire``) happens to ``lease`` at ``at``: one per hook, and the
+    lease's provider's create (``on_issue``) or revoke (otherwise)."""
+    if event == "on_expire":
+        names: tuple[str, ...] | list[str] = (lease.expire_hooks or "").split()
+    else:
+        names = outbox.hooks
+    claim, until, limit = outbox.claim, outbox.until, outbox.limit
+    held = claim is not None
+    jobs = [
+        Job(
+            f"{lease.id}/{event}/{name}",
+            event,
+            name,
+            lease,
+            until if held else at,
+            limit,
+            claim=claim,
+        )
+        for name in names
+    ]
+    provider = lease.provider
+    if provider is not None:
+        step = "create" if event == "on_issue" else "revoke"
+        mine = held and provider in outbox.providers
+        jobs.append(
+            Job(
+                f"{lease.id}/{step}/{provider}",
+                step,
+                provider,
+                lease,
+                until if mine else at,
+                limit,
+                claim=claim if mine else None,
+            )
+        )
+    return jobs
+
+
 @runtime_checkable
 class LeaseStore(Protocol):
     """Where leases live. ``now`` is always passed in: stores never read a clock."""
@@ -86,27 +209,38 @@ class LeaseStore(Protocol):
     #: False for stores that never block (MemoryStore): AsyncBroker calls them inline.
     blocking: bool
 
-    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
-        """Store a new lease. If it has a parent that is not active at
-        ``lease.issued_at``, store nothing and return False. If a quota already
-        counts ``limit`` leases active at ``lease.issued_at``, store nothing and
-        raise ``quota.exceeded()``: the count and the insert are one atomic step."""
+    def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool:
+        """Store a new lease, and ``event_jobs("on_issue", lease, outbox,
+        lease.issued_at)`` in the same atomic step. If it has a parent that is
+        not active at ``lease.issued_at``, store nothing and return False. If a
+        quota already counts ``limit`` leases active at ``lease.issued_at``,
+        store nothing and raise ``quota.exceeded()``: the count and the insert
+        are one atomic step."""
         ...
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None (never stored, or purged)."""
         ...
 
-    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+    def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
         """Revoke the lease and its active descendants; return those that transitioned.
 
         Only a lease active at ``at`` transitions; an unknown or dead lease gives ``[]``.
-        The change is durable and visible to every reader when this returns.
+        For each that transitioned, ``event_jobs("on_revoke", lease, outbox, at)``
+        (with the revoked lease) is recorded in the same atomic step. The change
+        is durable and visible to every reader when this returns.
         """
         ...
 
-    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
-        """Revoke every active lease matching ``where`` and their descendants."""
+    def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants,
+        recording their jobs as ``revoke`` does."""
         ...
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
@@ -118,9 +252,16 @@ class LeaseStore(Protocol):
         ...
 
     def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once.
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly
+        once, with ``event_jobs("on_expire", lease, outbox, now)`` recorded for
+        each in the same atomic step.
 
         Only leases the caller can finish are claimed: those needing no hook
         (``expire_hooks`` None) and those whose ``expire_hooks`` value is one of
@@ -139,6 +280,46 @@ class LeaseStore(Protocol):
         """Release connections and files. Idempotent."""
         ...
 
+    # -- the outbox --------------------------------------------------------
+    def claim_jobs(
+        self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
+    ) -> list[Job]:
+        """Up to ``limit`` jobs due by ``now``, not parked, whose ``kind`` is one of
+        ``kinds``, oldest due first: each now held by ``claim`` until ``until``
+        (returned so: ``due=until``, ``claim=claim``). A job held by another
+        claim past its deadline is due. Served by an index per kind: jobs no
+        caller can run must cost it nothing."""
+        ...
+
+    def finish_jobs(self, ids: Collection[str], claim: str) -> int:
+        """Delete the jobs of ``ids`` that ``claim`` still holds; how many."""
+        ...
+
+    def fail_job(
+        self, job_id: str, claim: str, *, due: float, error: str, park: bool, attempt: bool = True
+    ) -> bool:
+        """Release a job ``claim`` holds after a failure: ``attempts`` + 1 (unless
+        not ``attempt``: a deferral), ``error`` kept, due again at ``due``, or
+        parked if ``park``. False (nothing changed) if the claim was lost."""
+        ...
+
+    def get_job(self, job_id: str) -> Job | None:
+        """The job with this id, or None (finished, forgotten, or never made)."""
+        ...
+
+    def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]:
+        """Up to ``limit`` jobs, oldest due first: parked ones, unparked ones, or all."""
+        ...
+
+    def retry_jobs(self, ids: Collection[str] | None, now: float) -> int:
+        """Unpark the parked jobs of ``ids`` (every parked job if None): due at
+        ``now``, with one more attempt (``limit`` = ``attempts``); how many."""
+        ...
+
+    def forget_jobs(self, ids: Collection[str]) -> list[Job]:
+        """Delete the jobs of ``ids`` whatever their state; those deleted."""
+        ...
+
     # Optional (not checked by ``isinstance``; the report says "not known"
     # without it): ``awaiting_hooks(now) -> dict[str, int]``, the expired leases
     # not yet claimed that need hooks, counted per ``expire_hooks`` value.
@@ -147,20 +328,58 @@ class LeaseStore(Protocol):
 class AsyncLeaseStore(Protocol):
     """The async twin of ``LeaseStore``: the same methods, as coroutines."""
 
-    async def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool: ...
+    async def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool: ...
     async def get(self, lease_id: str) -> Lease | None: ...
-    async def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]: ...
-    async def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]: ...
+    async def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]: ...
+    async def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]: ...
     async def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None: ...
     async def find(self, where: LeaseFilter) -> list[Lease]: ...
     async def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]: ...
     async def purge(self, before: float) -> int: ...
     async def close(self) -> None: ...
+    async def claim_jobs(
+        self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
+    ) -> list[Job]: ...
+    async def finish_jobs(self, ids: Collection[str], claim: str) -> int: ...
+    async def fail_job(
+        self, job_id: str, claim: str, *, due: float, error: str, park: bool, attempt: bool = True
+    ) -> bool: ...
+    async def get_job(self, job_id: str) -> Job | None: ...
+    async def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]: ...
+    async def retry_jobs(self, ids: Collection[str] | None, now: float) -> int: ...
+    async def forget_jobs(self, ids: Collection[str]) -> list[Job]: ...
 
 
-_METHODS = ("add", "get", "revoke", "revoke_where", "extend", "find", "claim_expired", "purge")
+_METHODS = (
+    "add",
+    "get",
+    "revoke",
+    "revoke_where",
+    "extend",
+    "find",
+    "claim_expired",
+    "purge",
+    "claim_jobs",
+    "finish_jobs",
+    "fail_job",
+    "get_job",
+    "jobs",
+    "retry_jobs",
+    "forget_jobs",
+)
 
 
 class _SyncAsAsync:

@@ -35,6 +35,7 @@ _NULLABLE = frozenset(
         "issuer",
         "task_run",
         "expire_hooks",
+        "provider",
     }
 )
 _TIMES = frozenset({"issued_at", "expires_at", "max_expires_at", "revoked_at"})

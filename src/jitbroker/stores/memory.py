@@ -22,7 +22,7 @@ from heapq import heappush
 import attrs
 
 from ..lease import Lease
-from .base import LeaseFilter, Quota
+from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota, event_jobs
 
 __all__ = ["MemoryStore"]
 
@@ -112,6 +112,7 @@ class MemoryStore:
         # nothing left in it is dropped: memory follows the live leases.
         self._counting = False
         self._counted: dict[tuple[str, str | None], _Counted] = {}
+        self._jobs = _Jobs()
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
 
@@ -122,7 +123,9 @@ class MemoryStore:
         return len(self._leases)
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
+    def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool:
         lease_id, parent, task = lease.id, lease.parent, lease.task
         self._acquire()  # not `with`: half the cost, and this is on every issue
         try:
@@ -144,6 +147,8 @@ class MemoryStore:
                 self._by_run.add(lease.task_run, lease_id)
             if self._counting and lease.revoked_at is None:
                 self._count(lease)
+            if outbox.hooks or lease.provider is not None:
+                self._jobs.add(event_jobs("on_issue", lease, outbox, lease.issued_at))
         finally:
             self._release()
         return True
@@ -151,13 +156,18 @@ class MemoryStore:
     def get(self, lease_id: str) -> Lease | None:
         return self._leases.get(lease_id)
 
-    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+    def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
         with self._lock:
-            return self._revoke_tree([lease_id], at, reason)
+            return self._revoke_tree([lease_id], at, reason, outbox)
 
-    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
+    def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
         with self._lock:
-            return self._revoke_tree([lease.id for lease in self._find(where)], at, reason)
+            ids = [lease.id for lease in self._find(where)]
+            return self._revoke_tree(ids, at, reason, outbox)
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
         with self._lock:
@@ -177,7 +187,12 @@ class MemoryStore:
             return self._find(where)
 
     def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]:
         claimed: list[Lease] = []
         with self._lock:
@@ -188,6 +203,9 @@ class MemoryStore:
                     self._claim_from(heap, hooks, now, limit, claimed)
                     if not heap:
                         del self._hook_expiry[hooks]
+            for lease in claimed:
+                if lease.expire_hooks is not None or lease.provider is not None:
+                    self._jobs.add(event_jobs("on_expire", lease, outbox, now))
         return claimed
 
     def awaiting_hooks(self, now: float) -> dict[str, int]:
@@ -214,6 +232,54 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release; kept for the protocol."""
+
+    # -- the outbox --------------------------------------------------------
+    def claim_jobs(
+        self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
+    ) -> list[Job]:
+        if not kinds:
+            return []
+        with self._lock:
+            return self._jobs.claim(now, kinds, claim, until, limit)
+
+    def finish_jobs(self, ids: Collection[str], claim: str) -> int:
+        with self._lock:
+            return self._jobs.finish(ids, claim)
+
+    def fail_job(
+        self, job_id: str, claim: str, *, due: float, error: str, park: bool, attempt: bool = True
+    ) -> bool:
+        with self._lock:
+            job = self._jobs.held(job_id, claim)
+            if job is None:
+                return False
+            attempts = job.attempts + 1 if attempt else job.attempts
+            self._jobs.put(
+                attrs.evolve(job, due=due, error=error, parked=park, claim=None, attempts=attempts)
+            )
+            return True
+
+    def get_job(self, job_id: str) -> Job | None:
+        return self._jobs.by_id.get(job_id)
+
+    def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]:
+        with self._lock:
+            found = [j for j in self._jobs.by_id.values() if parked is None or j.parked == parked]
+        return sorted(found, key=lambda job: (job.due, job.id))[:limit]
+
+    def retry_jobs(self, ids: Collection[str] | None, now: float) -> int:
+        with self._lock:
+            jobs = self._jobs.by_id
+            chosen = [jobs[i] for i in ids if i in jobs] if ids is not None else list(jobs.values())
+            parked = [job for job in chosen if job.parked]
+            for job in parked:
+                self._jobs.put(attrs.evolve(job, parked=False, due=now, limit=job.attempts))
+            return len(parked)
+
+    def forget_jobs(self, ids: Collection[str]) -> list[Job]:
+        with self._lock:
+            gone = (self._jobs.by_id.pop(job_id, None) for job_id in ids)
+            return [job for job in gone if job is not None]
 
     # -- helpers (caller holds the lock) ----------------------------------
     def _heap(self, hooks: str) -> list[tuple[float, str]]:
@@ -329,7 +395,7 @@ class MemoryStore:
         leases = (self._leases[i] for i in ids)
         return [lease for lease in leases if where.matches(lease)]
 
-    def _revoke_tree(self, roots: list[str], at: float, reason: str) -> list[Lease]:
+    def _revoke_tree(self, roots: list[str], at: float, reason: str, outbox: Outbox) -> list[Lease]:
         # Walk down from each root; a dead lease's children were revoked with it,
         # so the walk only descends through leases that transition now.
         revoked: list[Lease] = []
@@ -345,6 +411,8 @@ class MemoryStore:
             stack.extend(self._by_parent.get(lease_id))
             if self._counting:
                 self._uncount(lease)
+            if outbox.hooks or lease.provider is not None:
+                self._jobs.add(event_jobs("on_revoke", lease, outbox, at))
         return revoked
 
     def _unindex(self, lease: Lease) -> None:
@@ -354,3 +422,67 @@ class MemoryStore:
             self._by_run.discard(lease.task_run, lease.id)
         if lease.parent is not None:
             self._by_parent.discard(lease.parent, lease.id)
+
+
+class _Jobs:
+    """The outbox: jobs by id, and one heap of (due, id) per kind for the
+    unparked ones, lazily deleted (a stale entry is skipped when popped; a heap
+    with more stale entries than live ones is rebuilt, amortized O(1))."""
+
+    __slots__ = ("by_id", "heaps")
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Job] = {}
+        self.heaps: dict[str, list[tuple[float, str]]] = {}
+
+    def add(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.id not in self.by_id:  # insert if absent, as every store does
+                self.put(job)
+
+    def put(self, job: Job) -> None:
+        self.by_id[job.id] = job
+        if job.parked:
+            return
+        heap = self.heaps.get(job.kind)
+        if heap is None:
+            heap = self.heaps[job.kind] = []
+        heappush(heap, (job.due, job.id))
+        if len(heap) > 2 * len(self.by_id) + 32:
+            self._rebuild(job.kind)
+
+    def _rebuild(self, kind: str) -> None:
+        live = [(j.due, j.id) for j in self.by_id.values() if j.kind == kind and not j.parked]
+        heapq.heapify(live)
+        self.heaps[kind] = live
+
+    def held(self, job_id: str, claim: str) -> Job | None:
+        job = self.by_id.get(job_id)
+        return job if job is not None and job.claim == claim else None
+
+    def claim(
+        self, now: float, kinds: Collection[str], claim: str, until: float, limit: int
+    ) -> list[Job]:
+        due: dict[str, Job] = {}  # by id: a job pushed twice at one due time is one job
+        for kind in kinds:
+            heap = self.heaps.get(kind)
+            while heap and heap[0][0] <= now:
+                at, job_id = heapq.heappop(heap)
+                job = self.by_id.get(job_id)
+                if job is not None and job.due == at and not job.parked:
+                    due[job_id] = job
+            if heap is not None and not heap:
+                del self.heaps[kind]
+        ordered = sorted(due.values(), key=lambda job: (job.due, job.id))
+        for job in ordered[limit:]:  # not taken this time: back in their heaps
+            heappush(self.heaps.setdefault(job.kind, []), (job.due, job.id))
+        taken = [attrs.evolve(job, due=until, claim=claim) for job in ordered[:limit]]
+        for job in taken:
+            self.put(job)
+        return taken
+
+    def finish(self, ids: Collection[str], claim: str) -> int:
+        done = [i for i in ids if self.held(i, claim) is not None]
+        for job_id in done:
+            del self.by_id[job_id]
+        return len(done)

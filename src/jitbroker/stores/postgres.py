@@ -14,7 +14,9 @@ holds across any number of brokers:
 - ``claim_expired`` locks due rows ``FOR UPDATE SKIP LOCKED``, so reapers of
   several brokers take disjoint batches and each lease is claimed once; it is
   one statement, atomic on its own (no BEGIN or COMMIT on an autocommit
-  connection), and tells the ``purge`` after it whether it has anything to do.
+  connection), and tells the ``purge`` after it whether it has anything to do;
+- each of these writes the event's outbox jobs in its own statement or
+  function, so in the same transaction and round trips (``postgres_outbox``).
 
 All of this assumes READ COMMITTED (each statement sees what committed before
 it began), so every transaction the store begins is READ COMMITTED, whatever
@@ -32,6 +34,7 @@ Layout, in the store's own schema (``jitbroker`` by default)::
     <schema>.caches           one row per live revocation cache: the last
                               revocation it applied, when it said so, and for
                               how long after that it may vouch (strict revoke)
+    <schema>.jobs             the outbox: one row per job (``postgres_outbox``)
 
 Each revoke that takes something numbers its leases with the next
 ``jitbroker_meta.revoke_seq`` and sends ``pg_notify('<schema>_revoked', n)``
@@ -78,8 +81,18 @@ from ..revocations import (
     sleep,
     start_feed,
 )
-from .base import LeaseFilter, Quota
+from .base import NO_OUTBOX, LeaseFilter, Outbox, Quota, event_jobs
 from .codec import COLUMNS, from_row, to_row
+from .postgres_outbox import (
+    CLAIM_JOBS_CTE,
+    MIGRATION,
+    REVOKE_ARGS,
+    JobStatements,
+    PostgresOutbox,
+    add_params,
+    is_no_outbox,
+    outbox_params,
+)
 from .postgres_pool import (
     DEFAULT_TIMEOUT,
     ConnectionSource,
@@ -276,6 +289,9 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
                     FROM generate_subscripts(v_taken, 1) AS i;
             END $$""",
     ),
+    # version 7: the outbox (the jobs table, jobs written by jitbroker_revoke)
+    # and leases.provider: see postgres_outbox
+    MIGRATION,
 )
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -319,12 +335,15 @@ _INSERT = """
     ON CONFLICT (id) DO UPDATE SET ({columns}, claimed, revoke_seq) = ROW({excluded}, false, NULL)
 """
 
-# A revoke (see jitbroker_revoke, schema version 6): one statement, so on an
-# autocommit connection one round trip. {roots} is the text[] of root ids; the
+# A revoke (see jitbroker_revoke, schema version 7): one statement, so on an
+# autocommit connection one round trip. {roots} is the text[] of root ids,
+# {jobs} empty or the outbox's arguments (postgres_outbox.REVOKE_ARGS); the
 # leases taken come back in the codec's COLUMNS order after seq, pending, longest.
 _REVOKE = """
     SELECT r.seq, r.pending, r.longest, {revoked_columns}
-    FROM {schema}.jitbroker_revoke({roots}, %(at)s, %(reason)s, %(channel)s, {margin}) AS r
+    FROM {schema}.jitbroker_revoke(
+        {roots}, %(at)s, %(reason)s, %(channel)s, {margin}{jobs}
+    ) AS r
 """
 _ROOT_ID: LiteralString = "ARRAY[%(id)s]::text[]"
 _ROOT_WHERE: LiteralString = """ARRAY(
@@ -359,6 +378,8 @@ _EXTEND = """
 # reads the oldest expiry among the leases dead before it (``floor``, NULL if
 # none; leases_dead's first entry), on a row of its own when nothing was
 # claimed, so a purge right after it knows whether it has anything to delete.
+# And it records the on_expire jobs of what it claimed ({recorded}, see
+# postgres_outbox.CLAIM_JOBS_CTE).
 _CLAIM_EXPIRED = """
     WITH due AS (
         SELECT pick.id FROM (
@@ -378,9 +399,9 @@ _CLAIM_EXPIRED = """
     ), taken AS (
         UPDATE {schema}.leases AS lease SET claimed = true
         FROM due WHERE lease.id = due.id
-        RETURNING {lease_columns}
-    )
-    SELECT dead.floor, taken.* FROM (
+        RETURNING lease AS snapshot, {lease_columns}
+    ), {recorded}
+    SELECT dead.floor, {taken_columns} FROM (
         SELECT min(expires_at) AS floor FROM {schema}.leases
         WHERE revoked_at IS NOT NULL OR claimed
     ) AS dead LEFT JOIN taken ON true
@@ -448,7 +469,7 @@ _PURGE = """
     WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at < %(before)s
 """
 
-_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run")
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run", "provider")
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,54}")  # + "_revoked" fits in 63 bytes
 #: Transactions that lost a deadlock or serialization race were rolled back
 #: whole, so they are safe to run again; this many attempts in all.
@@ -459,7 +480,7 @@ _NOT_READ_COMMITTED = "JB001"
 _BEGIN = b"BEGIN ISOLATION LEVEL READ COMMITTED; "
 
 
-class PostgresStore:
+class PostgresStore(PostgresOutbox):
     """Leases in PostgreSQL (sync, psycopg 3), shared by every broker that uses the
     same database and ``schema``. Install with ``pip install 'jitbroker[postgres]'``.
 
@@ -528,6 +549,7 @@ class PostgresStore:
         else:
             self._source = dsn_or_pool
         self._sql = _Statements(schema)
+        self._jobs_sql = JobStatements(self._sql.render, self._sql.insert_composed)
         self._create = create  # False: refuse a database without the schema (the CLI)
         # The oldest expiry among dead leases as the last claim saw it (inf:
         # none), for the purge right after it; None: unknown (see ``purge``).
@@ -547,14 +569,21 @@ class PostgresStore:
         return f"<PostgresStore schema={self.schema!r}>"  # never the DSN: it may hold a password
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active;
-        ``QuotaExceeded`` (nothing written) if a quota is full."""
+    def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool:
+        """Store ``lease`` and its ``on_issue`` jobs; False (nothing written) if its
+        parent is not active; ``QuotaExceeded`` (nothing written) if a quota is full."""
         for name in ("issued_at", "expires_at", "max_expires_at", "revoked_at"):
             value = getattr(lease, name)
             if value is not None:
                 _check_time(name, value)
-        row = to_row(lease)
+        row: tuple[Any, ...] = to_row(lease)
+        insert = self._sql.insert
+        jobs = event_jobs("on_issue", lease, outbox, lease.issued_at)
+        if jobs:  # written by the lease's INSERT statement itself: no round trip more
+            _check_time("until", outbox.until)
+            insert, row = self._jobs_sql.add(len(jobs)), (*row, *add_params(jobs))
 
         def work(cur: Cursor) -> bool:
             if quotas:
@@ -563,7 +592,7 @@ class PostgresStore:
                 cur.execute(self._sql.lock_parent, {"id": lease.parent, "at": lease.issued_at})
                 if cur.fetchone() is None:
                     return False
-            cur.execute(self._sql.insert, row)
+            cur.execute(insert, row)
             return True
 
         # A root lease without quotas is one INSERT: atomic on its own, so on an
@@ -593,17 +622,30 @@ class PostgresStore:
 
         return self._call("read a lease", work, atomic=False)
 
-    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
-        """Revoke the lease and its active descendants; those that transitioned."""
+    def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke the lease and its active descendants, recording their
+        ``on_revoke`` jobs; those that transitioned."""
         _check_time("at", at)
-        query, params = self._sql.revoke_id, {"id": lease_id}
+        params: dict[str, Any] = {"id": lease_id}
+        query = self._sql.revoke_id
+        if not is_no_outbox(outbox):
+            query, params = self._sql.revoke_id_jobs, {**params, **outbox_params(outbox)}
         return self._acked(self._revoke_tree("revoke a lease", query, params, at, reason))
 
-    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
-        """Revoke every active lease matching ``where`` and their descendants."""
+    def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants,
+        recording their ``on_revoke`` jobs."""
         _check_time("at", at)
         condition, params = _filter(where)
-        query = self._sql.compose(_REVOKE, roots=self._sql.compose(_ROOT_WHERE, where=condition))
+        roots = self._sql.compose(_ROOT_WHERE, where=condition)
+        custom = not is_no_outbox(outbox)
+        query = self._sql.revoke(roots, outbox=custom)
+        if custom:
+            params.update(outbox_params(outbox))
         return self._acked(self._revoke_tree("revoke leases", query, params, at, reason))
 
     def _acked(self, revoked: _Revoked) -> list[Lease]:
@@ -646,14 +688,25 @@ class PostgresStore:
         return self._call("find leases", work, atomic=False)
 
     def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
-        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``."""
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once
+        with its ``on_expire`` jobs recorded: those needing no hook, and those
+        whose ``expire_hooks`` is in ``expire_hooks``."""
         _check_time("now", now)
         if limit <= 0:
             return []
-        params = {"now": now, "limit": int(limit), "hooks": ["", *expire_hooks]}
+        params = {
+            "now": now,
+            "limit": int(limit),
+            "hooks": ["", *expire_hooks],
+            **outbox_params(outbox),
+        }
 
         def work(cur: Cursor) -> tuple[float, list[Lease]]:
             rows = cur.execute(self._sql.claim_expired, params).fetchall()
@@ -941,20 +994,23 @@ class _Statements:
             "revoked_columns": sql.SQL(", ").join(
                 sql.SQL("(r.lease).{}").format(sql.Identifier(c)) for c in COLUMNS
             ),
+            "taken_columns": sql.SQL(", ").join(sql.Identifier("taken", c) for c in COLUMNS),
             "margin": sql.Literal(ACK_MARGIN),
         }
         self.get = self.render(_GET)
         self.lock_parent = self.render(_LOCK_PARENT)
         self.count_active = self.render(_COUNT_ACTIVE)
         self.count_owner = self.render(_COUNT_ACTIVE_OWNER)
-        self.insert = self.render(
+        self.insert_composed = self.compose(
             _INSERT,
             values=sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
             excluded=sql.SQL(", ").join(sql.Identifier("excluded", c) for c in COLUMNS),
         )
-        self.revoke_id = self.render(_REVOKE, roots=sql.SQL(_ROOT_ID))
+        self.insert = self.insert_composed.as_bytes(None)
+        self.revoke_id = self.revoke(sql.SQL(_ROOT_ID), outbox=False).as_bytes(None)
+        self.revoke_id_jobs = self.revoke(sql.SQL(_ROOT_ID), outbox=True).as_bytes(None)
         self.extend = self.render(_EXTEND)
-        self.claim_expired = self.render(_CLAIM_EXPIRED)
+        self.claim_expired = self.render(_CLAIM_EXPIRED, recorded=self.compose(CLAIM_JOBS_CTE))
         self.awaiting_hooks = self.render(_AWAITING)
         self.purge = self.render(_PURGE)
         self.revoked_since = self.render(_REVOKED_SINCE)
@@ -977,6 +1033,12 @@ class _Statements:
             f"jitbroker:{self._schema}:quota:{subject}".encode(), digest_size=8
         ).digest()
         return int.from_bytes(digest, "big", signed=True)
+
+    def revoke(self, roots: sql.Composable, *, outbox: bool) -> sql.Composed:
+        """The revoke of ``roots``, with the outbox's arguments if ``outbox``
+        (without, the function's defaults: ``NO_OUTBOX``)."""
+        jobs = sql.SQL(REVOKE_ARGS if outbox else "")
+        return self.compose(_REVOKE, roots=roots, jobs=jobs)
 
     def compose(self, template: LiteralString, **parts: sql.Composable) -> sql.Composed:
         return sql.SQL(template).format(**self._names, **parts)

@@ -17,11 +17,12 @@ so every key of one store lives in one slot and the scripts may touch them all):
                               hooks (a claim reads only the sets of hooks it runs)
     {p}:hooks                 set: the expire_hooks values that have a due set
     {p}:dead                  zset: JSON [id, task, parent, owner, subject, key_id,
-                              issuer, task_run] -> expires_at of revoked or claimed
-                              leases, for purge (older members lack the last two)
+                              issuer, task_run, provider] -> expires_at of revoked
+                              or claimed leases, for purge (older members lack
+                              the last ones)
     {p}:all                   set: every stored id (``find`` with an empty filter)
     {p}:idx:<field>:<value>   set: ids whose task/parent/owner/subject/key_id/
-                              issuer/task_run is value
+                              issuer/task_run/provider is value
     {p}:live:<subject>        zset: id -> expires_at of the subject's leases neither
     {p}:live:<subject>\x1f<owner>   revoked nor claimed (and of those with this owner):
                               a quota's count is one ZCOUNT
@@ -31,10 +32,17 @@ so every key of one store lives in one slot and the scripts may touch them all):
     {p}:revlog                stream: {n, ids} per revocation, trimmed after an hour
     {p}:caches                hash: cache id -> "acked seen_ms staleness_ms" of each
                               live revocation cache (see _CACHES and the feed)
+    {p}:job:<id>, {p}:queue:<kind>, {p}:parked, {p}:jobs
+                              the outbox: see ``jitbroker.stores.redis_outbox``
 
 The scripts are declared with the three fixed keys and build the per-lease keys
 from the prefix; all share the hash tag, so Redis Cluster routes them to the one
 node that owns the slot (tests run against a single node).
+
+The outbox: ``add``, the revokes and ``claim_expired`` write the event's jobs
+(``event_jobs``) in their own script, from the caller's ``Outbox`` passed as the
+script's last arguments, so an event never commits without its jobs and costs
+no extra round trip (see ``jitbroker.stores.redis_outbox``).
 
 Memory: each script opens with a Redis 7 shebang whose flags say what it may do
 past ``maxmemory`` (under ``noeviction``). Scripts that store or lengthen
@@ -76,7 +84,7 @@ from ..revocations import (
     sleep,
     start_feed,
 )
-from .base import LeaseFilter, Quota
+from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota
 from .codec import from_mapping, to_mapping
 
 __all__ = ["RedisStore"]
@@ -99,7 +107,9 @@ _READS = "#!lua flags=no-writes\n"  # reads only: runs anyway, writes would fail
 _PRELUDE = """
 local EXP, DEAD, ALL = KEYS[1], KEYS[2], KEYS[3]
 local BASE, RETENTION = ARGV[1], tonumber(ARGV[2])
-local INDEXED = {'task', 'parent', 'owner', 'subject', 'key_id', 'issuer', 'task_run'}
+local INDEXED = {
+  'task', 'parent', 'owner', 'subject', 'key_id', 'issuer', 'task_run', 'provider'
+}
 
 local function lease_key(id) return BASE .. 'lease:' .. id end
 local function index_key(field, value) return BASE .. 'idx:' .. field .. ':' .. value end
@@ -129,8 +139,8 @@ local function live(id, at)
 end
 
 -- The record's index values ({} if there is no record) and its DEAD member:
--- JSON [id, task, parent, owner, subject, key_id, issuer, task_run], '' for a
--- missing value.
+-- JSON [id, task, parent, owner, subject, key_id, issuer, task_run, provider],
+-- '' for a missing value.
 local function indexed(id, key)
   local values = redis.call('HMGET', key, unpack(INDEXED))
   local entry = {id}
@@ -183,8 +193,9 @@ end
 """
 
 # ARGV: id, parent ('' if none), issued_at, expires_at, revoked ('1'/'0'), then
-# the record's field/value pairs. 1 if stored; 0 (nothing written) if the parent
-# is not active at issued_at.
+# the record's field/value pairs, then the outbox's (see EVENT_JOBS). 1 if stored,
+# with its on_issue jobs; 0 (nothing written) if the parent is not active at
+# issued_at.
 _ADD = """
 -- The epoch: set by the first add into an empty store (a new prefix, or one
 -- whose keys were lost), so revocation caches can tell the data they follow
@@ -224,6 +235,7 @@ else
   redis.call('ZADD', due_key(hooks), expires_at, id)
   count_in(id, values, expires_at)
 end
+record_jobs('on_issue', {unpack(ARGV, 8)}, issued_at)  -- the record as written
 return 1
 """
 
@@ -300,7 +312,9 @@ local function revoke_tree(roots, at, reason)
       local key = lease_key(id)
       redis.call('HSET', key, 'revoked_at', at, 'revoke_reason', reason)
       bury(id, key)
-      revoked[#revoked + 1] = redis.call('HGETALL', key)
+      local record = redis.call('HGETALL', key)
+      record_jobs('on_revoke', record, at)
+      revoked[#revoked + 1] = record
       ids[#ids + 1] = id
       for _, child in ipairs(redis.call('SMEMBERS', index_key('parent', id))) do
         stack[#stack + 1] = child
@@ -315,10 +329,10 @@ local function revoke_tree(roots, at, reason)
 end
 """
 
-# ARGV: at, reason, id.
+# ARGV: at, reason, id, the outbox's.
 _REVOKE = "return revoke_tree({ARGV[5]}, ARGV[3], ARGV[4])"
 
-# ARGV: at, reason, then the filter's field/value pairs.
+# ARGV: at, reason, then the filter's field/value pairs, then the outbox's.
 _REVOKE_WHERE = "return revoke_tree(matching(5), ARGV[3], ARGV[4])"
 
 # ARGV: n. What a strict revoke polls: see waiting().
@@ -358,11 +372,12 @@ end
 return found
 """
 
-# ARGV: now, limit, then the expire_hooks values the claimer runs. Pops up to
-# `limit` leases due by `now` from EXP (leases needing no hook) and from the due
-# set of each of those values, never from another's: leases awaiting hooks the
-# claimer lacks are not even read. Being one script, two reapers can never pop
-# the same lease. {claimed records, the lowest expires_at in DEAD after the
+# ARGV: now, limit, then the expire_hooks values the claimer runs, then the
+# outbox's. Pops up to `limit` leases due by `now` from EXP (leases needing no
+# hook) and from the due set of each of those values, never from another's:
+# leases awaiting hooks the claimer lacks are not even read. Being one script,
+# two reapers can never pop the same lease, and each popped lease gets its
+# on_expire jobs. {claimed records, the lowest expires_at in DEAD after the
 # claim (false: none)}: a purge right after it knows whether it has work.
 _CLAIM_EXPIRED = """
 local now, limit, claimed = ARGV[3], tonumber(ARGV[4]), {}
@@ -383,6 +398,7 @@ local function claim_from(set)
         redis.call('ZREM', set, id)  -- deleted behind our back, or stored again
       else
         bury(id, key)
+        record_jobs('on_expire', record, now)
         claimed[#claimed + 1] = record
       end
     end
@@ -438,7 +454,7 @@ return {#entries, purged}
 #: Dead entries one purge script handles: bounds how long it holds the server.
 PURGE_BATCH = 1000
 
-_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run")
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run", "provider")
 
 #: What a store built from a URL gives its client (sync or asyncio) besides
 #: ``retry=Retry(NoBackoff(), 0)``. No client-side retries: a retried script
@@ -492,21 +508,26 @@ class RedisLeases(Generic[C]):
         # register_script does no I/O: a script is loaded on its first call
         # (EVALSHA, then SCRIPT LOAD on NOSCRIPT) and is one EVALSHA afterwards.
         script = cast("Any", self._client).register_script
-        self._add = script(_FAILS_OOM + _PRELUDE + _ADD)
-        self._add_counted = script(_FAILS_OOM + _PRELUDE + _QUOTAS + _ADD)
+        # The outbox needs this module's helpers: imported late, like the feed.
+        from .redis_outbox import EVENT_JOBS, OutboxSteps
+
+        adds = _FAILS_OOM + _PRELUDE + EVENT_JOBS
+        self._add = script(adds + _ADD)
+        self._add_counted = script(adds + _QUOTAS + _ADD)
         #: Whether ``revoke`` waits for every live revocation cache (see
         #: ``jitbroker.revocations``); False gives the feed's latency back to
         #: the caller: a cache may then accept a revoked token for milliseconds.
         self.strict_revocations = bool(strict_revocations)
-        revokes = _RUNS_OOM + _PRELUDE + _CACHES + _REVOKE_TREE
+        revokes = _RUNS_OOM + _PRELUDE + _CACHES + EVENT_JOBS + _REVOKE_TREE
         self._revoke = script(revokes + _REVOKE)
         self._revoke_where = script(revokes + _REVOKE_WHERE)
         self._waiting = script(_READS + _PRELUDE + _CACHES + _WAITING)
         self._extend = script(_FAILS_OOM + _PRELUDE + _EXTEND)
         self._find = script(_READS + _PRELUDE + _FIND)
-        self._claim_expired = script(_RUNS_OOM + _PRELUDE + _CLAIM_EXPIRED)
+        self._claim_expired = script(_RUNS_OOM + _PRELUDE + EVENT_JOBS + _CLAIM_EXPIRED)
         self._awaiting = script(_READS + _PRELUDE + _AWAITING)
         self._purge = script(_RUNS_OOM + _PRELUDE + _PURGE)
+        self._outbox = OutboxSteps(self)  # claim_jobs and the rest of the outbox
         # The lowest expires_at in DEAD as the last claim saw it (inf: none), for
         # the purge right after it; None: unknown (see ``_purge_steps``).
         self._dead_floor: float | None = None
@@ -575,7 +596,9 @@ class RedisLeases(Generic[C]):
         argv = (*self._head, *args)
         return lambda client: script(keys=self._keys, args=argv, client=client)
 
-    def _add_steps(self, lease: Lease, quotas: Sequence[Quota] = ()) -> Steps[bool]:
+    def _add_steps(
+        self, lease: Lease, quotas: Sequence[Quota] = (), outbox: Outbox = NO_OUTBOX
+    ) -> Steps[bool]:
         args = (
             lease.id,
             lease.parent or "",
@@ -583,7 +606,7 @@ class RedisLeases(Generic[C]):
             _time("expires_at", lease.expires_at),
             "0" if lease.revoked_at is None else "1",
         )
-        record = _record(lease)
+        record = (*_record(lease), *self._outbox.add_args(lease, outbox))
         if quotas:
             counted = [(q.subject, q.owner or "", q.limit) for q in quotas]
             step = self._script(self._add_counted, *args, len(quotas), *chain(*counted), *record)
@@ -603,13 +626,17 @@ class RedisLeases(Generic[C]):
             record = yield operator.methodcaller("hgetall", key)
         return _lease_from(record) if record else None
 
-    def _revoke_steps(self, lease_id: str, at: float, reason: str) -> Steps[list[Lease]]:
-        step = self._script(self._revoke, _time("at", at), reason, lease_id)
-        return (yield from self._revoked("revoke a lease", step))
+    def _revoke_steps(
+        self, lease_id: str, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> Steps[list[Lease]]:
+        args = (_time("at", at), reason, lease_id, *self._outbox.args(outbox))
+        return (yield from self._revoked("revoke a lease", self._script(self._revoke, *args)))
 
-    def _revoke_where_steps(self, where: LeaseFilter, at: float, reason: str) -> Steps[list[Lease]]:
-        step = self._script(self._revoke_where, _time("at", at), reason, *_filter(where))
-        return (yield from self._revoked("revoke leases", step))
+    def _revoke_where_steps(
+        self, where: LeaseFilter, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> Steps[list[Lease]]:
+        args = (_time("at", at), reason, *_filter(where), *self._outbox.args(outbox))
+        return (yield from self._revoked("revoke leases", self._script(self._revoke_where, *args)))
 
     def _revoked(self, action: str, step: Step) -> Steps[list[Lease]]:
         """Run a revoke script; if strict, wait for the caches (``acknowledged``)."""
@@ -650,9 +677,14 @@ class RedisLeases(Generic[C]):
         return [lease for lease in found if where.matches(lease)]
 
     def _claim_expired_steps(
-        self, now: float, limit: int, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int,
+        expire_hooks: Collection[str] = (),
+        outbox: Outbox = NO_OUTBOX,
     ) -> Steps[list[Lease]]:
-        step = self._script(self._claim_expired, _time("now", now), int(limit), *expire_hooks)
+        args = (_time("now", now), int(limit), *expire_hooks, *self._outbox.args(outbox))
+        step = self._script(self._claim_expired, *args)
         with _translated("claim expired leases"):
             records, oldest = yield step
         self._dead_floor = math.inf if oldest is None else float(oldest)
@@ -734,7 +766,9 @@ class RedisStore(RedisLeases[redis.Redis]):
     Each mutating method is one Lua script: one round trip, atomic. Revocations
     are numbered and logged in the stream ``{prefix}:revlog`` by the same
     script; ``revocations()`` follows it, and with ``strict_revocations`` (the
-    default) ``revoke`` waits for every live cache.
+    default) ``revoke`` waits for every live cache. A lease event's outbox jobs
+    are written by the event's script too; jobs have no TTL and ``purge`` never
+    deletes them (see ``jitbroker.stores.redis_outbox``).
 
     Key expiry: when a lease dies (revoked or claimed), its record gets a TTL of
     ``retention`` seconds counted from that moment on the *server's* clock,
@@ -763,22 +797,30 @@ class RedisStore(RedisLeases[redis.Redis]):
         return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **CLIENT_OPTIONS)
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active;
-        ``QuotaExceeded`` (nothing written) if a quota is full."""
-        return run(self._add_steps(lease, quotas), self._client)
+    def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool:
+        """Store ``lease`` and its ``on_issue`` jobs; False (nothing written) if its
+        parent is not active; ``QuotaExceeded`` (nothing written) if a quota is full."""
+        return run(self._add_steps(lease, quotas, outbox), self._client)
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None."""
         return run(self._get_steps(lease_id), self._client)
 
-    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
-        """Revoke the lease and its active descendants; those that transitioned."""
-        return run(self._revoke_steps(lease_id, at, reason), self._client)
+    def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke the lease and its active descendants, with their ``on_revoke``
+        jobs; those that transitioned."""
+        return run(self._revoke_steps(lease_id, at, reason, outbox), self._client)
 
-    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
-        """Revoke every active lease matching ``where`` and their descendants."""
-        return run(self._revoke_where_steps(where, at, reason), self._client)
+    def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants, with
+        their ``on_revoke`` jobs."""
+        return run(self._revoke_where_steps(where, at, reason, outbox), self._client)
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
         """Set a new expiry if the lease is active and unclaimed at ``at``."""
@@ -789,11 +831,17 @@ class RedisStore(RedisLeases[redis.Redis]):
         return run(self._find_steps(where), self._client)
 
     def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
-        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``."""
-        return run(self._claim_expired_steps(now, limit, expire_hooks), self._client)
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once
+        with its ``on_expire`` jobs: those needing no hook, and those whose
+        ``expire_hooks`` is in ``expire_hooks``."""
+        return run(self._claim_expired_steps(now, limit, expire_hooks, outbox), self._client)
 
     def awaiting_hooks(self, now: float) -> dict[str, int]:
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
@@ -808,6 +856,40 @@ class RedisStore(RedisLeases[redis.Redis]):
         if self._owns_client:
             with _translated("close the connection"):
                 self._client.close()
+
+    # -- the outbox (see jitbroker.stores.redis_outbox) ----------------------
+    def claim_jobs(
+        self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
+    ) -> list[Job]:
+        """Up to ``limit`` due jobs of ``kinds``, oldest first, now held by ``claim``
+        until ``until``."""
+        return run(self._outbox.claim(now, kinds, claim, until, limit), self._client)
+
+    def finish_jobs(self, ids: Collection[str], claim: str) -> int:
+        """Delete the jobs of ``ids`` that ``claim`` still holds; how many."""
+        return run(self._outbox.finish(ids, claim), self._client)
+
+    def fail_job(
+        self, job_id: str, claim: str, *, due: float, error: str, park: bool, attempt: bool = True
+    ) -> bool:
+        """Release a job ``claim`` holds after a failure (due again, or parked)."""
+        return run(self._outbox.fail(job_id, claim, due, error, park, attempt), self._client)
+
+    def get_job(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        return run(self._outbox.get(job_id), self._client)
+
+    def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]:
+        """Up to ``limit`` jobs, oldest due first: parked ones, unparked ones, or all."""
+        return run(self._outbox.listed(parked, limit), self._client)
+
+    def retry_jobs(self, ids: Collection[str] | None, now: float) -> int:
+        """Unpark the parked jobs of ``ids`` (all if None), due at ``now``; how many."""
+        return run(self._outbox.retry(ids, now), self._client)
+
+    def forget_jobs(self, ids: Collection[str]) -> list[Job]:
+        """Delete the jobs of ``ids`` whatever their state; those deleted."""
+        return run(self._outbox.forget(ids), self._client)
 
     # -- beyond the protocol -----------------------------------------------
     def revoked_since(self, since: float) -> list[str]:

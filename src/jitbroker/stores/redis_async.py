@@ -2,7 +2,8 @@
 
 Nothing here decides anything: the key layout, the Lua scripts, the argument
 building, the reply parsing, the time checks and the error translation all
-live once in ``jitbroker.stores.redis`` (``RedisLeases``), written as steps
+live once in ``jitbroker.stores.redis`` (``RedisLeases``) and, for the
+outbox, ``jitbroker.stores.redis_outbox`` (``OutboxSteps``), written as steps
 that the sync store runs and this one awaits (see ``jitbroker._drive``). The
 two stores read and write the same keys, so they can share one prefix.
 """
@@ -18,7 +19,7 @@ from redis.backoff import NoBackoff
 
 from .._drive import Step, arun
 from ..lease import Lease
-from .base import LeaseFilter, Quota
+from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota
 from .redis import CLIENT_OPTIONS, RedisLeases, _translated
 
 __all__ = ["AsyncRedisStore"]
@@ -49,22 +50,30 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         return lambda client: asyncio.sleep(seconds)
 
     # -- the protocol ------------------------------------------------------
-    async def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active;
-        ``QuotaExceeded`` (nothing written) if a quota is full."""
-        return await arun(self._add_steps(lease, quotas), self._client)
+    async def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool:
+        """Store ``lease`` and its ``on_issue`` jobs; False (nothing written) if its
+        parent is not active; ``QuotaExceeded`` (nothing written) if a quota is full."""
+        return await arun(self._add_steps(lease, quotas, outbox), self._client)
 
     async def get(self, lease_id: str) -> Lease | None:
         """The lease with this id, or None."""
         return await arun(self._get_steps(lease_id), self._client)
 
-    async def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
-        """Revoke the lease and its active descendants; those that transitioned."""
-        return await arun(self._revoke_steps(lease_id, at, reason), self._client)
+    async def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke the lease and its active descendants, with their ``on_revoke``
+        jobs; those that transitioned."""
+        return await arun(self._revoke_steps(lease_id, at, reason, outbox), self._client)
 
-    async def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
-        """Revoke every active lease matching ``where`` and their descendants."""
-        return await arun(self._revoke_where_steps(where, at, reason), self._client)
+    async def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
+        """Revoke every active lease matching ``where`` and their descendants, with
+        their ``on_revoke`` jobs."""
+        return await arun(self._revoke_where_steps(where, at, reason, outbox), self._client)
 
     async def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
         """Set a new expiry if the lease is active and unclaimed at ``at``."""
@@ -75,11 +84,18 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         return await arun(self._find_steps(where), self._client)
 
     async def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]:
-        """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
-        those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``."""
-        return await arun(self._claim_expired_steps(now, limit, expire_hooks), self._client)
+        """Leases expired by ``now`` and not yet claimed, each handed out exactly once
+        with its ``on_expire`` jobs: those needing no hook, and those whose
+        ``expire_hooks`` is in ``expire_hooks``."""
+        steps = self._claim_expired_steps(now, limit, expire_hooks, outbox)
+        return await arun(steps, self._client)
 
     async def awaiting_hooks(self, now: float) -> dict[str, int]:
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
@@ -94,6 +110,41 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         if self._owns_client:
             with _translated("close the connection"):
                 await self._client.aclose()
+
+    # -- the outbox (see jitbroker.stores.redis_outbox) ----------------------
+    async def claim_jobs(
+        self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
+    ) -> list[Job]:
+        """Up to ``limit`` due jobs of ``kinds``, oldest first, now held by ``claim``
+        until ``until``."""
+        return await arun(self._outbox.claim(now, kinds, claim, until, limit), self._client)
+
+    async def finish_jobs(self, ids: Collection[str], claim: str) -> int:
+        """Delete the jobs of ``ids`` that ``claim`` still holds; how many."""
+        return await arun(self._outbox.finish(ids, claim), self._client)
+
+    async def fail_job(
+        self, job_id: str, claim: str, *, due: float, error: str, park: bool, attempt: bool = True
+    ) -> bool:
+        """Release a job ``claim`` holds after a failure (due again, or parked)."""
+        steps = self._outbox.fail(job_id, claim, due, error, park, attempt)
+        return await arun(steps, self._client)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        return await arun(self._outbox.get(job_id), self._client)
+
+    async def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]:
+        """Up to ``limit`` jobs, oldest due first: parked ones, unparked ones, or all."""
+        return await arun(self._outbox.listed(parked, limit), self._client)
+
+    async def retry_jobs(self, ids: Collection[str] | None, now: float) -> int:
+        """Unpark the parked jobs of ``ids`` (all if None), due at ``now``; how many."""
+        return await arun(self._outbox.retry(ids, now), self._client)
+
+    async def forget_jobs(self, ids: Collection[str]) -> list[Job]:
+        """Delete the jobs of ``ids`` whatever their state; those deleted."""
+        return await arun(self._outbox.forget(ids), self._client)
 
     # -- beyond the protocol -----------------------------------------------
     async def revoked_since(self, since: float) -> list[str]:

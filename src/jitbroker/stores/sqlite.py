@@ -12,8 +12,12 @@ The table holds one column per codec field plus ``dead``: 1 once the lease is
 revoked or claimed expired. ``dead = 0`` is "live, or expired awaiting its
 claim", so the claims read ``(expire_hooks, expires_at) WHERE dead = 0`` (one
 range per hook set the claimer runs) and the purge ``(expires_at) WHERE dead =
-1``. Task, parent, owner, subject, key id, issuer and task run are indexed for
-``find``.
+1``. Task, parent, owner, subject, key id and task run are indexed for
+``find`` (issuer and provider are not: see the migrations).
+
+The outbox is the ``jobs`` table (``sqlite_outbox``). An event's jobs are
+written in the event's own transaction; an event that makes none (no hook asked
+for, no provider) runs exactly the statements it ran before the outbox existed.
 
 WAL does not work over a network file system: keep the file on a local disk.
 """
@@ -35,7 +39,8 @@ import attrs
 
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
-from .base import LeaseFilter, Quota
+from . import sqlite_outbox as outbox_sql
+from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota, event_jobs
 from .codec import COLUMNS, from_row, to_row
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -99,6 +104,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX leases_dead ON leases (expires_at) WHERE dead = 1",
         "DROP INDEX leases_due",
     ),
+    # The provider of a lease's backend credential, and the outbox (sqlite_outbox).
+    outbox_sql.MIGRATION,
 )
 
 #: The schema version this code writes; a file at a higher one is refused.
@@ -154,7 +161,7 @@ _AWAITING = (
 )
 _CLAIM = "UPDATE leases SET dead = 1 WHERE id = ?"
 _PURGE = "DELETE FROM leases WHERE dead = 1 AND expires_at < ?"
-_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run")
+_FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run", "provider")
 
 # SQLite primary result codes (the low byte of ``sqlite_errorcode``) that mean
 # "could not get at the file right now", as opposed to a broken or foreign file.
@@ -218,12 +225,21 @@ class SQLiteStore:
         return f"<SQLiteStore path={self.path!r}>"
 
     # -- the protocol ------------------------------------------------------
-    def add(self, lease: Lease, quotas: Sequence[Quota] = ()) -> bool:
-        """Store ``lease``; False (nothing written) if its parent is not active."""
+    def add(
+        self, lease: Lease, quotas: Sequence[Quota] = (), *, outbox: Outbox = NO_OUTBOX
+    ) -> bool:
+        """Store ``lease`` and its jobs; False (nothing written) if its parent is
+        not active."""
         _check_times(lease)
         row = (*to_row(lease), lease.revoked_at is not None)
         parent = lease.parent
-        if quotas:  # count and insert in one write transaction: no overshoot
+        # event_jobs gives none without a hook or a provider: the hot path skips the call.
+        jobs = (
+            event_jobs("on_issue", lease, outbox, lease.issued_at)
+            if outbox.hooks or lease.provider is not None
+            else ()
+        )
+        if quotas or jobs:  # count, insert and record in one write transaction
             with self._transaction("store a lease") as db:
                 for quota in quotas:
                     sql = _COUNT if quota.owner is None else _COUNT_OWNER
@@ -233,8 +249,11 @@ class SQLiteStore:
                         raise quota.exceeded()
                 if parent is None:
                     db.execute(_INSERT, row)
-                    return True
-                return db.execute(_INSERT_CHILD, (*row, parent, lease.issued_at)).rowcount == 1
+                elif db.execute(_INSERT_CHILD, (*row, parent, lease.issued_at)).rowcount != 1:
+                    return False
+                if jobs:
+                    outbox_sql.insert(db, jobs)
+                return True
         # The hot path (every issue): `_session` spelled out, without a generator.
         db = self._enter("store a lease")
         try:
@@ -253,14 +272,18 @@ class SQLiteStore:
             row = db.execute(_GET, (lease_id,)).fetchone()
         return None if row is None else from_row(row)
 
-    def revoke(self, lease_id: str, *, at: float, reason: str) -> list[Lease]:
+    def revoke(
+        self, lease_id: str, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
         """Revoke the lease and its active descendants; those that transitioned."""
-        return self._revoke_tree("id = :id", {"id": lease_id}, at, reason)
+        return self._revoke_tree("id = :id", {"id": lease_id}, at, reason, outbox)
 
-    def revoke_where(self, where: LeaseFilter, *, at: float, reason: str) -> list[Lease]:
+    def revoke_where(
+        self, where: LeaseFilter, *, at: float, reason: str, outbox: Outbox = NO_OUTBOX
+    ) -> list[Lease]:
         """Revoke every active lease matching ``where`` and their descendants."""
         roots, params = _where(where)
-        return self._revoke_tree(roots, params, at, reason)
+        return self._revoke_tree(roots, params, at, reason, outbox)
 
     def extend(self, lease_id: str, *, expires_at: float, at: float) -> Lease | None:
         """Set a new expiry if the lease is active and unclaimed at ``at``."""
@@ -280,7 +303,12 @@ class SQLiteStore:
         return _rows(rows)
 
     def claim_expired(
-        self, now: float, limit: int = 1000, expire_hooks: Collection[str] = ()
+        self,
+        now: float,
+        limit: int = 1000,
+        expire_hooks: Collection[str] = (),
+        *,
+        outbox: Outbox = NO_OUTBOX,
     ) -> list[Lease]:
         """Leases expired by ``now`` and not yet claimed, each handed out exactly once:
         those needing no hook, and those whose ``expire_hooks`` is in ``expire_hooks``.
@@ -298,7 +326,11 @@ class SQLiteStore:
                     break
                 rows += db.execute(_DUE_HOOKS, (hooks, now, limit - len(rows))).fetchall()
             db.executemany(_CLAIM, [(row[0],) for row in rows])
-        return _rows(rows)
+            claimed = _rows(rows)
+            jobs = _jobs("on_expire", claimed, outbox, now)
+            if jobs:
+                outbox_sql.insert(db, jobs)
+        return claimed
 
     def awaiting_hooks(self, now: float) -> dict[str, int]:
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
@@ -309,6 +341,59 @@ class SQLiteStore:
         """Delete dead leases (revoked or claimed expired) with ``expires_at < before``."""
         with self._session("purge dead leases") as db:
             return int(db.execute(_PURGE, (before,)).rowcount)
+
+    # -- the outbox (statements in sqlite_outbox) ----------------------------
+    def claim_jobs(
+        self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
+    ) -> list[Job]:
+        """Due jobs of ``kinds``, each now held by ``claim`` until ``until``."""
+        if not kinds or limit <= 0:  # SQLite reads a negative LIMIT as "no limit"
+            return []
+        kinds = dict.fromkeys(kinds)  # a kind named twice must not hand a job out twice
+        with self._transaction("claim outbox jobs") as db:
+            return outbox_sql.claim(db, now, kinds, claim, until, limit)
+
+    def finish_jobs(self, ids: Collection[str], claim: str) -> int:
+        """Delete the jobs of ``ids`` that ``claim`` still holds; how many."""
+        if not ids:  # no write lock taken for nothing
+            return 0
+        with self._transaction("finish outbox jobs") as db:
+            return outbox_sql.finish(db, ids, claim)
+
+    def fail_job(
+        self, job_id: str, claim: str, *, due: float, error: str, park: bool, attempt: bool = True
+    ) -> bool:
+        """Record a failed (or deferred) attempt of a job ``claim`` holds."""
+        with self._transaction("record an outbox failure") as db:
+            return outbox_sql.fail(
+                db, job_id, claim, due=due, error=error, park=park, attempt=attempt
+            )
+
+    def get_job(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        with self._session("read an outbox job") as db:
+            return outbox_sql.get(db, job_id)
+
+    def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]:
+        """Jobs, oldest due first: parked ones, unparked ones, or all."""
+        if limit <= 0:  # not "no limit", as SQLite would read a negative one
+            return []
+        with self._session("list outbox jobs") as db:
+            return outbox_sql.listed(db, parked, limit)
+
+    def retry_jobs(self, ids: Collection[str] | None, now: float) -> int:
+        """Unpark parked jobs (all if ``ids`` is None); how many."""
+        if ids is not None and not ids:
+            return 0
+        with self._transaction("retry outbox jobs") as db:
+            return outbox_sql.retry(db, ids, now)
+
+    def forget_jobs(self, ids: Collection[str]) -> list[Job]:
+        """Delete these jobs whatever their state; those deleted."""
+        if not ids:
+            return []
+        with self._transaction("forget outbox jobs") as db:
+            return outbox_sql.forget(db, dict.fromkeys(ids))  # each deleted job once
 
     def close(self) -> None:
         """Close the connection. Idempotent; any later call raises ``StoreError``."""
@@ -390,12 +475,18 @@ class SQLiteStore:
                 db.close()
 
     def _revoke_tree(
-        self, roots: str, params: dict[str, Any], at: float, reason: str
+        self, roots: str, params: dict[str, Any], at: float, reason: str, outbox: Outbox
     ) -> list[Lease]:
         with self._transaction("revoke leases", durable=True) as db:
             rows = db.execute(_TREE.format(roots=roots), {**params, "at": at}).fetchall()
             db.executemany(_REVOKE, [(at, reason, row[0]) for row in rows])
-        return [attrs.evolve(from_row(row), revoked_at=at, revoke_reason=reason) for row in rows]
+            revoked = [
+                attrs.evolve(from_row(row), revoked_at=at, revoke_reason=reason) for row in rows
+            ]
+            jobs = _jobs("on_revoke", revoked, outbox, at)
+            if jobs:
+                outbox_sql.insert(db, jobs)
+        return revoked
 
     def _after_fork(self) -> None:
         # Called in a forked child: the lock may have been held by a thread that
@@ -560,6 +651,18 @@ def _translate(exc: sqlite3.Error, action: str, path: str) -> StoreError:
             f"SQLite store {path} unavailable ({kind}), could not {action}: {exc}"
         )
     return StoreError(f"SQLite store {path}: could not {action}: {exc}")
+
+
+def _jobs(event: str, leases: list[Lease], outbox: Outbox, at: float) -> list[Job]:
+    """The jobs ``event`` makes for ``leases``. event_jobs is called only for a
+    lease it may give some (a hook asked for, a provider, or for ``on_expire``
+    the lease's own hooks): revoking many plain leases builds nothing."""
+    return [
+        job
+        for lease in leases
+        if outbox.hooks or lease.provider is not None or lease.expire_hooks is not None
+        for job in event_jobs(event, lease, outbox, at)
+    ]
 
 
 def _where(where: LeaseFilter) -> tuple[str, dict[str, Any]]:

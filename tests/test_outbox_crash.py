@@ -1,0 +1,123 @@
+"""Kill -9 a broker at random points of issue-with-provider, revoke, sweep and
+reconcile, many times per store, then let one survivor finish: no backend
+principal outlives its lease, every dead lease's hook ran (and every run of it
+had the same idempotency key), and no live lease lacks its backend credential.
+
+``JITBROKER_CRASH_RUNS`` (default 200) sets the kills per store.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from conftest import server_or_skip
+from jitbroker.stores.base import LeaseFilter, LeaseStore, job_id
+from outbox_worker import HOOK_TIMEOUT, PROVIDER, TTL, broker_for
+from store_worker import open_store
+from test_store_conformance import POSTGRES_DSN, REDIS_URL
+
+pytestmark = pytest.mark.slow
+RUNS = int(os.environ.get("JITBROKER_CRASH_RUNS", "200"))
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    kind: str = request.param
+    if kind == "sqlite":
+        yield kind, str(tmp_path / "leases.db"), ""
+        return
+    if kind == "redis":
+        server_or_skip("Redis", "127.0.0.1", 6379)
+        where, namespace = REDIS_URL, f"jbcrash-{uuid4().hex}"
+    else:
+        server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+        where, namespace = POSTGRES_DSN, f"jbcrash_{uuid4().hex}"
+    yield kind, where, namespace
+    store = open_store(kind, where, namespace)
+    clear = getattr(store, "clear", None)
+    if clear is not None:
+        clear()
+    store.close()
+
+
+def run_and_kill(kind: str, where: str, namespace: str, base: Path, rng: random.Random) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, str(HERE / "outbox_worker.py"), kind, where, namespace, str(base)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert worker.stdout is not None
+    assert worker.stdout.readline().strip() == b"ready"
+    time.sleep(rng.uniform(0.0, 0.25))
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    worker.stdout.close()
+
+
+def assert_no_live_lease_lacks_its_credential(store: LeaseStore, base: Path) -> None:
+    now = time.time()
+    principals = {p.name for p in (base / "principals").iterdir()}
+    for lease in store.find(LeaseFilter(provider=PROVIDER)):
+        if not lease.is_active(now + 0.05):  # leases expiring as we look may be claimed already
+            continue
+        if store.get_job(job_id(lease.id, "create", PROVIDER)) is not None:
+            continue  # a create under way (or to be undone): not handed out
+        assert lease.id in principals, f"active lease {lease.id} has no backend principal"
+
+
+def test_kill_9_at_random_points_loses_nothing(
+    target: tuple[str, str, str], tmp_path: Path
+) -> None:
+    kind, where, namespace = target
+    rng = random.Random(1234)
+    base = tmp_path / "backend"
+    (base / "principals").mkdir(parents=True)
+    for _ in range(RUNS):
+        run_and_kill(kind, where, namespace, base, rng)
+        store = open_store(kind, where, namespace)
+        try:
+            assert_no_live_lease_lacks_its_credential(store, base)
+        finally:
+            store.close()
+    survivor = broker_for(kind, where, namespace, base)
+    try:
+        leases = survivor.store.find(LeaseFilter())
+        assert leases, "the workers issued nothing"
+        time.sleep(TTL + HOOK_TIMEOUT + 0.1)  # every lease expired, every claim ran out
+        deadline = time.monotonic() + 60
+        while survivor.store.jobs(parked=None) or survivor.reconcile().revoked:
+            survivor.sweep()
+            assert time.monotonic() < deadline, survivor.store.jobs()
+            time.sleep(0.05)
+        assert survivor.failed_hooks() == []
+        leases = survivor.store.find(LeaseFilter())
+        assert all(lease.status(time.time()) != "active" for lease in leases)
+        assert list((base / "principals").iterdir()) == []
+        runs: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for line in (base / "hooks.log").read_text().splitlines():
+            event, lease_id, key = line.split()
+            runs[(event, lease_id)].add(key)
+        for lease in leases:
+            event = "on_revoke" if lease.revoked_at is not None else "on_expire"
+            keys = runs.get((event, lease.id))
+            assert keys, f"lease {lease.id} ({lease.status(time.time())}): {event} never ran"
+            assert keys == {job_id(lease.id, event, "record")}, keys
+    finally:
+        survivor.close()
