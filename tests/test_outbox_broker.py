@@ -253,6 +253,8 @@ def test_renew_moves_the_backend_expiry(store: LeaseStore, clock: FakeClock) -> 
     clock.advance(30)
     renewed = broker.renew(cred, ttl=120)
     assert backend.principals[cred.lease_id] == renewed.expires_at == clock() + 120
+    assert renewed.secret == cred.secret  # the same login, a later expiry
+    assert broker.renew(cred.lease_id, ttl=60).secret is None  # an id carries no secret
     backend.down = True
     clock.advance(30)
     with pytest.raises(ProviderError, match="could not move its backend expiry"):

@@ -281,6 +281,27 @@ def test_jobs_lists_oldest_due_first_within_the_limit(store: LeaseStore) -> None
     assert len(store.jobs()) == 3
 
 
+def test_a_repeated_id_counts_once(store: LeaseStore) -> None:
+    leases = queued(store, "h", "h", "h")
+    first, second, third = (job_id(lease.id, "on_revoke", "h") for lease in leases)
+    held = store.claim_jobs(T0, ("on_revoke:h",), claim="x", until=T0 + 30)
+    assert job_ids(held) == sorted([first, second, third])
+    assert store.finish_jobs([first, first], "x") == 1
+    for job_id_ in (second, third):
+        assert store.fail_job(job_id_, "x", due=T0 + 1, error="E", park=True)
+    assert store.retry_jobs([second, second], T0 + 10) == 1
+    assert [j.id for j in store.forget_jobs([third, third])] == [third]
+    assert job_ids(store.jobs()) == [second]
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_limit_below_one_lists_and_claims_nothing(store: LeaseStore, limit: int) -> None:
+    queued(store, "h", "h")
+    assert store.jobs(limit=limit) == []
+    assert store.claim_jobs(T0, ("on_revoke:h",), claim="x", until=T0 + 30, limit=limit) == []
+    assert len(store.claim_jobs(T0, ("on_revoke:h",), claim="x", until=T0 + 30)) == 2
+
+
 def test_purge_never_deletes_jobs(store: LeaseStore) -> None:
     queued(store, "h", at=T0 + 1)
     assert store.purge(T0 + 10 * TTL) >= 1

@@ -361,7 +361,9 @@ class Core:
         if renewed is not lease and renewed.provider is not None:
             yield from self._provider_renew(renewed)
         self.audit.emit(EventType.RENEWED, now, renewed)
-        return new_credential(self._token(renewed, opaque, now, chain), renewed, self.shell)
+        # The backend credential outlives a renewal (its expiry moved): keep it.
+        secret = ref.secret if isinstance(ref, Credential) else None
+        return new_credential(self._token(renewed, opaque, now, chain), renewed, self.shell, secret)
 
     def _provider_renew(self, lease: Lease) -> Steps[None]:
         provider = self.outbox.provider_of(lease.provider or "")

@@ -237,7 +237,7 @@ class MemoryStore:
     def claim_jobs(
         self, now: float, kinds: Collection[str], *, claim: str, until: float, limit: int = 100
     ) -> list[Job]:
-        if not kinds:
+        if not kinds or limit <= 0:
             return []
         with self._lock:
             return self._jobs.claim(now, kinds, claim, until, limit)
@@ -265,12 +265,16 @@ class MemoryStore:
     def jobs(self, *, parked: bool | None = None, limit: int = 1000) -> list[Job]:
         with self._lock:
             found = [j for j in self._jobs.by_id.values() if parked is None or j.parked == parked]
-        return sorted(found, key=lambda job: (job.due, job.id))[:limit]
+        return sorted(found, key=lambda job: (job.due, job.id))[: max(limit, 0)]
 
     def retry_jobs(self, ids: Collection[str] | None, now: float) -> int:
         with self._lock:
             jobs = self._jobs.by_id
-            chosen = [jobs[i] for i in ids if i in jobs] if ids is not None else list(jobs.values())
+            chosen = (
+                [jobs[i] for i in dict.fromkeys(ids) if i in jobs]
+                if ids is not None
+                else list(jobs.values())
+            )
             parked = [job for job in chosen if job.parked]
             for job in parked:
                 self._jobs.put(attrs.evolve(job, parked=False, due=now, limit=job.attempts))
@@ -278,7 +282,7 @@ class MemoryStore:
 
     def forget_jobs(self, ids: Collection[str]) -> list[Job]:
         with self._lock:
-            gone = (self._jobs.by_id.pop(job_id, None) for job_id in ids)
+            gone = (self._jobs.by_id.pop(job_id, None) for job_id in dict.fromkeys(ids))
             return [job for job in gone if job is not None]
 
     # -- helpers (caller holds the lock) ----------------------------------
@@ -482,7 +486,7 @@ class _Jobs:
         return taken
 
     def finish(self, ids: Collection[str], claim: str) -> int:
-        done = [i for i in ids if self.held(i, claim) is not None]
+        done = [i for i in dict.fromkeys(ids) if self.held(i, claim) is not None]
         for job_id in done:
             del self.by_id[job_id]
         return len(done)
