@@ -264,8 +264,10 @@ def test_renew_caps_at_max_ttl_then_denies(
     assert capped.expires_at == start + 100
     assert payload(capped.token)["exp"] == int(start) + 100
     with pytest.raises(RenewalDenied) as info:
-        jitbroker_broker.renew(cred, ttl=60)
+        jitbroker_broker.renew(capped, ttl=60)
     assert info.value.lease_id == cred.lease_id
+    # a credential behind its lease gets a token at the lease's expiry, never later
+    assert jitbroker_broker.renew(cred, ttl=60).expires_at == start + 100
 
 
 def test_renew_caps_at_the_broker_max_ttl_by_default(jitbroker_clock: FakeClock) -> None:
@@ -273,9 +275,10 @@ def test_renew_caps_at_the_broker_max_ttl_by_default(jitbroker_clock: FakeClock)
     start = jitbroker_clock()
     cred = broker.issue(SUBJECT, AUDIENCE, SCOPES, ttl=60)
     jitbroker_clock.advance(50)
-    assert broker.renew(cred, ttl=100).expires_at == start + 120
+    capped = broker.renew(cred, ttl=100)
+    assert capped.expires_at == start + 120
     with pytest.raises(RenewalDenied):
-        broker.renew(cred, ttl=100)
+        broker.renew(capped, ttl=100)
 
 
 def test_max_ttl_shorter_than_ttl_is_refused(jitbroker_broker: Broker) -> None:
@@ -569,9 +572,47 @@ def test_renewing_a_child_is_capped_by_its_parent(
     parent = issue(jitbroker_broker, ttl=60)
     child = jitbroker_broker.attenuate(parent, ttl=30)
     jitbroker_clock.advance(20)
-    assert jitbroker_broker.renew(child, ttl=300).expires_at == parent.expires_at
+    capped = jitbroker_broker.renew(child, ttl=300)
+    assert capped.expires_at == parent.expires_at
     with pytest.raises(RenewalDenied):
-        jitbroker_broker.renew(child, ttl=300)
+        jitbroker_broker.renew(capped, ttl=300)
+
+
+def test_renew_with_children_extends_the_subtree_within_each_cap(
+    jitbroker_broker: Broker, jitbroker_clock: FakeClock
+) -> None:
+    parent = issue(jitbroker_broker, ttl=60)
+    child = jitbroker_broker.attenuate(parent, ttl=60)
+    grandchild = jitbroker_broker.attenuate(child, ttl=60)
+    fixed = jitbroker_broker.attenuate(parent, ttl=60)
+    under_fixed = jitbroker_broker.attenuate(fixed, ttl=60)
+    with jitbroker_broker.task("t", subject=SUBJECT, audience=AUDIENCE, ttl=60):
+        pass  # a lease of another tree: untouched
+    jitbroker_broker.revoke(fixed)  # a dead child is skipped, with its subtree
+
+    def lease_of(broker: Broker, cred: Credential) -> Lease:
+        found = broker.store.get(cred.lease_id)
+        assert found is not None
+        return found
+
+    jitbroker_clock.advance(50)
+    assert jitbroker_broker.renew(parent, ttl=100).expires_at == jitbroker_clock() + 100
+    assert lease_of(jitbroker_broker, child).expires_at == child.expires_at  # not asked
+    renewed = jitbroker_broker.renew(parent, ttl=100, children=True)
+    now = jitbroker_clock()
+    assert lease_of(jitbroker_broker, child).expires_at == now + 100
+    assert lease_of(jitbroker_broker, grandchild).expires_at == now + 100
+    assert lease_of(jitbroker_broker, under_fixed).expires_at == under_fixed.expires_at
+    # a child's holder gets a token with the new expiry by renewing its own credential
+    again = jitbroker_broker.renew(grandchild)
+    assert again.expires_at == now + 100
+    assert jitbroker_broker.verify(again.token, audience=AUDIENCE).lease_id == grandchild.lease_id
+    jitbroker_clock.advance(20)
+    shorter = jitbroker_broker.renew(renewed, ttl=10, children=True)
+    assert shorter.expires_at == renewed.expires_at  # never shortens
+    assert lease_of(jitbroker_broker, child).expires_at == now + 100
+    with pytest.raises(InvalidRequest):
+        jitbroker_broker.renew(parent, children="yes")  # type: ignore[arg-type]
 
 
 # -- task() and ephemeral ---------------------------------------------------

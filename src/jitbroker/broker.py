@@ -291,9 +291,14 @@ class Broker(_Base):
             self._core.verify_failed(exc)
             raise
 
-    def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
-        """Extend the lease (capped at its max lifetime) and return a fresh token."""
-        return run(self._core.renew(cred, ttl), self.store)
+    def renew(
+        self, cred: LeaseRef, ttl: Duration | None = None, *, children: bool = False
+    ) -> Credential:
+        """Extend the lease (capped at its max lifetime) and return a fresh token.
+        With ``children``, every active renewable descendant is extended too (by
+        ``ttl``, never past its own cap or its parent); its holder gets a token
+        with the new expiry by renewing its own credential."""
+        return run(self._core.renew(cred, ttl, children), self.store)
 
     def revoke(self, cred: LeaseRef, reason: str = "revoked", *, by: str | None = None) -> bool:
         """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent.
@@ -638,9 +643,12 @@ class AsyncBroker(_Base):
             self._core.verify_failed(exc)
             raise
 
-    async def renew(self, cred: LeaseRef, ttl: Duration | None = None) -> Credential:
-        """Extend the lease (capped at its max lifetime) and return a fresh token."""
-        return await arun(self._core.renew(cred, ttl), self._astore)
+    async def renew(
+        self, cred: LeaseRef, ttl: Duration | None = None, *, children: bool = False
+    ) -> Credential:
+        """Extend the lease (capped at its max lifetime) and return a fresh token;
+        ``children`` as ``Broker.renew``."""
+        return await arun(self._core.renew(cred, ttl, children), self._astore)
 
     async def revoke(
         self, cred: LeaseRef, reason: str = "revoked", *, by: str | None = None

@@ -302,7 +302,7 @@ class Core:
         runner, mode, now = self.outbox, self.mode, lease.issued_at
         provider = runner.provider_of(lease.provider) if lease.provider else None
         if provider is not None:  # refuse what it cannot grant before anything is stored
-            yield lambda store: mode.blocking(provider.check, lease)
+            yield from runner.check(provider, lease, mode)
         outbox = runner.plan("on_issue", now) if self.issue_hooks or provider else NO_OUTBOX
         added = yield from self._add(lease, quotas, now, outbox)
         if not added:
@@ -326,8 +326,11 @@ class Core:
             raise InvalidRequest(f"max_ttl {cap:g}s is shorter than ttl {life:g}s")
         return cap
 
-    def renew(self, ref: LeaseRef, ttl: Duration | None) -> Steps[Credential]:
-        """Extend an active, renewable lease (never past its cap) and re-sign its token."""
+    def renew(
+        self, ref: LeaseRef, ttl: Duration | None, children: bool = False
+    ) -> Steps[Credential]:
+        """Extend an active, renewable lease (never past its cap) and re-sign its
+        token; with ``children``, its active descendants too (``_renew_children``)."""
         lease_id = self.lease_id(ref)
         # An opaque token cannot be re-derived from its hash: renewal hands the same one back.
         token = ref.token if isinstance(ref, Credential) else ref
@@ -343,7 +346,10 @@ class Core:
             parent = yield from self._active(lease.parent)
             cap = min(cap, parent.expires_at)
             chain = yield from self._chain(parent)
-        if lease.expires_at >= cap:
+        # At its cap, a lease renewed elsewhere (``children=True``) still gives a
+        # holder whose credential is behind it a token with its current expiry.
+        behind = isinstance(ref, Credential) and ref.expires_at < lease.expires_at
+        if lease.expires_at >= cap and not behind:
             raise RenewalDenied(
                 f"lease {lease_id} already expires at its maximum lifetime", lease_id=lease_id
             )
@@ -361,9 +367,48 @@ class Core:
         if renewed is not lease and renewed.provider is not None:
             yield from self._provider_renew(renewed)
         self.audit.emit(EventType.RENEWED, now, renewed)
+        if not isinstance(children, bool):
+            raise InvalidRequest("children must be True or False")
+        if children:
+            yield from self._renew_children(renewed, extra, now)
         # The backend credential outlives a renewal (its expiry moved): keep it.
         secret = ref.secret if isinstance(ref, Credential) else None
         return new_credential(self._token(renewed, opaque, now, chain), renewed, self.shell, secret)
+
+    def _renew_children(self, parent: Lease, extra: float, now: float) -> Steps[None]:
+        """Extend every active, renewable descendant of ``parent`` by ``extra`` as
+        ``renew`` would (never past its own cap nor its parent's new expiry),
+        breadth first, with its provider's backend expiry. A child the policy
+        refuses, at its cap or not renewable keeps its expiry, and so does its
+        subtree. The children's holders get tokens with the new expiry by
+        renewing their own credential (an opaque token needs nothing: the
+        store's expiry is the token's)."""
+        level = [parent]
+        depth = 0
+        while level and depth <= tokens.MAX_ACT_DEPTH:
+            depth += 1
+            below: list[Lease] = []
+            for above in level:
+                found: list[Lease] = yield methodcaller("find", LeaseFilter(parent=above.id))
+                for child in sorted(found, key=lambda lease: (lease.issued_at, lease.id)):
+                    if not child.renewable or not child.is_active(now):
+                        continue
+                    expires_at = min(now + extra, child.max_expires_at, above.expires_at)
+                    if expires_at <= child.expires_at:
+                        continue
+                    wanted = attrs.evolve(child, expires_at=expires_at)
+                    if not self.decide(wanted, "renew", now).allowed:
+                        continue
+                    renewed: Lease | None = yield methodcaller(
+                        "extend", child.id, expires_at=expires_at, at=now
+                    )
+                    if renewed is None:  # died meanwhile: so did its subtree
+                        continue
+                    if renewed.provider is not None:
+                        yield from self._provider_renew(renewed)
+                    self.audit.emit(EventType.RENEWED, now, renewed)
+                    below.append(renewed)
+            level = below
 
     def _provider_renew(self, lease: Lease) -> Steps[None]:
         provider = self.outbox.provider_of(lease.provider or "")

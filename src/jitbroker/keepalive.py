@@ -4,7 +4,9 @@ A long job that cannot know its duration takes a short TTL and keeps it alive:
 the lease stays short-lived (a crashed job's lease dies within one TTL) while
 the job runs as long as it needs. ``with cred.keep_alive() as live:`` on a
 ``Broker`` (a daemon thread), ``async with`` on either broker (a task). Read
-the current token as ``live.token``: each renewal re-signs it.
+the current token as ``live.token``: each renewal re-signs it. With
+``children=True`` each renewal extends the leases it delegated too
+(``broker.renew(..., children=True)``).
 
 Renewal stops quietly when the lease reaches its maximum lifetime, dies
 (revoked, expired), or the policy no longer allows it; a store error is logged
@@ -39,8 +41,14 @@ class KeepAlive:
     ends; ``credential`` is then the last one issued."""
 
     def __init__(
-        self, credential: Credential, every: Duration | None = None, ttl: Duration | None = None
+        self,
+        credential: Credential,
+        every: Duration | None = None,
+        ttl: Duration | None = None,
+        children: bool = False,
     ) -> None:
+        if not isinstance(children, bool):
+            raise InvalidRequest("keep_alive children must be True or False")
         lease = credential.lease
         life = max(lease.expires_at - lease.issued_at, 0.001)
         self.ttl = life if ttl is None else seconds(ttl, "ttl")
@@ -51,6 +59,8 @@ class KeepAlive:
                 " or the lease expires between renewals"
             )
         self.credential = credential
+        #: Whether each renewal extends the lease's descendants too.
+        self.children = children
         self.renewals = 0
         #: Why renewal stopped early (the lease died, hit its cap, or the policy
         #: refused it), or None.
@@ -99,7 +109,9 @@ class KeepAlive:
         broker = self.credential._broker
         while not self._stop.wait(self.every):
             try:
-                self.credential = broker.renew(self.credential, self.ttl)  # type: ignore[union-attr,assignment]
+                self.credential = broker.renew(  # type: ignore[union-attr,assignment]
+                    self.credential, self.ttl, children=self.children
+                )
             except _FINAL as exc:  # dead, at its cap, or refused: nothing more to do
                 self._ended(exc)
                 return
@@ -139,7 +151,7 @@ class KeepAlive:
             await asyncio.sleep(self.every)
             try:
                 if isinstance(broker, AsyncBroker):
-                    renewed = await broker.renew(self.credential, self.ttl)
+                    renewed = await broker.renew(self.credential, self.ttl, children=self.children)
                 else:  # a sync Broker's store may block: keep it off the loop
                     renewed = await asyncio.to_thread(broker.renew, self.credential, self.ttl)  # type: ignore[union-attr]
             except _FINAL as exc:

@@ -163,15 +163,18 @@ class Credential:
             return await self._broker.revoke(self, reason=reason)
         return self.revoke(reason)
 
-    def keep_alive(self, every: float | None = None, ttl: float | None = None) -> KeepAlive:
+    def keep_alive(
+        self, every: float | None = None, ttl: float | None = None, *, children: bool = False
+    ) -> KeepAlive:
         """Renew this credential in the background while a block runs:
         ``with cred.keep_alive() as live:`` (a ``Broker``'s credential) or
         ``async with`` (either broker); ``live.token`` is the current token.
         Every ``every`` seconds (a third of the TTL by default) the lease is
-        renewed for ``ttl`` more (its TTL by default), never past its cap."""
+        renewed for ``ttl`` more (its TTL by default), never past its cap;
+        with ``children``, its delegated leases too."""
         from .keepalive import KeepAlive
 
-        return KeepAlive(self, every, ttl)
+        return KeepAlive(self, every, ttl, children)
 
     def __enter__(self) -> Credential:
         return self

@@ -345,6 +345,24 @@ class Runner:
         """The provider an audience names, or None."""
         return self.providers.get(audience) if self.providers else None
 
+    def check(self, provider: ProviderLike, lease: Lease, mode: Mode) -> Steps[None]:
+        """``provider.check(lease)`` before anything is stored: its refusal
+        (a ``JitBrokerError``) as is, anything else (the backend unreachable
+        while it looks its roles up) as ``ProviderError``, never echoed."""
+        from .errors import JitBrokerError, ProviderError
+
+        try:
+            yield lambda store: mode.blocking(provider.check, lease)
+        except JitBrokerError:
+            raise
+        except Exception as exc:
+            raise ProviderError(
+                f"provider {provider.name!r} could not check lease {lease.id}"
+                f" ({type(exc).__name__}); nothing was stored",
+                provider=provider.name,
+                lease_id=lease.id,
+            ) from exc
+
     def create(self, lease: Lease, outbox: Outbox, mode: Mode) -> Steps[Secret]:
         """Make the backend credential of a lease just stored with ``outbox``.
         On failure the lease is revoked (its provider revoke cleans what the
