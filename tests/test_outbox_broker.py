@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from jitbroker import AsyncBroker, Broker, KeyRing, Lease, LeaseStore, MemoryStore
+from jitbroker import AsyncBroker, Broker, KeyRing, Lease, LeaseStore, MemoryStore, Policy, Rule
 from jitbroker.audit import AuditEvent, EventType
-from jitbroker.errors import InvalidRequest, ProviderError
+from jitbroker.errors import InvalidRequest, PolicyDenied, ProviderError, QuotaExceeded
 from jitbroker.lease import Secret
 from jitbroker.outbox import CREATE_INTERRUPTED
 from jitbroker.stores.base import Outbox, job_id
@@ -332,3 +332,54 @@ def test_an_async_broker_runs_providers_off_the_event_loop(tmp_path: Path) -> No
     asyncio.run(main())
     assert threads == [True]
     assert backend.principals == {}
+
+
+def test_the_policy_judges_who_gets_which_provider_scopes(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    backend = Backend()
+    policy = Policy(
+        [
+            Rule(subjects=["svc:report-*"], audiences=["orders-db"], scopes=["orders:read"]),
+            Rule(subjects=["svc:etl"], audiences=["orders-*"], scopes=["orders:*"], max_active=1),
+        ]
+    )
+    broker = broker_on(store, clock, backend, policy=policy)
+    assert broker.issue("svc:report-daily", "orders-db", ["orders:read"], ttl=60).secret
+    for subject, scopes in (("svc:report-daily", ["orders:write"]), ("svc:other", ["orders:read"])):
+        with pytest.raises(PolicyDenied):
+            broker.issue(subject, "orders-db", scopes, ttl=60)
+    assert len(backend.principals) == 1  # a refusal creates nothing in the backend
+    # quotas count leases holding a backend credential like any other
+    etl = broker.issue("svc:etl", "orders-db", ["orders:write"], ttl=60)
+    with pytest.raises(QuotaExceeded):
+        broker.issue("svc:etl", "orders-db", ["orders:read"], ttl=60)
+    assert len(backend.principals) == 2
+    broker.revoke(etl)
+    assert broker.issue("svc:etl", "orders-db", ["orders:read"], ttl=60).secret
+    # attenuating into the provider's audience is judged too
+    reader = broker.issue("svc:report-x", "orders-db", ["orders:read"], ttl=60)
+    with pytest.raises(PolicyDenied):
+        broker.attenuate(reader, subject="svc:other")
+
+
+def test_a_provider_only_reaches_leases_issued_for_its_exact_name(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    keys = KeyRing.generate()
+    before = Broker(issuer=ISSUER, store=store, clock=clock, keys=keys)
+    old = before.issue("svc:x", "orders-db", ["orders:read"], ttl=60)
+    backend = Backend()
+    broker = broker_on(store, clock, backend, keys=keys)
+    # a lease issued before the provider existed holds no backend credential: its
+    # revoke and reconciliation leave the backend alone
+    assert broker.revoke(old) is True
+    assert backend.revoked == []
+    assert broker.reconcile().missing == ()
+    for audience in ("orders-*", "ORDERS-DB", "orders-db ", "orders-db2"):
+        cred = broker.issue("svc:x", audience, ["orders:read"], ttl=60)
+        assert (cred.secret, cred.lease.provider) == (None, None)
+    assert backend.principals == {}
+    for name in ("orders-*", "orders db", "", "a" * 65):
+        with pytest.raises(InvalidRequest):
+            Broker(providers=[Backend(name)])

@@ -63,7 +63,7 @@ def make_provider(cluster: Cluster) -> Iterator[Callable[..., PostgresRoles]]:
     made: list[PostgresRoles] = []
 
     def make(**options: Any) -> PostgresRoles:
-        made.append(PostgresRoles(cluster.dsn, **{"roles": READ, **options}))
+        made.append(PostgresRoles(admin_dsn=cluster.dsn, **{"roles": READ, **options}))
         return made[-1]
 
     yield make
@@ -351,8 +351,8 @@ def test_a_template_name_is_only_ever_an_identifier(
 @pytest.mark.parametrize("prefix", ["Jit_", "1x", "a-b", "x" * 40, "", "pg_x", "jit_;"])
 def test_bad_prefixes_are_refused(prefix: str) -> None:
     with pytest.raises(InvalidRequest, match="prefix"):
-        PostgresRoles("host=127.0.0.1", roles=READ, prefix=prefix)
-    assert PostgresRoles("host=127.0.0.1", roles=READ, prefix="x" * 31).prefix == "x" * 31
+        PostgresRoles(admin_dsn="host=127.0.0.1", roles=READ, prefix=prefix)
+    assert PostgresRoles(admin_dsn="host=127.0.0.1", roles=READ, prefix="x" * 31).prefix == "x" * 31
 
 
 @pytest.mark.parametrize(
@@ -376,14 +376,14 @@ def test_bad_prefixes_are_refused(prefix: str) -> None:
 )
 def test_bad_configuration_is_refused(options: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        PostgresRoles("postgresql://admin:hunter2-admin@db/app", **options)
+        PostgresRoles(admin_dsn="postgresql://admin:hunter2-admin@db/app", **options)
     assert_hidden(caught.value, "hunter2-admin")
 
 
 def test_a_bad_dsn_is_refused_without_echoing_it() -> None:
     for dsn in ("host=db password=hunter2-admin junk", "postgresql://u:hunter2-admin%zz@db/x"):
         with pytest.raises(InvalidRequest, match="not a valid") as caught:
-            PostgresRoles(dsn, roles=READ)
+            PostgresRoles(admin_dsn=dsn, roles=READ)
         assert_hidden(caught.value, "hunter2-admin")
         assert caught.value.__cause__ is None
         assert caught.value.__context__ is None

@@ -115,7 +115,7 @@ def build() -> Iterator[Build]:
     def make(url: str, **options: object) -> RedisUsers:
         options.setdefault("prefix", f"jt{uuid4().hex[:10]}_")
         options.setdefault("rules", RULES)
-        provider = RedisUsers(url, **options)  # type: ignore[arg-type]
+        provider = RedisUsers(admin_url=url, **options)  # type: ignore[arg-type]
         made.append((url, provider))
         return provider
 
@@ -281,7 +281,7 @@ def test_revoke_is_idempotent_and_renew_does_nothing(private: RedisServer, build
 # -- 3. outages -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_revoke_while_redis_is_down_is_retried_parked_then_done(outage: RedisServer) -> None:
-    provider = RedisUsers(outage.url, rules=RULES, socket_timeout=0.5)
+    provider = RedisUsers(admin_url=outage.url, rules=RULES, socket_timeout=0.5)
     clock = FakeClock()
     broker = Broker(providers=[provider], clock=clock, hook_retries=2, hook_backoff=0.001)
     cred = broker.issue("svc:a", "redis", ["cache:read"], ttl=600)
@@ -312,7 +312,7 @@ def test_a_revoke_while_redis_is_down_is_retried_parked_then_done(outage: RedisS
 
 @pytest.mark.slow
 def test_a_hung_redis_fails_the_issue_and_leaves_no_active_lease(outage: RedisServer) -> None:
-    provider = RedisUsers(outage.url, rules=RULES, socket_timeout=0.2)
+    provider = RedisUsers(admin_url=outage.url, rules=RULES, socket_timeout=0.2)
     clock = FakeClock()
     broker = Broker(providers=[provider], clock=clock, hook_retries=2, hook_backoff=0.001)
     with outage.frozen(), pytest.raises(ProviderError) as cold:
@@ -403,7 +403,7 @@ REFUSED_RULES = [
 def test_a_rule_off_the_whitelist_is_refused_at_construction(rule: str) -> None:
     for rules in ({"s": rule}, {"s": ["~a:*", rule]}):
         with pytest.raises(InvalidRequest) as caught:
-            RedisUsers(SHARED, rules=rules)
+            RedisUsers(admin_url=SHARED, rules=rules)
         assert "hunter2" not in str(caught.value)
         assert "a" * 64 not in str(caught.value)
 
@@ -413,7 +413,7 @@ def test_a_rule_off_the_whitelist_is_refused_at_construction(rule: str) -> None:
 )
 def test_rules_smuggled_in_one_element_are_refused(element: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        RedisUsers(SHARED, rules={"s": [element]})
+        RedisUsers(admin_url=SHARED, rules={"s": [element]})
     assert "hunter2" not in str(caught.value)
 
 
@@ -421,9 +421,9 @@ def test_protected_prefixes_are_the_store_and_its_hash_tag() -> None:
     protect = ("app:secret",)
     for pattern in ("~app:*", "~app:secret:x", "~{app:secret}:x", "&app:*"):
         with pytest.raises(InvalidRequest):
-            RedisUsers(SHARED, rules={"s": pattern}, protect=protect)
-    RedisUsers(SHARED, rules={"s": "~app:public:* ~jitbroker:*"}, protect=protect)
-    RedisUsers(SHARED, rules={"s": "~jit:* &jit:* %RW~cache:a?b"})  # not the broker's own
+            RedisUsers(admin_url=SHARED, rules={"s": pattern}, protect=protect)
+    RedisUsers(admin_url=SHARED, rules={"s": "~app:public:* ~jitbroker:*"}, protect=protect)
+    RedisUsers(admin_url=SHARED, rules={"s": "~jit:* &jit:* %RW~cache:a?b"})  # not the broker's own
 
 
 SERVER_REFUSED = [
@@ -475,7 +475,7 @@ def test_an_unmapped_scope_is_refused_with_no_user_made(private: RedisServer, bu
 @pytest.mark.parametrize("prefix", ["", "1jit", "jit-", "jit:", "a b", "x" * 33, "é", 3, None])
 def test_a_bad_prefix_is_refused(prefix: object) -> None:
     with pytest.raises(InvalidRequest):
-        RedisUsers(SHARED, rules=RULES, prefix=prefix)  # type: ignore[arg-type]
+        RedisUsers(admin_url=SHARED, rules=RULES, prefix=prefix)  # type: ignore[arg-type]
 
 
 BAD_OPTIONS: list[dict[str, object]] = [
@@ -503,7 +503,7 @@ BAD_OPTIONS: list[dict[str, object]] = [
 def test_bad_options_are_refused(options: dict[str, object]) -> None:
     options.setdefault("rules", RULES)
     with pytest.raises(InvalidRequest):
-        RedisUsers(SHARED, **options)  # type: ignore[arg-type]
+        RedisUsers(admin_url=SHARED, **options)  # type: ignore[arg-type]
 
 
 BAD_URLS = [
@@ -519,7 +519,7 @@ BAD_URLS = [
 @pytest.mark.parametrize("bad", [*BAD_URLS, None])
 def test_a_bad_url_is_refused_without_echoing_it(bad: object) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        RedisUsers(bad, rules=RULES)  # type: ignore[arg-type]
+        RedisUsers(admin_url=bad, rules=RULES)  # type: ignore[arg-type]
     assert "hunter2" not in str(caught.value)
     assert caught.value.__cause__ is None
 
@@ -527,12 +527,12 @@ def test_a_bad_url_is_refused_without_echoing_it(bad: object) -> None:
 @pytest.mark.parametrize("bad", BAD_URLS)
 def test_a_bad_connect_url_is_refused_without_echoing_it(bad: object) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        RedisUsers(SHARED, rules=RULES, connect_url=bad)  # type: ignore[arg-type]
+        RedisUsers(admin_url=SHARED, rules=RULES, connect_url=bad)  # type: ignore[arg-type]
     assert "hunter2" not in str(caught.value)
     assert caught.value.__cause__ is None
 
 
 def test_repr_shows_no_password_and_construction_does_no_io() -> None:
-    provider = RedisUsers(f"redis://admin:hunter2@127.0.0.1:{free_port()}/0", rules=RULES)
+    provider = RedisUsers(admin_url=f"redis://admin:hunter2@127.0.0.1:{free_port()}/0", rules=RULES)
     assert repr(provider) == "<RedisUsers 'redis' prefix='jit_'>"
     assert provider.round_trips == 0  # nothing listens there, and nothing was tried

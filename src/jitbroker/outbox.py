@@ -25,6 +25,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from operator import methodcaller
@@ -42,7 +43,16 @@ from .stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, event_jobs, job_id
 if TYPE_CHECKING:
     from .clock import Clock
 
-__all__ = ["ASYNC", "SYNC", "Mode", "ProviderLike", "Reconciliation", "Runner"]
+__all__ = [
+    "ASYNC",
+    "SYNC",
+    "Mode",
+    "ProviderLike",
+    "Reconciliation",
+    "Runner",
+    "check_provider_name",
+    "check_providers",
+]
 
 log = logging.getLogger("jitbroker.outbox")
 BATCH = 100  # jobs per claim_jobs call
@@ -99,8 +109,24 @@ class _Deferred(Exception):
         self.until = until
 
 
+#: A provider name: the exact audience that selects it, so never a glob.
+_PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def check_provider_name(name: object) -> str:
+    """``name`` if it can name a provider (1 to 64 of ``A-Za-z0-9._:-``, starting
+    with a letter or digit: no glob, no space, so it cannot match an audience
+    pattern by accident); ``InvalidRequest`` otherwise."""
+    if isinstance(name, str) and _PROVIDER_NAME.fullmatch(name):
+        return name
+    raise InvalidRequest(
+        "a provider name is 1 to 64 letters, digits or '._:-', starting with a letter or digit"
+    )
+
+
 def check_providers(providers: Iterable[Any]) -> dict[str, Any]:
-    """``{name: provider}``; refuses what is not a provider and names used twice."""
+    """``{name: provider}``; refuses what is not a provider, a name that is not
+    one (``check_provider_name``) and names used twice."""
     found: dict[str, Any] = {}
     for provider in providers:
         name = getattr(provider, "name", None)
@@ -112,6 +138,7 @@ def check_providers(providers: Iterable[Any]) -> dict[str, Any]:
                 "providers must be Provider objects (jitbroker.providers): a name and"
                 " check, create, revoke, renew and managed methods"
             )
+        check_provider_name(name)
         if name in found:
             raise InvalidRequest(f"two providers are named {name!r}: a name selects one")
         found[name] = provider

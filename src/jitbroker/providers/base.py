@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Protocol, runtime_checkable
 
-from ..errors import InvalidRequest
 from ..lease import Lease, Secret
+from ..outbox import check_provider_name
 
 __all__ = ["Provider", "check_provider_name"]
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
 @runtime_checkable
@@ -47,13 +44,3 @@ class Provider(Protocol):
     def managed(self) -> list[str]:
         """The lease ids of every principal this provider owns in the backend."""
         ...
-
-
-def check_provider_name(name: object) -> str:
-    """``name`` if it can name a provider (1 to 64 of ``A-Za-z0-9._:-``, starting
-    with a letter or digit); ``InvalidRequest`` otherwise."""
-    if isinstance(name, str) and _NAME.fullmatch(name):
-        return name
-    raise InvalidRequest(
-        "a provider name is 1 to 64 letters, digits or '._:-', starting with a letter or digit"
-    )

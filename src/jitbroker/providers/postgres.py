@@ -10,7 +10,7 @@ names (or prefixes): reconciling revokes every marked role its store has no
 lease for. The password travels as a SCRAM verifier computed by libpq, never
 in plain text, so no server log holds it.
 
-What the admin role (``dsn``) needs: CREATEROLE; on PostgreSQL 16 and later,
+What the admin role (``admin_dsn``) needs: CREATEROLE; on PostgreSQL 16 and later,
 ADMIN OPTION on every template role (to grant membership) and membership in
 the roles it creates (``createrole_self_grant = 'set, inherit'``) for REASSIGN
 and DROP OWNED; and ``pg_signal_backend`` (or superuser) to end the sessions of
@@ -96,10 +96,10 @@ WHERE substr(rolname, 1, %s) = %s AND shobj_description(oid, 'pg_authid') = %s
 class PostgresRoles:
     """A ``Provider`` of PostgreSQL login roles, one per lease.
 
-    ``dsn`` connects as the admin role (see the module docstring for what it
+    ``admin_dsn`` connects as the admin role (see the module docstring for what it
     needs); ``roles`` maps each scope to the template role (or roles) a lease
     with that scope joins; ``connect_dsn`` is what the lease holder gets, with
-    its own user and password added (by default ``dsn`` without the admin's
+    its own user and password added (by default ``admin_dsn`` without the admin's
     user, password and client certificate). ``connect_timeout`` is in whole
     seconds, at least 2 (libpq's rule). One admin connection, opened on first
     use and reopened after a connection error; ``round_trips`` counts the
@@ -108,10 +108,10 @@ class PostgresRoles:
 
     def __init__(
         self,
-        dsn: str,
-        *,
-        roles: Mapping[str, str | Sequence[str]],
         name: str = "postgres",
+        *,
+        admin_dsn: str,
+        roles: Mapping[str, str | Sequence[str]],
         prefix: str = "jit_",
         connect_dsn: str | None = None,
         connect_timeout: float = 5.0,
@@ -119,8 +119,8 @@ class PostgresRoles:
         self.name = check_provider_name(name)
         self.prefix = _checked_prefix(prefix)
         self._roles = _checked_roles(roles)
-        admin = _parsed(dsn, "dsn")
-        self._dsn = dsn
+        admin = _parsed(admin_dsn, "admin_dsn")
+        self._dsn = admin_dsn
         self._connect_dsn = _connect_dsn(admin, connect_dsn)
         self._timeout = _checked_timeout(connect_timeout)
         self._marker = f"jitbroker:{self.name}"

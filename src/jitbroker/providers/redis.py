@@ -54,8 +54,8 @@ class RedisUsers:
     """A ``Provider`` of Redis ACL users: ``<prefix><lease id>`` with a random
     password and the ACL rules its scopes map to (``rules``: scope -> rules, a
     string split on whitespace or a sequence, applied in the order of the
-    lease's scopes). ``url`` is the admin connection (it runs ``ACL``);
-    ``connect_url`` (default ``url``) is what the holder gets, its user and
+    lease's scopes). ``admin_url`` is the admin connection (it runs ``ACL``);
+    ``connect_url`` (default ``admin_url``) is what the holder gets, its user and
     password replaced by the lease's. Key and channel patterns must start with a
     literal namespace and a ``:``, and must not overlap a ``protect`` prefix
     (a store's prefix ``p``: keys ``p...`` and ``{p}...``).
@@ -74,10 +74,10 @@ class RedisUsers:
 
     def __init__(
         self,
-        url: str,
-        *,
-        rules: Mapping[str, str | Sequence[str]],
         name: str = "redis",
+        *,
+        admin_url: str,
+        rules: Mapping[str, str | Sequence[str]],
         prefix: str = "jit_",
         protect: Sequence[str] = ("jitbroker",),
         connect_url: str | None = None,
@@ -91,7 +91,7 @@ class RedisUsers:
         self.prefix = prefix
         self._users = re.compile(re.escape(prefix) + "([0-9a-f]{32})")
         self._rules = _checked_rules(rules, _protected(protect))
-        self._url = _checked_url(url, "url")
+        self._url = _checked_url(admin_url, "admin_url")
         self._connect_url = (
             self._url if connect_url is None else _checked_url(connect_url, "connect_url")
         )
