@@ -113,12 +113,15 @@ def of(events: list[AuditEvent], action: str) -> list[AuditEvent]:
 def waiting(broker: Broker | AsyncBroker) -> list[tuple[str, str, int]]:
     """Every job in the outbox not parked, oldest due first: (event, lease id,
     attempts), retries and not-yet-run (or held) calls alike."""
-    store: LeaseStore = broker.store
-    return [(job.event, job.lease.id, job.attempts) for job in store.jobs(parked=False)]
+    return [(job.event, job.lease.id, job.attempts) for job in retries(broker)]
 
 
 def retries(broker: Broker | AsyncBroker) -> list[Job]:
-    """The jobs waiting in the outbox (not parked), oldest due first."""
+    """The jobs waiting in the outbox (not parked), oldest due first. A sync
+    broker's ``stop`` first deletes the finished ones still waiting for their
+    batch (an async broker's ``close`` does)."""
+    if isinstance(broker, Broker):
+        broker.stop()
     store: LeaseStore = broker.store
     return store.jobs(parked=False)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,8 @@ from jitbroker import AsyncBroker, Broker, KeyRing, Lease, LeaseStore, MemorySto
 from jitbroker.audit import AuditEvent, EventType
 from jitbroker.errors import InvalidRequest, PolicyDenied, ProviderError, QuotaExceeded
 from jitbroker.lease import Secret
-from jitbroker.outbox import CREATE_INTERRUPTED
-from jitbroker.stores.base import Outbox, job_id
+from jitbroker.outbox import CREATE_INTERRUPTED, FLUSH_BATCH
+from jitbroker.stores.base import LeaseFilter, Outbox, job_id
 from jitbroker.stores.sqlite import SQLiteStore
 from jitbroker.testing import FakeClock
 
@@ -383,3 +385,51 @@ def test_a_provider_only_reaches_leases_issued_for_its_exact_name(
     for name in ("orders-*", "orders db", "", "a" * 65):
         with pytest.raises(InvalidRequest):
             Broker(providers=[Backend(name)])
+
+
+def test_finished_hook_jobs_are_deleted_in_batches(store: LeaseStore, clock: FakeClock) -> None:
+    ran: list[str] = []
+    broker = Broker(
+        issuer=ISSUER, store=store, clock=clock, reap_interval=3600, on_issue=ran.append
+    )
+    broker.issue("svc:x", "api", ttl=60)  # the first issue also sweeps, which deletes
+    assert store.jobs() == []
+    first = broker.issue("svc:x", "api", ttl=60)
+    assert ran[-1] == first.lease
+    assert len(store.jobs()) == 1  # done, waiting for its batch
+    clock.advance(0.5)
+    broker.issue("svc:x", "api", ttl=60)
+    assert len(store.jobs()) == 2
+    clock.advance(0.6)  # the oldest has waited a second: the next event deletes them all
+    broker.issue("svc:x", "api", ttl=60)
+    assert store.jobs() == []
+    for _ in range(FLUSH_BATCH):  # or a full batch, whatever the clock says
+        broker.issue("svc:x", "api", ttl=60)
+    assert store.jobs() == []
+    broker.issue("svc:x", "api", ttl=60)
+    broker.sweep()  # a sweep deletes what waits
+    assert store.jobs() == []
+    broker.issue("svc:x", "api", ttl=60)
+    assert broker.failed_hooks() == []  # so does listing parked work
+    assert store.jobs() == []
+    broker.issue("svc:x", "api", ttl=60)
+    broker.stop()  # and stop (close) does
+    assert store.jobs() == []
+    clock.advance(120)  # nothing was left to run again
+    broker.sweep()
+    assert len(ran) == FLUSH_BATCH + 7
+
+
+def test_a_script_that_never_closes_its_broker_leaves_no_job(tmp_path: Path) -> None:
+    path = tmp_path / "leases.db"
+    code = (
+        "from jitbroker import Broker;"
+        "from jitbroker.stores.sqlite import SQLiteStore;"
+        f"b = Broker(store=SQLiteStore({str(path)!r}), on_issue=lambda lease: None);"
+        "b.issue('svc:x', 'api', ttl=60)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    store = SQLiteStore(path)
+    assert len(store.find(LeaseFilter())) == 1
+    assert store.jobs() == []  # deleted when the interpreter exited
+    store.close()

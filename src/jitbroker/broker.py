@@ -8,12 +8,14 @@ is only what differs: the context managers, the decorator and the reaper.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import inspect
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -40,6 +42,17 @@ from .verify import Request
 __all__ = ["AsyncBroker", "Broker"]
 
 log = logging.getLogger("jitbroker")
+
+#: Brokers whose finished hook jobs may wait for their batch (``outbox.flush``):
+#: deleted when the interpreter exits, so a script that never closes its broker
+#: does not leave them to run again.
+_AT_EXIT: weakref.WeakSet[Broker] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for broker in list(_AT_EXIT):
+        broker._flush()
 R = TypeVar("R")
 
 
@@ -232,6 +245,8 @@ class Broker(_Base):
             raise InvalidRequest("store must implement the LeaseStore protocol")
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        if self._core.outbox.kinds:  # finished hook jobs are deleted in batches
+            _AT_EXIT.add(self)
 
     def issue(
         self,
@@ -539,11 +554,19 @@ class Broker(_Base):
         self._reaper.start()
 
     def stop(self) -> None:
-        """Stop the reaper and wait for it to finish its current sweep."""
+        """Stop the reaper and wait for it to finish its current sweep; then
+        delete the finished hook jobs still waiting for their batch."""
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join()
             self._reaper = None
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            run(self._core.outbox.flush(), self.store)
+        except Exception:  # a closed or broken store: the jobs run again, same key
+            log.warning("could not delete finished outbox jobs", exc_info=True)
 
     def close(self) -> None:
         """Stop the reaper and close the store."""
@@ -881,14 +904,18 @@ class AsyncBroker(_Base):
                 self._reaper = None
 
     async def close(self) -> None:
-        """Stop the reaper and close the store (the store is closed even if
-        stopping is cancelled)."""
+        """Stop the reaper, delete the finished hook jobs still waiting for their
+        batch, and close the store (the store is closed even if stopping is
+        cancelled)."""
         try:
             await self.stop()
         finally:
             try:
                 if self._claims:  # a cancelled sweep's claim still running: its leases
                     await asyncio.wait(set(self._claims))  # are claimed, queue their hooks
+                await arun(self._core.outbox.flush(), self._astore)
+            except Exception:  # a broken store: the jobs run again, same key
+                log.warning("could not delete finished outbox jobs", exc_info=True)
             finally:
                 await self._astore.close()
 

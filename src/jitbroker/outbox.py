@@ -27,6 +27,7 @@ import itertools
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,7 +57,13 @@ __all__ = [
 
 log = logging.getLogger("jitbroker.outbox")
 BATCH = 100  # jobs per claim_jobs call
+#: Finished hook jobs are deleted in batches: when this many wait, or when the
+#: oldest has waited FLUSH_AFTER seconds (never more than a quarter of
+#: hook_timeout: they are deleted long before their claim could run out).
+FLUSH_BATCH = 100
+FLUSH_AFTER = 1.0
 CREATE_INTERRUPTED = "provider-create-interrupted"
+_PROVIDER_EVENTS = frozenset({"create", "revoke"})
 
 
 class ProviderLike(Protocol):
@@ -168,6 +175,15 @@ class Runner:
         self.kinds = tuple(kinds)
         self._claims = itertools.count()
         self._uid = secrets.token_hex(6)  # claims of this broker, told from any other's
+        # Finished hook jobs not yet deleted, by claim. The events of one flush
+        # period share a claim (``_shared``, new after each flush), so a flush
+        # is one ``finish_jobs`` call, whatever the number of events.
+        self._done: dict[str, list[str]] = {}
+        self._done_count = 0
+        self._done_since = 0.0
+        self._done_lock = threading.Lock()
+        self._flush_after = min(FLUSH_AFTER, hooks.timeout / 4)
+        self._shared = self._claim_id()
         #: Whether issue and revoke record anything for this broker's own events.
         self.issues = bool(hooks.on_issue)
         self.revokes = bool(hooks.on_revoke or self.providers)
@@ -179,12 +195,15 @@ class Runner:
         hooks = self.hooks.names(event) if event != "on_expire" else ()
         if not hooks and not self.providers and not (event == "on_expire" and self.hooks.on_expire):
             return NO_OUTBOX  # nothing for this broker to hold: write only what others run
-        claim, until = self._claim(now)
-        return Outbox(hooks, self._provider_names, claim, until, self.hooks.retries)
+        until = now + self.hooks.timeout
+        return Outbox(hooks, self._provider_names, self._shared, until, self.hooks.retries)
+
+    def _claim_id(self) -> str:
+        return f"{self._uid}.{next(self._claims)}"
 
     def _claim(self, now: float) -> tuple[str, float]:
         """A new claim id, and its deadline."""
-        return f"{self._uid}.{next(self._claims)}", now + self.hooks.timeout
+        return self._claim_id(), now + self.hooks.timeout
 
     @staticmethod
     def held(event: str, leases: Iterable[Lease], outbox: Outbox, at: float) -> list[Job]:
@@ -206,7 +225,7 @@ class Runner:
             return 0
         claim = jobs[0].claim
         assert claim is not None
-        done: list[str] = []
+        done: list[Job] = []
         failed = reached = 0
         try:
             for job in jobs:
@@ -220,7 +239,7 @@ class Runner:
                     failed += 1
                     yield from self._failed(job, claim, exc)
                     continue
-                done.append(job.id)
+                done.append(job)
         except GeneratorExit:  # closed by its driver: no more store calls
             raise
         except BaseException as exc:
@@ -232,9 +251,36 @@ class Runner:
         yield from self._finish(done, claim)
         return failed
 
-    def _finish(self, done: list[str], claim: str) -> Steps[None]:
-        if done:
-            yield from self._store_quietly(lambda store: store.finish_jobs(done, claim))
+    def _finish(self, done: list[Job], claim: str) -> Steps[None]:
+        """Delete the done jobs: a provider's at once (a revoke that is done must
+        not be seen as pending), hook jobs in batches (``flush``). A broker that
+        dies before its flush leaves them to run again after their deadline, with
+        the same idempotency key, as a crash mid-call would."""
+        now_ids = [job.id for job in done if job.event in _PROVIDER_EVENTS]
+        if now_ids:
+            yield from self._store_quietly(lambda store: store.finish_jobs(now_ids, claim))
+        later = [job.id for job in done if job.event not in _PROVIDER_EVENTS]
+        if later:
+            now = self.clock()
+            with self._done_lock:
+                if not self._done_count:
+                    self._done_since = now
+                self._done.setdefault(claim, []).extend(later)
+                self._done_count += len(later)
+                due = self._done_count >= FLUSH_BATCH or now - self._done_since >= self._flush_after
+            if due:
+                yield from self.flush()
+
+    def flush(self) -> Steps[int]:
+        """Delete the finished hook jobs waiting to be deleted; how many."""
+        with self._done_lock:
+            if not self._done_count:
+                return 0
+            done, self._done, self._done_count = self._done, {}, 0
+            self._shared = self._claim_id()
+        for claim, ids in done.items():
+            yield from self._store_quietly(methodcaller("finish_jobs", ids, claim))
+        return sum(map(len, done.values()))
 
     def _one(self, job: Job, mode: Mode) -> Steps[None]:
         if job.event == "create":
@@ -337,11 +383,14 @@ class Runner:
             jobs: list[Job] = yield claiming
             failed += yield from self.run(jobs, mode)
             if len(jobs) < BATCH:
-                return failed
+                break
+        yield from self.flush()  # what this sweep and the events since the last one finished
+        return failed
 
     # -- parked work --------------------------------------------------------
     def parked(self) -> Steps[list[FailedHook]]:
         """Every parked job, oldest first."""
+        yield from self.flush()
         jobs: list[Job] = yield lambda store: store.jobs(parked=True)
         return [failed_hook(job, self.hooks.label(job)) for job in jobs]
 
