@@ -388,7 +388,7 @@ def test_a_provider_only_reaches_leases_issued_for_its_exact_name(
 
 
 def test_finished_hook_jobs_are_deleted_in_batches(store: LeaseStore, clock: FakeClock) -> None:
-    ran: list[str] = []
+    ran: list[Lease] = []
     broker = Broker(
         issuer=ISSUER, store=store, clock=clock, reap_interval=3600, on_issue=ran.append
     )

@@ -53,6 +53,8 @@ _AT_EXIT: weakref.WeakSet[Broker] = weakref.WeakSet()
 def _flush_at_exit() -> None:
     for broker in list(_AT_EXIT):
         broker._flush()
+
+
 R = TypeVar("R")
 
 
