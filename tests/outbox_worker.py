@@ -1,9 +1,11 @@
 """A broker with a provider and hooks, to be killed by tests/test_outbox_crash.py.
 
-    python tests/outbox_worker.py KIND WHERE NAMESPACE DIR
+    python tests/outbox_worker.py KIND WHERE NAMESPACE DIR [BACKEND]
 
 runs a broker on the store KIND at WHERE (see store_worker.py) whose provider
-keeps one file per principal in DIR/principals and whose on_revoke/on_expire
+keeps one file per principal in DIR/principals (BACKEND ``files``, the
+default) or is a ``RedisUsers`` on the Redis at 127.0.0.1:6379 with the users'
+prefix ``<NAMESPACE-derived>_`` (BACKEND ``redis-users``), and whose on_revoke/on_expire
 hooks append ``event lease-id idempotency-key`` lines to DIR/hooks.log. It
 prints ``ready`` and then issues, revokes, sweeps and reconciles in a loop
 until it is killed: the test kills it with SIGKILL at a random moment.
@@ -11,10 +13,12 @@ until it is killed: the test kills it with SIGKILL at a random moment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 from jitbroker import Broker, KeyRing, Lease
 from jitbroker.lease import Secret
@@ -63,13 +67,26 @@ def recorder(log: Path, event: str):  # type: ignore[no-untyped-def]
     return record
 
 
-def broker_for(kind: str, where: str, namespace: str, base: Path) -> Broker:
+REDIS_ADMIN = "redis://127.0.0.1:6379/0"
+
+
+def backend_for(backend: str, base: Path, namespace: str) -> Any:
+    """The provider the crash test counts principals of (``managed()``)."""
+    if backend == "files":
+        return FileBackend(base / "principals")
+    from jitbroker.providers import RedisUsers
+
+    prefix = "jbcrash" + hashlib.sha256(f"{base}{namespace}".encode()).hexdigest()[:8] + "_"
+    return RedisUsers(PROVIDER, admin_url=REDIS_ADMIN, rules={"rw": "~crash:* +get"}, prefix=prefix)
+
+
+def broker_for(kind: str, where: str, namespace: str, base: Path, backend: str = "files") -> Broker:
     log = base / "hooks.log"
     return Broker(
         issuer="urn:test:crash",
         keys=KeyRing.generate(),
         store=open_store(kind, where, namespace),
-        providers=[FileBackend(base / "principals")],
+        providers=[backend_for(backend, base, namespace)],
         on_revoke={"record": recorder(log, "on_revoke")},
         on_expire={"record": recorder(log, "on_expire")},
         hook_timeout=HOOK_TIMEOUT,
@@ -82,8 +99,8 @@ def broker_for(kind: str, where: str, namespace: str, base: Path) -> Broker:
     )
 
 
-def main(kind: str, where: str, namespace: str, base: str) -> None:
-    broker = broker_for(kind, where, namespace, Path(base))
+def main(kind: str, where: str, namespace: str, base: str, backend: str = "files") -> None:
+    broker = broker_for(kind, where, namespace, Path(base), backend)
     print("ready", flush=True)
     rng = random.Random()
     while True:
@@ -97,4 +114,4 @@ def main(kind: str, where: str, namespace: str, base: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -17,13 +17,15 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import pytest
 
 from conftest import server_or_skip
+from jitbroker.outbox import orphan
 from jitbroker.stores.base import LeaseFilter, LeaseStore, job_id
-from outbox_worker import HOOK_TIMEOUT, PROVIDER, TTL, broker_for
+from outbox_worker import HOOK_TIMEOUT, PROVIDER, TTL, backend_for, broker_for
 from store_worker import open_store
 from test_store_conformance import POSTGRES_DSN, REDIS_URL
 
@@ -52,13 +54,23 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str
     store.close()
 
 
-def run_and_kill(kind: str, where: str, namespace: str, base: Path, rng: random.Random) -> None:
+def run_and_kill(
+    kind: str, where: str, namespace: str, base: Path, rng: random.Random, backend: str = "files"
+) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
     worker = subprocess.Popen(
-        [sys.executable, str(HERE / "outbox_worker.py"), kind, where, namespace, str(base)],
+        [
+            sys.executable,
+            str(HERE / "outbox_worker.py"),
+            kind,
+            where,
+            namespace,
+            str(base),
+            backend,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
@@ -71,9 +83,8 @@ def run_and_kill(kind: str, where: str, namespace: str, base: Path, rng: random.
     worker.stdout.close()
 
 
-def assert_no_live_lease_lacks_its_credential(store: LeaseStore, base: Path) -> None:
+def assert_no_live_lease_lacks_its_credential(store: LeaseStore, principals: set[str]) -> None:
     now = time.time()
-    principals = {p.name for p in (base / "principals").iterdir()}
     for lease in store.find(LeaseFilter(provider=PROVIDER)):
         if not lease.is_active(now + 0.05):  # leases expiring as we look may be claimed already
             continue
@@ -82,21 +93,39 @@ def assert_no_live_lease_lacks_its_credential(store: LeaseStore, base: Path) -> 
         assert lease.id in principals, f"active lease {lease.id} has no backend principal"
 
 
+@pytest.fixture(params=["files", "redis-users"])
+def backend(request: pytest.FixtureRequest, target: tuple[str, str, str]) -> str:
+    """The provider: files for every store; Redis ACL users with the Redis store."""
+    if request.param == "redis-users" and target[0] != "redis":
+        pytest.skip("Redis ACL users are exercised with the Redis store")
+    return str(request.param)
+
+
 def test_kill_9_at_random_points_loses_nothing(
-    target: tuple[str, str, str], tmp_path: Path
+    target: tuple[str, str, str], backend: str, tmp_path: Path
 ) -> None:
     kind, where, namespace = target
     rng = random.Random(1234)
     base = tmp_path / "backend"
     (base / "principals").mkdir(parents=True)
-    for _ in range(RUNS):
-        run_and_kill(kind, where, namespace, base, rng)
-        store = open_store(kind, where, namespace)
-        try:
-            assert_no_live_lease_lacks_its_credential(store, base)
-        finally:
-            store.close()
-    survivor = broker_for(kind, where, namespace, base)
+    provider = backend_for(backend, base, namespace)
+    try:
+        for _ in range(RUNS):
+            run_and_kill(kind, where, namespace, base, rng, backend)
+            store = open_store(kind, where, namespace)
+            try:
+                assert_no_live_lease_lacks_its_credential(store, set(provider.managed()))
+            finally:
+                store.close()
+        survive(kind, where, namespace, base, backend, provider)
+    finally:
+        for lease_id in provider.managed():  # nothing, unless the test failed
+            provider.revoke(orphan(lease_id, PROVIDER))
+
+
+def survive(kind: str, where: str, namespace: str, base: Path, backend: str, provider: Any) -> None:
+    """One broker finishes what the killed ones left: then nothing is left."""
+    survivor = broker_for(kind, where, namespace, base, backend)
     try:
         leases = survivor.store.find(LeaseFilter())
         assert leases, "the workers issued nothing"
@@ -109,7 +138,7 @@ def test_kill_9_at_random_points_loses_nothing(
         assert survivor.failed_hooks() == []
         leases = survivor.store.find(LeaseFilter())
         assert all(lease.status(time.time()) != "active" for lease in leases)
-        assert list((base / "principals").iterdir()) == []
+        assert provider.managed() == []
         runs: dict[tuple[str, str], set[str]] = defaultdict(set)
         for line in (base / "hooks.log").read_text().splitlines():
             event, lease_id, key = line.split()

@@ -39,7 +39,7 @@ from .audit import Auditor, EventType
 from .errors import InvalidRequest, StoreError
 from .hooks import FailedHook, Hooks, as_is, describe_error, failed_hook, run_coroutine
 from .lease import Lease, Secret
-from .stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, event_jobs, job_id
+from .stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, event_jobs, job_id, new_outbox
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -169,6 +169,8 @@ class Runner:
         self.audit = audit
         self._revoked = revoked  # the core's bookkeeping after a revoke (audit, cache)
         self._provider_names = frozenset(self.providers)
+        # The hooks an event's own broker holds (on_expire's come from each lease).
+        self._names = {e: hooks.names(e) for e in ("on_issue", "on_revoke")} | {"on_expire": ()}
         kinds = list(hooks.by_kind)
         kinds += (f"{e}:{name}" for name in self.providers for e in ("create", "revoke"))
         #: The job kinds this broker can run: what its sweeps claim.
@@ -192,11 +194,11 @@ class Runner:
     def plan(self, event: str, now: float) -> Outbox:
         """The ``Outbox`` for ``event`` now: this broker's hooks for it, held by a
         new claim until ``hook_timeout`` from now."""
-        hooks = self.hooks.names(event) if event != "on_expire" else ()
+        hooks = self._names[event]
         if not hooks and not self.providers and not (event == "on_expire" and self.hooks.on_expire):
             return NO_OUTBOX  # nothing for this broker to hold: write only what others run
         until = now + self.hooks.timeout
-        return Outbox(hooks, self._provider_names, self._shared, until, self.hooks.retries)
+        return new_outbox(hooks, self._provider_names, self._shared, until, self.hooks.retries)
 
     def _claim_id(self) -> str:
         return f"{self._uid}.{next(self._claims)}"
@@ -256,10 +258,12 @@ class Runner:
         not be seen as pending), hook jobs in batches (``flush``). A broker that
         dies before its flush leaves them to run again after their deadline, with
         the same idempotency key, as a crash mid-call would."""
-        now_ids = [job.id for job in done if job.event in _PROVIDER_EVENTS]
+        later: list[str] = []
+        now_ids: list[str] = []
+        for job in done:
+            (now_ids if job.event in _PROVIDER_EVENTS else later).append(job.id)
         if now_ids:
             yield from self._store_quietly(lambda store: store.finish_jobs(now_ids, claim))
-        later = [job.id for job in done if job.event not in _PROVIDER_EVENTS]
         if later:
             now = self.clock()
             with self._done_lock:

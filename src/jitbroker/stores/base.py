@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import attrs
 
 from ..errors import InvalidRequest, QuotaExceeded
-from ..lease import Lease
+from ..lease import Lease, _builder
 
 __all__ = [
     "EVENTS",
@@ -109,7 +109,7 @@ class Quota:
 EVENTS = ("on_issue", "on_revoke", "on_expire", "create", "revoke")
 
 
-@attrs.frozen
+@attrs.frozen(slots=True, weakref_slot=False)
 class Job:
     """One side effect a lease event requires, waiting in the store's outbox."""
 
@@ -133,7 +133,7 @@ class Job:
         return f"{self.event}:{self.name}"
 
 
-@attrs.frozen
+@attrs.frozen(slots=True, weakref_slot=False)
 class Outbox:
     """What the caller of a lease event asks the store to record with it.
 
@@ -150,6 +150,10 @@ class Outbox:
     until: float = 0.0
     limit: int = 5
 
+
+#: Positional constructors for the hot paths (see ``lease._builder``).
+new_job = _builder(Job)
+new_outbox = _builder(Outbox)
 
 #: No hooks, nothing claimed: what a store records when given no ``Outbox``
 #: (a provider's jobs are still written: a lease with a provider never dies
@@ -172,16 +176,9 @@ def event_jobs(event: str, lease: Lease, outbox: Outbox, at: float) -> list[Job]
         names = outbox.hooks
     claim, until, limit = outbox.claim, outbox.until, outbox.limit
     held = claim is not None
+    due = until if held else at
     jobs = [
-        Job(
-            f"{lease.id}/{event}/{name}",
-            event,
-            name,
-            lease,
-            until if held else at,
-            limit,
-            claim=claim,
-        )
+        new_job(f"{lease.id}/{event}/{name}", event, name, lease, due, limit, 0, "", False, claim)
         for name in names
     ]
     provider = lease.provider
@@ -189,14 +186,17 @@ def event_jobs(event: str, lease: Lease, outbox: Outbox, at: float) -> list[Job]
         step = "create" if event == "on_issue" else "revoke"
         mine = held and provider in outbox.providers
         jobs.append(
-            Job(
+            new_job(
                 f"{lease.id}/{step}/{provider}",
                 step,
                 provider,
                 lease,
                 until if mine else at,
                 limit,
-                claim=claim if mine else None,
+                0,
+                "",
+                False,
+                claim if mine else None,
             )
         )
     return jobs
