@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,9 @@ def test_importing_providers_loads_no_backend_driver() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_docs_example_runs() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "providers.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "CallbackProvider(" in b]
+    exec(compile(block, "docs/providers.md", "exec"), {"__name__": "__main__"})  # noqa: S102

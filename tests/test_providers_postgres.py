@@ -5,9 +5,11 @@ retry, reconcile) is seen from the server's side."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -430,3 +432,20 @@ def test_a_broken_admin_connection_is_replaced(admin: Admin, provider: PostgresR
     with login(dict(provider.create(lease))) as conn:
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (2,)
     provider.revoke(lease)
+
+
+def test_the_docs_example_runs(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "providers.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "PostgresRoles(" in b]
+    documented = "postgresql://jit_admin:...@db.internal/orders"
+    assert documented in block
+    monkeypatch.chdir(tmp_path)  # the example's leases.db
+    scope: dict[str, Any] = {"__name__": "__main__"}
+    code = compile(block.replace(documented, cluster.dsn), "docs/providers.md", "exec")
+    exec(code, scope)  # noqa: S102 - our own docs, against the private cluster
+    role = "jit_" + scope["cred"].lease_id
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        left = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    assert left is None
