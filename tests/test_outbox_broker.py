@@ -433,3 +433,20 @@ def test_a_script_that_never_closes_its_broker_leaves_no_job(tmp_path: Path) -> 
     assert len(store.find(LeaseFilter())) == 1
     assert store.jobs() == []  # deleted when the interpreter exited
     store.close()
+
+
+def test_reconcile_leaves_a_lease_that_died_as_it_listed_to_its_own_revoke(
+    store: LeaseStore, clock: FakeClock
+) -> None:
+    backend = Backend()
+    broker = broker_on(store, clock, backend)
+    cred = broker.issue("svc:x", "orders-db", ["orders:read"], ttl=60)
+    # the listing was taken just before the revoke's delete reached the backend
+    backend.revoke = lambda lease: backend.revoked.append(lease.id)  # type: ignore[method-assign]
+    broker.revoke(cred)
+    assert backend.principals  # what a listing taken a moment earlier still shows
+    assert broker.reconcile().revoked == ()  # its revoke job had it: no second revoke
+    clock.advance(2)
+    del backend.revoke  # the backend's delete really was lost: now it is an orphan
+    assert broker.reconcile().revoked == (cred.lease_id,)
+    assert backend.principals == {}

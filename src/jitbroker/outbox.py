@@ -64,6 +64,8 @@ FLUSH_BATCH = 100
 FLUSH_AFTER = 1.0
 CREATE_INTERRUPTED = "provider-create-interrupted"
 _PROVIDER_EVENTS = frozenset({"create", "revoke"})
+#: Clock skew allowed between brokers when reconciling (see ``Runner._orphan``).
+_SKEW = 1.0
 
 
 class ProviderLike(Protocol):
@@ -485,6 +487,7 @@ class Runner:
         missing: list[Lease] = []
         failed: list[str] = []
         for name, provider in self.providers.items():
+            listed_at = self.clock()
             try:
                 managed: set[str] = yield _blocking(mode, _listed, provider)
             except Exception as exc:
@@ -494,7 +497,7 @@ class Runner:
                 )
                 continue
             for lease_id in sorted(managed):
-                outcome = yield from self._orphan(name, provider, lease_id, mode)
+                outcome = yield from self._orphan(name, provider, lease_id, listed_at, mode)
                 if outcome == "revoked":
                     revoked.append(lease_id)
                 elif outcome:
@@ -509,13 +512,22 @@ class Runner:
                         self.audit.emit(EventType.PRINCIPAL_MISSING, now, lease, where=name)
         return Reconciliation(tuple(revoked), tuple(missing), tuple(failed))
 
-    def _orphan(self, name: str, provider: ProviderLike, lease_id: str, mode: Mode) -> Steps[str]:
+    def _orphan(
+        self, name: str, provider: ProviderLike, lease_id: str, listed_at: float, mode: Mode
+    ) -> Steps[str]:
         """Revoke the principal of ``lease_id`` if nothing in the store keeps it:
-        ``"revoked"``, ``""`` (kept, or left to a job), or the error."""
+        ``"revoked"``, ``""`` (kept, or left to a job), or the error. A lease that
+        died around the listing (``listed_at``, give or take ``_SKEW``) is left
+        to its own revoke job, which may have finished since: the next
+        reconcile sees whether anything is left."""
         lease: Lease | None = yield methodcaller("get", lease_id)
         now = self.clock()
         if lease is not None and lease.is_active(now):
             return ""
+        if lease is not None:
+            died = lease.revoked_at if lease.revoked_at is not None else lease.expires_at
+            if died >= listed_at - _SKEW:
+                return ""
         for event in ("create", "revoke"):  # a job under way or due settles it
             job = yield methodcaller("get_job", job_id(lease_id, event, name))
             if job is not None:
