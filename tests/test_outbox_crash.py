@@ -34,9 +34,19 @@ RUNS = int(os.environ.get("JITBROKER_CRASH_RUNS", "200"))
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(params=["sqlite", "redis", "postgres"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
-    kind: str = request.param
+#: (store, provider): files with every store, Redis ACL users with the Redis store.
+CASES = [("sqlite", "files"), ("redis", "files"), ("redis", "redis-users"), ("postgres", "files")]
+
+
+@pytest.fixture(params=CASES, ids=["-".join(case) for case in CASES])
+def case(request: pytest.FixtureRequest) -> tuple[str, str]:
+    kind, backend = request.param
+    return str(kind), str(backend)
+
+
+@pytest.fixture
+def target(case: tuple[str, str], tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    kind = case[0]
     if kind == "sqlite":
         yield kind, str(tmp_path / "leases.db"), ""
         return
@@ -93,18 +103,11 @@ def assert_no_live_lease_lacks_its_credential(store: LeaseStore, principals: set
         assert lease.id in principals, f"active lease {lease.id} has no backend principal"
 
 
-@pytest.fixture(params=["files", "redis-users"])
-def backend(request: pytest.FixtureRequest, target: tuple[str, str, str]) -> str:
-    """The provider: files for every store; Redis ACL users with the Redis store."""
-    if request.param == "redis-users" and target[0] != "redis":
-        pytest.skip("Redis ACL users are exercised with the Redis store")
-    return str(request.param)
-
-
 def test_kill_9_at_random_points_loses_nothing(
-    target: tuple[str, str, str], backend: str, tmp_path: Path
+    target: tuple[str, str, str], case: tuple[str, str], tmp_path: Path
 ) -> None:
     kind, where, namespace = target
+    backend = case[1]
     rng = random.Random(1234)
     base = tmp_path / "backend"
     (base / "principals").mkdir(parents=True)
