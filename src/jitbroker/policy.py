@@ -8,16 +8,25 @@ callables over the ``AccessRequest``, such as ``hours("08:00-18:00")`` or
 ``labels(env="prod")``). A request is allowed when one rule grants all of it;
 otherwise ``PolicyDenied`` lists every reason. Evaluation does no I/O: a quota
 is handed to the store, which counts and inserts in one atomic step.
+
+A service that issues on behalf of an authenticated caller (``broker_app``)
+wraps the broker call in ``calling({...})``: the request's ``caller`` then
+names who asked (issuer, subject, rule, method, matched claims), and the
+``caller(...)`` condition judges it, so a rule can say *who* may obtain a
+lease, not only for which subject.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, tzinfo
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +44,10 @@ __all__ = [
     "Decision",
     "Policy",
     "Rule",
+    "caller",
+    "calling",
     "covers",
+    "glob_match",
     "hours",
     "labels",
     "weekdays",
@@ -47,16 +59,40 @@ def _frozen_labels(value: Mapping[str, str]) -> Mapping[str, str]:
     return value if isinstance(value, MappingProxyType) else MappingProxyType(dict(value))
 
 
+_NO_CALLER: Mapping[str, str] = MappingProxyType({})
+_CALLER: ContextVar[Mapping[str, str]] = ContextVar("jitbroker_caller", default=_NO_CALLER)
+
+
+@contextmanager
+def calling(who: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, every request the policy judges (in this thread or task)
+    carries ``who`` as its ``caller``: the authenticated party asking, for
+    example ``{"issuer": ..., "subject": ..., "rule": ..., "method": ...}`` plus
+    the claims its trust rule matched. Blocks nest; the outer caller returns at
+    the end."""
+    if not isinstance(who, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in who.items()
+    ):
+        raise InvalidRequest("calling() takes a mapping of strings to strings")
+    token = _CALLER.set(MappingProxyType(dict(who)))
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
+
+
 @attrs.frozen
 class AccessRequest:
     """What a rule judges: the lease that would exist, the operation asking for it
-    (``issue``, ``renew`` or ``attenuate``), the broker's clock reading, and the
-    broker's labels (``Broker(labels={"env": "prod"})``)."""
+    (``issue``, ``renew`` or ``attenuate``), the broker's clock reading, the
+    broker's labels (``Broker(labels={"env": "prod"})``) and the caller (empty
+    unless the broker is called inside ``calling(...)``, as ``broker_app`` does)."""
 
     lease: Lease
     action: str
     now: float
     labels: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_labels)
+    caller: Mapping[str, str] = attrs.field(factory=_CALLER.get, converter=_frozen_labels)
 
     @classmethod
     def of(cls, lease: Lease) -> AccessRequest:
@@ -162,6 +198,63 @@ class _Labels:
         return "labels " + ", ".join(f"{k}={v}" for k, v in sorted(self.expected.items()))
 
 
+_UNSAFE_VALUE = re.compile(r"[\x00-\x1f\x7f%\\]|(?:^|/)\.\.?(?:/|$)|//|^/|/$")
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wild = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wild.get(p) or re.escape(p) for p in parts), re.DOTALL)
+
+
+def glob_match(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches ``pattern``, a path-aware glob: ``*`` and ``?``
+    match within one ``/`` segment, ``**`` across segments; everything else is
+    literal (no ``[...]`` classes). A value that could only match by
+    injection is refused whatever the pattern: control characters, ``%`` or
+    ``\\`` escapes, ``.`` or ``..`` segments, empty segments (``a//b``) or a
+    leading or trailing ``/`` (so ``acme/x/../y`` matches neither ``acme/*`` nor
+    ``acme/**``). A pattern without wildcards is compared exactly."""
+    if not any(c in pattern for c in "*?"):
+        return value == pattern
+    if _UNSAFE_VALUE.search(value):
+        return False
+    return _glob_regex(pattern).fullmatch(value) is not None
+
+
+@attrs.frozen
+class _Caller:
+    """See ``caller``."""
+
+    expected: Mapping[str, str] = attrs.field(converter=_frozen_labels)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.expected or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in self.expected.items()
+        ):
+            raise InvalidRequest("caller needs one or more name = pattern strings")
+
+    def __call__(self, request: AccessRequest) -> bool:
+        found = request.caller
+        for name, pattern in self.expected.items():
+            value = found.get(name)
+            if value is None or not glob_match(pattern, value):
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return "caller " + ", ".join(f"{k}={v}" for k, v in sorted(self.expected.items()))
+
+
+def caller(**expected: str) -> Condition:
+    """A condition: allow only when the request comes from a caller (see
+    ``calling``) whose fields match these globs (``glob_match``), for example
+    ``caller(issuer="https://token.actions.githubusercontent.com", repository="acme/*")``.
+    A direct call to the broker (no caller) never matches."""
+    return _Caller(expected)
+
+
 def hours(window: str, tz: tzinfo | str = UTC) -> Condition:
     """A condition: allow only between two wall-clock times, ``"08:00-18:00"``
     (a window wrapping midnight, ``"22:00-06:00"``, works too), in ``tz``
@@ -181,7 +274,7 @@ def labels(**expected: str) -> Condition:
 
 
 def _condition_name(condition: Condition) -> str:
-    if isinstance(condition, _Hours | _Weekdays | _Labels):
+    if isinstance(condition, _Hours | _Weekdays | _Labels | _Caller):
         return str(condition)
     return getattr(condition, "__name__", None) or type(condition).__name__
 
@@ -399,6 +492,7 @@ _RULE_FIELDS = {
     "hours",
     "weekdays",
     "labels",
+    "caller",
     "timezone",
 }
 
@@ -448,12 +542,13 @@ def _finite(number: int | float) -> bool:
         return False
 
 
-_CONDITION_FIELDS = {"hours", "weekdays", "labels", "timezone"}
+_CONDITION_FIELDS = {"hours", "weekdays", "labels", "caller", "timezone"}
 
 
 def _conditions_from(entry: Mapping[str, Any], where: str) -> list[Condition]:
     """The conditions a policy file can spell: ``hours``, ``weekdays`` (both in
-    ``timezone``, default UTC) and ``labels``; errors name the rule and field."""
+    ``timezone``, default UTC), ``labels`` and ``caller``; errors name the rule
+    and field."""
     field = "timezone"
     try:
         tz = entry.get("timezone", "UTC")
@@ -481,6 +576,14 @@ def _conditions_from(entry: Mapping[str, Any], where: str) -> list[Condition]:
             ):
                 raise InvalidRequest('must be a table of name = "value"')
             out.append(labels(**found))
+        field = "caller"
+        if "caller" in entry:
+            found = entry["caller"]
+            if not isinstance(found, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+            ):
+                raise InvalidRequest('must be a table of name = "glob"')
+            out.append(caller(**found))
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}: field {field!r}: {exc}") from exc
     return out
