@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -181,6 +182,130 @@ def test_claim_expired_records_on_expire_and_provider_jobs(store: LeaseStore) ->
     assert jobs[f"{backed.id}/revoke/db"].claim is None  # this caller has no such provider
     assert store.claim_expired(T0 + TTL + 1, 10, ("app.x app.y",), outbox=outbox) == []
     assert len(store.jobs()) == 3
+
+
+# -- held on_issue jobs: what every issue of a broker with a hook writes --------
+# (SQLite and Redis keep them inline in the lease's row; the contract is the same.)
+NOTIFY, AUDIT = "on_issue:app.notify", "on_issue:app.audit"
+
+
+def held(store: LeaseStore, lease_id: str = "h" * 32, **fields: Any) -> Lease:
+    lease = make(lease_id, **fields)
+    assert store.add(lease, outbox=HOOKS) is True
+    return lease
+
+
+def test_held_jobs_finished_by_their_holder_are_gone(store: LeaseStore) -> None:
+    leases = [held(store, f"{i:032x}") for i in range(3)]
+    ids = [job_id(lease.id, "on_issue", name) for lease in leases for name in HOOKS.hooks]
+    assert store.finish_jobs(ids, "not-the-holder") == 0
+    assert len(store.jobs()) == 6
+    assert store.finish_jobs([*ids, ids[0]], "c1") == 6  # a repeated id counts once
+    assert store.jobs() == []
+    assert store.finish_jobs(ids, "c1") == 0
+    assert all(store.get(lease.id) == lease for lease in leases)  # the leases stay
+    assert store.claim_jobs(T0 + 999, (NOTIFY, AUDIT), claim="x", until=T0 + 2000) == []
+
+
+def test_a_held_job_finished_alone_leaves_its_sibling(store: LeaseStore) -> None:
+    lease = held(store)
+    notify, audit = (job_id(lease.id, "on_issue", name) for name in HOOKS.hooks)
+    assert store.finish_jobs([notify], "c1") == 1
+    assert store.get_job(notify) is None
+    left = store.get_job(audit)
+    assert left is not None
+    assert (left.claim, left.due, left.attempts, left.lease) == ("c1", T0 + 30, 0, lease)
+    assert [j.id for j in store.jobs()] == [audit]
+    assert store.claim_jobs(T0 + 29, (NOTIFY, AUDIT), claim="x", until=T0 + 60) == []
+    [taken] = store.claim_jobs(T0 + 30, (NOTIFY, AUDIT), claim="x", until=T0 + 60)
+    assert (taken.id, taken.claim, taken.due) == (audit, "x", T0 + 60)
+    assert store.finish_jobs([audit], "c1") == 0  # its deadline passed: not c1's any more
+    assert store.finish_jobs([audit], "x") == 1
+    assert store.jobs() == []
+
+
+def test_held_jobs_past_their_deadline_go_to_another_claimer(store: LeaseStore) -> None:
+    first = held(store, "a" * 32)
+    second = held(store, "b" * 32, at=T0 + 5)
+    assert store.claim_jobs(T0 + 29, (NOTIFY,), claim="x", until=T0 + 90) == []
+    got = store.claim_jobs(T0 + 30, (NOTIFY,), claim="x", until=T0 + 90)
+    assert [(j.id, j.claim, j.due) for j in got] == [
+        (job_id(first.id, "on_issue", "app.notify"), "x", T0 + 90),
+        (job_id(second.id, "on_issue", "app.notify"), "x", T0 + 90),
+    ]
+    assert got[0].lease == first
+    # The audit jobs were not asked for: still held by c1, and c1 can finish them.
+    ids = [job_id(lease.id, "on_issue", "app.audit") for lease in (first, second)]
+    assert store.finish_jobs(ids, "c1") == 2
+    assert store.finish_jobs([j.id for j in got], "c1") == 0
+    assert store.finish_jobs([j.id for j in got], "x") == 2
+    assert store.jobs() == []
+
+
+def test_a_held_job_fails_retries_and_parks_like_any_other(store: LeaseStore) -> None:
+    lease = held(store)
+    notify = job_id(lease.id, "on_issue", "app.notify")
+    assert store.fail_job(notify, "x", due=T0 + 1, error="E", park=False) is False
+    assert store.fail_job(notify, "c1", due=T0 + 2, error="RuntimeError: no", park=False)
+    job = store.get_job(notify)
+    assert job is not None
+    assert (job.attempts, job.error, job.due, job.claim, job.parked) == (
+        1, "RuntimeError: no", T0 + 2, None, False,
+    )  # fmt: skip
+    assert len(store.claim_jobs(T0 + 2, (NOTIFY,), claim="y", until=T0 + 40)) == 1
+    assert store.fail_job(notify, "y", due=T0 + 3, error="E: last", park=True)
+    assert [j.id for j in store.jobs(parked=True)] == [notify]
+    audit = job_id(lease.id, "on_issue", "app.audit")
+    assert [j.id for j in store.jobs(parked=False)] == [audit]  # still held by c1
+    assert store.finish_jobs([audit], "c1") == 1
+    assert store.retry_jobs([notify], T0 + 10) == 1
+    [retried] = store.claim_jobs(T0 + 10, (NOTIFY,), claim="z", until=T0 + 50)
+    assert (retried.id, retried.attempts) == (notify, 2)
+
+
+def test_held_jobs_are_listed_and_forgotten(store: LeaseStore) -> None:
+    queued(store, "h")  # an on_revoke job due at T0
+    lease = held(store, "h" * 32, at=T0 - 100)  # held until T0 + 30: listed after it
+    listed = store.jobs()
+    assert [j.event for j in listed] == ["on_revoke", "on_issue", "on_issue"]
+    assert [j.due for j in listed] == [T0, T0 + 30, T0 + 30]
+    assert len(store.jobs(limit=2)) == 2
+    assert store.jobs(parked=True) == []
+    notify = job_id(lease.id, "on_issue", "app.notify")
+    gone = store.forget_jobs([notify, notify])
+    assert [(j.id, j.claim) for j in gone] == [(notify, "c1")]
+    assert store.get_job(notify) is None
+    assert [j.name for j in store.jobs() if j.event == "on_issue"] == ["app.audit"]
+    assert store.finish_jobs([job_id(lease.id, "on_issue", "app.audit")], "c1") == 1
+
+
+def test_held_jobs_outlive_their_leases_death_and_purge(store: LeaseStore) -> None:
+    lease = held(store)
+    child = make("k" * 32, at=T0 + 1, parent=lease)
+    assert store.add(child, outbox=HOOKS) is True
+    revoked = store.revoke(lease.id, at=T0 + 2, reason=REASON)
+    assert {x.id for x in revoked} == {lease.id, child.id}
+    assert store.purge(T0 + 10 * TTL) >= 2
+    assert store.get(lease.id) is None
+    jobs = store.jobs()
+    assert len(jobs) == 4
+    assert {j.lease.id for j in jobs} == {lease.id, child.id}
+    assert all(j.claim == "c1" for j in jobs)
+    got = store.claim_jobs(T0 + 30, (NOTIFY, AUDIT), claim="x", until=T0 + 99)
+    assert len(got) == 4
+    assert store.finish_jobs([j.id for j in got], "x") == 4
+    assert store.jobs() == []
+
+
+def test_an_expired_claim_of_a_held_lease_keeps_its_jobs(store: LeaseStore) -> None:
+    lease = held(store)
+    assert [x.id for x in store.claim_expired(T0 + TTL, 10)] == [lease.id]
+    assert store.purge(T0 + 10 * TTL) >= 1
+    assert {j.id for j in store.jobs()} == {
+        job_id(lease.id, "on_issue", name) for name in HOOKS.hooks
+    }
+    ids = [job_id(lease.id, "on_issue", name) for name in HOOKS.hooks]
+    assert store.finish_jobs(ids, "c1") == 2
 
 
 # -- claiming, finishing, failing --------------------------------------------

@@ -338,7 +338,7 @@ def test_each_call_is_one_round_trip(new_store: Callable[..., RedisStore]) -> No
         "claim_jobs, no kinds": [],
         "finish_jobs": ["EVALSHA"],
         "fail_job": ["EVALSHA"],
-        "get_job": ["HGETALL"],
+        "get_job": ["EVALSHA"],
         "jobs": ["EVALSHA"],
         "retry_jobs": ["EVALSHA"],
         "forget_jobs": ["EVALSHA"],

@@ -156,11 +156,15 @@ def test_claim_jobs_reads_one_range_of_jobs_due_per_kind(path: Path, store: SQLi
     with traced(store) as statements:
         got = store.claim_jobs(T0 + 1, ["on_issue:app.h"], claim="c", until=T0 + 9)
     assert [job.id for job in got] == [job_id("mine1", "on_issue", "app.h")]
-    [select] = [sql for sql in statements if sql.startswith("SELECT")]
+    inline, select = [sql for sql in statements if sql.startswith("SELECT")]
     with raw(path) as db:
         found = plan(db, select)
+        held = plan(db, inline)
     assert found.startswith("SEARCH jobs USING INDEX jobs_due (kind=? AND due<?)"), found
     assert "SCAN" not in found, found
+    # Held jobs past their deadline, still inline in their lease's row: one range.
+    want = "SEARCH leases USING INDEX leases_issue (issue_due>? AND issue_due<?)"
+    assert held.startswith(want), held
 
 
 # -- the hot path: an event without jobs runs what it ran before the outbox -------------

@@ -29,6 +29,7 @@ import re
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -235,7 +236,12 @@ class Runner:
             for job in jobs:
                 reached += 1
                 try:
-                    yield from self._one(job, mode)
+                    if job.event in _PROVIDER_EVENTS:
+                        yield from self._one(job, mode)
+                    else:  # a hook: called here, the commonest job (no generator)
+                        result = self.hooks.call(job)
+                        if result is not None and inspect.isawaitable(result):
+                            yield partial(_finish_awaitable, mode, result)
                 except _Deferred as wait:
                     yield from self._release(job, claim, wait.until, "waiting for its create")
                     continue
@@ -252,7 +258,9 @@ class Runner:
                 yield from self._release(job, claim, self.clock(), "interrupted")
             yield from self._finish(done, claim)
             raise
-        yield from self._finish(done, claim)
+        now_ids, due = self._batch(done, claim)  # no generator when no store call is due
+        if now_ids or due:
+            yield from self._store_finish(now_ids, claim, due)
         return failed
 
     def _finish(self, done: list[Job], claim: str) -> Steps[None]:
@@ -260,22 +268,35 @@ class Runner:
         not be seen as pending), hook jobs in batches (``flush``). A broker that
         dies before its flush leaves them to run again after their deadline, with
         the same idempotency key, as a crash mid-call would."""
-        later: list[str] = []
-        now_ids: list[str] = []
-        for job in done:
-            (now_ids if job.event in _PROVIDER_EVENTS else later).append(job.id)
+        now_ids, due = self._batch(done, claim)
+        yield from self._store_finish(now_ids, claim, due)
+
+    def _store_finish(self, now_ids: list[str], claim: str, due: bool) -> Steps[None]:
+        """Delete ``now_ids`` (provider jobs ``claim`` holds), and flush if ``due``."""
         if now_ids:
             yield from self._store_quietly(lambda store: store.finish_jobs(now_ids, claim))
-        if later:
-            now = self.clock()
-            with self._done_lock:
-                if not self._done_count:
-                    self._done_since = now
-                self._done.setdefault(claim, []).extend(later)
-                self._done_count += len(later)
-                due = self._done_count >= FLUSH_BATCH or now - self._done_since >= self._flush_after
-            if due:
-                yield from self.flush()
+        if due:
+            yield from self.flush()
+
+    def _batch(self, done: list[Job], claim: str) -> tuple[list[str], bool]:
+        """Add the done hook jobs to the batch ``flush`` deletes: the provider jobs
+        among ``done`` (deleted at once), and whether the batch is due."""
+        later = [job.id for job in done if job.event not in _PROVIDER_EVENTS]
+        now_ids = (
+            [job.id for job in done if job.event in _PROVIDER_EVENTS]
+            if len(later) < len(done)
+            else []
+        )
+        if not later:
+            return now_ids, False
+        now = self.clock()
+        with self._done_lock:
+            if not self._done_count:
+                self._done_since = now
+            self._done.setdefault(claim, []).extend(later)
+            self._done_count += len(later)
+            due = self._done_count >= FLUSH_BATCH or now - self._done_since >= self._flush_after
+        return now_ids, due
 
     def flush(self) -> Steps[int]:
         """Delete the finished hook jobs waiting to be deleted; how many."""
@@ -289,14 +310,11 @@ class Runner:
         return sum(map(len, done.values()))
 
     def _one(self, job: Job, mode: Mode) -> Steps[None]:
+        """A provider's job."""
         if job.event == "create":
             yield from self._undo_create(job, mode)
-        elif job.event == "revoke":
-            yield from self._provider_revoke(job, mode)
         else:
-            result = self.hooks.call(job)
-            if inspect.isawaitable(result):
-                yield lambda store: mode.finish(result)
+            yield from self._provider_revoke(job, mode)
 
     def _provider_revoke(self, job: Job, mode: Mode) -> Steps[None]:
         create: Job | None = yield lambda store: store.get_job(
@@ -542,6 +560,11 @@ class Runner:
             return type(exc).__name__
         self.audit.emit(EventType.PRINCIPAL_ORPHANED, now, target, where=name, actor="reconcile")
         return "revoked"
+
+
+def _finish_awaitable(mode: Mode, result: Awaitable[Any], store: object) -> Any:
+    """A step: what an async hook returned, run or awaited as ``mode`` does it."""
+    return mode.finish(result)
 
 
 def _blocking(mode: Mode, fn: Callable[..., Any], *args: Any) -> Callable[[Any], Any]:

@@ -104,7 +104,55 @@ _READS = "#!lua flags=no-writes\n"  # reads only: runs anyway, writes would fail
 # follow from ARGV[3]. Times arrive as Python's repr of a float and are written
 # back as those same strings: Lua's tostring() keeps only 14 digits.
 
-_PRELUDE = """
+# Held on_issue hook jobs inline in their lease's record (see redis_outbox):
+# ``held_records`` reads them as job records, ``unhold`` moves them into job
+# hashes of their own. Needs BASE; included by the prelude and the outbox's head.
+HELD = """
+local HELD = BASE .. 'held'
+local INLINE_FIELDS = {issue_hooks = true, issue_claim = true, issue_due = true, issue_limit = true}
+
+-- The job records (flat HSET pairs) a lease's record holds inline, and their ids.
+local function held_records(id)
+  local key = BASE .. 'lease:' .. id
+  local record = redis.call('HGETALL', key)
+  local lease = {}
+  for i = 1, #record, 2 do
+    if not INLINE_FIELDS[record[i]] then lease[record[i]] = record[i + 1] end
+  end
+  local inline = redis.call('HMGET', key, 'issue_hooks', 'issue_claim', 'issue_due', 'issue_limit')
+  local jobs, ids = {}, {}
+  if not inline[1] then return jobs, ids end
+  local snapshot = cjson.encode(lease)
+  for name in string.gmatch(inline[1], '%S+') do
+    local jid = id .. '/on_issue/' .. name
+    jobs[#jobs + 1] = {'id', jid, 'event', 'on_issue', 'name', name, 'lease', snapshot,
+      'due', inline[3], 'limit', inline[4], 'attempts', '0', 'error', '', 'parked', '0',
+      'claim', inline[2]}
+    ids[#ids + 1] = jid
+  end
+  return jobs, ids
+end
+
+-- Move a lease's inline held jobs into job hashes (a job already there is kept).
+local function unhold(id)
+  if not redis.call('ZSCORE', HELD, id) then return end
+  local jobs, ids = held_records(id)
+  for i, job in ipairs(jobs) do
+    local jkey = BASE .. 'job:' .. ids[i]
+    if redis.call('EXISTS', jkey) == 0 then
+      redis.call('HSET', jkey, unpack(job))
+      redis.call('ZADD', BASE .. 'queue:on_issue:' .. job[6], job[10], ids[i])
+      redis.call('ZADD', BASE .. 'jobs', job[10], ids[i])
+    end
+  end
+  local key = BASE .. 'lease:' .. id
+  redis.call('HDEL', key, 'issue_hooks', 'issue_claim', 'issue_due', 'issue_limit')
+  redis.call('ZREM', HELD, id)
+end
+"""
+
+_PRELUDE = (
+    """
 local EXP, DEAD, ALL = KEYS[1], KEYS[2], KEYS[3]
 local BASE, RETENTION = ARGV[1], tonumber(ARGV[2])
 local INDEXED = {
@@ -171,10 +219,14 @@ local function uncount(id, values)
   for _, k in ipairs(live_keys(values[4], values[3] or nil)) do redis.call('ZREM', k, id) end
 end
 
+"""
+    + HELD
+    + """
 -- A lease dies (revoked or claimed): it leaves its due set and enters DEAD. The
 -- DEAD member carries its index values, so purge can unindex it even after
 -- Redis itself dropped the record at the end of its retention TTL.
 local function bury(id, key)
+  unhold(id)  -- its record gets a TTL: held jobs inline in it move out first
   local values, entry = indexed(id, key)
   uncount(id, values)
   redis.call('ZREM', due_key(redis.call('HGET', key, 'expire_hooks')), id)
@@ -191,6 +243,7 @@ local function matching(first)
   return redis.call('SINTER', unpack(sets))
 end
 """
+)
 
 # ARGV: id, parent ('' if none), issued_at, expires_at, revoked ('1'/'0'), then
 # the record's field/value pairs, then the outbox's (see EVENT_JOBS). 1 if stored,
@@ -219,6 +272,7 @@ uncount(id, old)
 redis.call('ZREM', DEAD, old_entry)
 if old[4] then  -- a record was there (every lease has a subject): out of its due set
   redis.call('ZREM', due_key(redis.call('HGET', key, 'expire_hooks')), id)
+  unhold(id)  -- its held jobs are kept, as a job already there always is
 end
 redis.call('DEL', key)
 redis.call('HSET', key, unpack(ARGV, 8))
@@ -236,6 +290,7 @@ else
   count_in(id, values, expires_at)
 end
 record_jobs('on_issue', {unpack(ARGV, 8)}, issued_at)  -- the record as written
+if INLINE_DUE then redis.call('ZADD', HELD, INLINE_DUE, id) end  -- held jobs, inline
 return 1
 """
 

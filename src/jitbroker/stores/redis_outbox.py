@@ -18,16 +18,31 @@ store's one Redis Cluster slot)::
                          reads only the queues of the kinds it is asked for
     {p}:parked           zset: id -> due of the parked jobs
     {p}:jobs             zset: id -> due of every job (``jobs()``)
+    {p}:held             zset: lease id -> due of the leases holding held
+                         on_issue hook jobs inline (below)
 
 A sorted set orders equal scores by member, byte by byte: (due, id), the
 order the protocol asks for. ``purge`` never touches these keys: a job holds
 its own snapshot of the lease and outlives the lease's record.
+
+Held ``on_issue`` hook jobs of a lease without a provider (what every issue of
+a broker with an ``on_issue`` hook writes, finished by that broker a moment
+later) are written inline: four more fields of the lease's own record
+(``issue_hooks``, the names; ``issue_claim``, ``issue_due``, ``issue_limit``)
+in the add's one HSET, and one ``{p}:held`` entry. A job hash with its lease
+snapshot and two queue entries, written and then deleted, was most of what a
+hook cost an issue. Finishing a lease's inline jobs deletes those fields; a
+claim after their deadline, a failure, ``forget``, or the lease's death (its
+record then gets a TTL) first moves them into job hashes of their own
+(``unhold``, in ``jitbroker.stores.redis``), which every other script reads.
+``get`` and ``jobs()`` see inline jobs without moving them. An inline job's
+``lease`` is the record as it is when the job is read: it may show a renewal
+that came after the issue (its death moves the job out, with the revocation).
 """
 
 from __future__ import annotations
 
 import json
-import operator
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,7 +51,7 @@ from ..errors import StoreError
 from ..lease import Lease
 from .base import NO_OUTBOX, Job, Outbox
 from .codec import from_mapping
-from .redis import _READS, _RUNS_OOM, _pairs, _text, _time, _translated
+from .redis import _READS, _RUNS_OOM, HELD, _pairs, _text, _time, _translated
 
 if TYPE_CHECKING:
     from .redis import RedisLeases
@@ -58,8 +73,11 @@ local function queue_key(kind) return BASE .. 'queue:' .. kind end
 EVENT_JOBS = (
     _KEYS
     + """
-local OUTBOX_ARG, HOOKS = table.remove(ARGV), table.remove(ARGV) ~= '0'
-local OUTBOX = false
+local OUTBOX_ARG, HOOKS_ARG = table.remove(ARGV), table.remove(ARGV)
+local HOOKS, OUTBOX, INLINE_DUE = HOOKS_ARG ~= '0', false, false
+if HOOKS_ARG == 'inline' then  -- an add whose held hook jobs are in its record
+  INLINE_DUE, OUTBOX_ARG = OUTBOX_ARG, ''
+end
 
 local function field(record, name)  -- of an HGETALL reply; false if absent
   for i = 1, #record, 2 do
@@ -123,6 +141,7 @@ end
 _HEAD = (
     "local BASE = ARGV[1]\n"
     + _KEYS
+    + HELD
     + """
 -- A job leaves every set it is in (its event and name give its queue).
 local function drop(id, event, name)
@@ -151,6 +170,14 @@ local function before(a, b)
   return #a[2] < #b[2]
 end
 local due, seen = {}, {}
+for i = 7, #ARGV do  -- held jobs past their deadline, still inline: out first
+  if string.sub(ARGV[i], 1, 9) == 'on_issue:' then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', HELD, '-inf', now, 'LIMIT', 0, limit)) do
+      unhold(id)
+    end
+    break
+  end
+end
 for i = 7, #ARGV do
   local queue = queue_key(ARGV[i])
   if not seen[queue] then
@@ -172,14 +199,40 @@ end
 return taken
 """
 
-# ARGV: claim, then ids. Deletes those `claim` still holds; how many.
+# ARGV: claim, then ids. Deletes those `claim` still holds; how many. A job
+# still inline leaves its lease's issue_hooks (the fields go with the last one).
 _FINISH = """
-local finished = 0
+local finished, seen = 0, {}
+local function finish_inline(id)
+  local lease_id, name = string.match(id, '^([^/]+)/on_issue/(.+)$')
+  if not lease_id then return end
+  local key = BASE .. 'lease:' .. lease_id
+  local inline = redis.call('HMGET', key, 'issue_hooks', 'issue_claim')
+  if not inline[1] or inline[2] ~= ARGV[3] then return end
+  local left, found = {}, false
+  for held in string.gmatch(inline[1], '%S+') do
+    if held == name then found = true else left[#left + 1] = held end
+  end
+  if not found then return end
+  finished = finished + 1
+  if #left > 0 then
+    redis.call('HSET', key, 'issue_hooks', table.concat(left, ' '))
+  else
+    redis.call('HDEL', key, 'issue_hooks', 'issue_claim', 'issue_due', 'issue_limit')
+    redis.call('ZREM', HELD, lease_id)
+  end
+end
 for i = 4, #ARGV do
-  local job = redis.call('HMGET', job_key(ARGV[i]), 'claim', 'event', 'name')
-  if job[1] == ARGV[3] then
-    drop(ARGV[i], job[2], job[3])
-    finished = finished + 1
+  local id = ARGV[i]
+  if not seen[id] then
+    seen[id] = true
+    local job = redis.call('HMGET', job_key(id), 'claim', 'event', 'name')
+    if job[1] == ARGV[3] then
+      drop(id, job[2], job[3])
+      finished = finished + 1
+    elseif not job[2] then
+      finish_inline(id)
+    end
   end
 end
 return finished
@@ -189,6 +242,8 @@ return finished
 # held the job (now released: due again at `due`, or parked), else 0.
 _FAIL = """
 local id, due, park = ARGV[3], ARGV[5], ARGV[7]
+local lease_id = string.match(id, '^([^/]+)/on_issue/')
+if lease_id then unhold(lease_id) end
 local key = job_key(id)
 local job = redis.call('HMGET', key, 'claim', 'event', 'name')
 if job[1] ~= ARGV[4] then return 0 end
@@ -207,13 +262,22 @@ return 1
 """
 
 # ARGV: which ('all', 'parked' or 'unparked'), limit (> 0). Up to `limit` job
-# records, oldest due first (read only).
+# records, oldest due first, then up to `limit` still inline (never parked):
+# the caller merges the two (read only).
 _LIST = """
 local which, limit, found = ARGV[3], tonumber(ARGV[4]), {}
+local function inline()
+  local records = {}
+  for _, id in ipairs(redis.call('ZRANGE', HELD, 0, limit - 1)) do
+    for _, job in ipairs((held_records(id))) do records[#records + 1] = job end
+  end
+  return records
+end
 if which ~= 'unparked' then
   local ids = redis.call('ZRANGE', which == 'parked' and PARKED or JOBS, 0, limit - 1)
   for i, id in ipairs(ids) do found[i] = redis.call('HGETALL', job_key(id)) end
-  return found
+  if which == 'parked' then return {found, {}} end
+  return {found, inline()}
 end
 -- Every job but the parked ones, page by page: parked jobs are few (each is a
 -- failure an operator is shown), so this reads few more than it returns.
@@ -228,7 +292,21 @@ while #found < limit do
   end
   offset = offset + #ids
 end
-return found
+return {found, inline()}
+"""
+
+# ARGV: id. The job's record, from its hash or inline in its lease's; {} if none.
+_GET = """
+local id = ARGV[3]
+local record = redis.call('HGETALL', job_key(id))
+if #record > 0 then return record end
+local lease_id = string.match(id, '^([^/]+)/on_issue/')
+if not lease_id then return {} end
+local jobs, ids = held_records(lease_id)
+for i, job_id in ipairs(ids) do
+  if job_id == id then return jobs[i] end
+end
+return {}
 """
 
 # ARGV: now, then 'all' (every parked job) or 'ids' followed by ids. Each parked
@@ -258,6 +336,10 @@ return retried
 _FORGET = """
 local gone = {}
 for i = 3, #ARGV do
+  local lease_id = string.match(ARGV[i], '^([^/]+)/on_issue/')
+  if lease_id then unhold(lease_id) end
+end
+for i = 3, #ARGV do
   local record = redis.call('HGETALL', job_key(ARGV[i]))
   if #record > 0 then
     local job = {}
@@ -279,11 +361,18 @@ def outbox_args(outbox: Outbox) -> tuple[str, str]:
     return str(len(outbox.hooks)), _encode(outbox)
 
 
-def add_args(lease: Lease, outbox: Outbox) -> tuple[str, str]:
-    """The ``add`` script's last two arguments: the JSON is '' if the lease makes
-    no job (no hook, no provider), so the script skips the jobs section."""
-    if not outbox.hooks and lease.provider is None:
-        return "0", ""
+def add_args(lease: Lease, outbox: Outbox) -> tuple[str, ...]:
+    """The ``add`` script's last arguments: the JSON is '' if the lease makes no
+    job (no hook, no provider), so the script skips the jobs section. Held hook
+    jobs of a lease without a provider go inline: their fields join the
+    record's, then ``inline`` and their deadline (see the module docstring)."""
+    hooks = outbox.hooks
+    if not hooks and lease.provider is None:
+        return _NO_JOBS
+    if outbox.claim is not None and lease.provider is None:
+        until = _time("until", outbox.until)
+        return ("issue_hooks", " ".join(hooks), "issue_claim", outbox.claim, "issue_due", until,
+                "issue_limit", str(int(outbox.limit)), "inline", until)  # fmt: skip
     return outbox_args(outbox)
 
 
@@ -301,6 +390,7 @@ def _encode(outbox: Outbox) -> str:
 
 #: What every revoke and sweep without hooks sends: encoded once.
 _NO_OUTBOX_ARGS = ("0", _encode(NO_OUTBOX))
+_NO_JOBS = ("0", "")
 
 
 class OutboxSteps:
@@ -310,13 +400,13 @@ class OutboxSteps:
     def __init__(self, leases: RedisLeases[Any]) -> None:
         register = cast("Any", leases._client).register_script
         self._script = leases._script  # the store's keys and leading arguments
-        self._job_prefix = leases._base + "job:"
         self._claim = register(_RUNS_OOM + _HEAD + _CLAIM)
         # Ending or releasing work must run past maxmemory too: a revoke's job
         # is how a backend credential dies.
         self._finish = register(_RUNS_OOM + _HEAD + _FINISH)
         self._fail = register(_RUNS_OOM + _HEAD + _FAIL)
         self._list = register(_READS + _HEAD + _LIST)
+        self._get = register(_READS + _HEAD + _GET)
         self._retry = register(_RUNS_OOM + _HEAD + _RETRY)
         self._forget = register(_RUNS_OOM + _HEAD + _FORGET)
 
@@ -350,15 +440,18 @@ class OutboxSteps:
 
     def get(self, job_id: str) -> Steps[Job | None]:
         with _translated("read an outbox job"):
-            record = yield operator.methodcaller("hgetall", self._job_prefix + job_id)
-        return _job({_text(k): v for k, v in record.items()}) if record else None
+            record = yield self._script(self._get, job_id)
+        return _job(_pairs(record)) if record else None
 
     def listed(self, parked: bool | None, limit: int) -> Steps[list[Job]]:
         if limit <= 0:
             return []
         which = "all" if parked is None else "parked" if parked else "unparked"
         with _translated("list outbox jobs"):
-            return _jobs((yield self._script(self._list, which, int(limit))))
+            stored, inline = yield self._script(self._list, which, int(limit))
+        found = _jobs(stored) + _jobs(inline)
+        found.sort(key=lambda job: (job.due, job.id))
+        return found[:limit]
 
     def retry(self, ids: Collection[str] | None, now: float) -> Steps[int]:
         chosen = ("all",) if ids is None else ("ids", *ids)

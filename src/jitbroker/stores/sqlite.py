@@ -106,6 +106,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # The provider of a lease's backend credential, and the outbox (sqlite_outbox).
     outbox_sql.MIGRATION,
+    # Held on_issue hook jobs inline in the lease's row (sqlite_outbox).
+    outbox_sql.INLINE_MIGRATION,
 )
 
 #: The schema version this code writes; a file at a higher one is refused.
@@ -121,11 +123,23 @@ _MARKS = ", ".join("?" * (len(COLUMNS) + 1))
 _LIVE = "+dead = 0 AND :at < +expires_at"
 _GET = f"SELECT {_COLS} FROM leases WHERE id = ?"  # noqa: S608
 _FIND = f"SELECT {_COLS} FROM leases WHERE {{condition}}"  # noqa: S608
-_INSERT = f"INSERT OR REPLACE INTO leases ({_COLS}, dead) VALUES ({_MARKS})"  # noqa: S608
-# A child goes in only if its parent is live at its issue time: one statement, atomic.
-_INSERT_CHILD = (
-    f"INSERT OR REPLACE INTO leases ({_COLS}, dead) SELECT {_MARKS}"  # noqa: S608
-    " WHERE EXISTS (SELECT 1 FROM leases WHERE id = ? AND +dead = 0 AND ? < +expires_at)"
+
+
+def _inserts(columns: str, marks: str) -> tuple[str, str]:
+    """The statements adding a lease row (with these columns): a root, and a child,
+    which goes in only if its parent is live at its issue time (one statement, atomic)."""
+    insert = "INSERT OR REPLACE INTO leases (" + columns + ") "
+    child = (
+        insert + "SELECT " + marks + " WHERE EXISTS"  # noqa: S608 - fixed names, never input
+        " (SELECT 1 FROM leases WHERE id = ? AND +dead = 0 AND ? < +expires_at)"
+    )
+    return insert + "VALUES (" + marks + ")", child
+
+
+_INSERT, _INSERT_CHILD = _inserts(f"{_COLS}, dead", _MARKS)
+# The same with held on_issue hook jobs inline (sqlite_outbox).
+_INSERT_HELD, _INSERT_HELD_CHILD = _inserts(
+    f"{_COLS}, dead, {', '.join(outbox_sql.INLINE)}", ", ".join("?" * (len(COLUMNS) + 5))
 )
 # The live leases matching {roots} and, recursively, their live children. A dead
 # lease's children died with it (or expired first), so the walk stops there.
@@ -233,6 +247,12 @@ class SQLiteStore:
         _check_times(lease)
         row = (*to_row(lease), lease.revoked_at is not None)
         parent = lease.parent
+        insert, insert_child = _INSERT, _INSERT_CHILD
+        hooks = outbox.hooks
+        if hooks and outbox.claim is not None:  # held hook jobs: inline, in the same row
+            row = (*row, " ".join(hooks), outbox.claim, outbox.until, outbox.limit)
+            insert, insert_child = _INSERT_HELD, _INSERT_HELD_CHILD
+            outbox = attrs.evolve(outbox, hooks=()) if lease.provider is not None else NO_OUTBOX
         # event_jobs gives none without a hook or a provider: the hot path skips the call.
         jobs = (
             event_jobs("on_issue", lease, outbox, lease.issued_at)
@@ -248,8 +268,8 @@ class SQLiteStore:
                     if active >= quota.limit:
                         raise quota.exceeded()
                 if parent is None:
-                    db.execute(_INSERT, row)
-                elif db.execute(_INSERT_CHILD, (*row, parent, lease.issued_at)).rowcount != 1:
+                    db.execute(insert, row)
+                elif db.execute(insert_child, (*row, parent, lease.issued_at)).rowcount != 1:
                     return False
                 if jobs:
                     outbox_sql.insert(db, jobs)
@@ -258,9 +278,9 @@ class SQLiteStore:
         db = self._enter("store a lease")
         try:
             if parent is None:  # a single statement: its own immediate transaction
-                db.execute(_INSERT, row)
+                db.execute(insert, row)
                 return True
-            return db.execute(_INSERT_CHILD, (*row, parent, lease.issued_at)).rowcount == 1
+            return db.execute(insert_child, (*row, parent, lease.issued_at)).rowcount == 1
         except sqlite3.Error as exc:
             raise _translate(exc, "store a lease", self.path) from exc
         finally:
@@ -338,8 +358,10 @@ class SQLiteStore:
             return {str(hooks): int(n) for hooks, n in db.execute(_AWAITING, (now,))}
 
     def purge(self, before: float) -> int:
-        """Delete dead leases (revoked or claimed expired) with ``expires_at < before``."""
-        with self._session("purge dead leases") as db:
+        """Delete dead leases (revoked or claimed expired) with ``expires_at < before``;
+        any job still inline in one moves to the jobs table first (never lost)."""
+        with self._transaction("purge dead leases") as db:
+            outbox_sql.materialize_dead(db, before)
             return int(db.execute(_PURGE, (before,)).rowcount)
 
     # -- the outbox (statements in sqlite_outbox) ----------------------------
