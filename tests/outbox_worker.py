@@ -5,8 +5,8 @@
 runs a broker on the store KIND at WHERE (see store_worker.py) whose provider
 keeps one file per principal in DIR/principals (BACKEND ``files``, the
 default) or is a ``RedisUsers`` on the Redis at 127.0.0.1:6379 with the users'
-prefix ``<NAMESPACE-derived>_`` (BACKEND ``redis-users``), and whose on_revoke/on_expire
-hooks append ``event lease-id idempotency-key`` lines to DIR/hooks.log. It
+prefix ``<NAMESPACE-derived>_`` (BACKEND ``redis-users``), and whose on_issue,
+on_revoke and on_expire hooks append ``event lease-id idempotency-key`` lines to DIR/hooks.log. It
 prints ``ready`` and then issues, revokes, sweeps and reconciles in a loop
 until it is killed: the test kills it with SIGKILL at a random moment.
 """
@@ -87,6 +87,7 @@ def broker_for(kind: str, where: str, namespace: str, base: Path, backend: str =
         keys=KeyRing.generate(),
         store=open_store(kind, where, namespace),
         providers=[backend_for(backend, base, namespace)],
+        on_issue={"record": recorder(log, "on_issue")},
         on_revoke={"record": recorder(log, "on_revoke")},
         on_expire={"record": recorder(log, "on_expire")},
         hook_timeout=HOOK_TIMEOUT,
@@ -104,7 +105,10 @@ def main(kind: str, where: str, namespace: str, base: str, backend: str = "files
     print("ready", flush=True)
     rng = random.Random()
     while True:
-        cred = broker.issue("svc:crash", PROVIDER, ["rw"], ttl=TTL, owner="w")
+        # Half with the provider, half without: the hook jobs of those are the
+        # ones SQLite and Redis keep inline in the lease's row.
+        audience = PROVIDER if rng.random() < 0.5 else "plain"
+        cred = broker.issue("svc:crash", audience, ["rw"], ttl=TTL, owner="w")
         if rng.random() < 0.5:
             broker.revoke(cred)
         if rng.random() < 0.5:

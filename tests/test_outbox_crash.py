@@ -147,9 +147,10 @@ def survive(kind: str, where: str, namespace: str, base: Path, backend: str, pro
             event, lease_id, key = line.split()
             runs[(event, lease_id)].add(key)
         for lease in leases:
-            event = "on_revoke" if lease.revoked_at is not None else "on_expire"
-            keys = runs.get((event, lease.id))
-            assert keys, f"lease {lease.id} ({lease.status(time.time())}): {event} never ran"
-            assert keys == {job_id(lease.id, event, "record")}, keys
+            death = "on_revoke" if lease.revoked_at is not None else "on_expire"
+            for event in ("on_issue", death):
+                keys = runs.get((event, lease.id))
+                assert keys, f"lease {lease.id} ({lease.status(time.time())}): {event} never ran"
+                assert keys == {job_id(lease.id, event, "record")}, keys
     finally:
         survivor.close()
