@@ -530,7 +530,9 @@ class PrivateServer:
             stderr=subprocess.DEVNULL,
         )
         probe = fast_client(self.port)
-        assert poll(lambda: self._answers(probe)), "the private redis-server did not start"
+        # A start-up budget of its own: on a loaded machine a fresh redis-server
+        # (appendfsync always) can take seconds; a passing start waits no longer.
+        assert poll_long(lambda: self._answers(probe)), "the private redis-server did not start"
         probe.close()
 
     def kill(self) -> None:
