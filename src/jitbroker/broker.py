@@ -35,7 +35,7 @@ from .outbox import ASYNC, Reconciliation
 from .policy import Policy
 from .report import Report, build_report
 from .revocations import RevocationCache
-from .stores.base import AsyncLeaseStore, Job, LeaseFilter, LeaseStore, as_async
+from .stores.base import NO_OUTBOX, AsyncLeaseStore, Job, LeaseFilter, LeaseStore, as_async
 from .stores.memory import MemoryStore
 from .verify import Request
 
@@ -273,21 +273,29 @@ class Broker(_Base):
         lease, token, sweep_due, quotas = core.plan_issue(
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
-        if core.issue_hooks or lease.provider is not None:  # jobs go with the lease
+        if lease.provider is not None:  # a backend credential: the outbox's steps
             cred = run(core.store_issue(lease, token, quotas), self.store)
             if sweep_due:
                 self._sweep_quietly()
             return cred
         # The store raises if it fails: the token never leaves. Quotas are passed
         # only when the policy sets one, so a store without quota support works
-        # until one is configured.
+        # until one is configured; the outbox likewise, until a hook needs it.
+        # Hook jobs go in with the lease, held by this broker, run once it is out.
+        outbox = core.outbox.plan("on_issue", lease.issued_at) if core.issue_hooks else NO_OUTBOX
         try:
-            self.store.add(lease, quotas) if quotas else self.store.add(lease)
+            if outbox is not NO_OUTBOX:
+                self.store.add(lease, quotas, outbox=outbox)
+            else:
+                self.store.add(lease, quotas) if quotas else self.store.add(lease)
         except QuotaExceeded as exc:
             core.denied(lease, exc, lease.issued_at)
+        cred = core.issued(lease, token)
+        if outbox is not NO_OUTBOX:
+            run(core.run_issue_hooks(lease, outbox), self.store)
         if sweep_due:
             self._sweep_quietly()
-        return core.issued(lease, token)
+        return cred
 
     def verify(
         self,

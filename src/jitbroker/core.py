@@ -294,6 +294,13 @@ class Core:
         yield from self.outbox.run(hooks, self.mode)
         return cred
 
+    def run_issue_hooks(self, lease: Lease, outbox: Outbox) -> Steps[int]:
+        """Run the ``on_issue`` hook jobs ``outbox`` held when ``lease`` was added
+        (the sync shell's path for a lease without a provider); how many failed."""
+        return self.outbox.run(
+            self.outbox.held("on_issue", [lease], outbox, lease.issued_at), self.mode
+        )
+
     def _store_new(
         self, lease: Lease, quotas: tuple[Quota, ...]
     ) -> Steps[tuple[bool, Secret | None, list[Job]]]:
