@@ -589,8 +589,9 @@ def test_hooks_of_different_events_may_share_a_name(clock: FakeClock) -> None:
 # -- the audit trail ---------------------------------------------------------------------
 #: What the realistic session emits: every event type but a task's failed exit
 #: revoke, which needs a store that fails (tests/test_task_exit.py covers it,
-#: secrets included).
-SESSION_EVENTS = set(EventType) - {EventType.TASK_REVOKE_FAILED}
+#: secrets included), and the broker service's token endpoint events
+#: (tests/test_web_service.py: caller identity in, tokens and assertions out).
+SESSION_EVENTS = set(EventType) - {EventType.TASK_REVOKE_FAILED, EventType.TOKEN_ENDPOINT}
 VAULT = "vault:orders"
 ORPHAN = "e" * 32  # a backend principal whose lease the store never had
 
@@ -795,6 +796,7 @@ def test_event_types_are_strings() -> None:
         "principal_orphaned",
         "principal_missing",
         "task_revoke_failed",
+        "token_endpoint",
     ]
 
 

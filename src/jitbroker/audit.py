@@ -52,6 +52,10 @@ class EventType(enum.StrEnum):
     # A task's exit revoke failed after its retries: the leases live until their
     # TTL. ``where`` names the run, ``error`` the exception class; never a token.
     TASK_REVOKE_FAILED = "task_revoke_failed"
+    # A decision of the broker service's token endpoints (``broker_app``): ``where``
+    # names the endpoint, the decision and the caller (issuer, subject, rule,
+    # method); ``error`` the RFC 6749 code of a refusal. Never a token or assertion.
+    TOKEN_ENDPOINT = "token_endpoint"
 
 
 @attrs.frozen

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from . import validate
 from ._drive import Steps, arun, run
 from ._sigterm import GUARD
-from .audit import Sink
+from .audit import Auditor, Sink
 from .clock import Clock, Duration
 from .core import MAX_DELEGATION_DEPTH, Core, Explanation, LeaseRef, TokenFormat
 from .errors import InvalidRequest, InvalidToken, QuotaExceeded, StoreError
@@ -169,6 +169,22 @@ class _Base:
     def clock(self) -> Clock:
         """The broker's one clock."""
         return self._core.clock
+
+    @property
+    def max_ttl(self) -> float:
+        """The longest lifetime of any lease this broker issues, renewals included (seconds)."""
+        return self._core.max_ttl
+
+    @property
+    def leeway(self) -> float:
+        """Clock skew its verification allows on ``exp``, ``nbf`` and ``iat`` (seconds)."""
+        return self._core.leeway
+
+    @property
+    def auditor(self) -> Auditor:
+        """Where this broker's audit events go: ``auditor.emit(...)`` adds one of
+        a layer above the broker (``broker_app``'s ``token_endpoint`` events)."""
+        return self._core.audit
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """Public keys for offline verifiers (never an HMAC key or a private member)."""

@@ -2,24 +2,29 @@
 
 ``jitbroker demo`` walks through a credential's life; ``jitbroker keys ...``
 manages a key directory (``cli_keys``); ``report``, ``leases``, ``revoke`` and
-``policy check`` operate on a shared store and a policy file (``cli_governance``).
-Exit status: 0 done, 1 a negative answer (denied, nothing to revoke), 2 an error.
+``policy check`` operate on a shared store and a policy file (``cli_governance``);
+``issue``, ``renew``, ``verify``, ``inspect`` (``cli_shell``) and ``exec``
+(``cli_exec``) give shell jobs their credentials; ``serve`` runs the broker
+service (``cli_serve``). See docs/cli.md.
+Exit status: 0 done, 1 a negative answer (denied, not valid, nothing to revoke), 2 an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import NoReturn
 
-from . import __version__, cli_governance, cli_keys
+from . import __version__, cli_exec, cli_governance, cli_keys, cli_shell
 from .broker import Broker
-from .errors import InvalidRequest, InvalidToken, JitBrokerError, PolicyDenied, StoreError
+from .errors import InvalidToken, JitBrokerError, LeaseError, PolicyDenied, StoreError
 from .keyring import KeyRing
 from .lease import Credential, Lease
 from .policy import Policy, Rule
-from .testing import FakeClock
 
 __all__ = ["main"]
 
@@ -42,6 +47,8 @@ class Demo:
     """A scripted walk-through on the embedded default store, with a simulated clock."""
 
     def __init__(self, out: Callable[[str], object] = print) -> None:
+        from .testing import FakeClock  # pulls in pytest: only for the demo
+
         self.out = out
         self.clock = FakeClock()
         self.broker = Broker(
@@ -168,29 +175,129 @@ class Demo:
         self.say(f"offboarding alice: revoked {strict.revoke_where(owner='alice@example.com')}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jitbroker`` command."""
-    parser = argparse.ArgumentParser(prog="jitbroker", description=__doc__)
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (``--aud`` is a typo, not ``--audience``), and a
+    usage error is one line on stderr naming the option, exit status 2."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jitbroker`` parser with every command registered."""
+    parser = _Parser(
+        prog="jitbroker",
+        description="Just-in-time, task-scoped credentials. See docs/cli.md.",
+        epilog="exit status: 0 done, 1 a negative answer (denied, not valid, nothing to"
+        " revoke), 2 an error",
+    )
     parser.add_argument("--version", action="version", version=f"jitbroker {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser]
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # type: ignore[assignment]
     sub.add_parser("demo", help="walk through issuing, verifying and killing a credential")
     cli_keys.add_parser(sub)
     cli_governance.add_parsers(sub)
-    args = parser.parse_args(argv)
+    cli_shell.add_parsers(sub)
+    cli_exec.add_parser(sub)
+    # `jitbroker serve` lives with the service (jitbroker.web); registered once it exists.
+    if importlib.util.find_spec(f"{__package__}.cli_serve") is not None:
+        from . import cli_serve  # type: ignore[attr-defined,unused-ignore]
+
+        cli_serve.add_parser(sub)
+    return parser
+
+
+def _split_exec(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``exec``'s own arguments and CMD: everything after the first ``--``."""
+    if not argv or argv[0] != "exec" or ("--" not in argv and {"-h", "--help"} & set(argv)):
+        return argv, None
+    if "--" not in argv:
+        print(
+            "jitbroker exec: error: put `--` before the command:"
+            " jitbroker exec [options] -- CMD ARGS",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Name a mistyped ``--option`` first: argparse would rather report a
+    required option as missing (``--aud x`` for ``--audience x``)."""
+    commands = next(
+        (a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {}
+    )
+    command = commands.get(argv[0]) if argv else None
+    if command is None or any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+        return  # nested commands (keys, policy, outbox): argparse reports them itself
+    known = set(command._option_string_actions)
+    for arg in argv[1:]:
+        if arg == "--":
+            return
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and name not in known:
+            command.error(f"unrecognized option {name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jitbroker`` command."""
+    own, command = _split_exec(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    _refuse_unknown_options(parser, own)
+    args = parser.parse_args(own)
     try:
-        if args.command == "demo":
-            Demo().run()
-        elif args.command == "keys":
-            cli_keys.run(args)
-        else:
-            return cli_governance.run(args)
+        code = _dispatch(args, command)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`jitbroker inspect T | head -1`): not an error.
+        # Point stdout at devnull so the interpreter's last flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (PolicyDenied, LeaseError) as exc:  # a negative answer, not a failure
+        print(f"jitbroker: denied: {exc}", file=sys.stderr)
+        return 1
     except StoreError as exc:
         print(f"jitbroker: store error: {exc}", file=sys.stderr)
         return 2
-    except (InvalidRequest, JitBrokerError) as exc:
+    except JitBrokerError as exc:
         print(f"jitbroker: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"jitbroker: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jitbroker: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+def _dispatch(args: argparse.Namespace, command: list[str] | None) -> int:
+    if args.command == "demo":
+        Demo().run()
+        return 0
+    if args.command == "keys":
+        cli_keys.run(args)
+        return 0
+    if args.command == "exec":
+        return cli_exec.run(args, command or [])
+    if args.command in ("issue", "renew", "verify", "inspect"):
+        return cli_shell.run(args)
+    if args.command in cli_governance.COMMANDS:
+        return cli_governance.run(args)
+    # `serve` (cli_serve): its parser names the function that runs it, or its module's run().
+    func = getattr(args, "func", None)
+    if func is None:
+        from . import cli_serve  # type: ignore[attr-defined,unused-ignore]
+
+        func = cli_serve.run
+    return int(func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

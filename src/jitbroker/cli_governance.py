@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import cli_shell
 from .audit import JsonLinesSink, Sink
 from .broker import Broker
 from .errors import InvalidRequest
@@ -60,13 +61,29 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     leases.add_argument("--all", action="store_true", help="include revoked and expired")
     leases.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    revoke = sub.add_parser("revoke", help="revoke leases (and their subtrees) by id or filter")
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke leases (and their subtrees) by id, filter, or the token naming one",
+        description="By lease id or filters on --store; or the lease a token names (read"
+        " from - (stdin), --token-env or --token-file, never an argument) with --config or"
+        " --broker. Exit 0 revoked, 1 nothing was active, 2 an error.",
+    )
     _store_arg(revoke)
     _filter_args(revoke)
-    revoke.add_argument("--lease", metavar="ID", help="a lease id (never a token)")
-    revoke.add_argument("--reason", default="revoked-by-operator")
+    revoke.add_argument(
+        "--lease", metavar="ID", help="a lease id (never a token); e.g. --lease 3f2a...e1"
+    )
+    revoke.add_argument(
+        "--reason",
+        default="revoked-by-operator",
+        help="recorded on the lease; e.g. --reason leaked",
+    )
     revoke.add_argument("--by", help="who revokes, for the audit trail (default cli:$USER)")
-    revoke.add_argument("--audit-log", type=Path, metavar="FILE", help="append events here")
+    revoke.add_argument(
+        "--audit-log", type=Path, metavar="FILE", help="append events here; e.g. audit.jsonl"
+    )
+    revoke.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    cli_shell.add_revoke_options(revoke)
 
     outbox = sub.add_parser(
         "outbox", help="parked work: hook calls and backend revokes that ran out of retries"
@@ -118,6 +135,15 @@ def run(args: argparse.Namespace, out: Out = print) -> int:
     """Carry out a parsed governance command; the exit status."""
     if args.command == "policy":
         return _policy_check(args, out)
+    if args.command == "revoke" and cli_shell.has_token(args):
+        if args.lease is not None or not _where(args).is_empty():
+            raise InvalidRequest("a token names its lease: give it without --lease or filters")
+        return cli_shell.revoke_token(args, out)
+    if args.command == "revoke" and (args.config or args.broker):
+        raise InvalidRequest(
+            "--config/--broker revoke the lease a token names: give the token as - (stdin),"
+            " --token-env VAR or --token-file PATH (by lease id or filter: use --store)"
+        )
     with _store(args.store) as store:
         if args.command == "report":
             return _report(args, store, out)
@@ -196,10 +222,16 @@ def _revoke_now(
     broker = Broker(keys=KeyRing.generate(), store=store, audit=sinks)
     if args.lease is not None:
         done = broker.revoke(_lease_id(args.lease), reason=args.reason, by=by)
-        out(f"revoked lease {args.lease}" if done else f"lease {args.lease} was not active")
+        if args.json:
+            out(json.dumps({"revoked": done, "lease_id": args.lease}))
+        else:
+            out(f"revoked lease {args.lease}" if done else f"lease {args.lease} was not active")
         return 0 if done else 1
     count = broker.revoke_where(**_filters(where), reason=args.reason, by=by)
-    out(f"revoked {count} lease(s) matching {where.describe()} (subtrees included)")
+    if args.json:
+        out(json.dumps({"revoked": count, "where": where.describe()}))
+    else:
+        out(f"revoked {count} lease(s) matching {where.describe()} (subtrees included)")
     return 0 if count else 1  # 1: nothing to revoke (a typo in a filter, or already done)
 
 

@@ -29,6 +29,11 @@ reader for whoever sends it tokens:
   skipped, so an encryption key never verifies a token;
 - a failed fetch keeps the keys already held (until ``max_age + max_stale``) and
   is logged; verification stays fail-closed (an unknown ``kid`` is rejected).
+
+For other documents of an issuer (its OpenID discovery document) the same
+fetch is public: ``build_opener`` and ``fetch_bytes``; and a ``JWKSource``
+subclass whose issuer names its keys otherwise (by its own ``kid``, not an
+RFC 7638 thumbprint) overrides ``JWKSource.parse``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from .jwk import verifies_signatures
 from .keyring import KeyRing
 from .tokens import strict_json_object
 
-__all__ = ["MAX_JWKS_BYTES", "Fetch", "JWKSource", "parse_jwks"]
+__all__ = ["MAX_JWKS_BYTES", "Fetch", "JWKSource", "build_opener", "fetch_bytes", "parse_jwks"]
 
 log = logging.getLogger("jitbroker")
 MAX_JWKS_BYTES = 256 * 1024
@@ -228,6 +233,61 @@ class _SameSchemeRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def build_opener(schemes: frozenset[str]) -> urllib.request.OpenerDirector:
+    """The ``urllib`` opener ``JWKSource`` fetches with, for ``fetch_bytes``: each
+    connection held to the fetch's deadline (connect, TLS, every read), and a
+    redirect followed only to a URL of ``schemes`` without credentials (others
+    are a ``KeySourceError``). ``schemes``: ``{"https"}``, or ``{"https", "http"}``
+    for tests and loopback; nothing else."""
+    schemes = frozenset(schemes)
+    if "https" not in schemes or not schemes <= {"https", "http"}:
+        raise InvalidRequest('schemes must be {"https"} or {"https", "http"}')
+    return urllib.request.build_opener(
+        _SameSchemeRedirects(schemes), _DeadlineHTTPHandler(), _DeadlineHTTPSHandler()
+    )
+
+
+def fetch_bytes(
+    opener: urllib.request.OpenerDirector,
+    url: str,
+    *,
+    name: str,
+    where: str,
+    timeout: float,
+    limit: int,
+) -> bytes:
+    """The body of a GET of a public JSON document: ``JWKSource``'s fetch, for
+    other documents of an issuer too (its OpenID discovery document).
+
+    ``opener`` comes from ``build_opener``; ``url`` must be one its caller has
+    checked (``JWKSource`` checks its own: scheme, no credentials, a host).
+    ``timeout`` bounds the whole fetch, redirects included; a body longer than
+    ``limit`` bytes is refused. Every failure is a ``KeySourceError`` saying
+    ``could not fetch {name} from {where}``, or ``{name} at {where} is larger
+    than ...``: ``where`` names the URL without its credentials or query, since
+    the message is logged.
+    """
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+    deadline = _deadline.set(time.monotonic() + timeout)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body: bytes = response.read(limit + 1)
+            # read(n) hands back a body cut short by a hang-up without error.
+            if response.length and len(body) <= limit:
+                raise http.client.IncompleteRead(body, response.length)
+    except KeySourceError:
+        raise
+    except _FETCH_ERRORS as exc:
+        if isinstance(exc, urllib.error.HTTPError):
+            exc.close()  # it holds the connection open, and is kept as __cause__
+        raise KeySourceError(f"could not fetch {name} from {where}: {_reason(exc)}") from exc
+    finally:
+        _deadline.reset(deadline)
+    if len(body) > limit:
+        raise KeySourceError(f"{name} at {where} is larger than {limit} bytes")
+    return body
+
+
 class Fetch:
     """A JWKS fetch running in its source's background thread, for a caller
     that needs its outcome: ``wait()`` for it in a thread, or ``await`` it on an
@@ -330,9 +390,7 @@ class JWKSource:
             min_refresh_interval, "min_refresh_interval", allow_zero=True
         )
         self.clock = clock
-        self._opener = urllib.request.build_opener(
-            _SameSchemeRedirects(self.schemes), _DeadlineHTTPHandler(), _DeadlineHTTPSHandler()
-        )
+        self._opener = build_opener(self.schemes)
         self._lock = threading.Lock()  # guards _fetching and _last_fetch; never held over I/O
         self._fetching: Future[bool] | None = None  # the background fetch, while it runs
         self._last_fetch = self._fetched_at = clock()
@@ -419,29 +477,29 @@ class JWKSource:
             self._fetching = None
         future.set_result(loaded)
 
+    def parse(self, body: bytes) -> KeyRing:
+        """The keys of a fetched JWKS document (at most ``MAX_JWKS_BYTES``):
+        ``parse_jwks``, keys named by their RFC 7638 thumbprint.
+
+        The hook for a subclass whose issuer names its keys otherwise: it
+        returns a ``KeyRing`` (or a subclass) or raises ``KeySourceError`` to
+        refuse the document (a refresh then keeps the keys held). Called for
+        every fetch, the first from ``__init__``: it must not need attributes a
+        subclass sets after ``super().__init__()``.
+        """
+        return parse_jwks(body, self.where)
+
     def _fetch(self) -> KeyRing:
         # The scheme was checked in the constructor (https, or http if allowed).
-        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})  # noqa: S310
-        deadline = _deadline.set(time.monotonic() + self.timeout)
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                body = response.read(MAX_JWKS_BYTES + 1)
-                # read(n) hands back a body cut short by a hang-up without error.
-                if response.length and len(body) <= MAX_JWKS_BYTES:
-                    raise http.client.IncompleteRead(body, response.length)
-        except KeySourceError:
-            raise
-        except _FETCH_ERRORS as exc:
-            if isinstance(exc, urllib.error.HTTPError):
-                exc.close()  # it holds the connection open, and is kept as __cause__
-            raise KeySourceError(
-                f"could not fetch the JWKS from {self.where}: {_reason(exc)}"
-            ) from exc
-        finally:
-            _deadline.reset(deadline)
-        if len(body) > MAX_JWKS_BYTES:
-            raise KeySourceError(f"the JWKS at {self.where} is larger than {MAX_JWKS_BYTES} bytes")
-        return parse_jwks(body, self.where)
+        body = fetch_bytes(
+            self._opener,
+            self.url,
+            name="the JWKS",
+            where=self.where,
+            timeout=self.timeout,
+            limit=MAX_JWKS_BYTES,
+        )
+        return self.parse(body)
 
 
 def _check_url(url: object, schemes: frozenset[str]) -> str:

@@ -23,21 +23,33 @@ if TYPE_CHECKING:
     from .asgi import BearerAuth
     from .backend import JitbrokerBackend, JitbrokerUser
     from .client import BrokerAuth
-    from .errors import MalformedRequest, NoCredentials, NonceRequired, RequestRejected
+    from .errors import (
+        InvalidClient,
+        MalformedRequest,
+        NoCredentials,
+        NonceRequired,
+        RequestRejected,
+    )
     from .nonces import DPoPNonces
     from .proxies import TrustedProxies
     from .requirements import Requirement, authorize, require
     from .responses import ErrorResponse, error_response
+    from .service import broker_app
     from .sources import AsyncTokenSource, Grant, TokenSource
+    from .trust import Caller, ClientKey, ClientSecret, Trust, TrustRule, hash_client_secret
     from .wsgi import WSGIBearer
 
 _EXPORTS = {
     "AsyncTokenSource": ".sources",
     "BearerAuth": ".asgi",
     "BrokerAuth": ".client",
+    "Caller": ".trust",
+    "ClientKey": ".trust",
+    "ClientSecret": ".trust",
     "DPoPNonces": ".nonces",
     "ErrorResponse": ".responses",
     "Grant": ".sources",
+    "InvalidClient": ".errors",
     "JitbrokerBackend": ".backend",
     "JitbrokerUser": ".backend",
     "MalformedRequest": ".errors",
@@ -46,10 +58,14 @@ _EXPORTS = {
     "RequestRejected": ".errors",
     "Requirement": ".requirements",
     "TokenSource": ".sources",
+    "Trust": ".trust",
+    "TrustRule": ".trust",
     "TrustedProxies": ".proxies",
     "WSGIBearer": ".wsgi",
     "authorize": ".requirements",
+    "broker_app": ".service",
     "error_response": ".responses",
+    "hash_client_secret": ".trust",
     "require": ".requirements",
 }
 
@@ -57,9 +73,13 @@ __all__ = [
     "AsyncTokenSource",
     "BearerAuth",
     "BrokerAuth",
+    "Caller",
+    "ClientKey",
+    "ClientSecret",
     "DPoPNonces",
     "ErrorResponse",
     "Grant",
+    "InvalidClient",
     "JitbrokerBackend",
     "JitbrokerUser",
     "MalformedRequest",
@@ -68,10 +88,14 @@ __all__ = [
     "RequestRejected",
     "Requirement",
     "TokenSource",
+    "Trust",
+    "TrustRule",
     "TrustedProxies",
     "WSGIBearer",
     "authorize",
+    "broker_app",
     "error_response",
+    "hash_client_secret",
     "require",
 ]
 

@@ -5,7 +5,8 @@
     JitBrokerError
     ├── RequestRejected              the HTTP layer refused the request
     │   ├── NoCredentials            no Authorization header (or an unsupported scheme)
-    │   └── MalformedRequest         the Authorization or DPoP header is malformed
+    │   ├── MalformedRequest         the Authorization or DPoP header is malformed
+    │   └── InvalidClient            caller authentication failed (.reason): RFC 6749 invalid_client
     └── InvalidToken
         └── InvalidProof
             └── NonceRequired        the proof lacks a current server nonce (.nonce)
@@ -17,7 +18,13 @@ from __future__ import annotations
 
 from ..errors import InvalidProof, JitBrokerError
 
-__all__ = ["MalformedRequest", "NoCredentials", "NonceRequired", "RequestRejected"]
+__all__ = [
+    "InvalidClient",
+    "MalformedRequest",
+    "NoCredentials",
+    "NonceRequired",
+    "RequestRejected",
+]
 
 
 class RequestRejected(JitBrokerError):
@@ -40,3 +47,20 @@ class NonceRequired(InvalidProof):
     def __init__(self, message: str, *, nonce: str) -> None:
         super().__init__(message)
         self.nonce = nonce
+
+
+class InvalidClient(RequestRejected):
+    """Caller authentication at the token endpoint failed (``jitbroker.web.Trust``):
+    the assertion, client key or client secret was refused. RFC 6749 section 5.2
+    ``invalid_client`` (a 401), or ``invalid_request`` when the refused assertion
+    was an RFC 8693 ``subject_token`` / ``actor_token``.
+
+    ``reason`` is a fixed short code naming what failed (``"wrong_audience"``,
+    ``"expired"``, ``"replayed"``, ...: see ``docs/trust.md``), for the audit
+    log; the message is fixed text too. Neither ever quotes the assertion,
+    the secret or a claim value.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
