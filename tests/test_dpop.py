@@ -676,3 +676,20 @@ def test_a_proof_is_remembered_until_its_last_acceptable_moment(
 def test_proofs_per_holder_must_be_a_positive_whole_number(size: object) -> None:
     with pytest.raises(InvalidRequest, match="proofs_per_holder"):
         ProofChecker(proofs_per_holder=size)  # type: ignore[arg-type]
+
+
+def test_a_token_request_proof_names_its_key_and_carries_no_ath(holder: Key) -> None:
+    clock = FakeClock()
+    checker = ProofChecker(clock=clock)
+    proof = make_proof(holder, "POST", "https://broker.example/token", now=clock())
+    key, jkt = checker.check_token_request(proof, method="POST", url="https://broker.example/token")
+    assert jkt == holder_thumbprint(holder)
+    assert key.public_jwk() == holder.public_jwk()
+    with pytest.raises(ProofReplayed):
+        checker.check_token_request(proof, method="POST", url="https://broker.example/token")
+    with_ath = make_proof(holder, "POST", "https://broker.example/token", token="t", now=clock())
+    with pytest.raises(InvalidProof, match="carries no ath"):
+        checker.check_token_request(with_ath, method="POST", url="https://broker.example/token")
+    other = make_proof(holder, "POST", "https://broker.example/renew", now=clock())
+    with pytest.raises(InvalidProof, match="another URI"):
+        checker.check_token_request(other, method="POST", url="https://broker.example/token")

@@ -190,6 +190,21 @@ class ProofChecker:
     def check(self, proof: object, *, method: str, url: str, token: str, jkt: str) -> None:
         """Accept ``proof`` for this request and token bound to ``jkt``, or raise
         ``InvalidProof`` (``ProofReplayed`` for a proof seen before)."""
+        self._check(proof, method, url, token, jkt)
+
+    def check_token_request(self, proof: object, *, method: str, url: str) -> tuple[Key, str]:
+        """Accept ``proof`` sent with a token request (RFC 9449 section 5): there
+        is no access token yet, so it carries no ``ath`` (one that does belongs to
+        another request), and any key may sign it. The key it proves possession
+        of, to bind the new token to, and that key's thumbprint (``jkt``)."""
+        key = self._check(proof, method, url, None, None)
+        return key, thumbprint(key.public_jwk() or {})
+
+    def _check(
+        self, proof: object, method: str, url: str, token: str | None, jkt: str | None
+    ) -> Key:
+        """``check``; with ``token`` None a proof without ``ath``, with ``jkt``
+        None a proof by any key. The key that signed it."""
         if not isinstance(proof, str) or not proof:
             raise InvalidProof("this token is bound to a key: a DPoP proof is required")
         if len(proof) > MAX_PROOF_LENGTH or not _COMPACT.fullmatch(proof):
@@ -212,10 +227,12 @@ class ProofChecker:
         # arrive just as its first use is forgotten.
         now = self.clock()
         last_good = self._check_claims(claims, method, htu, token, now)
+        holder = thumbprint(key.public_jwk() or {}) if jkt is None else jkt
         with self._lock:
-            self._seen.add(jkt, claims["jti"], last_good, now)
+            self._seen.add(holder, claims["jti"], last_good, now)
+        return key
 
-    def _holder_key(self, segment: str, jkt: str) -> Key:
+    def _holder_key(self, segment: str, jkt: str | None) -> Key:
         header = strict_json_object(b64decode(segment), "DPoP proof header")
         if header.get("typ") != PROOF_TYPE:
             raise InvalidProof(f"the DPoP proof typ must be {PROOF_TYPE!r}")
@@ -232,12 +249,12 @@ class ProofChecker:
             raise InvalidProof("the DPoP proof's jwk is not an acceptable public key") from exc
         if key.alg != alg:
             raise InvalidProof("the DPoP proof alg does not match its key")
-        if not hmac.compare_digest(thumbprint(key.public_jwk() or {}), jkt):
+        if jkt is not None and not hmac.compare_digest(thumbprint(key.public_jwk() or {}), jkt):
             raise InvalidProof("the DPoP proof is signed by another key than the token's holder")
         return key
 
     def _check_claims(
-        self, claims: dict[str, Any], method: str, htu: str, token: str, now: float
+        self, claims: dict[str, Any], method: str, htu: str, token: str | None, now: float
     ) -> float:
         """Check the proof's claims at ``now``; the last moment the proof passes."""
         jti, iat = claims.get("jti"), claims.get("iat")
@@ -247,7 +264,10 @@ class ProofChecker:
             raise InvalidProof("the DPoP proof was made for another HTTP method")
         if claims.get("htu") != htu:
             raise InvalidProof("the DPoP proof was made for another URI")
-        if not isinstance(claims.get("ath"), str) or not hmac.compare_digest(
+        if token is None:  # a token request: there is no access token to hash yet
+            if "ath" in claims:
+                raise InvalidProof("a DPoP proof for the token endpoint carries no ath")
+        elif not isinstance(claims.get("ath"), str) or not hmac.compare_digest(
             claims["ath"], token_hash(token)
         ):
             raise InvalidProof("the DPoP proof was made for another access token")
