@@ -30,6 +30,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -437,7 +438,7 @@ class SQLiteStore:
                 self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
             try:
-                _prepare(db, self.path)
+                _prepare(db, self.path, self.timeout)
             except BaseException:
                 db.close()
                 raise
@@ -582,7 +583,7 @@ def _check_existing(path: str) -> None:
             )
 
 
-def _prepare(db: sqlite3.Connection, path: str) -> None:
+def _prepare(db: sqlite3.Connection, path: str, timeout: float) -> None:
     """Check the file is ours, migrate it to ``SCHEMA_VERSION``, switch to WAL."""
     # Only takes effect when this creates the file. Every commit writes each page
     # it dirtied to the WAL (an add: the row and 6 index pages), so smaller pages
@@ -591,10 +592,27 @@ def _prepare(db: sqlite3.Connection, path: str) -> None:
     if _read_schema(db, path) < SCHEMA_VERSION:
         _migrate(db, path)
     # Only after the checks: a foreign database must not be switched to WAL.
-    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    mode = _switch_to_wal(db, timeout)
     if mode != "wal":
         raise StoreError(f"SQLite store {path}: cannot use WAL mode (journal mode {mode!r})")
     db.execute("PRAGMA synchronous = NORMAL")  # see the class docstring
+
+
+def _switch_to_wal(db: sqlite3.Connection, timeout: float) -> str:
+    """``PRAGMA journal_mode = WAL``: the journal mode it leaves. The switch of a
+    new file needs it alone, and SQLite answers "locked" at once, without its busy
+    handler, while another process still reads it in its old mode (several
+    processes creating one file at once): retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            busy = isinstance(code, int) and code & 0xFF in (5, 6)  # SQLITE_BUSY, _LOCKED
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.005)
 
 
 def _read_schema(db: sqlite3.Connection, path: str) -> int:
