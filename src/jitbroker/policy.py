@@ -568,22 +568,14 @@ def _conditions_from(entry: Mapping[str, Any], where: str) -> list[Condition]:
             if not isinstance(days, list) or not all(isinstance(d, str) for d in days):
                 raise InvalidRequest("must be a list of day names such as 'mon'")
             out.append(weekdays(*days, tz=tz))
-        field = "labels"
-        if "labels" in entry:
-            found = entry["labels"]
-            if not isinstance(found, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in found.items()
-            ):
-                raise InvalidRequest('must be a table of name = "value"')
-            out.append(labels(**found))
-        field = "caller"
-        if "caller" in entry:
-            found = entry["caller"]
-            if not isinstance(found, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in found.items()
-            ):
-                raise InvalidRequest('must be a table of name = "glob"')
-            out.append(caller(**found))
+        for field, make, shape in (("labels", labels, "value"), ("caller", caller, "glob")):
+            if field in entry:
+                found = entry[field]
+                if not isinstance(found, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in found.items()
+                ):
+                    raise InvalidRequest(f'must be a table of name = "{shape}"')
+                out.append(make(**found))
     except InvalidRequest as exc:
         raise InvalidRequest(f"{where}: field {field!r}: {exc}") from exc
     return out
