@@ -235,6 +235,29 @@ def test_binding_survives_renewal_and_attenuation(
         )
 
 
+def test_attenuate_binds_a_child_to_a_new_key(
+    jitbroker_broker: Broker, holder: Key, jitbroker_clock: FakeClock
+) -> None:
+    cred = jitbroker_broker.issue("svc:a", "api", ["read", "write"], ttl=60)
+    child = jitbroker_broker.attenuate(cred, scopes=["read"], holder_key=holder.public())
+    assert child.lease.holder == holder.kid
+    assert payload(child.token)["cnf"] == {"jkt": holder.kid}
+    with pytest.raises(InvalidProof):
+        jitbroker_broker.verify(child.token, audience="api")
+    proof = proof_for(holder, child.token, jitbroker_clock)
+    claims = jitbroker_broker.verify(
+        child.token, audience="api", proof=proof, method="GET", url=URL
+    )
+    assert claims.holder == holder.kid
+    assert "cnf" not in payload(cred.token)  # the parent is as it was
+    jitbroker_broker.verify(cred.token, audience="api")
+    # a grandchild keeps its parent's binding
+    grandchild = jitbroker_broker.attenuate(child, ttl=10)
+    assert grandchild.lease.holder == holder.kid
+    with pytest.raises(InvalidRequest, match="unsupported key type"):
+        jitbroker_broker.attenuate(cred, holder_key="not a key")
+
+
 def test_opaque_tokens_can_be_bound(jitbroker_clock: FakeClock, holder: Key) -> None:
     broker = Broker(issuer=TEST_ISSUER, token_format="opaque", clock=jitbroker_clock)
     cred = broker.issue("svc:a", "api", ttl=60, holder_key=holder.public())

@@ -27,10 +27,12 @@ from cryptography.x509.oid import NameOID
 from jitbroker import KeyRing
 from jitbroker.config import load_config
 from jitbroker.errors import InvalidRequest
+from jitbroker.keys import generate_key
 from jitbroker.web import ClientKey, ClientSecret, TrustRule, hash_client_secret
 from jitbroker.web.config import clients_from, serve_settings, trust_rules
 from jitbroker.web.serve import check_binding, is_loopback, uvicorn_options
 from oidc_issuer import AUDIENCE, Issuer, oidc_issuer
+from web_servers import sign_proof
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -347,6 +349,12 @@ max_ttl = 300
     assert settings.tls_cert == tmp_path / "c.pem"
     assert settings.default_ttl == 120
     assert settings.app_options()["dpop"] is False
+    assert settings.dpop_nonces is False
+    bad = write_config(
+        tmp_path, 'base_url = "https://b.example"\ndpop = false\ndpop_nonces = true', ""
+    )
+    with pytest.raises(InvalidRequest, match="dpop_nonces needs dpop = true"):
+        serve_settings(load_config(bad))
     check_binding(settings)  # TLS: any address is fine
     options = uvicorn_options(settings)
     assert options["ssl_certfile"] == str(tmp_path / "c.pem")
@@ -415,7 +423,8 @@ client_id = "cron"
 subject = "svc:cron"
 secret_hash = "{hash_client_secret(secret)}"
 """
-    config = write_config(tmp_path, f'base_url = "{base}"\nport = {port}\nworkers = 2', "", clients)
+    settings = f'base_url = "{base}"\nport = {port}\nworkers = 2\ndpop_nonces = true'
+    config = write_config(tmp_path, settings, "", clients)
     process = subprocess.Popen(
         jitbroker("serve", "--config", str(config)),
         stdout=subprocess.PIPE,
@@ -428,6 +437,21 @@ secret_hash = "{hash_client_secret(secret)}"
             response = http.post("/token", data=form, auth=("cron", secret))
             assert response.status_code == 200, response.text
         http.close()
+        # DPoP nonces: one worker's nonce is good at every worker (one shared secret);
+        # a fresh connection each time, so the requests spread over the workers
+        holder = generate_key("EdDSA")
+        nonce = None
+        for attempt in range(8):
+            proof = sign_proof(holder, "POST", base + "/token", None, now=time.time(), nonce=nonce)
+            with httpx.Client(base_url=base, timeout=5) as fresh:
+                response = fresh.post(
+                    "/token", data=form, auth=("cron", secret), headers={"DPoP": proof}
+                )
+            if attempt == 0:
+                assert response.json()["error"] == "use_dpop_nonce", response.text
+            else:
+                assert response.status_code == 200, response.text
+            nonce = response.headers["dpop-nonce"]
     finally:
         code, err = _stop(process)
     assert code == 0, err

@@ -20,7 +20,7 @@ import uvicorn
 
 from jitbroker import AsyncBroker, Broker, KeyRing, MemoryStore, Policy, Rule
 from jitbroker.audit import AuditEvent
-from jitbroker.errors import InvalidProof, PolicyDenied, StoreUnavailable
+from jitbroker.errors import InvalidProof, InvalidRequest, PolicyDenied, StoreUnavailable
 from jitbroker.jwk import b64url
 from jitbroker.keys import Key, generate_key
 from jitbroker.lease import Lease
@@ -28,7 +28,7 @@ from jitbroker.policy import caller as caller_is
 from jitbroker.stores.sqlite import SQLiteStore
 from jitbroker.testing import FakeClock
 from jitbroker.tokens import json_text
-from jitbroker.web import ClientKey, ClientSecret, TrustRule, hash_client_secret
+from jitbroker.web import ClientKey, ClientSecret, DPoPNonces, TrustRule, hash_client_secret
 from jitbroker.web.service import broker_app
 from oidc_issuer import AUDIENCE, Issuer, oidc_issuer
 from web_servers import sign_proof
@@ -705,6 +705,87 @@ def test_exchange_of_a_bound_token_needs_its_key(svc: Service) -> None:
     data.update(svc.client_auth())
     response = svc.http.post("/token", data=data, headers={"DPoP": _proof(svc, other, "/token")})
     _error(response, 400, "invalid_request")
+
+
+def test_exchange_of_a_bearer_token_with_a_proof_binds_the_child(svc: Service) -> None:
+    parent = svc.issued()
+    holder = generate_key("ES256")
+    data = {
+        "grant_type": EXCHANGE,
+        "subject_token": parent["access_token"],
+        "subject_token_type": ACCESS,
+        "scope": "orders:read",
+        **svc.client_auth(),
+    }
+    response = svc.http.post("/token", data=data, headers={"DPoP": _proof(svc, holder, "/token")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "DPoP"
+    child = svc.broker.lease(body["lease_id"])
+    assert child.holder == holder.kid
+    assert child.parent == parent["lease_id"]
+    assert svc.broker.lease(parent["lease_id"]).holder is None
+    with pytest.raises(InvalidProof):  # useless without the key
+        svc.broker.verify(body["access_token"], audience="api:orders")
+    assert svc.introspect(body["access_token"]).json()["cnf"] == {"jkt": holder.kid}
+
+
+def test_dpop_nonces_at_the_token_and_renew_endpoints() -> None:
+    """RFC 9449 section 8: a proof without the server's current nonce is answered
+    with use_dpop_nonce and the nonce to use; every DPoP answer hands out the next."""
+    nonces = DPoPNonces(window=300)
+    with running(dpop_nonces=nonces) as svc:
+        holder = generate_key("EdDSA")
+        form = {"grant_type": "client_credentials", "audience": "api:orders"}
+
+        def ask(nonce: str | None) -> httpx.Response:
+            proof = sign_proof(
+                holder, "POST", svc.base + "/token", None, now=svc.clock(), nonce=nonce
+            )
+            return svc.http.post(
+                "/token", data={**form, **svc.client_auth()}, headers={"DPoP": proof}
+            )
+
+        for nonce in (None, "not-the-servers-nonce", nonces.current() + "x"):
+            refused = ask(nonce)
+            _error(refused, 400, "use_dpop_nonce")
+            assert refused.headers["dpop-nonce"] == nonces.current()
+        answer = ask(refused.headers["dpop-nonce"])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["token_type"] == "DPoP"
+        assert answer.headers["dpop-nonce"] == nonces.current()
+        # a bearer request needs no nonce and is handed none
+        plain = svc.token(audience="api:orders")
+        assert plain.status_code == 200
+        assert "dpop-nonce" not in plain.headers
+        token = answer.json()["access_token"]
+
+        def renew(nonce: str | None) -> httpx.Response:
+            proof = sign_proof(
+                holder, "POST", svc.base + "/renew", token, now=svc.clock(), nonce=nonce
+            )
+            return svc.http.post(
+                "/renew", headers={"Authorization": "DPoP " + token, "DPoP": proof}
+            )
+
+        refused = renew(None)
+        assert refused.status_code == 401
+        assert 'error="use_dpop_nonce"' in refused.headers["www-authenticate"]
+        assert refused.headers["dpop-nonce"] == nonces.current()
+        renewed = renew(nonces.current())
+        assert renewed.status_code == 200, renewed.text
+        assert renewed.headers["dpop-nonce"] == nonces.current()
+
+
+def test_dpop_nonces_need_dpop() -> None:
+    with pytest.raises(InvalidRequest, match="dpop_nonces needs dpop=True"):
+        broker_app(
+            Broker(issuer=BROKER_ISSUER),
+            [],
+            base_url="http://127.0.0.1:1",
+            dpop=False,
+            dpop_nonces=DPoPNonces(),
+        )
 
 
 def test_a_key_bound_actor_token_is_refused(svc: Service) -> None:

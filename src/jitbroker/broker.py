@@ -383,11 +383,14 @@ class Broker(_Base):
         ttl: Duration | None = None,
         purpose: str | None = None,
         subject: str | None = None,
+        holder_key: object = None,
     ) -> Credential:
         """A narrower child credential that dies with its parent: delegation as in
         RFC 8693 (``subject`` hands it to another workload; the token's ``act``
-        claim names the delegating leases)."""
-        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
+        claim names the delegating leases). The child keeps the parent's key
+        binding; ``holder_key`` (a public key, ``Key`` or JWK) binds it to that
+        key instead, as the token endpoint does for an exchange with a DPoP proof."""
+        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject, holder_key)
         return run(steps, self.store)
 
     def lease(self, ref: LeaseRef) -> Lease:
@@ -743,9 +746,10 @@ class AsyncBroker(_Base):
         ttl: Duration | None = None,
         purpose: str | None = None,
         subject: str | None = None,
+        holder_key: object = None,
     ) -> Credential:
         """A narrower child credential that dies with its parent (see ``Broker.attenuate``)."""
-        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject)
+        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject, holder_key)
         return await arun(steps, self._astore)
 
     async def lease(self, ref: LeaseRef) -> Lease:

@@ -446,10 +446,12 @@ class Core:
         ttl: Duration | None,
         purpose: str | None,
         subject: str | None = None,
+        holder_key: object = None,
     ) -> Steps[Credential]:
         """A child lease (RFC 8693 delegation): never wider scopes or audience, never
         outliving its parent, at most ``max_delegation_depth`` deep; its token's
-        ``act`` claim names the delegating leases, nearest first."""
+        ``act`` claim names the delegating leases, nearest first. It keeps the
+        parent's key binding unless ``holder_key`` binds it to that key."""
         parent = yield from self._active(self.lease_id(ref))
         chain = yield from self._chain(parent)
         if len(chain) > self.max_depth:
@@ -474,6 +476,7 @@ class Core:
                 f"attenuation cannot widen: audience {child_audience!r} is outside "
                 f"the parent's {parent.audience!r}"
             )
+        holder = parent.holder if holder_key is None else holder_thumbprint(holder_key)
         remaining = parent.expires_at - now
         life = remaining if ttl is None else seconds(ttl, "ttl")
         if life > remaining:
@@ -489,6 +492,7 @@ class Core:
             expires_at=now + life,
             key_id=None if opaque is not None else self.keys.active.kid,
             parent=parent.id,
+            holder=holder,
             # The child's own: who minted it, and what its expiry needs here
             # (its task run is the parent's: it belongs to the same task).
             issuer=self.issuer,

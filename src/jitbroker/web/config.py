@@ -16,6 +16,7 @@
     max_body = 65536
     retry_after = 5
     dpop = true
+    dpop_nonces = false                   # require server nonces in DPoP proofs (RFC 9449 8)
     insecure_http = false                 # plain HTTP on a non-loopback host (behind TLS)
     access_log = false                    # uvicorn's access log (off: a careless client's
                                           # URL may carry a secret)
@@ -72,6 +73,7 @@ class ServeSettings:
     max_body: int = 65536
     retry_after: int = 5
     dpop: bool = True
+    dpop_nonces: bool = False
     insecure_http: bool = False
     access_log: bool = False
     log_level: str = "info"
@@ -103,6 +105,7 @@ _SERVE: dict[str, Any] = {
     "max_body": int,
     "retry_after": int,
     "dpop": bool,
+    "dpop_nonces": bool,
     "insecure_http": bool,
     "access_log": bool,
     "log_level": str,
@@ -193,6 +196,8 @@ def serve_settings(config: Config) -> ServeSettings:
         raise InvalidRequest(f"{where} tls_cert and tls_key go together")
     if "tls_ca" in values and "tls_cert" not in values:
         raise InvalidRequest(f"{where} tls_ca (client certificates) needs tls_cert and tls_key")
+    if values.get("dpop_nonces", False) and not values.get("dpop", True):
+        raise InvalidRequest(f"{where} dpop_nonces needs dpop = true")
     if values.get("log_level", "info") not in _LEVELS:
         raise InvalidRequest(f"{where} log_level must be one of {', '.join(_LEVELS)}")
     return ServeSettings(**values)

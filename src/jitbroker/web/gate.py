@@ -25,14 +25,12 @@ from ..errors import (
     InvalidRequest,
     InvalidToken,
     KeySourceError,
-    MalformedToken,
     StoreError,
 )
 from ..lease import Claims
-from ..tokens import b64decode, strict_json_object
 from ..validate import scopes as checked_scopes
 from ..verify import Verifier
-from .errors import NoCredentials, NonceRequired, RequestRejected
+from .errors import NoCredentials, RequestRejected
 from .headers import Presented, presented
 from .nonces import DPoPNonces
 from .proxies import (
@@ -202,16 +200,10 @@ class Gate:
             return (lambda verify: verify(token, audience=audience, scopes=scopes)), _NO_HEADERS
         proof, method, url = seen.proof, view.method, self.url(view)
         headers = _NO_HEADERS
-        nonces = self.nonces
-        if nonces is not None and proof is not None:
-            nonce = _proof_nonce(proof)
-            if nonce is not _UNREADABLE:  # an unreadable proof is refused by the verifier
-                if not nonces.accepts(nonce):
-                    raise NonceRequired(
-                        "the DPoP proof has no current nonce", nonce=nonces.current()
-                    )
-                if nonce != nonces.current():  # the previous window's: hand out the new one
-                    headers = (("DPoP-Nonce", nonces.current()),)
+        if self.nonces is not None and proof is not None:
+            fresh = self.nonces.check_proof(proof)  # set when the proof's is the previous one
+            if fresh is not None:
+                headers = (("DPoP-Nonce", fresh),)
 
         def call(verify: Any) -> Any:
             return verify(
@@ -255,21 +247,3 @@ class Gate:
             error=type(error).__name__,
             reason=str(error) if mine else None,
         )
-
-
-_UNREADABLE = object()
-
-
-def _proof_nonce(proof: str) -> object:
-    """The ``nonce`` claim of a proof, read before its signature is checked.
-
-    Sound because the verifier then checks the signature over these very bytes:
-    a request whose nonce passes here but was not signed fails there.
-    """
-    parts = proof.split(".")
-    if len(parts) != 3 or len(proof) > 4096:
-        return _UNREADABLE
-    try:
-        return strict_json_object(b64decode(parts[1]), "DPoP proof").get("nonce")
-    except (MalformedToken, ValueError):  # b64decode's alphabet is the verifier's to check
-        return _UNREADABLE

@@ -17,8 +17,10 @@ import os
 import threading
 
 from ..clock import Clock, Duration, seconds, system_clock
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, MalformedToken
 from ..jwk import b64url
+from ..tokens import b64decode, strict_json_object
+from .errors import NonceRequired
 
 __all__ = ["DPoPNonces"]
 
@@ -54,6 +56,25 @@ class DPoPNonces:
         """The nonce to hand out now (the ``DPoP-Nonce`` header)."""
         return self._pair()[0]
 
+    def check_proof(self, proof: str) -> str | None:
+        """Judge the ``nonce`` of a DPoP proof before the proof itself is checked:
+        ``NonceRequired`` (carrying the nonce to use) without a current one; the
+        nonce to hand out in a ``DPoP-Nonce`` header when the proof carries the
+        previous window's; None when it carries this window's.
+
+        Reading the claim unverified is sound because the proof's check then
+        verifies the signature over these very bytes: a proof whose nonce
+        passes here but was not signed fails there. An unreadable proof passes
+        here for the same reason: that check refuses it with its own error.
+        """
+        nonce = _unverified_nonce(proof)
+        if nonce is _UNREADABLE:
+            return None
+        if not self.accepts(nonce):
+            raise NonceRequired("the DPoP proof has no current nonce", nonce=self.current())
+        current = self.current()
+        return current if nonce != current else None
+
     def accepts(self, nonce: object) -> bool:
         """True if ``nonce`` is this window's or the previous one's."""
         if not isinstance(nonce, str) or len(nonce) > 64:
@@ -78,3 +99,17 @@ class DPoPNonces:
     def _nonce(self, index: int) -> str:
         digest = hmac.new(self._secret, index.to_bytes(8, "big", signed=True), hashlib.sha256)
         return b64url(digest.digest()[:18])
+
+
+_UNREADABLE = object()
+
+
+def _unverified_nonce(proof: str) -> object:
+    """The ``nonce`` claim of a proof, read before its signature is checked."""
+    parts = proof.split(".")
+    if len(parts) != 3 or len(proof) > 4096:
+        return _UNREADABLE
+    try:
+        return strict_json_object(b64decode(parts[1]), "DPoP proof").get("nonce")
+    except (MalformedToken, ValueError):  # b64decode's alphabet is the verifier's to check
+        return _UNREADABLE

@@ -9,7 +9,10 @@ One worker runs the app in this process, with the broker's reaper thread.
 With ``workers > 1`` uvicorn starts that many processes, each building its own
 broker from the same config (``app_factory``): the store must be shared
 (SQLite on one host, Redis or PostgreSQL), and the DPoP and assertion replay
-caches are per process (see docs/service.md).
+caches are per process (see docs/service.md). With ``dpop_nonces`` the
+workers share one nonce secret: ``$JITBROKER_DPOP_NONCE_SECRET`` if set (set
+it on every replica of a service behind one name), else a random one made by
+``serve`` and handed to its workers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..broker import Broker
 from ..config import load_config
 from ..errors import InvalidRequest
 from .config import ServeSettings, clients_from, serve_settings, trust_rules
+from .nonces import DPoPNonces
 from .service import BrokerService
 from .trust import Trust
 
@@ -40,6 +44,8 @@ __all__ = ["app_factory", "build", "check_binding", "serve"]
 log = logging.getLogger("jitbroker.web")
 #: Where ``app_factory`` (one per worker process) finds the config.
 CONFIG_VAR = "JITBROKER_SERVE_CONFIG"
+#: The DPoP nonce secret every worker and replica must share (>= 16 bytes of text).
+NONCE_SECRET_VAR = "JITBROKER_DPOP_NONCE_SECRET"
 
 
 def is_loopback(host: str) -> bool:
@@ -72,13 +78,23 @@ def build(config_path: str | os.PathLike[str]) -> tuple[Broker, Starlette, Serve
     broker = config.open_broker()
     try:
         trust = Trust(rules, token_endpoint=settings.base_url + "/token", clock=broker.clock)
-        service = BrokerService(broker, trust, **settings.app_options())
+        nonces = _nonces(settings, broker)
+        service = BrokerService(broker, trust, dpop_nonces=nonces, **settings.app_options())
     except BaseException:
         broker.close()
         raise
     app = Starlette(routes=service.routes(), lifespan=_lifespan(broker, trust))
     app.state.service = service
     return broker, app, settings
+
+
+def _nonces(settings: ServeSettings, broker: Broker) -> DPoPNonces | None:
+    if not settings.dpop_nonces:
+        return None
+    shared = os.environ.get(NONCE_SECRET_VAR)
+    if shared is not None and len(shared.encode()) < 16:
+        raise InvalidRequest(f"{NONCE_SECRET_VAR} must hold at least 16 bytes")
+    return DPoPNonces(secret=None if shared is None else shared.encode(), clock=broker.clock)
 
 
 def _lifespan(broker: Broker, trust: Trust) -> Any:
@@ -187,6 +203,8 @@ def serve(
             settings.workers,
         )
         os.environ[CONFIG_VAR] = str(path)
+        if settings.dpop_nonces:  # one secret for all workers, or none accepts another's
+            os.environ.setdefault(NONCE_SECRET_VAR, os.urandom(32).hex())
         uvicorn.run(
             "jitbroker.web.serve:app_factory", factory=True, workers=settings.workers, **options
         )

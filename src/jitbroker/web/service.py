@@ -44,8 +44,9 @@ from ..errors import (
     StoreError,
 )
 from ..lease import Credential
-from .errors import InvalidClient, RequestRejected
+from .errors import InvalidClient, NonceRequired, RequestRejected
 from .headers import presented
+from .nonces import DPoPNonces
 from .responses import ErrorResponse, challenge_param, error_response
 from .service_audit import ServiceAudit
 from .service_calls import BrokerCalls
@@ -124,6 +125,7 @@ class BrokerService:
         max_body: int = 65536,
         retry_after: int = 5,
         dpop: bool = True,
+        dpop_nonces: DPoPNonces | None = None,
     ) -> None:
         self.calls = BrokerCalls(broker)
         self.clock = broker.clock
@@ -141,6 +143,11 @@ class BrokerService:
         self.resource_servers = _names(resource_servers, "resource_servers")
         self.offboarders = _names(offboarders, "offboarders")
         self.dpop = bool(dpop)
+        if dpop_nonces is not None and not isinstance(dpop_nonces, DPoPNonces):
+            raise InvalidRequest("dpop_nonces must be a DPoPNonces (or None for no nonces)")
+        if dpop_nonces is not None and not self.dpop:
+            raise InvalidRequest("dpop_nonces needs dpop=True")
+        self.nonces = dpop_nonces
         self.owns_trust = not isinstance(trust, Trust)
         rules = () if isinstance(trust, Trust) else tuple(trust)
         self.trust = (
@@ -270,7 +277,7 @@ class BrokerService:
         self.audit.decided(
             "/token", done.decision, done.caller, grant=seen.grant, lease=done.cred.lease
         )
-        return self._credential(done.cred, done.issued_token_type)
+        return self._credential(done.cred, done.issued_token_type, request)
 
     def _binder(self, request: Request) -> Bind:
         """The check of the request's DPoP proof, if any: what the new token is
@@ -284,7 +291,17 @@ class BrokerService:
             try:
                 if len(proofs) > 1:
                     raise InvalidProof("the request has more than one DPoP header")
-                return self.proofs.check(proofs[0].strip(" \t"), method="POST", url=self.token_url)
+                proof = proofs[0].strip(" \t")
+                if self.nonces is not None:
+                    self.nonces.check_proof(proof)
+                return self.proofs.check(proof, method="POST", url=self.token_url)
+            except NonceRequired as exc:  # RFC 9449 section 8
+                raise OAuthError(
+                    "use_dpop_nonce",
+                    "the authorization server requires a nonce in the DPoP proof",
+                    reason=str(exc),
+                    nonce=exc.nonce,
+                ) from None
             except InvalidProof as exc:  # RFC 9449 section 5
                 raise OAuthError(
                     "invalid_dpop_proof", "the DPoP proof is missing or invalid", reason=str(exc)
@@ -292,7 +309,7 @@ class BrokerService:
 
         return bind
 
-    def _credential(self, cred: Credential, issued_type: str) -> Response:
+    def _credential(self, cred: Credential, issued_type: str, request: Request) -> Response:
         lease = cred.lease
         body: dict[str, Any] = {
             "access_token": cred.token,
@@ -304,7 +321,10 @@ class BrokerService:
         }
         if lease.scopes:
             body["scope"] = lease.scope
-        return Response(json_body(body), 200, NO_STORE, media_type="application/json")
+        headers = NO_STORE
+        if self.nonces is not None and "dpop" in request.headers:  # the next proof's nonce
+            headers = {**NO_STORE, "DPoP-Nonce": self.nonces.current()}
+        return Response(json_body(body), 200, headers, media_type="application/json")
 
     # -- POST /revoke --------------------------------------------------------------
     async def revoke(self, request: Request) -> Response:
@@ -341,6 +361,8 @@ class BrokerService:
         get = request.headers.getlist
         try:
             seen_token = presented(get("authorization"), get("dpop"), dpop=self.dpop)
+            if self.nonces is not None and seen_token.proof is not None:
+                self.nonces.check_proof(seen_token.proof)
             claims = await self.presented.check(
                 seen_token.token, proof=seen_token.proof, method="POST", url=self.renew_url
             )
@@ -363,7 +385,7 @@ class BrokerService:
         except (PolicyDenied, LeaseError, InvalidRequest) as exc:
             raise granted(exc) from None
         self.audit.decided("/renew", "renewed", None, lease=cred.lease)
-        return self._credential(cred, ACCESS_TOKEN)
+        return self._credential(cred, ACCESS_TOKEN, request)
 
     # -- GET endpoints ---------------------------------------------------------------
     async def jwks(self, request: Request) -> Response:
@@ -417,6 +439,7 @@ def broker_app(
     max_body: int = 65536,
     retry_after: int = 5,
     dpop: bool = True,
+    dpop_nonces: DPoPNonces | None = None,
 ) -> Starlette:
     """The broker as an ASGI app: an OAuth 2.0 authorization server for its callers.
 
@@ -436,6 +459,10 @@ def broker_app(
         max_body: the largest request body, in bytes (default 65536): larger is a 413.
         retry_after: the ``Retry-After`` of a 503 (seconds, default 5).
         dpop: accept DPoP proofs (RFC 9449) to bind tokens (default True).
+        dpop_nonces: a ``DPoPNonces`` to require server nonces in the DPoP proofs
+            sent to ``/token`` and ``/renew`` (RFC 9449 section 8): a proof
+            without a current one is ``400 use_dpop_nonce`` (``/renew``: ``401``)
+            with the nonce in ``DPoP-Nonce``. Default None: no nonces.
 
     The app's ``state.service`` is the ``BrokerService``; its lifespan closes a
     ``Trust`` built from rules.
@@ -450,6 +477,7 @@ def broker_app(
         max_body=max_body,
         retry_after=retry_after,
         dpop=dpop,
+        dpop_nonces=dpop_nonces,
     )
 
     @contextlib.asynccontextmanager

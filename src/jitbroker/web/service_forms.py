@@ -76,7 +76,8 @@ class OAuthError(Exception):
     ``code`` and ``description`` go to the client (the description is fixed
     text of ours, never an input, a token or an internal); ``reason`` (default:
     the description) goes to the audit log only. ``basic`` adds the
-    ``WWW-Authenticate: Basic`` challenge of a 401 when the client tried Basic.
+    ``WWW-Authenticate: Basic`` challenge of a 401 when the client tried Basic;
+    ``nonce`` the ``DPoP-Nonce`` header of a ``use_dpop_nonce`` error.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class OAuthError(Exception):
         reason: str | None = None,
         basic: bool = False,
         retry_after: int | None = None,
+        nonce: str | None = None,
     ) -> None:
         super().__init__(description)
         self.code = code
@@ -96,6 +98,7 @@ class OAuthError(Exception):
         self.reason = reason if reason is not None else description
         self.basic = basic
         self.retry_after = retry_after
+        self.nonce = nonce
 
     def headers(self, realm: str) -> dict[str, str]:
         """The response headers besides the JSON content type."""
@@ -104,6 +107,8 @@ class OAuthError(Exception):
             out["WWW-Authenticate"] = f'Basic realm="{realm}"'
         if self.retry_after is not None:
             out["Retry-After"] = str(self.retry_after)
+        if self.nonce is not None:  # RFC 9449 section 8: use_dpop_nonce
+            out["DPoP-Nonce"] = self.nonce
         return out
 
     def body(self) -> bytes:

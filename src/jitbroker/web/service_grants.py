@@ -222,7 +222,8 @@ async def token_exchange(
     asked = ttl_of(form)
     purpose = text_of(form, "purpose", validate.MAX_PURPOSE)
     caller: Caller = await service.calls.in_thread(authenticate)
-    parent = await _subject(service, subject_token, bind())
+    binding = bind()
+    parent = await _subject(service, subject_token, binding)
     actor = await _actor(service, form)
     holder = parent.actor if parent.actor is not None else parent.subject
     if caller.subject != holder and (actor is None or actor != caller.subject):
@@ -253,6 +254,8 @@ async def token_exchange(
             ttl=ttl,
             purpose=purpose,
             subject=actor,
+            # A proof binds the new token to its key (a bound parent's is the same key).
+            holder_key=None if binding is None else dict(binding.jwk),
         )
     except LeaseError as exc:  # the parent died since it was checked
         raise _invalid("the subject_token is no longer active", str(exc)) from None
@@ -270,9 +273,6 @@ async def _subject(service: BrokerService, token: str, binding: Binding | None) 
         raise _invalid("the subject_token is not an active token of this broker", reason) from None
     if claims.holder is not None and (binding is None or binding.jkt != claims.holder):
         raise _invalid("the subject_token is bound to a key: send a DPoP proof signed by that key")
-    if claims.holder is None and binding is not None:
-        # attenuate() keeps the parent's binding; it cannot bind a child to a new key.
-        raise _invalid("an unbound subject_token cannot be exchanged for a key-bound token")
     return claims
 
 
