@@ -777,6 +777,15 @@ def test_dpop_nonces_at_the_token_and_renew_endpoints() -> None:
         assert renewed.headers["dpop-nonce"] == nonces.current()
 
 
+def test_base_url_defaults_to_an_https_issuer() -> None:
+    secret = ClientSecret(RS_ID, hash_client_secret(RS_SECRET), "svc:orders-api")
+    app = broker_app(Broker(issuer="https://jitbroker.example/"), trust=[secret])
+    assert app.state.service.base_url == "https://jitbroker.example"
+    assert app.state.service.token_url == "https://jitbroker.example/token"
+    with pytest.raises(InvalidRequest, match="base_url is required"):
+        broker_app(Broker(issuer=BROKER_ISSUER), trust=[secret])
+
+
 def test_dpop_nonces_need_dpop() -> None:
     with pytest.raises(InvalidRequest, match="dpop_nonces needs dpop=True"):
         broker_app(
@@ -987,6 +996,31 @@ def test_store_down_is_503_and_no_token(svc: Service) -> None:
     renew = svc.http.post("/renew", headers={"Authorization": "Bearer " + token})
     assert renew.status_code == 503
     store.down = False
+
+
+def test_an_issuer_down_at_start_is_503_for_its_callers_only() -> None:
+    clock = FakeClock(time.time())
+    with oidc_issuer(clock=clock) as issuer:
+        issuer.discovery_issuer = "https://impostor.example"  # its discovery is broken
+        broker = Broker(issuer=BROKER_ISSUER, clock=clock, max_ttl=3600)
+
+        def build(base: str) -> Any:
+            return broker_app(broker, _rules(issuer), base_url=base, resource_servers=[RS_ID])
+
+        with serving(build) as base, httpx.Client(base_url=base, timeout=10) as http:
+            form = {"grant_type": "client_credentials", "audience": "api:orders"}
+            assertion = {"client_assertion_type": JWT_BEARER, "client_assertion": issuer.mint()}
+            response = http.post("/token", data={**form, **assertion})
+            _error(response, 503, "temporarily_unavailable")
+            assert response.headers["retry-after"] == "5"
+            assert not list(broker.leases())
+            by_secret = http.post("/token", data=form, auth=(RS_ID, RS_SECRET))  # another rule
+            assert by_secret.status_code == 200, by_secret.text
+            issuer.discovery_issuer = None  # back; retried at most every 10 s
+            clock.advance(10)
+            assertion["client_assertion"] = issuer.mint()
+            response = http.post("/token", data={**form, **assertion})
+            assert response.status_code == 200, response.text
 
 
 # -- audit ----------------------------------------------------------------------------

@@ -423,8 +423,10 @@ def test_jwks_with_foreign_keys_and_private_keys(clock: FakeClock, issuer: Issue
     assert trust.authenticate_assertion(issuer.mint()).subject
     # A JWKS that publishes a private key is refused whole.
     issuer.extra_jwks = [{**generate_key("ES256").to_jwk(private=True), "kid": "oops"}]
+    refused_whole = make_trust(clock, github_rule(issuer))
+    assert refused_whole.unavailable() == (issuer.url,)
     with pytest.raises(KeySourceError, match="private"):
-        make_trust(clock, github_rule(issuer))
+        refused_whole.authenticate_assertion(issuer.mint())
 
 
 # -- private_key_jwt -------------------------------------------------------------------
@@ -657,11 +659,29 @@ def test_trust_construction_fails_closed(clock: FakeClock, issuer: Issuer, clien
         make_trust(clock, github_rule(issuer), github_rule(issuer, claims={}))
     with pytest.raises(InvalidRequest, match="list"):
         Trust(github_rule(issuer), token_endpoint=TOKEN_ENDPOINT)  # type: ignore[arg-type]
+
+
+def test_an_issuer_unreachable_at_start_is_retried_on_use(
+    clock: FakeClock, issuer: Issuer, client_key: Any
+) -> None:
+    """A broker started during one issuer's outage serves everyone else, refuses
+    that issuer's tokens (KeySourceError: a 503, try again) and loads its keys on
+    the first token after the issuer is back, at most one attempt per 10 s."""
     issuer.discovery_issuer = "https://impostor.example"
+    trust = make_trust(clock, github_rule(issuer), client_rule(client_key))
+    assert trust.unavailable() == (issuer.url,)
+    token = issuer.mint()
     with pytest.raises(KeySourceError, match="another issuer"):
-        make_trust(clock, github_rule(issuer))
+        trust.authenticate_assertion(token)
+    issuer.discovery_issuer = None  # back
+    with pytest.raises(KeySourceError, match="another issuer"):  # within 10 s: no new attempt
+        trust.authenticate_assertion(token)
+    clock.advance(10)
+    assert trust.authenticate_assertion(issuer.mint()).subject == "svc:ci:acme/app"
+    assert trust.unavailable() == ()
+    missing = make_trust(clock, github_rule(issuer, jwks_url=issuer.url + "/missing"))
     with pytest.raises(KeySourceError, match="could not fetch"):
-        make_trust(clock, github_rule(issuer, jwks_url=issuer.url + "/missing"))
+        missing.authenticate_assertion(issuer.mint())
 
 
 def test_closed_trust_refuses(clock: FakeClock, issuer: Issuer) -> None:

@@ -110,6 +110,18 @@ def check_base_url(value: object) -> str:
     return value.rstrip("/")
 
 
+def _base_url(base_url: str | None, issuer: str) -> str:
+    if base_url is not None:
+        return check_base_url(base_url)
+    try:
+        return check_base_url(issuer)
+    except InvalidRequest:
+        raise InvalidRequest(
+            "base_url is required: the broker's issuer is not the service's https URL"
+            " (e.g. base_url=\"https://jitbroker.internal\")"
+        ) from None
+
+
 class BrokerService:
     """The endpoints of ``broker_app`` (see its arguments); ``routes()`` for Starlette."""
 
@@ -118,7 +130,7 @@ class BrokerService:
         broker: Broker | AsyncBroker,
         trust: Trust | Iterable[TrustRule | ClientKey | ClientSecret],
         *,
-        base_url: str,
+        base_url: str | None = None,
         resource_servers: Iterable[str] = (),
         offboarders: Iterable[str] = (),
         default_ttl: Duration = 300,
@@ -130,7 +142,7 @@ class BrokerService:
         self.calls = BrokerCalls(broker)
         self.clock = broker.clock
         self.issuer = broker.issuer
-        self.base_url = check_base_url(base_url)
+        self.base_url = _base_url(base_url, broker.issuer)
         self.token_url = self.base_url + "/token"
         self.renew_url = self.base_url + "/renew"
         self.default_ttl = min(seconds(default_ttl, "default_ttl"), self.calls.max_ttl)
@@ -432,7 +444,7 @@ def broker_app(
     broker: Broker | AsyncBroker,
     trust: Trust | Iterable[TrustRule | ClientKey | ClientSecret],
     *,
-    base_url: str,
+    base_url: str | None = None,
     resource_servers: Iterable[str] = (),
     offboarders: Iterable[str] = (),
     default_ttl: Duration = 300,
@@ -447,9 +459,10 @@ def broker_app(
         broker: a ``Broker`` (its calls run in worker threads) or ``AsyncBroker``.
         trust: a ``Trust``, or the rules to build one from (its
             ``token_endpoint`` is then ``base_url + "/token"``).
-        base_url: (required) the public URL clients call, ``https://...`` (http
-            only on a loopback host): the metadata's ``issuer``, the base of every
-            endpoint URL, and the ``htu`` DPoP proofs must name.
+        base_url: the public URL clients call, ``https://...`` (http only on a
+            loopback host): the metadata's ``issuer``, the base of every endpoint
+            URL, and the ``htu`` DPoP proofs must name. Default: the broker's
+            ``issuer``, when that is such a URL (as RFC 9068 verifiers expect).
         resource_servers: the rule names (``TrustRule.name``) or client ids
             allowed to call ``/introspect``. None by default.
         offboarders: rule names or client ids that may revoke any owner's leases

@@ -37,6 +37,7 @@ from .assertions import Assertion, IssuerSource, ReplayCache, parse_assertion, r
 from .client_secrets import MAX_SECRET, basic_credentials, hash_client_secret, secret_matches
 from .errors import InvalidClient
 from .trust_rules import ALGORITHMS, Caller, ClientKey, ClientSecret, TrustRule, sort_rules
+from .trust_sources import IssuerKeys, Sources
 
 __all__ = [
     "Caller",
@@ -57,7 +58,7 @@ class _Issuer:
     """A ``TrustRule`` with the key source of its JWKS (shared by the rules of one URL)."""
 
     rule: TrustRule
-    source: IssuerSource
+    keys: IssuerKeys
 
 
 class Trust:
@@ -80,8 +81,10 @@ class Trust:
     ``rules`` keeps the rules as given. Names (``TrustRule.name``, client ids)
     must be unique: the service authorizes callers by ``Caller.rule``.
 
-    Building one fetches every issuer's discovery document and JWKS (fail fast,
-    at startup: ``KeySourceError``). ``authenticate_*`` may wait up to
+    Building one fetches every issuer's discovery document and JWKS; an issuer
+    that cannot be reached is logged and tried again when its tokens come, at
+    most every 10 s (``trust_sources``): until then they get ``KeySourceError``,
+    and ``unavailable()`` names the issuer. ``authenticate_*`` may wait up to
     ``jwks_timeout`` for a JWKS refresh when a token names a key not seen yet
     (at most one fetch per issuer a minute): call them off the event loop.
     """
@@ -114,18 +117,17 @@ class Trust:
             raise InvalidRequest("rules must be a list of TrustRule, ClientKey or ClientSecret")
         self.rules: tuple[TrustRule | ClientKey | ClientSecret, ...] = tuple(rules)
         trust_rules, self._client_keys, self._secrets = sort_rules(self.rules)
-        sources: dict[str, IssuerSource] = {}
+        self._sources = Sources(timeout=self.jwks_timeout, clock=clock)
+        found: dict[tuple[str, str | None, bool], IssuerKeys] = {}
         self._issuers: dict[str, list[_Issuer]] = {}
         for rule in trust_rules:
-            url = rule.jwks_url or assertions.discover(
-                rule.issuer, allow_http=rule.allow_http, timeout=self.jwks_timeout
-            )
-            if url not in sources:
-                sources[url] = IssuerSource(
-                    url, allow_http=rule.allow_http, timeout=self.jwks_timeout, clock=clock
+            where = (rule.issuer, rule.jwks_url, rule.allow_http)
+            if where not in found:
+                found[where] = IssuerKeys(
+                    rule.issuer, rule.jwks_url, allow_http=rule.allow_http, sources=self._sources
                 )
-            self._issuers.setdefault(rule.issuer, []).append(_Issuer(rule, sources[url]))
-        self._sources = tuple(sources.values())
+            self._issuers.setdefault(rule.issuer, []).append(_Issuer(rule, found[where]))
+        self._keys = tuple(found.values())
 
     def __repr__(self) -> str:
         return (
@@ -184,11 +186,15 @@ class Trust:
             raise refused("unknown_issuer", "the assertion's issuer is not trusted")
         return self._workload(parsed, issuers, single_use=single_use)
 
+    def unavailable(self) -> tuple[str, ...]:
+        """The issuers whose keys could not be loaded yet (for health checks)."""
+        return tuple(sorted({keys.issuer for keys in self._keys if not keys.ready}))
+
     def close(self) -> None:
         """Stop using the issuers' keys; waits (up to ``jwks_timeout``) for a running
         JWKS refresh to end. Later calls raise ``InvalidClient``."""
         self._closed = True
-        for source in self._sources:
+        for source in self._sources.loaded():
             fetch = source.fetching
             if fetch is not None:
                 fetch.wait()
@@ -259,7 +265,7 @@ class Trust:
         return caller, exp
 
     def _check_signature(self, parsed: Assertion, issuer: _Issuer) -> None:
-        source, algorithms = issuer.source, issuer.rule.algorithms
+        source, algorithms = issuer.keys.source(), issuer.rule.algorithms
         try:
             if assertions.check_signature(parsed, self._fresh_keys(source), algorithms):
                 return
