@@ -409,9 +409,22 @@ def remote(tmp_path: Path) -> Iterator[Remote]:
             max_ttl=600,
             single_use=False,  # a token file is read for each request
         )
+        # A second kind of caller, trusted for tokens but not a resource server.
+        app_rule = TrustRule(
+            issuer=issuer.url,
+            audience=AUDIENCE,
+            subject="svc:app:{repository}",
+            claims={"repository": "other/*"},
+            name="app",
+            allow_http=True,
+            single_use=False,
+        )
+        rules = [rule, app_rule]
         with (
             uvicorn_server(Starlette(routes=[Route("/oidc", github)])) as gh,
-            serving(lambda base: broker_app(broker, [rule], base_url=base)) as base,
+            serving(
+                lambda base: broker_app(broker, rules, base_url=base, resource_servers=["ci"])
+            ) as base,
         ):
             yield Remote(base, issuer, store, f"{gh}/oidc?api-version=2.0")
     broker.close()
@@ -568,3 +581,233 @@ def test_a_hostile_or_broken_service_gives_clear_errors(tmp_path: Path) -> None:
             with pytest.raises(BrokerUnavailable):
                 issue(case)
         assert issubclass(BrokerUnavailable, StoreUnavailable)  # exit 2 in the CLI
+
+
+# -- remote verify: RFC 7662 introspection at the broker service -----------------------
+def _where(remote: Remote, tmp_path: Path, repository: str = "acme/app") -> tuple[str, ...]:
+    """``--broker`` and an identity token file of a caller from ``repository``."""
+    from oidc_issuer import AUDIENCE
+
+    identity = tmp_path / f"identity-{repository.replace('/', '-')}.jwt"
+    identity.write_text(remote.issuer.mint(aud=AUDIENCE, repository=repository))
+    return ("--broker", remote.base, "--identity-token-file", str(identity))
+
+
+def _remote_token(remote: Remote, home: Home, where: tuple[str, ...]) -> dict[str, Any]:
+    issued = home.run(
+        "issue", *where, "--audience", AUD, "--scope", "orders:read orders:list",
+        "--task", "job-42", "--json",
+    )  # fmt: skip
+    assert issued.returncode == 0, issued.stderr
+    data: dict[str, Any] = json.loads(issued.stdout)
+    return data
+
+
+def test_remote_verify_of_an_active_token(remote: Remote, tmp_path: Path, home: Home) -> None:
+    where = _where(remote, tmp_path)
+    issued = _remote_token(remote, home, where)
+    token = issued["access_token"]
+    lease = remote.lease(issued["lease_id"])
+    ok = home.run("verify", "-", *where, "--audience", AUD, "--scope", "orders:read",
+                  "--json", input=token)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert data == {
+        "valid": True,
+        "subject": "svc:ci:acme/app",
+        "audience": AUD,
+        "scope": "orders:list orders:read",
+        "lease_id": issued["lease_id"],
+        "expires_at": int(lease.expires_at),
+        "expires_at_iso": data["expires_at_iso"],
+        "task": "job-42",
+        "owner": "alice",
+    }
+    assert data["expires_at_iso"].endswith("Z")
+    # The same shape as local mode's.
+    local = home.run("verify", home.issue().strip(), "--config", str(home.config),
+                     "--audience", AUD, "--json")  # fmt: skip
+    assert set(json.loads(local.stdout)) == set(data)
+    text = home.run(
+        "verify", token, *where, "--audience", AUD, "--scope", "orders:read orders:list"
+    )
+    assert text.returncode == 0, text.stderr
+    line = one_line(text.stdout)
+    assert line.startswith("valid: subject=svc:ci:acme/app audience=db:orders")
+    assert f"lease={issued['lease_id']}" in line
+    assert token not in text.stdout + text.stderr
+
+
+def test_remote_verify_says_why_not(remote: Remote, tmp_path: Path, home: Home) -> None:
+    where = _where(remote, tmp_path)
+    token = _remote_token(remote, home, where)["access_token"]
+    wrong = home.run("verify", token, *where, "--audience", "db:other", "--json")
+    assert wrong.returncode == 1, wrong.stderr
+    assert json.loads(wrong.stdout)["error"] == "WrongAudience"
+    text = home.run("verify", token, *where, "--audience", "db:other")
+    assert text.returncode == 1
+    assert one_line(text.stdout).startswith(
+        "not valid: audience: token is for audience 'db:orders'"
+    )
+    scope = home.run("verify", token, *where, "--audience", AUD, "--scope", "orders:write")
+    assert scope.returncode == 1
+    assert one_line(scope.stdout).startswith("not valid: scope: token lacks scopes 'orders:write'")
+    gone = home.run("revoke", "-", *where, input=token)
+    assert gone.returncode == 0, gone.stderr
+    revoked = home.run("verify", "-", *where, "--audience", AUD, "--json", input=token)
+    assert revoked.returncode == 1, revoked.stderr
+    why = json.loads(revoked.stdout)
+    assert why["valid"] is False
+    assert why["error"] == "inactive"
+    again = home.run("verify", "-", *where, "--audience", AUD, input=token)
+    assert one_line(again.stdout).startswith("not valid: inactive")
+    for output in (wrong, text, scope, revoked, again):
+        assert token not in output.stdout + output.stderr
+
+
+@pytest.mark.parametrize("garbage", ["not-a-token", "a.b.c", "jbo_" + "x" * 40, "x" * 60_000])
+def test_remote_verify_of_garbage_is_inactive(
+    remote: Remote, tmp_path: Path, home: Home, garbage: str
+) -> None:
+    where = _where(remote, tmp_path)
+    done = home.run("verify", "-", *where, "--audience", AUD, input=garbage)
+    assert done.returncode == 1, done.stderr
+    assert one_line(done.stdout).startswith("not valid: inactive")
+    assert done.stderr == ""
+
+
+def test_remote_verify_by_a_caller_that_is_no_resource_server(
+    remote: Remote, tmp_path: Path, home: Home
+) -> None:
+    token = _remote_token(remote, home, _where(remote, tmp_path))["access_token"]
+    # Trusted by the service (rule "app") for tokens of its own, not for /introspect.
+    other = _where(remote, tmp_path, "other/app")
+    assert home.run("issue", *other, "--audience", AUD).returncode == 0
+    refused = home.run("verify", token, *other, "--audience", AUD)
+    assert refused.returncode == 2
+    line = one_line(refused.stderr)
+    assert line.startswith("jitbroker: error: 127.0.0.1 refused: unauthorized_client")
+    assert "resource_servers" in line
+    assert token not in refused.stdout + refused.stderr
+    assert refused.stdout == ""
+    # A caller the service does not trust at all: exit 2 as well.
+    stranger = tmp_path / "stranger.jwt"
+    stranger.write_text(remote.issuer.mint(aud="someone-else"))
+    where = ("--broker", remote.base, "--identity-token-file", str(stranger))
+    untrusted = home.run("verify", token, *where, "--audience", AUD)
+    assert untrusted.returncode == 2
+    assert "invalid_client" in one_line(untrusted.stderr)
+
+
+def test_remote_verify_usage_errors(remote: Remote, tmp_path: Path, home: Home) -> None:
+    where = _where(remote, tmp_path)
+    both = home.run("verify", "x", *where, "--config", str(home.config), "--audience", AUD)
+    assert both.returncode == 2
+    line = one_line(both.stderr)
+    assert "--broker" in line
+    assert "--config" in line
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    down = home.run("verify", "x", "--broker", f"http://127.0.0.1:{port}", *where[2:],
+                    "--audience", AUD)  # fmt: skip
+    assert down.returncode == 2
+    assert "could not reach" in one_line(down.stderr)
+
+
+def test_verify_help_says_both_ways_first() -> None:
+    parser = _subparsers(build_parser())["verify"]
+    first = (parser.description or "").split(". ")[0]
+    assert "the broker's store (local" in first
+    assert "the broker's /introspect (remote" in first
+    assert "/introspect" in (_subparsers(build_parser())["verify"].format_help())
+
+
+def test_introspect_checks_the_answer_and_maps_refusals() -> None:
+    """A real server answering /introspect as no broker service should."""
+    from urllib.parse import parse_qsl
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from jitbroker.web.errors import InvalidClient
+    from jitbroker.web.remote import BrokerUnavailable, IdentityToken, RemoteBroker
+    from web_servers import uvicorn_server
+
+    secret = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2VjcmV0"
+    answers: dict[str, Response] = {
+        "inactive": JSONResponse({"active": False, "sub": "leaked?"}),
+        "active": JSONResponse({"active": True, "aud": ["a", "b"], "exp": 10, "scope": "s"}),
+        "no-active": JSONResponse({"sub": "x"}),
+        "active-text": JSONResponse({"active": "true"}),
+        "bad-exp": JSONResponse({"active": True, "exp": "soon"}),
+        "bool-exp": JSONResponse({"active": True, "exp": True}),
+        "bad-aud": JSONResponse({"active": True, "aud": [1]}),
+        "bad-scope": JSONResponse({"active": True, "scope": ["s"]}),
+        "bad-owner": JSONResponse({"active": True, "owner": {}}),
+        "html": PlainTextResponse("<html>"),
+        "down": JSONResponse({"error": "temporarily_unavailable"}, status_code=503),
+        "forbidden": JSONResponse(
+            {"error": "unauthorized_client", "error_description": "not\x1b[2J a resource server"},
+            status_code=403,
+        ),
+        "unauthorized": JSONResponse({"error": "invalid_client"}, status_code=401),
+        "bare-403": PlainTextResponse("no", status_code=403),
+    }
+    seen: list[dict[str, str]] = []
+
+    async def introspect(request: Request) -> Response:
+        seen.append(dict(parse_qsl((await request.body()).decode())))
+        return answers[request.path_params["case"]]
+
+    app = Starlette(routes=[Route("/{case}/introspect", introspect, methods=["POST"])])
+    identity = IdentityToken(lambda: "a.b.c", "test")
+    with uvicorn_server(app) as base:
+
+        def ask(case: str) -> dict[str, Any]:
+            return RemoteBroker(f"{base}/{case}", identity).introspect(secret)
+
+        assert ask("inactive") == {"active": False}
+        assert seen[-1]["token"] == secret
+        assert seen[-1]["client_assertion"] == "a.b.c"
+        assert seen[-1]["client_assertion_type"].endswith(":jwt-bearer")
+        assert ask("active")["aud"] == ["a", "b"]
+        for case in ("no-active", "active-text", "bad-exp", "bool-exp", "bad-aud", "bad-scope",
+                     "bad-owner", "html", "down"):  # fmt: skip
+            with pytest.raises(BrokerUnavailable) as unavailable:
+                ask(case)
+            assert secret not in str(unavailable.value), case
+        for case in ("forbidden", "unauthorized", "bare-403"):
+            with pytest.raises(InvalidClient) as refused:
+                ask(case)
+            assert secret not in str(refused.value)
+            assert "\x1b" not in str(refused.value)
+        with pytest.raises(InvalidClient, match="resource_servers"):
+            ask("forbidden")
+
+
+def test_introspected_checks_as_local_verification_does() -> None:
+    from jitbroker.cli_shell import introspected
+    from jitbroker.errors import InsufficientScope, InvalidProof, InvalidToken, WrongAudience
+
+    answer = {"active": True, "aud": "db:orders", "scope": "a b", "sub": "s", "jti": "l"}
+    assert introspected(answer, "db:orders", ("a",))["valid"] is True
+    assert introspected({**answer, "aud": ["x", "db:orders"]}, "db:orders", ())["valid"]
+    # Equality, as Verifier checks it: no prefix or glob matching.
+    wrong: list[object] = ["db:*", "db:order", None, [], ["db:orders-2"]]
+    for aud in wrong:
+        with pytest.raises(WrongAudience):
+            introspected({**answer, "aud": aud}, "db:orders", ())
+    with pytest.raises(InsufficientScope) as missing:
+        introspected(answer, "db:orders", ("a", "c"))
+    assert missing.value.missing == ("c",)
+    with pytest.raises(InsufficientScope):
+        introspected({**answer, "scope": "a*"}, "db:orders", ("ab",))
+    with pytest.raises(InvalidProof):  # local verify refuses a bound token without a proof
+        introspected({**answer, "cnf": {"jkt": "k"}}, "db:orders", ())
+    with pytest.raises(InvalidToken) as inactive:
+        introspected({"active": False}, "db:orders", ())
+    assert type(inactive.value) is InvalidToken

@@ -31,8 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from . import validate
 from .config import CONFIG_ENV, load_config, parse_duration
-from .errors import InvalidRequest, InvalidToken, MalformedToken
+from .errors import (
+    InsufficientScope,
+    InvalidProof,
+    InvalidRequest,
+    InvalidToken,
+    MalformedToken,
+    WrongAudience,
+)
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -43,6 +51,11 @@ __all__ = ["add_parsers", "add_token_source", "has_token", "revoke_token", "run"
 Out = Callable[[str], object]
 _MAX_TOKEN_INPUT = 64 * 1024  # far above MAX_TOKEN_LENGTH; stops a runaway stdin
 UNVERIFIED = "NOT VERIFIED: decoded without checking signature, issuer, expiry or lease"
+VERIFY_DESCRIPTION = (
+    "Online verification: by the broker's store (local, --config) or by the broker's"
+    " /introspect (remote, --broker; the caller must be one of its resource_servers)."
+    " Exit 0 valid, 1 not valid (the reason is printed), 2 error."
+)
 
 
 # -- arguments ----------------------------------------------------------------------
@@ -84,7 +97,8 @@ def add_remote(parser: argparse.ArgumentParser) -> None:
         default="jitbroker",
         metavar="AUD",
         help="with --broker on GitHub Actions: the audience of the OIDC token to fetch"
-        " (default: jitbroker, what the broker's trust rule expects)",
+        " (default: jitbroker, what the broker's trust rule expects);"
+        " e.g. --identity-audience https://jitbroker.acme.internal",
     )
 
 
@@ -184,10 +198,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_json(renew, "the fresh token, lease id and expiry")
 
     verify = sub.add_parser(
-        "verify", help="verify a token online: exit 0 valid, 1 not valid, 2 error"
+        "verify",
+        help="verify a token online (the broker's store, or its /introspect):"
+        " exit 0 valid, 1 not valid, 2 error",
+        description=VERIFY_DESCRIPTION,
     )
     add_token_source(verify, positional=True)
     add_config(verify)
+    add_remote(verify)
     verify.add_argument(
         "--audience",
         required=True,
@@ -375,31 +393,109 @@ def _renew(args: argparse.Namespace, out: Out) -> int:
 
 def _verify(args: argparse.Namespace, out: Out) -> int:
     token = read_token(args)
-    scopes = [s for text in args.scope for s in text.split()]
-    with local_broker(args, create=False) as broker:
+    scopes = validate.scopes([s for text in args.scope for s in text.split()])
+    with session(args, create=False) as shell:
         try:
-            claims = broker.verify(token, audience=args.audience, scopes=scopes)
+            if shell.remote is not None:
+                data = introspected(shell.remote.introspect(token), args.audience, scopes)
+            else:
+                assert shell.broker is not None
+                claims = shell.broker.verify(token, audience=args.audience, scopes=scopes)
+                data = _verdict(
+                    claims.subject, claims.audience, claims.scope, claims.lease_id,
+                    claims.expires_at, claims.task, claims.owner,
+                )  # fmt: skip
         except InvalidToken as exc:
-            why = {"valid": False, "error": type(exc).__name__, "reason": str(exc)}
-            _say(args, out, why, f"not valid: {type(exc).__name__}: {exc}")
+            error, label = _why(exc, remote=shell.remote is not None)
+            why = {"valid": False, "error": error, "reason": str(exc)}
+            _say(args, out, why, _printable(f"not valid: {label}: {exc}"))
             return 1
-    data = {
-        "valid": True,
-        "subject": claims.subject,
-        "audience": claims.audience,
-        "scope": claims.scope,
-        "lease_id": claims.lease_id,
-        "expires_at": int(claims.expires_at),
-        "expires_at_iso": iso(claims.expires_at),
-        "task": claims.task,
-        "owner": claims.owner,
-    }
+    expires = data["expires_at"]
     text = (
-        f"valid: subject={claims.subject} audience={claims.audience} scope={claims.scope!r}"
-        f" lease={claims.lease_id} expires {iso(claims.expires_at)} ({relative(claims.expires_at)})"
+        f"valid: subject={data['subject']} audience={data['audience']} scope={data['scope']!r}"
+        f" lease={data['lease_id']} expires "
+        + (f"{data['expires_at_iso']} ({relative(expires)})" if expires is not None else "(unsaid)")
     )
-    _say(args, out, data, text)
+    _say(args, out, data, _printable(text))
     return 0
+
+
+# The reasons of remote verification, as its text says them (``not valid:
+# audience: ...``); a bare InvalidToken is the RFC 7662 ``{"active": false}``.
+_LABELS: dict[type[InvalidToken], str] = {
+    WrongAudience: "audience",
+    InsufficientScope: "scope",
+    InvalidProof: "key-bound",
+}
+
+
+def _why(exc: InvalidToken, *, remote: bool) -> tuple[str, str]:
+    """``--json``'s ``error`` and the text's label: the class name locally; remotely
+    the class name too (``"inactive"`` for an inactive token), labelled shorter."""
+    name = type(exc).__name__
+    if not remote:
+        return name, name
+    label = _LABELS.get(type(exc), "inactive")
+    return ("inactive" if label == "inactive" else name), label
+
+
+def introspected(answer: dict[str, Any], audience: str, scopes: tuple[str, ...]) -> dict[str, Any]:
+    """The verdict ``--json`` prints for an RFC 7662 ``answer`` (from
+    ``RemoteBroker.introspect``), checked as local verification checks claims:
+    the audience equal to the asked one (one of them, for a list), every asked
+    scope held, no key binding; an ``InvalidToken`` if not (a bare one when the
+    token is not active)."""
+    if not answer.get("active"):
+        raise InvalidToken(
+            "the broker's /introspect says the token is not active (expired, revoked,"
+            " unknown, or not one of its tokens)"
+        )
+    aud = answer.get("aud")
+    if audience not in ([aud] if isinstance(aud, str) else aud or []):
+        shown = repr(aud)[:128] if aud is not None else "none"
+        raise WrongAudience(f"token is for audience {shown}, not {audience!r}")
+    missing = set(scopes) - set(str(answer.get("scope") or "").split())
+    if missing:
+        raise InsufficientScope(
+            f"token lacks scopes {' '.join(sorted(missing))!r}", missing=missing
+        )
+    if answer.get("cnf") is not None:  # as Verifier refuses a bound token without a proof
+        raise InvalidProof(
+            "this token is bound to a key (DPoP): only a request with a proof by that key"
+            " can use it, and a command line has none"
+        )
+    return _verdict(
+        answer.get("sub"), aud, answer.get("scope") or "", answer.get("jti"),
+        answer.get("exp"), answer.get("task"), answer.get("owner"),
+    )  # fmt: skip
+
+
+def _verdict(
+    subject: object,
+    audience: object,
+    scope: object,
+    lease_id: object,
+    expires_at: float | None,
+    task: object,
+    owner: object,
+) -> dict[str, Any]:
+    """What ``verify --json`` prints for a valid token, local or remote."""
+    return {
+        "valid": True,
+        "subject": subject,
+        "audience": audience,
+        "scope": scope,
+        "lease_id": lease_id,
+        "expires_at": None if expires_at is None else int(expires_at),
+        "expires_at_iso": None if expires_at is None else iso(expires_at),
+        "task": task,
+        "owner": owner,
+    }
+
+
+def _printable(text: str) -> str:
+    # A remote answer's strings reach a terminal: no escape sequences from it.
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _inspect(args: argparse.Namespace, out: Out) -> int:

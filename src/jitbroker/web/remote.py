@@ -1,5 +1,5 @@
 """A client of the broker service (``jitbroker.web.broker_app``), for the CLI's
-``--broker URL`` mode: ``issue``, ``renew`` and ``revoke`` over HTTP.
+``--broker URL`` mode: ``issue``, ``renew``, ``revoke`` and ``verify`` over HTTP.
 
 The caller proves who it is with a workload identity token (an OIDC JWT),
 sent as an RFC 7523 client assertion: ``IdentityToken.from_file`` reads one
@@ -11,12 +11,15 @@ from a file on every request (Kubernetes projected tokens rotate), and
   urn:ietf:params:oauth:client-assertion-type:jwt-bearer``, ``audience``,
   ``scope``, ``ttl``;
 - ``POST /renew``: ``Authorization: Bearer <token>``, ``ttl``;
-- ``POST /revoke``: RFC 7009 ``token=`` with the same client assertion.
+- ``POST /revoke``: RFC 7009 ``token=`` with the same client assertion;
+- ``POST /introspect``: RFC 7662 ``token=`` with the same client assertion, for
+  callers the service names in ``resource_servers``.
 
 Errors are jitbroker's: a refusal is ``PolicyDenied`` (``access_denied``,
-``invalid_scope``...), ``InvalidClient`` (the assertion was refused),
-``LeaseNotActive`` / ``InvalidToken`` (renewing a dead token), and anything
-the client cannot reach or read is ``BrokerUnavailable``. No message quotes a
+``invalid_scope``...), ``InvalidClient`` (the assertion was refused; at
+``/introspect``, any 401 or 403, such as a caller that is not a resource
+server), ``LeaseNotActive`` / ``InvalidToken`` (renewing a dead token), and
+anything the client cannot reach or read is ``BrokerUnavailable``. No message quotes a
 token, an assertion or a response body; a server's ``error_description`` is
 shown cut short and stripped of control characters.
 """
@@ -177,6 +180,16 @@ class RemoteBroker:
         form = {"token": token, "token_type_hint": "access_token", **self._assertion()}
         self._post("/revoke", form, {}, expect_json=False)
 
+    def introspect(self, token: str) -> dict[str, Any]:
+        """``POST /introspect`` (RFC 7662): ``{"active": False}`` for anything not
+        active, else the token's claims (``sub``, ``aud``, ``scope``, ``exp``,
+        ``jti``, ``owner``, ``task``...), each checked for its type. Only a caller
+        the service names in ``resource_servers`` may ask: any other is refused
+        with ``InvalidClient``."""
+        form = {"token": token, "token_type_hint": "access_token", **self._assertion()}
+        response = _send("POST", self.url + "/introspect", {}, form, self.timeout, _not_allowed)
+        return _introspection(_json(response), self.url)
+
     def _post(
         self, path: str, form: dict[str, str], headers: dict[str, str], *, expect_json: bool = True
     ) -> dict[str, Any]:
@@ -225,8 +238,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
+Refusal = Callable[[httpx.Response, str | None], Exception]
+
+
 def _send(
-    method: str, url: str, headers: dict[str, str], form: dict[str, str] | None, timeout: float
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    form: dict[str, str] | None,
+    timeout: float,
+    refusal: Refusal | None = None,
 ) -> httpx.Response:
     host = urlsplit(url).hostname
     try:
@@ -236,7 +257,7 @@ def _send(
     except httpx.HTTPError as exc:
         raise BrokerUnavailable(f"could not reach {host}: {type(exc).__name__}") from exc
     if response.status_code >= 400:
-        raise _refusal(response, host)
+        raise (refusal or _refusal)(response, host)
     if response.status_code >= 300:
         raise BrokerUnavailable(f"{host} answered {response.status_code}, not an answer")
     return response
@@ -244,13 +265,7 @@ def _send(
 
 def _refusal(response: httpx.Response, host: str | None) -> Exception:
     status = response.status_code
-    try:
-        body = _json(response)
-    except BrokerUnavailable:
-        body = {}
-    code = body.get("error") if isinstance(body.get("error"), str) else None
-    description = _clean(body.get("error_description"))
-    what = f"{host} refused: {code or status}" + (f" ({description})" if description else "")
+    code, what = _refused(response, host)
     if status >= 500 or (code is None and status not in (401, 403)):
         return BrokerUnavailable(what)
     if code == "invalid_client":
@@ -262,6 +277,71 @@ def _refusal(response: httpx.Response, host: str | None) -> Exception:
     if code == "invalid_token" or status == 401:
         return InvalidToken(what)
     return InvalidRequest(what)
+
+
+def _not_allowed(response: httpx.Response, host: str | None) -> Exception:
+    """``/introspect``'s refusals: its verdict on a token is always a 200, so a
+    401 or 403 refuses the caller (``InvalidClient``), never the token."""
+    status = response.status_code
+    if status not in (401, 403):
+        return _refusal(response, host)
+    code, what = _refused(response, host)
+    if status == 401:
+        return InvalidClient(what, reason=code or "invalid_client")
+    hint = "only the callers named in the broker's resource_servers may introspect"
+    return InvalidClient(f"{what}: {hint}", reason="not_resource_server")
+
+
+def _refused(response: httpx.Response, host: str | None) -> tuple[str | None, str]:
+    """The RFC 6749 error code of a refusal, and a line saying it."""
+    try:
+        body = _json(response)
+    except BrokerUnavailable:
+        body = {}
+    code = body.get("error") if isinstance(body.get("error"), str) else None
+    description = _clean(body.get("error_description"))
+    what = f"{host} refused: {code or response.status_code}"
+    return code, what + (f" ({description})" if description else "")
+
+
+def _introspection(data: dict[str, Any], url: str) -> dict[str, Any]:
+    """An RFC 7662 answer checked for shape; ``BrokerUnavailable`` if it is not one."""
+    active = data.get("active")
+    if not isinstance(active, bool):
+        raise BrokerUnavailable(f"{url} answered /introspect without an RFC 7662 'active'")
+    if not active:  # section 2.2: nothing else of an inactive token is worth reading
+        return {"active": False}
+    for name, value in data.items():
+        check = _MEMBERS.get(name)
+        if value is not None and check is not None and not check(value):
+            raise BrokerUnavailable(f"{url} answered /introspect with a malformed {name!r}")
+    return data
+
+
+def _is_time(value: object) -> bool:
+    # json.loads reads NaN and Infinity; neither is a time.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
+
+
+def _is_audience(value: object) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(a, str) for a in value)
+    )
+
+
+# RFC 7662 section 2.2 members, the extensions broker_app adds, and the type
+# each must have when present (aud may be a list, as RFC 7519 allows).
+_TEXT = ("scope", "client_id", "username", "token_type", "sub", "iss", "jti")
+_TEXT_EXTRA = ("owner", "task", "purpose")
+_MEMBERS: dict[str, Callable[[object], bool]] = {
+    **dict.fromkeys((*_TEXT, *_TEXT_EXTRA), lambda v: isinstance(v, str)),
+    **dict.fromkeys(("exp", "iat", "nbf"), _is_time),
+    "aud": _is_audience,
+    "cnf": lambda v: isinstance(v, dict),
+    "act": lambda v: isinstance(v, dict),
+}
 
 
 def _clean(value: object) -> str:
