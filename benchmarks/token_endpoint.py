@@ -66,7 +66,7 @@ def serve(port: int, client_jwks: dict[str, Any]) -> None:
     base = f"http://127.0.0.1:{port}"
     broker = Broker(issuer="urn:bench:broker", keys=KeyRing.generate("EdDSA"))
     client = ClientKey(CLIENT_ID, client_jwks, "svc:bench", max_ttl=3600)
-    app = broker_app(broker, [client], base_url=base)
+    app = broker_app(broker, [client], base_url=base, allow_any_access=True)
     uvicorn.run(
         app,
         host="127.0.0.1",

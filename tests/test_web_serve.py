@@ -30,7 +30,7 @@ from jitbroker.errors import InvalidRequest
 from jitbroker.keys import generate_key
 from jitbroker.web import ClientKey, ClientSecret, TrustRule, hash_client_secret
 from jitbroker.web.config import clients_from, serve_settings, trust_rules
-from jitbroker.web.serve import check_binding, is_loopback, uvicorn_options
+from jitbroker.web.serve import build, check_binding, is_loopback, uvicorn_options
 from oidc_issuer import AUDIENCE, Issuer, oidc_issuer
 from web_servers import sign_proof
 
@@ -60,6 +60,7 @@ max_ttl = "1h"
 
 [serve]
 {serve}
+{"" if "allow_any_access" in serve else "allow_any_access = true"}
 {trust}
 {clients}
 """
@@ -402,6 +403,26 @@ def test_config_errors_name_the_key(tmp_path: Path, tables: str, message: str) -
     with pytest.raises(InvalidRequest, match=re.escape(message)) as caught:
         _all_rules(config)
     assert "plain-secret" not in str(caught.value)
+
+
+def test_serve_refuses_a_broker_without_a_policy(tmp_path: Path) -> None:
+    clients = f"""
+[[clients]]
+client_id = "cron"
+subject = "svc:cron"
+secret_hash = "{hash_client_secret("a-client-secret-for-the-test")}"
+"""
+    path = write_config(
+        tmp_path, 'base_url = "http://127.0.0.1:1"\nallow_any_access = false', "", clients
+    )
+    with pytest.raises(InvalidRequest, match="the broker has no policy"):
+        build(path)
+    done = subprocess.run(
+        jitbroker("serve", "--config", str(path)), capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert b"the broker has no policy" in done.stderr
+    assert b"Traceback" not in done.stderr
 
 
 def test_loopback() -> None:

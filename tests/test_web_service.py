@@ -164,6 +164,7 @@ def running(
             audit=[events.append],
         )
         options.setdefault("resource_servers", [RS_ID])
+        options.setdefault("allow_any_access", policy is None)
 
         def build(base: str) -> Any:
             return broker_app(broker, _rules(issuer), base_url=base, **options)
@@ -235,9 +236,9 @@ def test_get_on_a_post_endpoint_is_405(svc: Service, path: str) -> None:
 def test_base_url_must_be_https_off_loopback() -> None:
     broker = Broker(issuer=BROKER_ISSUER, keys=KeyRing.generate("EdDSA"))
     with pytest.raises(ValueError, match="base_url must be an https URL"):
-        broker_app(broker, [], base_url="http://broker.example")
+        broker_app(broker, [], base_url="http://broker.example", allow_any_access=True)
     with pytest.raises(ValueError, match="base_url must be an https URL"):
-        broker_app(broker, [], base_url="https://broker.example/?a=b")
+        broker_app(broker, [], base_url="https://broker.example/?a=b", allow_any_access=True)
 
 
 # -- client credentials --------------------------------------------------------------
@@ -750,6 +751,26 @@ def test_dpop_nonces_at_the_token_and_renew_endpoints() -> None:
             refused = ask(nonce)
             _error(refused, 400, "use_dpop_nonce")
             assert refused.headers["dpop-nonce"] == nonces.current()
+        # the retry RFC 9449 section 8 describes: the same (single-use) assertion, a new proof
+        assertion = svc.client_auth()
+        first = svc.http.post(
+            "/token",
+            data={**form, **assertion},
+            headers={
+                "DPoP": sign_proof(holder, "POST", svc.base + "/token", None, now=svc.clock())
+            },
+        )
+        _error(first, 400, "use_dpop_nonce")
+        proof = sign_proof(
+            holder,
+            "POST",
+            svc.base + "/token",
+            None,
+            now=svc.clock(),
+            nonce=first.headers["dpop-nonce"],
+        )
+        again = svc.http.post("/token", data={**form, **assertion}, headers={"DPoP": proof})
+        assert again.status_code == 200, again.text
         answer = ask(refused.headers["dpop-nonce"])
         assert answer.status_code == 200, answer.text
         assert answer.json()["token_type"] == "DPoP"
@@ -779,11 +800,22 @@ def test_dpop_nonces_at_the_token_and_renew_endpoints() -> None:
 
 def test_base_url_defaults_to_an_https_issuer() -> None:
     secret = ClientSecret(RS_ID, hash_client_secret(RS_SECRET), "svc:orders-api")
-    app = broker_app(Broker(issuer="https://jitbroker.example/"), trust=[secret])
+    app = broker_app(
+        Broker(issuer="https://jitbroker.example/"), trust=[secret], allow_any_access=True
+    )
     assert app.state.service.base_url == "https://jitbroker.example"
     assert app.state.service.token_url == "https://jitbroker.example/token"
     with pytest.raises(InvalidRequest, match="base_url is required"):
-        broker_app(Broker(issuer=BROKER_ISSUER), trust=[secret])
+        broker_app(Broker(issuer=BROKER_ISSUER), trust=[secret], allow_any_access=True)
+
+
+def test_a_broker_without_a_policy_is_served_only_when_asked() -> None:
+    secret = ClientSecret(RS_ID, hash_client_secret(RS_SECRET), "svc:orders-api")
+    with pytest.raises(InvalidRequest, match="the broker has no policy"):
+        broker_app(Broker(issuer="https://jitbroker.example"), trust=[secret])
+    policy = Policy([Rule(subjects=["svc:*"], audiences=["api:*"])])
+    app = broker_app(Broker(issuer="https://jitbroker.example", policy=policy), trust=[secret])
+    assert app.state.service.base_url == "https://jitbroker.example"
 
 
 def test_dpop_nonces_need_dpop() -> None:
@@ -794,6 +826,7 @@ def test_dpop_nonces_need_dpop() -> None:
             base_url="http://127.0.0.1:1",
             dpop=False,
             dpop_nonces=DPoPNonces(),
+            allow_any_access=True,
         )
 
 
@@ -1005,7 +1038,13 @@ def test_an_issuer_down_at_start_is_503_for_its_callers_only() -> None:
         broker = Broker(issuer=BROKER_ISSUER, clock=clock, max_ttl=3600)
 
         def build(base: str) -> Any:
-            return broker_app(broker, _rules(issuer), base_url=base, resource_servers=[RS_ID])
+            return broker_app(
+                broker,
+                _rules(issuer),
+                base_url=base,
+                resource_servers=[RS_ID],
+                allow_any_access=True,
+            )
 
         with serving(build) as base, httpx.Client(base_url=base, timeout=10) as http:
             form = {"grant_type": "client_credentials", "audience": "api:orders"}
@@ -1121,7 +1160,13 @@ def test_opaque_tokens() -> None:
             issuer=BROKER_ISSUER, keys=KeyRing.generate("EdDSA"), clock=clock, token_format="opaque"
         )
         with serving(
-            lambda base: broker_app(broker, _rules(issuer), base_url=base, resource_servers=[RS_ID])
+            lambda base: broker_app(
+                broker,
+                _rules(issuer),
+                base_url=base,
+                resource_servers=[RS_ID],
+                allow_any_access=True,
+            )
         ) as base:
             svc = Service(base, broker, issuer, clock)
             body = svc.issued()
@@ -1173,7 +1218,7 @@ def test_private_key_jwt_client() -> None:
     client = ClientKey("orders-api", KeyRing([key]).public().jwks(), "svc:orders-api")
 
     def build(base: str) -> Any:
-        return broker_app(broker, [client], base_url=base)
+        return broker_app(broker, [client], base_url=base, allow_any_access=True)
 
     with serving(build) as base, httpx.Client(base_url=base) as http:
         now = int(clock())

@@ -176,6 +176,11 @@ class _Base:
         return self._core.max_ttl
 
     @property
+    def policy(self) -> Policy | None:
+        """The policy every issue, renewal and attenuation is judged by (None: all allowed)."""
+        return self._core.policy
+
+    @property
     def leeway(self) -> float:
         """Clock skew its verification allows on ``exp``, ``nbf`` and ``iat`` (seconds)."""
         return self._core.leeway

@@ -17,6 +17,7 @@
     retry_after = 5
     dpop = true
     dpop_nonces = false                   # require server nonces in DPoP proofs (RFC 9449 8)
+    allow_any_access = false              # serve a broker without a policy (refused by default)
     insecure_http = false                 # plain HTTP on a non-loopback host (behind TLS)
     access_log = false                    # uvicorn's access log (off: a careless client's
                                           # URL may carry a secret)
@@ -74,6 +75,7 @@ class ServeSettings:
     retry_after: int = 5
     dpop: bool = True
     dpop_nonces: bool = False
+    allow_any_access: bool = False
     insecure_http: bool = False
     access_log: bool = False
     log_level: str = "info"
@@ -88,6 +90,7 @@ class ServeSettings:
             "max_body": self.max_body,
             "retry_after": self.retry_after,
             "dpop": self.dpop,
+            "allow_any_access": self.allow_any_access,
         }
 
 
@@ -106,6 +109,7 @@ _SERVE: dict[str, Any] = {
     "retry_after": int,
     "dpop": bool,
     "dpop_nonces": bool,
+    "allow_any_access": bool,
     "insecure_http": bool,
     "access_log": bool,
     "log_level": str,

@@ -138,7 +138,14 @@ class BrokerService:
         retry_after: int = 5,
         dpop: bool = True,
         dpop_nonces: DPoPNonces | None = None,
+        allow_any_access: bool = False,
     ) -> None:
+        if broker.policy is None and allow_any_access is not True:
+            raise InvalidRequest(
+                "the broker has no policy: every caller a trust rule accepts could get any"
+                " audience and scope; give the broker a Policy (Policy.from_toml), or pass"
+                " allow_any_access=True (tests, or callers limited in another way)"
+            )
         self.calls = BrokerCalls(broker)
         self.clock = broker.clock
         self.issuer = broker.issuer
@@ -284,6 +291,7 @@ class BrokerService:
         if grant is None:
             raise OAuthError("unsupported_grant_type", "the grant_type is not supported here")
         seen.grant = "token-exchange" if grant_type == TOKEN_EXCHANGE else grant_type
+        self._check_nonce(request)  # before authentication: a retry must find its assertion unspent
         authenticate = self._authenticator(request, form, seen)
         done: Grant = await grant(self, form, authenticate, self._binder(request))
         self.audit.decided(
@@ -303,23 +311,30 @@ class BrokerService:
             try:
                 if len(proofs) > 1:
                     raise InvalidProof("the request has more than one DPoP header")
-                proof = proofs[0].strip(" \t")
-                if self.nonces is not None:
-                    self.nonces.check_proof(proof)
-                return self.proofs.check(proof, method="POST", url=self.token_url)
-            except NonceRequired as exc:  # RFC 9449 section 8
-                raise OAuthError(
-                    "use_dpop_nonce",
-                    "the authorization server requires a nonce in the DPoP proof",
-                    reason=str(exc),
-                    nonce=exc.nonce,
-                ) from None
+                return self.proofs.check(proofs[0].strip(" \t"), method="POST", url=self.token_url)
             except InvalidProof as exc:  # RFC 9449 section 5
                 raise OAuthError(
                     "invalid_dpop_proof", "the DPoP proof is missing or invalid", reason=str(exc)
                 ) from None
 
         return bind
+
+    def _check_nonce(self, request: Request) -> None:
+        """RFC 9449 section 8: a DPoP proof without the current nonce is answered
+        ``use_dpop_nonce`` before anything is spent (the proof's ``jti``, a
+        single-use client assertion), so the client's retry with the nonce works."""
+        proofs = request.headers.getlist("dpop")
+        if self.nonces is None or len(proofs) != 1:  # none, or two: bind() refuses those
+            return
+        try:
+            self.nonces.check_proof(proofs[0].strip(" \t"))
+        except NonceRequired as exc:
+            raise OAuthError(
+                "use_dpop_nonce",
+                "the authorization server requires a nonce in the DPoP proof",
+                reason=str(exc),
+                nonce=exc.nonce,
+            ) from None
 
     def _credential(self, cred: Credential, issued_type: str, request: Request) -> Response:
         lease = cred.lease
@@ -452,6 +467,7 @@ def broker_app(
     retry_after: int = 5,
     dpop: bool = True,
     dpop_nonces: DPoPNonces | None = None,
+    allow_any_access: bool = False,
 ) -> Starlette:
     """The broker as an ASGI app: an OAuth 2.0 authorization server for its callers.
 
@@ -476,6 +492,8 @@ def broker_app(
             sent to ``/token`` and ``/renew`` (RFC 9449 section 8): a proof
             without a current one is ``400 use_dpop_nonce`` (``/renew``: ``401``)
             with the nonce in ``DPoP-Nonce``. Default None: no nonces.
+        allow_any_access: serve a broker that has no policy (refused by default:
+            any caller a trust rule accepts could then get any audience and scope).
 
     The app's ``state.service`` is the ``BrokerService``; its lifespan closes a
     ``Trust`` built from rules.
@@ -491,6 +509,7 @@ def broker_app(
         retry_after=retry_after,
         dpop=dpop,
         dpop_nonces=dpop_nonces,
+        allow_any_access=allow_any_access,
     )
 
     @contextlib.asynccontextmanager

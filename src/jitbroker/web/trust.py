@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 
 from ..clock import Clock, Duration, seconds, system_clock
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, KeySourceError
 from ..keyring import KeyRing
 from . import assertions
 from .assertions import Assertion, IssuerSource, ReplayCache, parse_assertion, refused
@@ -290,9 +290,9 @@ class Trust:
             if source.expired(now):
                 if fetch is not None:
                     fetch.wait()
-                if source.expired(self.clock()):
-                    raise refused(
-                        "jwks_unavailable", "the issuer's keys are too old and cannot be fetched"
+                if source.expired(self.clock()):  # an outage, not the caller's fault: a 503
+                    raise KeySourceError(
+                        f"the keys of {source.where} are too old and cannot be fetched"
                     )
                 keys = source.keys
         return keys

@@ -128,6 +128,7 @@ class TrustRule:
         owner = None if self.owner is None else Template.parse(self.owner, f"{where}: owner")
         object.__setattr__(self, "_owner", owner)
         check_matchers(self.claims, where)
+        _check_tenant(self.issuer, self.claims, where)
         if self.jwks_url is not None:
             _check_https(self.jwks_url, f"{where}: jwks_url", self.allow_http)
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
@@ -157,6 +158,47 @@ class TrustRule:
         (from ``claim_values``); ``InvalidClient`` for a value not plain text."""
         subject = self._subject.render(values)
         return subject, subject if self._owner is None else self._owner.render(values)
+
+
+#: Issuers any account on the service can get tokens from (any repository on
+#: GitHub, any project on gitlab.com), and the claims that pin a rule to one
+#: tenant: without one, every workflow in the world would match.
+_SHARED_ISSUERS: Mapping[str, frozenset[str]] = {
+    "https://token.actions.githubusercontent.com": frozenset(
+        {
+            "repository",
+            "repository_owner",
+            "repository_owner_id",
+            "repository_id",
+            "sub",
+            "job_workflow_ref",
+            "enterprise",
+            "enterprise_id",
+        }
+    ),
+    "https://gitlab.com": frozenset(
+        {"namespace_path", "namespace_id", "project_path", "project_id", "sub"}
+    ),
+}
+
+
+def _pins(pattern: str) -> bool:
+    """True if ``pattern`` names one tenant: no wildcard at all, or a literal
+    ``owner/`` before the first one (``acme/*``, ``repo:acme/app:*``)."""
+    wild = [at for at in (pattern.find("*"), pattern.find("?")) if at >= 0]
+    return not wild or "/" in pattern[: min(wild)]
+
+
+def _check_tenant(issuer: str, claims: Mapping[str, str], where: str) -> None:
+    tenant = _SHARED_ISSUERS.get(issuer.rstrip("/"))
+    if tenant is None:
+        return
+    if not any(name in tenant and _pins(pattern) for name, pattern in claims.items()):
+        raise InvalidRequest(
+            f"{where}: every account on this issuer can get its tokens; pin the rule to yours"
+            f" with one of {', '.join(sorted(tenant))} (an exact value, or a literal owner/"
+            ' before any wildcard: e.g. repository = "acme/*")'
+        )
 
 
 def _frozen_jwks(value: object) -> Mapping[str, Any]:
