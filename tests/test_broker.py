@@ -501,6 +501,20 @@ def test_attenuate_ttl_may_use_the_whole_remaining_life(
     assert jitbroker_broker.attenuate(parent, ttl=40).expires_at == parent.expires_at
 
 
+def test_attenuate_max_ttl_lowers_the_childs_renewal_cap(
+    jitbroker_broker: Broker, jitbroker_clock: FakeClock
+) -> None:
+    parent = jitbroker_broker.issue("svc:a", "db:orders", ["orders:read"], ttl=600, max_ttl=3600)
+    child = jitbroker_broker.attenuate(parent, ttl=60, max_ttl=120)
+    assert child.lease.max_expires_at == jitbroker_clock() + 120
+    jitbroker_clock.advance(30)
+    assert jitbroker_broker.renew(child, ttl=500).expires_at == child.lease.max_expires_at
+    roomy = jitbroker_broker.attenuate(parent, max_ttl=10**6)  # never above the parent's cap
+    assert roomy.lease.max_expires_at == parent.lease.max_expires_at
+    with pytest.raises(InvalidRequest, match="exceeds max_ttl"):
+        jitbroker_broker.attenuate(parent, ttl=200, max_ttl=100)
+
+
 @pytest.mark.parametrize(
     "change",
     [

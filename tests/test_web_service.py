@@ -512,6 +512,23 @@ def _exchange(svc: Service, subject_token: str, **form: Any) -> httpx.Response:
     return svc.http.post("/token", data={k: v for k, v in data.items() if v is not None})
 
 
+def test_an_exchanged_token_stays_under_the_callers_ceiling(svc: Service) -> None:
+    """The ci rule's max_ttl is 600 s: a child exchanged from a lease renewable
+    for an hour (issued another way) is renewable only to 600 s from its exchange."""
+    parent = svc.broker.issue("svc:ci:acme/app", "api:orders", ["orders:read"], ttl=3000)
+    assert parent.lease.max_expires_at >= svc.clock() + 3000
+    child = _exchange(svc, parent.token, scope="orders:read", ttl="60").json()
+    svc.secrets.append(child["access_token"])
+    lease = svc.broker.lease(child["lease_id"])
+    assert lease.max_expires_at == pytest.approx(svc.clock() + 600, abs=1)
+    svc.clock.advance(50)
+    renewed = svc.http.post(
+        "/renew", headers={"Authorization": "Bearer " + child["access_token"]}, data={"ttl": "3000"}
+    )
+    assert renewed.status_code == 200, renewed.text
+    assert svc.broker.lease(child["lease_id"]).expires_at == lease.max_expires_at
+
+
 def test_exchange_narrows(svc: Service) -> None:
     parent = svc.issued(ttl="300")
     response = _exchange(svc, parent["access_token"], scope="orders:read", ttl="60")
@@ -599,6 +616,29 @@ def test_delegation_to_a_workload_identity_actor(svc: Service) -> None:
     assert claims.subject == "svc:ci:acme/app"  # the principal
     assert claims.actor == "svc:ci:acme/worker"
     assert claims.delegated_by == (parent["lease_id"],)
+    # the actor's identity token is spent: the holder cannot name it again
+    again = _exchange(
+        svc,
+        parent["access_token"],
+        actor_token=actor,
+        actor_token_type=ID_TOKEN,
+        scope="orders:read",
+    )
+    _error(again, 400, "invalid_request")
+
+
+def test_a_holder_cannot_name_another_workload_by_its_access_token(svc: Service) -> None:
+    """Another workload's access token reaches every resource server it was issued
+    for: holding one proves nothing about its consent to act."""
+    parent = svc.issued()
+    worker = svc.issued(
+        client_assertion=svc.assertion(repository="acme/worker"), client_assertion_type=JWT_BEARER
+    )
+    response = _exchange(
+        svc, parent["access_token"], actor_token=worker["access_token"], actor_token_type=ACCESS
+    )
+    _error(response, 400, "invalid_request")
+    assert "actor itself asks" in response.json()["error_description"]
 
 
 def test_delegation_by_the_actor_itself(svc: Service) -> None:

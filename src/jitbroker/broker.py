@@ -389,13 +389,18 @@ class Broker(_Base):
         purpose: str | None = None,
         subject: str | None = None,
         holder_key: object = None,
+        max_ttl: Duration | None = None,
     ) -> Credential:
         """A narrower child credential that dies with its parent: delegation as in
         RFC 8693 (``subject`` hands it to another workload; the token's ``act``
         claim names the delegating leases). The child keeps the parent's key
         binding; ``holder_key`` (a public key, ``Key`` or JWK) binds it to that
-        key instead, as the token endpoint does for an exchange with a DPoP proof."""
-        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject, holder_key)
+        key instead, as the token endpoint does for an exchange with a DPoP proof.
+        ``max_ttl`` lowers the child's renewal cap to that many seconds from now
+        (it never rises above the parent's)."""
+        steps = self._core.attenuate(
+            cred, scopes, audience, ttl, purpose, subject, holder_key, max_ttl
+        )
         return run(steps, self.store)
 
     def lease(self, ref: LeaseRef) -> Lease:
@@ -752,9 +757,12 @@ class AsyncBroker(_Base):
         purpose: str | None = None,
         subject: str | None = None,
         holder_key: object = None,
+        max_ttl: Duration | None = None,
     ) -> Credential:
         """A narrower child credential that dies with its parent (see ``Broker.attenuate``)."""
-        steps = self._core.attenuate(cred, scopes, audience, ttl, purpose, subject, holder_key)
+        steps = self._core.attenuate(
+            cred, scopes, audience, ttl, purpose, subject, holder_key, max_ttl
+        )
         return await arun(steps, self._astore)
 
     async def lease(self, ref: LeaseRef) -> Lease:

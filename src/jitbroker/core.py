@@ -447,11 +447,13 @@ class Core:
         purpose: str | None,
         subject: str | None = None,
         holder_key: object = None,
+        max_ttl: Duration | None = None,
     ) -> Steps[Credential]:
         """A child lease (RFC 8693 delegation): never wider scopes or audience, never
         outliving its parent, at most ``max_delegation_depth`` deep; its token's
         ``act`` claim names the delegating leases, nearest first. It keeps the
-        parent's key binding unless ``holder_key`` binds it to that key."""
+        parent's key binding unless ``holder_key`` binds it to that key, and its
+        parent's renewal cap, lowered to ``max_ttl`` from now if that is sooner."""
         parent = yield from self._active(self.lease_id(ref))
         chain = yield from self._chain(parent)
         if len(chain) > self.max_depth:
@@ -481,6 +483,12 @@ class Core:
         life = remaining if ttl is None else seconds(ttl, "ttl")
         if life > remaining:
             raise InvalidRequest(f"ttl {life:g}s exceeds the parent's remaining {remaining:.0f}s")
+        cap = parent.max_expires_at
+        if max_ttl is not None:
+            ceiling = seconds(max_ttl, "max_ttl")
+            if life > ceiling:
+                raise InvalidRequest(f"ttl {life:g}s exceeds max_ttl {ceiling:g}s")
+            cap = min(cap, now + ceiling)
         lease_id, opaque = tokens.new_identity(self.opaque)
         child = attrs.evolve(
             parent,
@@ -490,6 +498,7 @@ class Core:
             scopes=child_scopes,
             issued_at=now,
             expires_at=now + life,
+            max_expires_at=cap,
             key_id=None if opaque is not None else self.keys.active.kid,
             parent=parent.id,
             holder=holder,

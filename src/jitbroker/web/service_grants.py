@@ -224,7 +224,7 @@ async def token_exchange(
     caller: Caller = await service.calls.in_thread(authenticate)
     binding = bind()
     parent = await _subject(service, subject_token, binding)
-    actor = await _actor(service, form)
+    actor = await _actor(service, form, caller)
     holder = parent.actor if parent.actor is not None else parent.subject
     if caller.subject != holder and (actor is None or actor != caller.subject):
         raise _invalid(
@@ -256,6 +256,7 @@ async def token_exchange(
             subject=actor,
             # A proof binds the new token to its key (a bound parent's is the same key).
             holder_key=None if binding is None else dict(binding.jwk),
+            max_ttl=min(caller.max_ttl, service.calls.max_ttl),  # renewals stay under it
         )
     except LeaseError as exc:  # the parent died since it was checked
         raise _invalid("the subject_token is no longer active", str(exc)) from None
@@ -276,8 +277,12 @@ async def _subject(service: BrokerService, token: str, binding: Binding | None) 
     return claims
 
 
-async def _actor(service: BrokerService, form: Form) -> str | None:
-    """The jitbroker subject of the ``actor_token``, if any."""
+async def _actor(service: BrokerService, form: Form, caller: Caller) -> str | None:
+    """The jitbroker subject of the ``actor_token``, if any. A jitbroker token
+    names its subject as the actor only when that subject is the caller: such
+    tokens reach every resource server they were issued for, so holding one
+    proves nothing about its workload's consent. Another workload is named by
+    its own identity token, which is spent (single-use) here."""
     actor_token, actor_type = form.get("actor_token"), form.get("actor_token_type")
     if actor_token is None:
         if actor_type is not None:  # RFC 8693 section 2.1: only with an actor_token
@@ -294,10 +299,17 @@ async def _actor(service: BrokerService, form: Form) -> str | None:
             raise _invalid(
                 "a key-bound actor_token cannot be used: send the actor's identity token"
             )
-        return claims.actor if claims.actor is not None else claims.subject
+        acting = claims.actor if claims.actor is not None else claims.subject
+        if acting != caller.subject:
+            raise _invalid(
+                "an access_token names the actor only when the actor itself asks:"
+                " send the actor's identity token (id_token or jwt) instead",
+                reason=f"actor_token held by {acting!r}, caller is {caller.subject!r}",
+            )
+        return acting
     try:
         who: Caller = await service.calls.in_thread(
-            lambda: service.trust.authenticate_assertion(actor_token)
+            lambda: service.trust.authenticate_assertion(actor_token, single_use=True)
         )
     except InvalidClient as exc:
         raise _invalid("the actor_token is not valid", exc.reason) from None
