@@ -973,20 +973,56 @@ def test_revoke_someone_elses_token_is_refused(svc: Service) -> None:
     assert svc.broker.lease(body["lease_id"]).revoked_at is None
 
 
-def test_revoke_by_owner(svc: Service) -> None:
+def test_revoke_by_owner_is_for_offboarders_only(svc: Service) -> None:
+    """Two workflows alice ran share the owner "alice": neither may revoke the
+    other's leases, one by one or by owner."""
     a = svc.issued()
     b = svc.issued(
         client_assertion=svc.assertion(repository="acme/two"), client_assertion_type=JWT_BEARER
     )
     response = svc.http.post("/revoke", data={"owner": "alice", **svc.client_auth()})
-    assert response.status_code == 200
-    assert response.json() == {"revoked": 2}
-    assert all(svc.broker.lease(x["lease_id"]).revoked_at is not None for x in (a, b))
-    bob = {"client_assertion": svc.assertion(actor="bob"), "client_assertion_type": JWT_BEARER}
-    _error(svc.http.post("/revoke", data={"owner": "alice", **bob}), 400, "unauthorized_client")
+    _error(response, 400, "unauthorized_client")
+    other = svc.http.post("/revoke", data={"token": b["access_token"], **svc.client_auth()})
+    _error(other, 400, "unauthorized_client")
+    assert all(svc.broker.lease(x["lease_id"]).revoked_at is None for x in (a, b))
     _error(svc.http.post("/revoke", data={**svc.client_auth()}), 400, "invalid_request")
     both = {"owner": "alice", "token": a["access_token"], **svc.client_auth()}
     _error(svc.http.post("/revoke", data=both), 400, "invalid_request")
+
+
+def test_revoke_by_the_token_itself(svc: Service) -> None:
+    """The holder revokes with the token as its credential: no identity token spent."""
+    body, other = svc.issued(), svc.issued()
+    token = body["access_token"]
+    mismatch = svc.http.post(
+        "/revoke",
+        data={"token": other["access_token"]},
+        headers={"Authorization": "Bearer " + token},
+    )
+    _error(mismatch, 400, "invalid_request")
+    done = svc.http.post(
+        "/revoke", data={"token": token}, headers={"Authorization": "Bearer " + token}
+    )
+    assert done.status_code == 200
+    assert svc.broker.lease(body["lease_id"]).revoked_at is not None
+    assert svc.broker.lease(other["lease_id"]).revoked_at is None
+    again = svc.http.post(
+        "/revoke", data={"token": token}, headers={"Authorization": "Bearer " + token}
+    )
+    assert again.status_code == 200  # nothing left to revoke (RFC 7009 2.2)
+    # a key-bound token needs its key to be revoked, as to be used
+    holder = generate_key("EdDSA")
+    bound = svc.issued(headers={"DPoP": _proof(svc, holder, "/token")})["access_token"]
+    as_bearer = svc.http.post(
+        "/revoke", data={"token": bound}, headers={"Authorization": "Bearer " + bound}
+    )
+    assert as_bearer.status_code == 401
+    proof = _proof(svc, holder, "/revoke", bound)
+    with_key = svc.http.post(
+        "/revoke", data={"token": bound}, headers={"Authorization": "DPoP " + bound, "DPoP": proof}
+    )
+    assert with_key.status_code == 200
+    assert not any(lease.holder == holder.kid for lease in svc.broker.leases())
 
 
 def test_offboarders_may_revoke_any_owner() -> None:

@@ -175,10 +175,13 @@ class RemoteBroker:
         return self._credential(data, token)
 
     def revoke(self, token: str) -> None:
-        """``POST /revoke`` (RFC 7009): the service answers 200 even for a token it
-        does not know, so this cannot tell whether anything was revoked."""
-        form = {"token": token, "token_type_hint": "access_token", **self._assertion()}
-        self._post("/revoke", form, {}, expect_json=False)
+        """``POST /revoke`` (RFC 7009) by the token's holder, the token itself the
+        credential: no identity token is spent (a single-use one is already, and
+        a file may be gone by the end of a job). The service answers 200 even
+        for a token it does not know, so this cannot tell whether anything was
+        revoked."""
+        form = {"token": token, "token_type_hint": "access_token"}
+        self._post("/revoke", form, {"Authorization": f"Bearer {token}"}, expect_json=False)
 
     def introspect(self, token: str) -> dict[str, Any]:
         """``POST /introspect`` (RFC 7662): ``{"active": False}`` for anything not

@@ -118,7 +118,7 @@ def _base_url(base_url: str | None, issuer: str) -> str:
     except InvalidRequest:
         raise InvalidRequest(
             "base_url is required: the broker's issuer is not the service's https URL"
-            " (e.g. base_url=\"https://jitbroker.internal\")"
+            ' (e.g. base_url="https://jitbroker.internal")'
         ) from None
 
 
@@ -362,10 +362,43 @@ class BrokerService:
         token, owner = form.get("token"), form.get("owner")
         if (token is None) == (owner is None):
             raise OAuthError("invalid_request", "send either token (RFC 7009) or owner")
+        if token is not None and _by_possession(request, form):
+            return await self._revoke_held(request, token)
         caller = await self._authenticate(request, form, seen)
         if owner is not None:
             return await offboard(self, caller, owner)
         return await revoke_token(self, caller, form["token"])
+
+    async def _revoke_held(self, request: Request, token: str) -> Response:
+        """Revocation by the token's holder, the token itself as the credential
+        (``Authorization: Bearer`` or ``DPoP`` with a proof for ``/revoke``): what a
+        job whose identity token was single-use, or is gone, can still do. Only
+        that token's lease; a token that is not active is a 200 (RFC 7009 2.2)."""
+        get = request.headers.getlist
+        try:
+            seen_token = presented(get("authorization"), get("dpop"), dpop=self.dpop)
+            if seen_token.token != token:
+                raise OAuthError(
+                    "invalid_request", "the Authorization header must carry the token revoked"
+                )
+            if self.nonces is not None and seen_token.proof is not None:
+                self.nonces.check_proof(seen_token.proof)
+            claims = await self.presented.check(
+                token, proof=seen_token.proof, method="POST", url=self.base_url + "/revoke"
+            )
+        except InvalidProof as exc:  # a bound token needs its key, to revoke as to use
+            answer = error_response(exc, realm=self.base_url, scheme="DPoP", dpop=self.dpop)
+            self.audit.decided("/revoke", "denied", None, error=type(exc).__name__, reason=str(exc))
+            return _answer(answer)
+        except (RequestRejected, InvalidToken, LeaseError, InvalidRequest) as exc:
+            self.audit.decided(
+                "/revoke", "revoked", None, reason=f"not active: {type(exc).__name__}"
+            )
+            return Response(b"", 200, NO_STORE)
+        holder = claims.actor if claims.actor is not None else claims.subject
+        await self.calls.revoke(claims.lease_id, by=f"{seen_token.scheme}:{holder}")
+        self.audit.decided("/revoke", "revoked", None, reason=f"by its holder {holder}")
+        return Response(b"", 200, NO_STORE)
 
     # -- POST /introspect ---------------------------------------------------------
     async def introspect(self, request: Request) -> Response:
@@ -435,6 +468,15 @@ class BrokerService:
         """Close the ``Trust`` this service built from rules (not one passed in)."""
         if self.owns_trust:
             self.trust.close()
+
+
+def _by_possession(request: Request, form: Form) -> bool:
+    """A revocation that authenticates by the token itself: an ``Authorization``
+    of a token scheme and no client authentication in the form."""
+    authorization = request.headers.get("authorization", "")
+    scheme = authorization.lstrip(" \t")[:6].lower()
+    client = ("client_assertion", "client_assertion_type", "client_secret", "client_id")
+    return scheme.startswith(("bearer", "dpop ")) and not any(name in form for name in client)
 
 
 def _answer(answer: ErrorResponse) -> Response:

@@ -1,12 +1,15 @@
 """Revocation (RFC 7009), introspection (RFC 7662) and the metadata (RFC 8414).
 
-- ``/revoke``: an authenticated caller revokes a token it holds: one issued to
-  its subject, or owned by its owner. A token that is unknown, malformed,
+- ``/revoke``: an authenticated caller revokes a token it holds (one issued to
+  its subject), or any token if it is one of the ``offboarders``; the token's
+  holder may also revoke it with the token itself as the credential
+  (``BrokerService._revoke_held``). A token that is unknown, malformed,
   expired or already revoked answers 200, as RFC 7009 section 2.2 says (there
   is nothing left to revoke, and the answer tells a prober nothing). Another
   caller's active token is refused (``unauthorized_client``). The extension
   ``owner=`` (instead of ``token``) revokes every active lease of that owner:
-  allowed for the caller's own owner, or for the ``offboarders``.
+  for the ``offboarders`` only. A shared owner (``owner = "{actor}"``, the
+  person who ran a workflow) does not let one workload revoke another's.
 - ``/introspect``: for the callers named in ``resource_servers``; anything not
   active is ``{"active": false}`` and nothing else (section 2.2).
 """
@@ -52,7 +55,7 @@ def _by(caller: Caller) -> str:
 
 async def offboard(service: BrokerService, caller: Caller, owner: str) -> Response:
     """``owner=``: revoke every active lease of ``owner``."""
-    if owner != caller.owner and caller.rule not in service.offboarders:
+    if caller.rule not in service.offboarders:
         raise OAuthError("unauthorized_client", "this caller may not revoke that owner's leases")
     count = await service.calls.revoke_where(owner=owner, by=_by(caller))
     service.audit.decided("/revoke", "offboarded", caller, count=count, reason=f"owner={owner!r}")
@@ -76,7 +79,7 @@ async def revoke_token(service: BrokerService, caller: Caller, token: str) -> Re
     if lease is None or not lease.is_active(service.clock()):
         service.audit.decided("/revoke", "revoked", caller, reason="not an active token")
         return Response(b"", 200, NO_STORE)
-    if lease.subject != caller.subject and lease.owner != caller.owner:
+    if lease.subject != caller.subject and caller.rule not in service.offboarders:
         raise OAuthError("unauthorized_client", "this token was not issued to this caller")
     await service.calls.revoke(lease.id, by=_by(caller))
     service.audit.decided("/revoke", "revoked", caller, lease=lease)
