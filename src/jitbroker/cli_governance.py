@@ -1,6 +1,7 @@
 """``jitbroker report|leases|revoke|policy``: operate on a shared lease store.
 
-    jitbroker report  --store URL [--json] [--long-ttl S] [--oldest N] [--keys DIR]
+    jitbroker report  --store URL [--json] [--html FILE|-] [--long-ttl S] [--oldest N]
+                      [--keys DIR] [--window S] [--buckets N] [--top-owners N]
     jitbroker leases  --store URL [--owner O] [--subject S] [--task T] [--key-id K]
                       [--parent ID] [--issuer ISS] [--task-run RUN] [--all] [--json]
     jitbroker revoke  --store URL (--lease ID | --owner O | --subject S | --task T
@@ -34,7 +35,8 @@ from .errors import InvalidRequest
 from .hooks import failed_hook
 from .keyring import KeyRing
 from .policy import Policy
-from .report import build_report, lease_summary
+from .report import Report, build_report, lease_summary
+from .report_html import render_html, write_html
 from .stores import open_store
 from .stores.base import LeaseFilter, LeaseStore
 from .validate import optional_text
@@ -48,12 +50,63 @@ _FILTERS = ("owner", "subject", "task", "key_id", "parent", "issuer", "task_run"
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the governance commands on the top-level parser."""
-    report = sub.add_parser("report", help="what is alive, who owns it, what looks wrong")
+    report = sub.add_parser(
+        "report",
+        help="what is alive, who owns it, what looks wrong",
+        description="A table, JSON (--json) or one self-contained HTML page with charts"
+        " (--html FILE); e.g. jitbroker report --store leases.db --html report.html",
+    )
     _store_arg(report)
-    report.add_argument("--json", action="store_true", help="print the report as JSON")
-    report.add_argument("--long-ttl", type=float, default=3600.0, metavar="SECONDS")
-    report.add_argument("--oldest", type=int, default=10, metavar="N")
-    report.add_argument("--keys", type=Path, metavar="DIR", help="flag leases of retired keys")
+    report.add_argument(
+        "--json", action="store_true", help="print the report as JSON; e.g. --json | jq .findings"
+    )
+    report.add_argument(
+        "--html",
+        metavar="FILE",
+        help="write one self-contained HTML page (charts and tables; no script, no external"
+        " asset) to FILE, atomically, or - for stdout; e.g. --html report.html",
+    )
+    report.add_argument(
+        "--long-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="flag leases that may live longer (default 3600); e.g. --long-ttl 900",
+    )
+    report.add_argument(
+        "--oldest",
+        type=int,
+        default=10,
+        metavar="N",
+        help="how many of the oldest active leases to list (default 10); e.g. --oldest 20",
+    )
+    report.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="the key directory, to flag leases of retired keys; e.g. --keys /etc/jitbroker/keys",
+    )
+    report.add_argument(
+        "--window",
+        type=float,
+        default=7 * 86_400.0,
+        metavar="SECONDS",
+        help="how far back the HTML timeline reaches (default 604800, 7 days); e.g. --window 86400",
+    )
+    report.add_argument(
+        "--buckets",
+        type=int,
+        default=28,
+        metavar="N",
+        help="slices of the HTML timeline (default 28: 6 h each over 7 days); e.g. --buckets 24",
+    )
+    report.add_argument(
+        "--top-owners",
+        type=int,
+        default=10,
+        metavar="N",
+        help="owners the HTML chart names, the rest as one bar (default 10); e.g. --top-owners 5",
+    )
 
     leases = sub.add_parser("leases", help="list leases (active ones unless --all)")
     _store_arg(leases)
@@ -182,7 +235,23 @@ def _report(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
         long_ttl=args.long_ttl,
         oldest=args.oldest,
     )
-    out(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
+    if args.html is None:
+        out(json.dumps(report.to_dict(), indent=2) if args.json else str(report))
+        return 0
+    return _html(args, report, out)
+
+
+def _html(args: argparse.Namespace, report: Report, out: Out) -> int:
+    """``--html FILE``: the page, written atomically (with ``--json``, the JSON
+    printed too); ``--html -``: the page on stdout."""
+    chart = {"window": args.window, "buckets": args.buckets, "top_owners": args.top_owners}
+    if args.html == "-":
+        if args.json:
+            raise InvalidRequest("--html - and --json both print to stdout: give --html a FILE")
+        out(render_html(report, **chart).rstrip("\n"))
+        return 0
+    path = write_html(report, args.html, **chart)
+    out(json.dumps(report.to_dict(), indent=2) if args.json else f"wrote {path}")
     return 0
 
 

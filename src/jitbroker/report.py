@@ -19,9 +19,72 @@ from .errors import InvalidRequest
 from .hooks import FailedHook
 from .lease import Lease
 
-__all__ = ["Report", "build_report", "lease_summary"]
+__all__ = ["NHI_RISKS", "Finding", "Report", "build_report", "lease_summary"]
 
 NO_OWNER = "(no owner)"
+
+#: The OWASP Top 10 Non-Human Identities Risks (2025), by id.
+NHI_RISKS: Mapping[str, str] = {
+    "NHI1": "Improper Offboarding",
+    "NHI2": "Secret Leakage",
+    "NHI3": "Vulnerable Third-Party NHI",
+    "NHI4": "Insecure Authentication",
+    "NHI5": "Overprivileged NHI",
+    "NHI6": "Insecure Cloud Deployment Configurations",
+    "NHI7": "Long-Lived Secrets",
+    "NHI8": "Environment Isolation",
+    "NHI9": "NHI Reuse",
+    "NHI10": "Human Use of NHI",
+}
+
+#: A delegation chain this many links deep (a delegation of a delegation) is a finding.
+DEEP_DELEGATION = 2
+
+#: Each finding of the report, the OWASP NHI risk it is an instance of, and its
+#: title. The one table both the JSON (``findings``) and the HTML report use;
+#: docs/governance.md gives the reasons.
+_FINDINGS: tuple[tuple[str, str, str], ...] = (
+    ("unowned", "NHI1", "leases with no owner"),
+    ("failed_hooks", "NHI1", "parked hook calls and backend revokes (cleanup that never ran)"),
+    ("awaiting_hooks", "NHI1", "expired leases whose on_expire cleanup has not run"),
+    ("broad", "NHI5", "leases with wildcard scopes or audience"),
+    ("long_lived", "NHI7", "leases that may live longer than {long_ttl:g}s"),
+    ("retired_key", "NHI7", "active leases signed by a retired key"),
+    ("deep_delegation", "NHI9", f"leases delegated {DEEP_DELEGATION} or more links deep"),
+    ("no_purpose", "NHI10", "leases with no purpose"),
+)
+
+
+@attrs.frozen
+class Finding:
+    """One kind of problem the report looks for, and the OWASP NHI risk it is.
+
+    ``count`` is how many leases it concerns (for ``failed_hooks``, parked jobs;
+    for ``awaiting_hooks``, expired leases, whose ids the report does not hold),
+    None where it is not known here (no key ring given, or the store cannot
+    count); ``leases`` the ids concerned."""
+
+    kind: str
+    nhi: str
+    title: str
+    count: int | None
+    leases: tuple[str, ...] = ()
+
+    @property
+    def risk(self) -> str:
+        """The OWASP NHI risk's name, e.g. ``"Improper Offboarding"``."""
+        return NHI_RISKS[self.nhi]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: kind, nhi, risk, title, count and lease ids."""
+        return {
+            "kind": self.kind,
+            "nhi": self.nhi,
+            "risk": self.risk,
+            "title": self.title,
+            "count": self.count,
+            "leases": list(self.leases),
+        }
 
 
 def lease_summary(lease: Lease, now: float) -> dict[str, Any]:
@@ -82,6 +145,32 @@ class Report:
     #: per ``Lease.expire_hooks`` value: they wait for a broker that has those
     #: hooks (and are not purged meanwhile). None: the store cannot count them.
     awaiting_hooks: Mapping[str, int] | None = None
+    #: Every lease record the store still holds, live and dead, oldest first:
+    #: the history the HTML report's timeline draws (dead records last until
+    #: the sweep purges them, ``exp + max(leeway, retention)``).
+    leases: tuple[Lease, ...] = attrs.field(default=(), repr=False)
+
+    def findings(self) -> tuple[Finding, ...]:
+        """Every kind of finding, in the order of the OWASP NHI risks."""
+        return tuple(
+            Finding(kind, nhi, title.format(long_ttl=self.long_ttl), *self._found(kind))
+            for kind, nhi, title in _FINDINGS
+        )
+
+    def _found(self, kind: str) -> tuple[int | None, tuple[str, ...]]:
+        if kind == "awaiting_hooks":
+            waiting = self.awaiting_hooks
+            return (None if waiting is None else sum(waiting.values())), ()
+        if kind == "failed_hooks":
+            if self.failed_hooks is None:
+                return None, ()
+            ids = tuple(dict.fromkeys(h.lease.id for h in self.failed_hooks))
+            return len(self.failed_hooks), ids
+        if kind == "deep_delegation":
+            ids = tuple(i for i, depth in self.delegated.items() if depth >= DEEP_DELEGATION)
+            return len(ids), ids
+        found: tuple[Lease, ...] | None = getattr(self, kind)
+        return (None, ()) if found is None else (len(found), tuple(x.id for x in found))
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -120,6 +209,7 @@ class Report:
             ],
             "churn": dict(self.churn),
             "awaiting_hooks": None if self.awaiting_hooks is None else dict(self.awaiting_hooks),
+            "findings": [finding.to_dict() for finding in self.findings()],
         }
 
     def __str__(self) -> str:
@@ -259,6 +349,7 @@ def build_report(
         failed_hooks=None if failed_hooks is None else tuple(failed_hooks),
         churn=churn,
         awaiting_hooks=None if awaiting_hooks is None else _sorted_counts(awaiting_hooks),
+        leases=tuple(sorted(everything.values(), key=lambda x: (x.issued_at, x.id))),
     )
 
 
