@@ -94,10 +94,10 @@ def add_remote(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--identity-audience",
-        default="jitbroker",
+        default=None,
         metavar="AUD",
-        help="with --broker on GitHub Actions: the audience of the OIDC token to fetch"
-        " (default: jitbroker, what the broker's trust rule expects);"
+        help="with --broker on GitHub Actions: the audience of the OIDC token to fetch,"
+        " what the broker's trust rule expects (default: the --broker URL);"
         " e.g. --identity-audience https://jitbroker.acme.internal",
     )
 
@@ -371,7 +371,10 @@ def local_broker(args: argparse.Namespace, *, create: bool) -> Iterator[Broker]:
 def _remote(args: argparse.Namespace) -> RemoteBroker:
     from .web.remote import IdentityToken, RemoteBroker
 
-    identity = IdentityToken.discover(args.identity_token_file, args.identity_audience)
+    # Default: the broker's own URL, as the docs' rules say. A fixed word would be
+    # shared by every deployment: a token minted for another broker would work here.
+    audience = args.identity_audience or args.broker.rstrip("/")
+    identity = IdentityToken.discover(args.identity_token_file, audience)
     return RemoteBroker(args.broker, identity)
 
 
