@@ -76,6 +76,13 @@ def build(config_path: str | os.PathLike[str]) -> tuple[Broker, Starlette, Serve
     if not rules:
         raise InvalidRequest(f"{config.path}: no [[trust]] or [[clients]]: nobody could call")
     broker = config.open_broker()
+    if broker.issuer.rstrip("/") != settings.base_url:
+        log.warning(
+            "[broker] issuer %r is not [serve] base_url %r: RFC 9068 verifiers that read"
+            " the metadata expect the tokens' iss to be the authorization server's issuer",
+            broker.issuer,
+            settings.base_url,
+        )
     try:
         trust = Trust(rules, token_endpoint=settings.base_url + "/token", clock=broker.clock)
         nonces = _nonces(settings, broker)
