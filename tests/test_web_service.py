@@ -858,6 +858,20 @@ def test_a_broker_without_a_policy_is_served_only_when_asked() -> None:
     assert app.state.service.base_url == "https://jitbroker.example"
 
 
+def test_a_broker_that_never_waits_is_called_on_the_event_loop(tmp_path: Path) -> None:
+    secret = ClientSecret(RS_ID, hash_client_secret(RS_SECRET), "svc:orders-api")
+
+    def inline(**kwargs: Any) -> bool:
+        broker = Broker(issuer="https://jitbroker.example", **kwargs)
+        app = broker_app(broker, trust=[secret], allow_any_access=True)
+        result: bool = app.state.service.calls.inline
+        return result
+
+    assert inline() is True  # a MemoryStore, no hooks: no thread hop
+    assert inline(store=SQLiteStore(str(tmp_path / "l.db"))) is False
+    assert inline(on_issue=[lambda lease: None]) is False  # a hook may do anything
+
+
 def test_dpop_nonces_need_dpop() -> None:
     with pytest.raises(InvalidRequest, match="dpop_nonces needs dpop=True"):
         broker_app(

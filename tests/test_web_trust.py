@@ -33,6 +33,7 @@ from jitbroker.web import (
 )
 from jitbroker.web.claims import Template, lookup
 from jitbroker.web.trust import JWT_BEARER
+from jitbroker.web.trust_sources import WouldBlock, without_waiting
 from oidc_issuer import AUDIENCE, DROP, Issuer, oidc_issuer
 
 TOKEN_ENDPOINT = "https://broker.example/token"
@@ -573,6 +574,26 @@ def test_client_key_from_jwks_file(tmp_path: Any, client_key: Any) -> None:
 # -- client secrets --------------------------------------------------------------------
 def basic(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def test_without_waiting_stops_before_anything_is_spent(clock: FakeClock, issuer: Issuer) -> None:
+    """On the event loop (``without_waiting``) authentication runs until it would
+    wait: a scrypt, a JWKS refresh. It stops there with WouldBlock, before the
+    replay cache has the assertion, so the worker thread's second call accepts it."""
+    secret_rule = ClientSecret("legacy-cron", hash_client_secret(SECRET), "svc:cron")
+    trust = make_trust(clock, github_rule(issuer), secret_rule)
+    with without_waiting():
+        assert trust.authenticate_assertion(issuer.mint(), single_use=True).subject  # keys held
+        with pytest.raises(WouldBlock):
+            trust.authenticate_client({}, basic("legacy-cron", SECRET))
+    assert trust.authenticate_client({}, basic("legacy-cron", SECRET)).subject == "svc:cron"
+    issuer.rotate()  # a key the broker has not fetched yet: a refresh is due
+    clock.advance(61)
+    token = issuer.mint()
+    with without_waiting(), pytest.raises(WouldBlock):
+        trust.authenticate_assertion(token, single_use=True)
+    assert trust.authenticate_assertion(token, single_use=True).subject  # not spent above
+    refusal(lambda: trust.authenticate_assertion(token, single_use=True), "replayed")
 
 
 def test_client_secret_basic_and_post(clock: FakeClock) -> None:

@@ -176,6 +176,14 @@ class _Base:
         return self._core.max_ttl
 
     @property
+    def blocking(self) -> bool:
+        """Whether a call may wait on I/O or foreign code (its store does I/O, or
+        hooks or providers run): ``broker_app`` then calls it in worker threads."""
+        core = self._core
+        store_waits = getattr(self.store, "blocking", True)  # an async store: not inline
+        return store_waits or bool(core.hooks) or bool(core.provider_names)
+
+    @property
     def policy(self) -> Policy | None:
         """The policy every issue, renewal and attenuation is judged by (None: all allowed)."""
         return self._core.policy

@@ -276,7 +276,7 @@ class BrokerService:
         return authenticate
 
     async def _authenticate(self, request: Request, form: Form, seen: _Seen) -> Caller:
-        return await self.calls.in_thread(self._authenticator(request, form, seen))
+        return await self.calls.authenticate(self._authenticator(request, form, seen))
 
     # -- POST /token ---------------------------------------------------------------
     async def token(self, request: Request) -> Response:

@@ -20,6 +20,7 @@ from ..broker import AsyncBroker, Broker
 from ..errors import InvalidRequest
 from ..lease import Credential, Lease
 from ..policy import calling
+from .trust_sources import WouldBlock, without_waiting
 
 __all__ = ["BrokerCalls"]
 
@@ -35,6 +36,9 @@ class BrokerCalls:
             raise InvalidRequest("broker_app needs a Broker or an AsyncBroker")
         self.broker = broker
         self.is_async = isinstance(broker, AsyncBroker)
+        #: A Broker whose calls never wait (a MemoryStore, no hooks or providers)
+        #: is called on the event loop: a worker-thread hop costs more than an issue.
+        self.inline = isinstance(broker, Broker) and not broker.blocking
         self.max_ttl: float = broker.max_ttl
         self.leeway: float = broker.leeway
         self.auditor: Auditor = broker.auditor
@@ -59,9 +63,18 @@ class BrokerCalls:
         than the issue itself)."""
         broker = self.broker
         if isinstance(broker, AsyncBroker):
-            caller = await run_in_threadpool(authenticate)
+            caller = await self.authenticate(authenticate)
             with calling(caller.fields()):
                 return caller, await broker.issue(**plan(caller))
+        if self.inline:
+            try:
+                with without_waiting():
+                    caller = authenticate()
+            except WouldBlock:
+                pass  # a fetch or a scrypt is due: all of it in a worker thread
+            else:
+                with calling(caller.fields()):
+                    return caller, broker.issue(**plan(caller))
 
         def work() -> tuple[Any, Credential]:
             caller = authenticate()
@@ -97,6 +110,15 @@ class BrokerCalls:
         """``broker.lease(lease_id)`` (``LeaseNotFound`` when unknown)."""
         lease: Lease = await self._call(_NOBODY, "lease", lease_id)
         return lease
+
+    async def authenticate(self, fn: Callable[[], T]) -> T:
+        """Client authentication ``fn``: on the event loop while it does not wait
+        (a signature check of keys held), else in a worker thread."""
+        try:
+            with without_waiting():
+                return fn()
+        except WouldBlock:
+            return await run_in_threadpool(fn)
 
     async def in_thread(self, fn: Callable[[], T]) -> T:
         """Run a blocking ``fn`` (client authentication: a JWKS refresh, a

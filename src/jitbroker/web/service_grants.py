@@ -221,7 +221,7 @@ async def token_exchange(
     audience = audience_of(form, required=False)
     asked = ttl_of(form)
     purpose = text_of(form, "purpose", validate.MAX_PURPOSE)
-    caller: Caller = await service.calls.in_thread(authenticate)
+    caller: Caller = await service.calls.authenticate(authenticate)
     binding = bind()
     parent = await _subject(service, subject_token, binding)
     actor = await _actor(service, form, caller)

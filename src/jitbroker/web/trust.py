@@ -37,7 +37,7 @@ from .assertions import Assertion, IssuerSource, ReplayCache, parse_assertion, r
 from .client_secrets import MAX_SECRET, basic_credentials, hash_client_secret, secret_matches
 from .errors import InvalidClient
 from .trust_rules import ALGORITHMS, Caller, ClientKey, ClientSecret, TrustRule, sort_rules
-from .trust_sources import IssuerKeys, Sources
+from .trust_sources import IssuerKeys, Sources, may_wait
 
 __all__ = [
     "Caller",
@@ -276,6 +276,7 @@ class Trust:
                 raise
         # A key the issuer published since our last fetch? One refresh, rate
         # limited per source however many tokens name unknown keys.
+        may_wait()
         source.refresh()
         if not assertions.check_signature(parsed, source.keys, algorithms):
             raise refused("unknown_key", "the assertion's key is not in its issuer's JWKS")
@@ -288,6 +289,7 @@ class Trust:
         if source.stale(now):
             fetch = source.refresh_soon()
             if source.expired(now):
+                may_wait()
                 if fetch is not None:
                     fetch.wait()
                 if source.expired(self.clock()):  # an outage, not the caller's fault: a 503
@@ -327,6 +329,7 @@ class Trust:
             raise refused("secrets_not_enabled", "client secrets are not enabled on this broker")
         if not 0 < len(secret) <= MAX_SECRET or not client_id:
             raise refused("bad_secret", "unknown client or wrong client secret")
+        may_wait()  # scrypt: tens of milliseconds of CPU
         client = self._secrets.get(client_id)
         # An unknown id costs one scrypt too (None: a dummy hash), so the answer
         # takes as long as for a known one: no client-id enumeration by timing.

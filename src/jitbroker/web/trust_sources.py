@@ -13,18 +13,45 @@ one issuer and no URL, share one source.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 from ..clock import Clock
 from ..errors import KeySourceError
 from . import assertions
 from .assertions import IssuerSource
 
-__all__ = ["IssuerKeys", "Sources"]
+__all__ = ["IssuerKeys", "Sources", "WouldBlock", "may_wait", "without_waiting"]
 
 log = logging.getLogger("jitbroker.web")
 RETRY_INTERVAL = 10.0
+_NO_WAIT: ContextVar[bool] = ContextVar("jitbroker_trust_no_wait", default=False)
+
+
+class WouldBlock(Exception):
+    """Authentication got to a point where it would wait (a JWKS or discovery
+    fetch, a client secret's scrypt) while called ``without_waiting``: call it
+    again where waiting is fine (a worker thread). Raised before anything is
+    spent, so the second call sees the request as the first did."""
+
+
+def may_wait() -> None:
+    """Mark a point that waits: ``WouldBlock`` under ``without_waiting``."""
+    if _NO_WAIT.get():
+        raise WouldBlock
+
+
+@contextlib.contextmanager
+def without_waiting() -> Iterator[None]:
+    """Run authentication on the event loop for as long as it does not wait."""
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_WAIT.reset(token)
 
 
 class Sources:
@@ -90,6 +117,7 @@ class IssuerKeys:
         source = self._source
         if source is not None:
             return source
+        may_wait()
         with self._lock:  # one attempt at a time; the others wait for its outcome
             if self._source is not None:
                 return self._source
