@@ -10,6 +10,8 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +279,262 @@ def test_a_signal_to_the_whole_group_still_gives_the_childs_status(
     _stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 5, stderr
     assert home.lease(ready.read_text().strip()).revoked_at is not None
+
+
+# --- Every catchable signal that would kill jitbroker ends in a revoke -------------
+
+# The child records each signal it traps, then exits with status argv[2]. Its
+# ready file (JSON) names its lease, its token file and whether it inherited
+# SIGHUP ignored. It also exits once jitbroker is gone (a failed test leaves no
+# orphan holding the test's pipes).
+RECORD = """
+import json, os, signal, sys, time
+out, code, trapped = sys.argv[1], sys.argv[2], sys.argv[3:]
+def record(signum, frame):
+    open(out, "a").write(f"got {signum}\\n")
+    sys.exit(int(code))
+for signum in trapped:
+    signal.signal(int(signum), record)
+ready = {
+    "lease": os.environ["JITBROKER_LEASE_ID"],
+    "file": os.environ["JITBROKER_TOKEN_FILE"],
+    "hup_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
+}
+json.dump(ready, open(out + ".tmp", "w"))
+os.replace(out + ".tmp", out + ".ready")
+parent, deadline = os.getppid(), time.monotonic() + 60
+while os.getppid() == parent and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+# jitbroker started with some signals ignored, as `nohup` or a shell's background job does.
+IGNORING = """
+import os, signal, sys
+for signum in sys.argv[1].split(","):
+    signal.signal(int(signum), signal.SIG_IGN)
+os.execv(sys.executable, [sys.executable, "-m", "jitbroker.cli", *sys.argv[2:]])
+"""
+
+# jitbroker as a session leader whose controlling terminal is argv[1], as on a
+# terminal `ssh -t host jitbroker exec ...` gives it.
+ON_A_TERMINAL = """
+import fcntl, os, sys, termios
+os.setsid()
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.ioctl(fd, termios.TIOCSCTTY, 0)
+os.dup2(fd, 0)
+os.close(fd)
+os.execv(sys.executable, [sys.executable, "-m", "jitbroker.cli", *sys.argv[2:]])
+"""
+
+RT = signal.SIGRTMIN + 3
+# What the child traps: anything jitbroker might forward, and what it might
+# wrongly pass on as itself (SIGALRM, a realtime signal).
+TRAPPED = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGALRM, RT,
+)  # fmt: skip
+
+
+class Job:
+    """``jitbroker exec -- RECORD`` running, its child ready."""
+
+    def __init__(
+        self, home: Home, tmp_path: Path, code: str, trapped: Sequence[int], prefix: Sequence[str]
+    ) -> None:
+        self.out = tmp_path / "signals.txt"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JITBROKER_")}
+        child = [sys.executable, "-c", RECORD, str(self.out), code, *map(str, map(int, trapped))]
+        self.proc = subprocess.Popen(
+            [*prefix, *exec_args(home), *child],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        ready = Path(str(self.out) + ".ready")
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert self.proc.poll() is None, self.proc.communicate()
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.02)
+        self.ready: dict[str, Any] = json.loads(ready.read_text())
+        self.home = home
+
+    def finish(self) -> tuple[int, Any]:
+        """jitbroker's exit status and the lease, once it exited."""
+        _stdout, stderr = self.proc.communicate(timeout=30)
+        assert "Traceback" not in stderr, stderr
+        # Cleaned up: the token file's private directory is gone.
+        assert not Path(self.ready["file"]).parent.exists()
+        return self.proc.returncode, self.home.lease(self.ready["lease"])
+
+    def received(self) -> list[int]:
+        text = self.out.read_text() if self.out.exists() else ""
+        return [int(line.split()[1]) for line in text.splitlines()]
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[Job]]:
+    """Where tests put their jobs: one still running at teardown is stopped."""
+    started: list[Job] = []
+    yield started
+    for job in started:
+        if job.proc.poll() is None:
+            job.proc.kill()
+            job.proc.communicate()
+
+
+def _exec_job(
+    jobs: list[Job], home: Home, tmp_path: Path, code: str = "3",
+    trapped: Sequence[int] = TRAPPED, *,
+    prefix: Sequence[str] = (sys.executable, "-m", "jitbroker.cli"),
+) -> Job:  # fmt: skip
+    job = Job(home, tmp_path, code, trapped, prefix)
+    jobs.append(job)
+    return job
+
+
+@pytest.mark.parametrize(
+    ("sent", "forwarded"),
+    [
+        (signal.SIGQUIT, signal.SIGQUIT),  # Ctrl-\ by kill: passed on as itself
+        (signal.SIGALRM, signal.SIGTERM),  # the rest mean "stop": CMD gets SIGTERM
+        (signal.SIGPROF, signal.SIGTERM),
+        (signal.SIGVTALRM, signal.SIGTERM),
+        (signal.SIGXCPU, signal.SIGTERM),
+        (signal.SIGABRT, signal.SIGTERM),
+        (RT, signal.SIGTERM),
+        (signal.SIGRTMAX, signal.SIGTERM),
+    ],
+    ids=["QUIT", "ALRM", "PROF", "VTALRM", "XCPU", "ABRT", "RTMIN+3", "RTMAX"],
+)
+def test_a_signal_that_would_kill_jitbroker_reaches_the_child_and_the_lease_is_revoked(
+    home: Home, tmp_path: Path, jobs: list[Job], sent: int, forwarded: int
+) -> None:
+    job = _exec_job(jobs, home, tmp_path)
+    assert home.lease(job.ready["lease"]).revoked_at is None
+    os.kill(job.proc.pid, sent)
+    status, lease = job.finish()
+    assert job.received() == [forwarded]  # once, and as documented
+    assert status == 3  # the child's own status
+    assert lease.revoked_at is not None
+    assert lease.revoke_reason == "exec-terminated"
+
+
+@pytest.mark.parametrize("sent", [signal.SIGUSR1, signal.SIGUSR2], ids=["USR1", "USR2"])
+def test_sigusr_is_passed_on_without_asking_to_stop_the_reason_is_the_childs(
+    home: Home, tmp_path: Path, jobs: list[Job], sent: int
+) -> None:
+    job = _exec_job(jobs, home, tmp_path, "0")  # the child takes it as "finish now, fine"
+    os.kill(job.proc.pid, sent)
+    status, lease = job.finish()
+    assert job.received() == [sent]
+    assert status == 0
+    assert lease.revoke_reason == "exec-ended"
+
+
+@pytest.mark.parametrize(
+    ("sent", "killed_by"),
+    [(signal.SIGALRM, signal.SIGTERM), (RT, signal.SIGTERM), (signal.SIGUSR1, signal.SIGUSR1)],
+    ids=["ALRM", "RTMIN+3", "USR1"],
+)
+def test_a_child_that_does_not_trap_it_dies_and_the_status_is_128_plus_n(
+    home: Home, tmp_path: Path, jobs: list[Job], sent: int, killed_by: int
+) -> None:
+    job = _exec_job(jobs, home, tmp_path, trapped=())
+    os.kill(job.proc.pid, sent)
+    status, lease = job.finish()
+    assert status == 128 + killed_by
+    assert lease.revoked_at is not None
+
+
+def test_signals_jitbroker_ignores_stay_ignored_and_are_not_passed_on(
+    home: Home, tmp_path: Path, jobs: list[Job]
+) -> None:
+    """Started ignoring SIGHUP and SIGALRM (as under nohup); Python ignores SIGPIPE
+    and SIGXFSZ (a write fails instead): none of them kills jitbroker or stops the
+    child, which inherits SIGHUP ignored. The SIGUSR1 after them shows both alive."""
+    ignored = f"{int(signal.SIGHUP)},{int(signal.SIGALRM)}"
+    prefix = (sys.executable, "-c", IGNORING, ignored)
+    job = _exec_job(jobs, home, tmp_path, "0", [signal.SIGUSR1], prefix=prefix)
+    assert job.ready["hup_ignored"] is True
+    for signum in (signal.SIGHUP, signal.SIGALRM, signal.SIGPIPE, signal.SIGXFSZ):
+        os.kill(job.proc.pid, signum)  # an ignored signal is dropped when sent
+    os.kill(job.proc.pid, signal.SIGUSR1)
+    status, lease = job.finish()
+    assert job.received() == [signal.SIGUSR1]
+    assert status == 0
+    assert lease.revoke_reason == "exec-ended"
+
+
+@pytest.fixture
+def terminal() -> Iterator[tuple[int, str]]:
+    """A pseudo-terminal: its master end and the name of its slave end."""
+    master, slave = os.openpty()
+    name = os.ttyname(slave)
+    os.close(slave)
+    try:
+        yield master, name
+    finally:
+        with suppress(OSError):
+            os.close(master)
+
+
+def test_ctrl_backslash_on_the_terminal_reaches_the_child_once(
+    home: Home, tmp_path: Path, jobs: list[Job], terminal: tuple[int, str]
+) -> None:
+    """The terminal sends SIGQUIT to its foreground process group: the child got
+    it directly, so jitbroker does not send it again; it waits and revokes."""
+    master, name = terminal
+    job = _exec_job(jobs, home, tmp_path, prefix=(sys.executable, "-c", ON_A_TERMINAL, name))
+    os.write(master, b"\x1c")  # ^\ (VQUIT)
+    status, lease = job.finish()
+    assert job.received() == [signal.SIGQUIT]
+    assert status == 3
+    assert lease.revoke_reason == "exec-terminated"
+
+
+def test_a_hang_up_of_the_terminal_jitbroker_controls_is_passed_on(
+    home: Home, tmp_path: Path, jobs: list[Job], terminal: tuple[int, str]
+) -> None:
+    """A hang-up's SIGHUP goes to the terminal's controlling process alone (here
+    jitbroker, the session leader): the child has not seen it, so it is forwarded."""
+    master, name = terminal
+    job = _exec_job(jobs, home, tmp_path, prefix=(sys.executable, "-c", ON_A_TERMINAL, name))
+    os.close(master)  # the terminal hangs up
+    status, lease = job.finish()
+    assert job.received() == [signal.SIGHUP]
+    assert status == 3
+    assert lease.revoke_reason == "exec-terminated"
+
+
+def test_every_catchable_signal_that_kills_by_default_is_waited_for() -> None:
+    """signal(7): the default action of these is to terminate (or dump core). Not
+    waited for: SIGPIPE and SIGXFSZ (Python ignores them), and the signals that
+    report a fault of jitbroker's own, which the kernel delivers even when blocked."""
+    code = "from jitbroker.cli_exec import _waited; print(sorted(map(int, _waited())))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    fatal = {
+        signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+        signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGXCPU,
+        signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT, signal.SIGABRT,
+        *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+    }  # fmt: skip
+    assert set(json.loads(done.stdout)) == {*fatal, signal.SIGCHLD}
+
+
+def test_a_closed_stderr_neither_kills_jitbroker_nor_replaces_the_status(home: Home) -> None:
+    """Python ignores SIGPIPE: a warning written to a pipe nobody reads fails, and
+    that failure must not skip the clean-up or become the "closed pipe, exit 0"
+    of other commands."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JITBROKER_")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "jitbroker.cli", *exec_args(home), "no-such-command-jitbroker"],
+            stdout=subprocess.DEVNULL, stderr=write, env=env, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 127
+    [lease] = leases(home)
+    assert lease.revoked_at is not None

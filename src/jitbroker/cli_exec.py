@@ -8,22 +8,32 @@ that dies with it.
 3. Renew in the background every ``--renew-every`` (default: a third of the
    TTL), replacing the token file atomically (a temporary file, then
    ``os.replace``): a reader sees the old token or the new one, never half.
-4. Forward SIGINT, SIGTERM and SIGHUP sent to jitbroker (by ``kill``) to CMD.
-   Those the terminal sends to the whole foreground process group already
-   reached CMD, which shares jitbroker's group: they are not sent twice. One
-   that a process sends to the whole group reaches CMD twice (directly and
+4. Take every catchable signal that would kill jitbroker, so that none can
+   skip step 5. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are
+   forwarded to CMD as themselves (programs give them meanings of their own);
+   every other one (SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU, SIGIO, SIGPWR,
+   SIGSTKFLT, SIGABRT, the realtime signals) means "stop": CMD gets SIGTERM.
+   A ^C or ^\\ from the terminal already reached CMD, which shares jitbroker's
+   process group: it is not sent twice (nor a hang-up's SIGHUP, unless it went
+   to jitbroker alone as the terminal's controlling process). One that a
+   process sends to the whole group reaches CMD twice (directly and
    forwarded): nothing tells it apart from one sent to jitbroker alone.
-5. When CMD exits, for any reason: stop renewing, revoke the lease, remove the
-   token file, and exit with CMD's status (128+N if a signal N killed it).
+   Signals jitbroker ignores stay ignored (SIGPIPE and SIGXFSZ, which Python
+   ignores: a write fails instead; SIGHUP under ``nohup``), and CMD inherits
+   that (but for SIGPIPE and SIGXFSZ, reset to their defaults).
+5. When CMD exits, for any reason: stop renewing, remove the token file, revoke
+   the lease, and exit with CMD's status (128+N if a signal N killed it).
    127 when CMD is not found, 126 when it cannot be executed; the lease is
-   revoked then too.
+   revoked then too. A signal taken before CMD started: CMD is not started,
+   and the status is 128+N.
 
 Signals are blocked in every thread and taken with ``sigtimedwait`` in the
 main thread, so none can interrupt issuing or revoking half-way, and the
-child starts (``posix_spawn``) with them unblocked. If jitbroker itself dies
-by SIGKILL, nothing revokes: the lease dies at its TTL, which is why the
-default TTL is short; the child keeps running with a token that stops
-verifying by then.
+child starts (``posix_spawn``) with them unblocked. Nothing revokes if
+jitbroker dies by SIGKILL, or by a signal that reports a fault of its own
+(SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS: the kernel delivers those
+even when blocked): the lease dies at its TTL, which is why the default TTL is
+short; the child keeps running with a token that stops verifying by then.
 """
 
 from __future__ import annotations
@@ -55,12 +65,34 @@ __all__ = ["DEFAULT_TTL", "add_parser", "run"]
 
 #: The default TTL of an exec credential: the window a SIGKILLed jitbroker leaves.
 DEFAULT_TTL = 300.0
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_WAITED = {*FORWARDED, signal.SIGCHLD}
+
+
+def _signals(*names: str) -> tuple[int, ...]:
+    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
+
+
+#: Forwarded to CMD as themselves: programs give them meanings of their own
+#: (stop, hang up, quit with a core dump, reopen logs...).
+FORWARDED = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+)  # fmt: skip
+#: The other catchable signals whose default action kills: to jitbroker they
+#: mean "stop", so CMD gets SIGTERM. Not here: SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+#: SIGTRAP (a debugger's) and SIGSYS (a seccomp filter's) report a fault of
+#: jitbroker's own, and the kernel delivers them even when blocked.
+STOPPING = (
+    *_signals(
+        "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGXCPU", "SIGXFSZ", "SIGPIPE", "SIGIO", "SIGPWR",
+        "SIGSTKFLT", "SIGABRT", "SIGEMT", "SIGLOST",
+    ),
+    *range(getattr(signal, "SIGRTMIN", 0), getattr(signal, "SIGRTMAX", -1) + 1),
+)  # fmt: skip
+# Forwarded without asking CMD to stop: the lease's revoke reason stays CMD's own.
+_NOT_STOPPING = frozenset({signal.SIGUSR1, signal.SIGUSR2})
+# What a terminal sends its foreground process group (^C, ^\, a hang-up).
+_FROM_TERMINAL = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 # Reset in the child as subprocess does (Python ignores SIGPIPE for itself).
-_DEFAULTED = tuple(
-    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)
-)
+_DEFAULTED = _signals("SIGPIPE", "SIGXFSZ")
 TOKEN_FILE = "token"
 
 
@@ -99,24 +131,38 @@ def run(args: argparse.Namespace, command: Sequence[str]) -> int:
         raise InvalidRequest("exec needs a command after `--`: jitbroker exec [options] -- CMD")
     if not hasattr(signal, "sigtimedwait"):
         raise InvalidRequest("jitbroker exec needs sigtimedwait (Linux or another POSIX system)")
-    with _signals_blocked(), session(args, create=True) as shell:
+    waited = _waited()
+    with _signals_blocked(waited), session(args, create=True) as shell:
         issued = shell.issue(args, DEFAULT_TTL)
         ttl = args.ttl if args.ttl is not None else DEFAULT_TTL
-        return _Exec(shell, issued, ttl, args.renew_every, args.token_file_dir).run(command)
+        job = _Exec(shell, issued, ttl, args.renew_every, args.token_file_dir, waited)
+        return job.run(command)
+
+
+def _waited() -> frozenset[int]:
+    """SIGCHLD and every signal of FORWARDED and STOPPING that would kill us now.
+
+    One we ignore cannot kill us and stays ignored, as CMD inherits it (SIGPIPE
+    and SIGXFSZ, which Python ignores; SIGHUP under nohup): blocked, it would
+    be queued instead of dropped. One with a handler keeps its handler.
+    """
+    default = (signal.SIG_DFL, signal.default_int_handler)
+    fatal = {signo for signo in (*FORWARDED, *STOPPING) if signal.getsignal(signo) in default}
+    return frozenset({*fatal, signal.SIGCHLD})
 
 
 @contextmanager
-def _signals_blocked() -> Iterator[None]:
+def _signals_blocked(waited: frozenset[int]) -> Iterator[None]:
     # Blocked before any thread starts (a store, the renewer): they inherit the
-    # mask, so every forwarded signal waits for the main thread's sigtimedwait.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
+    # mask, so every such signal waits for the main thread's sigtimedwait.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     try:
         yield
     finally:
         # A signal that came while cleaning up was seen (or forwarded) already, and
         # CMD is done: taken here, it cannot kill us on unblocking and replace
         # CMD's exit status with its own.
-        while signal.sigtimedwait(_WAITED, 0) is not None:
+        while signal.sigtimedwait(waited, 0) is not None:
             pass
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -129,6 +175,7 @@ class _Exec:
         ttl: float,
         every: float | None,
         directory: str | None,
+        waited: frozenset[int],
     ) -> None:
         self.shell = shell
         self.current = issued
@@ -141,6 +188,7 @@ class _Exec:
                 f"--renew-every {self.every:g}s must be shorter than the TTL ({life:g}s left)"
             )
         self.directory = directory
+        self.waited = waited
         self.stop = threading.Event()
         self.signalled: int | None = None
         self.spawn_status = 127
@@ -154,8 +202,8 @@ class _Exec:
             folder = tempfile.mkdtemp(prefix="jitbroker-", dir=self.directory)  # mode 0700
             path = os.path.join(folder, TOKEN_FILE)
             _write_token(folder, self.current.token)
-            pending = signal.sigpending() & set(FORWARDED)
-            if pending:  # asked to stop before CMD started: do not start it
+            pending = signal.sigpending() & (self.waited - {signal.SIGCHLD})
+            if pending:  # signalled before CMD started: do not start it
                 status = 128 + int(min(pending))
                 self.signalled = int(min(pending))
                 return status
@@ -173,9 +221,10 @@ class _Exec:
             self.stop.set()
             if renewer is not None:
                 renewer.join()
-            self.revoke(_reason(status, self.signalled))
+            # The token file first: revoking may wait on a store or the network.
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+            self.revoke(_reason(status, self.signalled))
 
     def _spawn(self, command: Sequence[str], path: str) -> int | None:
         env = dict(os.environ)
@@ -199,13 +248,13 @@ class _Exec:
 
     def _wait(self, pid: int) -> int:
         while True:
-            info = signal.sigtimedwait(_WAITED, 1.0)
+            info = signal.sigtimedwait(self.waited, 1.0)
             if info is not None and info.si_signo != signal.SIGCHLD:
-                self.signalled = info.si_signo
-                # si_code > 0: the kernel sent it (a terminal's ^C or hang-up) to
-                # the whole process group, CMD included: do not send it twice.
-                if info.si_code <= 0:
-                    _kill(pid, info.si_signo)
+                if info.si_signo not in _NOT_STOPPING:
+                    self.signalled = info.si_signo
+                send = _for_cmd(info.si_signo, reached=_reached_cmd(info, pid))
+                if send is not None:
+                    _kill(pid, send)
                 continue
             done, wait_status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -257,6 +306,29 @@ def _write_token(folder: str, token: str) -> None:
         raise
 
 
+def _for_cmd(signo: int, *, reached: bool) -> int | None:
+    """The signal CMD gets for one jitbroker took: the same, SIGTERM, or none
+    when the kernel sent it to CMD as well."""
+    if signo not in FORWARDED:
+        return signal.SIGTERM
+    return None if reached else signo
+
+
+def _reached_cmd(info: signal.struct_siginfo, pid: int) -> bool:
+    """Whether the kernel sent CMD this signal too (a terminal's ^C, ^\\ or
+    hang-up to its foreground process group, which CMD shares unless it left)."""
+    if info.si_code <= 0 or info.si_signo not in _FROM_TERMINAL:
+        return False  # kill(2), sigqueue(3), a timer, a limit: to jitbroker alone
+    if info.si_signo == signal.SIGHUP and os.getsid(0) == os.getpid():
+        # A hang-up goes to the terminal's controlling process alone, and that
+        # is us (e.g. `ssh -t host jitbroker exec ...`): CMD has not seen it.
+        return False
+    try:
+        return os.getpgid(pid) == os.getpgrp()
+    except OSError:  # CMD is gone already
+        return True
+
+
 def _kill(pid: int, signum: int) -> None:
     with suppress(OSError):  # it may have exited already
         os.kill(pid, signum)
@@ -269,4 +341,8 @@ def _reason(status: int, signalled: int | None) -> str:
 
 
 def _warn(text: str) -> None:
-    print(f"jitbroker: {text}", file=sys.stderr, flush=True)
+    # stderr may be a pipe whose reader left (Python ignores SIGPIPE: the write
+    # fails): a warning lost must not skip the clean-up after it, nor turn into
+    # main()'s "closed pipe, exit 0" in place of CMD's status.
+    with suppress(OSError, ValueError):
+        print(f"jitbroker: {text}", file=sys.stderr, flush=True)
