@@ -21,6 +21,10 @@
     insecure_http = false                 # plain HTTP on a non-loopback host (behind TLS)
     access_log = false                    # uvicorn's access log (off: a careless client's
                                           # URL may carry a secret)
+    metrics = false                       # GET /metrics: Prometheus, through OpenTelemetry
+                                          # (needs jitbroker[otel]; docs/metrics.md)
+    health = false                        # GET /healthz: readiness (503 when the store is down)
+    lease_warning_threshold = 256000      # active leases over which /healthz says degraded
 
     [[trust]]                             # one TrustRule per table (docs/trust.md)
     issuer = "https://token.actions.githubusercontent.com"
@@ -79,6 +83,9 @@ class ServeSettings:
     insecure_http: bool = False
     access_log: bool = False
     log_level: str = "info"
+    metrics: bool = False
+    health: bool = False
+    lease_warning_threshold: int | None = None
 
     def app_options(self) -> dict[str, Any]:
         """The keyword arguments of ``broker_app`` these settings give."""
@@ -113,6 +120,9 @@ _SERVE: dict[str, Any] = {
     "insecure_http": bool,
     "access_log": bool,
     "log_level": str,
+    "metrics": bool,
+    "health": bool,
+    "lease_warning_threshold": int,
 }
 _TRUST: dict[str, Any] = {
     "issuer": str,
@@ -202,6 +212,8 @@ def serve_settings(config: Config) -> ServeSettings:
         raise InvalidRequest(f"{where} tls_ca (client certificates) needs tls_cert and tls_key")
     if values.get("dpop_nonces", False) and not values.get("dpop", True):
         raise InvalidRequest(f"{where} dpop_nonces needs dpop = true")
+    if values.get("lease_warning_threshold", 1) < 1:
+        raise InvalidRequest(f"{where} lease_warning_threshold must be at least 1")
     if values.get("log_level", "info") not in _LEVELS:
         raise InvalidRequest(f"{where} log_level must be one of {', '.join(_LEVELS)}")
     return ServeSettings(**values)

@@ -13,6 +13,13 @@ caches are per process (see docs/service.md). With ``dpop_nonces`` the
 workers share one nonce secret: ``$JITBROKER_DPOP_NONCE_SECRET`` if set (set
 it on every replica of a service behind one name), else a random one made by
 ``serve`` and handed to its workers.
+
+``[serve] metrics = true`` adds ``GET /metrics`` (Prometheus text, through
+OpenTelemetry's Prometheus exporter on a registry of this app's own; needs
+``jitbroker[otel]``) and ``health = true`` adds ``GET /healthz`` (the broker's
+``health()`` as JSON: 200 when ok or degraded, 503 when down). Both are for
+the operator's network: put them behind the proxy's access rules (see
+docs/metrics.md). With several workers each has its own counts: scrape each.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ from typing import Any
 
 import attrs
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from ..broker import Broker
 from ..config import load_config
@@ -90,7 +101,13 @@ def build(config_path: str | os.PathLike[str]) -> tuple[Broker, Starlette, Serve
     except BaseException:
         broker.close()
         raise
-    app = Starlette(routes=service.routes(), lifespan=_lifespan(broker, trust))
+    try:
+        routes, closing = _operations(settings, broker)
+    except BaseException:
+        broker.close()
+        trust.close()
+        raise
+    app = Starlette(routes=[*service.routes(), *routes], lifespan=_lifespan(broker, trust, closing))
     app.state.service = service
     return broker, app, settings
 
@@ -104,7 +121,59 @@ def _nonces(settings: ServeSettings, broker: Broker) -> DPoPNonces | None:
     return DPoPNonces(secret=None if shared is None else shared.encode(), clock=broker.clock)
 
 
-def _lifespan(broker: Broker, trust: Trust) -> Any:
+def _operations(settings: ServeSettings, broker: Broker) -> tuple[list[Route], list[Any]]:
+    """The ``/metrics`` and ``/healthz`` routes the settings ask for, and what
+    to close with the app (the meter provider)."""
+    from ..metrics import HealthState
+
+    routes: list[Route] = []
+    closing: list[Any] = []
+    if settings.lease_warning_threshold is not None:
+        broker._health = HealthState(settings.lease_warning_threshold)
+    if settings.metrics:
+        routes.append(Route("/metrics", _prometheus(broker, closing), methods=["GET"]))
+    if settings.health:
+
+        async def healthz(request: Request) -> Response:
+            health = await run_in_threadpool(broker.health)  # the probe may block
+            status = 503 if health.status == "down" else 200
+            headers = {"Cache-Control": "no-store"}
+            return JSONResponse(health.to_dict(), status_code=status, headers=headers)
+
+        routes.append(Route("/healthz", healthz, methods=["GET"]))
+    return routes, closing
+
+
+def _prometheus(broker: Broker, closing: list[Any]) -> Any:
+    """Instrument ``broker`` with a meter provider of its own whose Prometheus
+    reader writes to a registry of its own (not prometheus_client's global one:
+    two apps in a process must not mix their series), and the endpoint."""
+    from ..metrics import Metrics
+
+    try:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    except ImportError:
+        raise InvalidRequest(
+            "[serve] metrics = true needs the OpenTelemetry SDK and Prometheus exporter:"
+            " pip install 'jitbroker[otel]'"
+        ) from None
+    registry = CollectorRegistry()
+    provider = MeterProvider(
+        metric_readers=[PrometheusMetricReader(registry=registry)], shutdown_on_exit=False
+    )
+    closing.append(provider)
+    broker._instrument(Metrics(provider))
+
+    async def metrics(request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def _lifespan(broker: Broker, trust: Trust, closing: list[Any]) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         broker.start()  # the reaper: leases expire on time, hooks run
@@ -113,6 +182,8 @@ def _lifespan(broker: Broker, trust: Trust) -> Any:
         finally:
             broker.stop()
             trust.close()
+            for provider in closing:
+                provider.shutdown()
 
     return lifespan
 
