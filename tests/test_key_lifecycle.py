@@ -16,6 +16,8 @@ import pytest
 from jitbroker import AsyncBroker, Broker, KeyRing, MemoryStore
 from jitbroker.cli import main
 from jitbroker.errors import InvalidRequest, LeaseNotActive, RenewalDenied, UnknownKey
+from jitbroker.keyring import DEFAULT_PUBLISH_AHEAD
+from jitbroker.stores import SQLiteStore
 from jitbroker.testing import TEST_ISSUER, FakeClock
 
 
@@ -395,7 +397,7 @@ def test_cli_generate_rotate_retire_show_public(
     pw = ["--password-env", "JB_PASS"]
     assert main(["keys", "generate", str(folder), "--alg", "ES256", *pw]) == 0
     first = KeyRing.from_dir(folder, b"a long passphrase").active.kid
-    assert main(["keys", "rotate", str(folder), "--grace", "60", *pw]) == 0
+    assert main(["keys", "rotate", str(folder), "--grace", "60", "--publish-ahead=0", *pw]) == 0
     ring = KeyRing.from_dir(folder, b"a long passphrase")
     assert ring.active.kid != first
     assert ring.drops_at(first) is not None
@@ -426,13 +428,21 @@ def test_cli_refuses_a_password_for_hmac_keys(
 
 
 def test_cli_rotate_default_grace_is_max_ttl_plus_max_leeway(tmp_path: Path) -> None:
+    # Counted from when the old key stops signing: after the default publish_ahead.
     assert main(["keys", "generate", str(tmp_path / "k")]) == 0
     old = KeyRing.from_dir(tmp_path / "k").active.kid
     before = time.time()
     assert main(["keys", "rotate", str(tmp_path / "k")]) == 0
-    drops_at = KeyRing.from_dir(tmp_path / "k").drops_at(old)
+    ring = KeyRing.from_dir(tmp_path / "k")
+    drops_at = ring.drops_at(old)
     assert drops_at is not None
-    assert before + 3600 + 60 <= drops_at <= time.time() + 3600 + 60
+    ahead = DEFAULT_PUBLISH_AHEAD
+    assert before + ahead + 3600 + 60 <= drops_at <= time.time() + ahead + 3600 + 60
+    (new,) = (key.kid for key in ring if key.kid != old)
+    signs = ring.activates_at(new)
+    assert signs is not None
+    assert before + ahead <= signs <= time.time() + ahead
+    assert ring.active.kid == old  # still signing: the new key is only published
 
 
 @pytest.mark.parametrize("grace", ["nan", "inf", "-1", "soon"])
@@ -457,3 +467,213 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "Traceback" not in err
     assert "JB_UNSET_VAR" in err
     assert os.environ.get("JB_UNSET_VAR") is None
+
+
+# -- two-phase rotation ------------------------------------------------------------
+def test_a_published_key_is_in_the_jwks_at_once_and_signs_only_at_its_time() -> None:
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    new = ring.rotate(publish_ahead=100, now=1000.0, grace=50)
+    assert {k["kid"] for k in ring.jwks()["keys"]} == {old, new.kid}
+    assert ring.activates_at(new.kid) == 1100.0
+    assert ring.signer(1099.9).kid == old
+    assert ring.drops_at(old) == 1150.0  # grace counts from when it stops signing
+    assert ring.signer(1100.0).kid == new.kid
+    assert ring.activates_at(new.kid) is None
+    assert ring.prune(1149.0) == []
+    assert ring.prune(1150.0) == [old]
+
+
+def test_a_bad_publish_ahead_changes_nothing() -> None:
+    ring = KeyRing.generate()
+    for ahead in (-1, math.nan, math.inf, "soon"):
+        with pytest.raises(InvalidRequest, match="publish_ahead"):
+            ring.rotate(publish_ahead=ahead)  # type: ignore[arg-type]
+    assert len(ring) == 1
+
+
+def test_broker_signs_with_the_published_key_only_once_it_is_due(
+    broker: Broker, jitbroker_clock: FakeClock
+) -> None:
+    old = broker.keys.active.kid
+    new = broker.rotate_keys(publish_ahead=60)
+    assert new.kid in {k["kid"] for k in broker.jwks()["keys"]}
+    assert broker.issue("svc:a", "api", ttl=30).lease.key_id == old
+    jitbroker_clock.advance(60)
+    assert broker.issue("svc:a", "api", ttl=30).lease.key_id == new.kid
+
+
+def test_pending_activation_survives_the_directory(tmp_path: Path) -> None:
+    ring = KeyRing.generate()
+    new = ring.rotate(publish_ahead=100, now=1000.0)
+    ring.save_dir(tmp_path / "k")
+    loaded = KeyRing.from_dir(tmp_path / "k")
+    assert loaded.activates_at(new.kid) == 1100.0
+    assert loaded.signer(1100.0).kid == new.kid
+
+
+# -- following a key directory ------------------------------------------------------
+def test_a_following_ring_reloads_when_the_directory_changes(tmp_path: Path) -> None:
+    folder = tmp_path / "k"
+    KeyRing.generate().save_dir(folder)
+    ring = KeyRing.from_dir(folder, follow=True, poll_interval=0)
+    assert ring.following == str(folder)
+    assert not ring.poll()  # nothing changed
+    other = KeyRing.from_dir(folder)
+    new = other.rotate(publish_ahead=0)
+    other.save_dir(folder)
+    assert ring.poll()
+    assert ring.active.kid == new.kid
+    assert not ring.poll()
+
+
+def test_a_following_ring_looks_at_most_every_poll_interval(tmp_path: Path) -> None:
+    folder = tmp_path / "k"
+    KeyRing.generate().save_dir(folder)
+    ring = KeyRing.from_dir(folder, follow=True, poll_interval=3600)
+    other = KeyRing.from_dir(folder)
+    other.rotate()
+    other.save_dir(folder)
+    assert not ring.poll()  # not yet time to look
+    assert ring.poll(force=True)
+
+
+def test_a_following_ring_keeps_its_keys_when_the_manifest_is_broken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "k"
+    KeyRing.generate().save_dir(folder)
+    ring = KeyRing.from_dir(folder, follow=True, poll_interval=0)
+    kid = ring.active.kid
+    manifest = folder / "keyring.json"
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 2])  # a half-written manifest, in place
+    for _ in range(3):
+        assert not ring.poll()
+    assert ring.active.kid == kid
+    assert sum("not reloaded" in r.getMessage() for r in caplog.records) == 1  # logged once
+    manifest.write_text(text)
+    os.utime(manifest, ns=(1, 1))  # another version than the broken one
+    assert ring.poll()
+    assert ring.active.kid == kid
+
+
+def test_a_broker_on_a_following_ring_signs_with_the_directory_key(
+    tmp_path: Path, jitbroker_clock: FakeClock
+) -> None:
+    folder = tmp_path / "k"
+    KeyRing.generate().save_dir(folder)
+    broker = Broker(
+        issuer=TEST_ISSUER,
+        keys=KeyRing.from_dir(folder, follow=True, poll_interval=0),
+        clock=jitbroker_clock,
+    )
+    old_cred = broker.issue("svc:a", "api", ttl=30)
+    other = KeyRing.from_dir(folder)
+    new = other.rotate(publish_ahead=10, now=jitbroker_clock())
+    other.save_dir(folder)
+    assert new.kid in {k["kid"] for k in broker.jwks()["keys"]}  # published at once
+    assert broker.issue("svc:a", "api", ttl=30).lease.key_id == old_cred.lease.key_id
+    jitbroker_clock.advance(10)
+    assert broker.issue("svc:a", "api", ttl=30).lease.key_id == new.kid
+    other.promote(jitbroker_clock())
+    other.retire(str(old_cred.lease.key_id))
+    other.save_dir(folder)
+    broker.sweep()  # the reaper's tick polls the directory too
+    with pytest.raises(UnknownKey):
+        broker.verify(old_cred.token, audience="api")
+
+
+# -- retirement through the store ---------------------------------------------------
+def _pair(store: Any, clock: FakeClock) -> tuple[Broker, Broker]:
+    """Two brokers on one store, each with its own ring holding the same key."""
+    ring = KeyRing.generate()
+    first = Broker(issuer=TEST_ISSUER, keys=ring, store=store, clock=clock)
+    twin = KeyRing([*ring], active=ring.active.kid)
+    return first, Broker(issuer=TEST_ISSUER, keys=twin, store=store, clock=clock)
+
+
+@pytest.mark.parametrize("revoke", [False, True])
+def test_a_key_retired_by_one_broker_is_retired_by_every_broker_sharing_the_store(
+    tmp_path: Path, jitbroker_clock: FakeClock, revoke: bool
+) -> None:
+    store = SQLiteStore(tmp_path / "leases.db")
+    one, two = _pair(store, jitbroker_clock)
+    old = one.issue("svc:a", "api", ttl=60)
+    new = one.rotate_keys()
+    two.keys.add(new, activate=True)
+    assert two.verify(old.token, audience="api")
+    assert one.retire_key(str(old.lease.key_id), revoke=revoke) == (1 if revoke else 0)
+    assert store.retired_keys().keys() == {old.lease.key_id}
+    two.sweep()  # its reaper's tick reads the retired keys
+    assert old.lease.key_id not in two.keys
+    with pytest.raises(UnknownKey):
+        two.verify(old.token, audience="api")
+    assert two.issue("svc:a", "api", ttl=30).lease.key_id == new.kid
+    # A retry, or the same retirement from the other broker, is accepted.
+    assert two.retire_key(str(old.lease.key_id), revoke=False) == 0
+    with pytest.raises(InvalidRequest, match="no key"):
+        two.retire_key("never-a-key", revoke=False)
+
+
+def test_a_ring_never_takes_back_a_key_retired_through_the_store(tmp_path: Path) -> None:
+    folder = tmp_path / "k"
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate()
+    ring.save_dir(folder)
+    follower = KeyRing.from_dir(folder, follow=True, poll_interval=0)
+    assert follower.exclude([old]) == [old]
+    os.utime(folder / "keyring.json", ns=(1, 1))  # the same manifest, seen anew
+    assert follower.poll()
+    assert old not in follower
+
+
+def test_retiring_the_active_key_elsewhere_stops_this_ring_signing() -> None:
+    ring = KeyRing.generate()
+    kid = ring.active.kid
+    assert ring.exclude([kid]) == [kid]
+    with pytest.raises(InvalidRequest, match="cannot sign"):
+        ring.signer(0.0)
+
+
+def test_cli_retire_with_a_store_records_it_and_revokes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], jitbroker_clock: FakeClock
+) -> None:
+    folder, db = tmp_path / "k", tmp_path / "leases.db"
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate()
+    ring.save_dir(folder)
+    store = SQLiteStore(db)
+    broker = Broker(issuer=TEST_ISSUER, keys=KeyRing.from_dir(folder), store=store)
+    ring2 = broker.keys
+    ring2.activate(old)
+    cred = broker.issue("svc:a", "api", ttl=60)
+    ring2.activate(next(k.kid for k in ring2 if k.kid != old))
+    capsys.readouterr()
+    assert main(["keys", "retire", str(folder), old, "--revoke"]) == 2
+    assert "--revoke needs --store" in capsys.readouterr().err
+    assert main(["keys", "retire", str(folder), old, "--store", f"sqlite:{db}", "--revoke"]) == 0
+    out = capsys.readouterr().out
+    assert "every broker sharing it" in out
+    assert "revoked 1 leases" in out
+    assert old not in KeyRing.from_dir(folder)
+    assert old in store.retired_keys()
+    assert broker.lease(cred).revoked_at is not None
+    broker.sweep()
+    assert old not in broker.keys
+
+
+def test_cli_retire_without_a_store_says_who_sees_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "k"
+    ring = KeyRing.generate()
+    old = ring.active.kid
+    ring.rotate()
+    ring.save_dir(folder)
+    assert main(["keys", "retire", str(folder), old]) == 0
+    out = capsys.readouterr().out
+    assert "following that directory" in out
+    assert "no longer verify" not in out

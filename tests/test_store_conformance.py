@@ -21,7 +21,7 @@ import pytest
 
 from conftest import server_or_skip
 from jitbroker.lease import Lease
-from jitbroker.stores.base import LeaseFilter, LeaseStore
+from jitbroker.stores.base import KeyRetirements, LeaseFilter, LeaseStore
 from jitbroker.stores.memory import MemoryStore
 from jitbroker.stores.sqlite import SQLiteStore
 
@@ -736,6 +736,26 @@ class TestLeaseStoreConformance:
         store.purge(T0 + 1000)
         assert store.find(LeaseFilter(issuer="urn:x")) == []
         assert store.find(LeaseFilter(task_run="run-2")) == []
+
+    # -- retired keys (KeyRetirements, invariant 11) ---------------------------
+    def test_retired_keys_are_recorded_once_and_read_back(self, store: LeaseStore) -> None:
+        assert isinstance(store, KeyRetirements)
+        assert store.retired_keys() == {}
+        assert store.retire_key("kid-1", T0) is True
+        assert store.retire_key("kid-1", T0 + 5) is False  # the first time stays
+        assert store.retire_key("kid-2", T0 + 1) is True
+        assert store.retired_keys() == {"kid-1": T0, "kid-2": T0 + 1}
+
+    def test_retired_keys_outlive_purge_and_do_not_touch_leases(self, store: LeaseStore) -> None:
+        assert isinstance(store, KeyRetirements)
+        self.add(store, make("a", key_id="kid-1"))
+        store.retire_key("kid-1", T0)
+        lease = store.get("a")
+        assert lease is not None
+        assert lease.is_active(T0)
+        store.revoke("a", at=T0 + 1, reason=REASON)
+        store.purge(T0 + 10_000)
+        assert store.retired_keys() == {"kid-1": T0}
 
     # -- close --------------------------------------------------------------
     def test_close_is_idempotent(self, store: LeaseStore) -> None:

@@ -652,7 +652,7 @@ def test_a_version_6_schema_is_migrated_keeping_leases_and_adding_jobs(
     ).fetchone() == (1,)
     store = new_store(schema=schema)
     query = sql.SQL("SELECT version FROM {}.jitbroker_meta").format(sql.Identifier(schema))
-    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)] == [(7,)]
+    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)] == [(8,)]
     assert store.get("a") == leases[0]
     assert store.get("a").provider is None  # type: ignore[union-attr]
     assert store.get("gone").revoked_at == T0 + 2  # type: ignore[union-attr]

@@ -24,13 +24,14 @@ from . import validate
 from ._drive import Steps, arun, run
 from ._sigterm import GUARD
 from .audit import Auditor, Sink
-from .clock import Clock, Duration
+from .clock import Clock, Duration, seconds
 from .core import MAX_DELEGATION_DEPTH, Core, Explanation, LeaseRef, TokenFormat
 from .errors import InvalidRequest, InvalidToken, QuotaExceeded, StoreError
 from .hooks import FailedHook, Hooks, HookSpec
 from .keyring import KeyRing
 from .keys import Key
 from .lease import Claims, Credential, Lease
+from .metrics import DEFAULT_LEASE_WARNING, Health, HealthState, Metrics, arun_probe, run_probe
 from .outbox import ASYNC, Reconciliation
 from .policy import Policy
 from .report import Report, build_report
@@ -111,6 +112,8 @@ class _Base:
         revoke_on_sigterm: bool = True,
         task_revoke_tries: int = 3,
         task_revoke_backoff: Duration = 0.1,
+        metrics: Metrics | None = None,
+        lease_warning_threshold: int = DEFAULT_LEASE_WARNING,
     ) -> None:
         if revocations is not None and not isinstance(revocations, RevocationCache):
             raise InvalidRequest("revocations must be a RevocationCache (store.revocations())")
@@ -150,7 +153,35 @@ class _Base:
         # With a shared store's revocation feed, verify skips the store while it is live.
         self._core.verifier.revocations = revocations
         self.store = MemoryStore() if store is None else store
+        self._core.store_retirements = self.store  # keys retired through the store
+        self._health = HealthState(lease_warning_threshold)
+        self._metrics: Metrics | None = None
         self._setup()
+        if metrics is not None:
+            self._instrument(metrics)
+
+    def _instrument(self, metrics: Metrics) -> None:
+        """Count this broker's events and store errors in ``metrics``: its audit
+        events feed the counters, its store calls go through a counter."""
+        if not isinstance(metrics, Metrics):
+            raise InvalidRequest("metrics must be a jitbroker.metrics.Metrics")
+        self._metrics = metrics
+        audit = self._core.audit
+        audit.emit = metrics.metering(audit.emit)  # type: ignore[method-assign]
+        self._count_store(metrics)
+
+    def _count_store(self, metrics: Metrics) -> None:
+        """Route the shell's store calls through ``metrics.counted``."""
+
+    def _health_of(self, probe: Any) -> Health:
+        core = self._core
+        try:
+            kid: str | None = core.keys.active.kid
+        except InvalidRequest:  # a ring that cannot sign
+            kid = None
+        return self._health.judge(
+            probe, core.verifier.revocations, kid, self._metrics, core.clock()
+        )
 
     def _setup(self) -> None:
         """Per-shell state, set up once the core and store exist."""
@@ -200,7 +231,9 @@ class _Base:
         return self._core.audit
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
-        """Public keys for offline verifiers (never an HMAC key or a private member)."""
+        """Public keys for offline verifiers (never an HMAC key or a private member),
+        a key published ahead of its activation included (two-phase rotation)."""
+        self._core.keys.poll()  # a ring following its directory: its current keys
         return self._core.keys.jwks()
 
     def _report(self, long_ttl: Duration, oldest: int) -> Steps[Report]:
@@ -251,11 +284,16 @@ class _Base:
         lease = core.plan_issue(subject, audience, scopes, ttl, **issue, dry_run=True)[0]
         return core.explain(lease)
 
-    def rotate_keys(self) -> Key:
+    def rotate_keys(self, *, publish_ahead: Duration = 0) -> Key:
         """Make a new signing key. The previous one stops signing new leases,
         still verifies (and re-signs renewals of its leases), and is dropped by
-        the sweep once max TTL plus leeway have passed: no token outlives it."""
-        return self._core.rotate_keys()
+        the sweep once max TTL plus leeway have passed: no token outlives it.
+
+        ``publish_ahead`` (seconds) makes the rotation two-phase: the new key is
+        in ``jwks()`` at once and signs only that long from now, so verifiers
+        caching the JWKS at most that long have it first (``keyring.DEFAULT_PUBLISH_AHEAD``
+        is what ``jitbroker keys rotate`` uses: a JWKSource's default max_age)."""
+        return self._core.rotate_keys(publish_ahead)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} issuer={self.issuer!r} store={self.store!r}>"
@@ -275,6 +313,7 @@ class Broker(_Base):
         if not isinstance(self.store, LeaseStore):
             raise InvalidRequest("store must implement the LeaseStore protocol")
         self._stop = threading.Event()
+        self._driven: LeaseStore = self.store  # counted when metrics are on
         self._reaper: threading.Thread | None = None
         if self._core.outbox.kinds:  # finished hook jobs are deleted in batches
             _AT_EXIT.add(self)
@@ -303,7 +342,7 @@ class Broker(_Base):
             subject, audience, scopes, ttl, task, owner, purpose, renewable, max_ttl, holder_key
         )
         if lease.provider is not None:  # a backend credential: the outbox's steps
-            cred = run(core.store_issue(lease, token, quotas), self.store)
+            cred = run(core.store_issue(lease, token, quotas), self._driven)
             if sweep_due:
                 self._sweep_quietly()
             return cred
@@ -314,14 +353,14 @@ class Broker(_Base):
         outbox = core.outbox.plan("on_issue", lease.issued_at) if core.issue_hooks else NO_OUTBOX
         try:
             if outbox is not NO_OUTBOX:
-                self.store.add(lease, quotas, outbox=outbox)
+                self._driven.add(lease, quotas, outbox=outbox)
             else:
-                self.store.add(lease, quotas) if quotas else self.store.add(lease)
+                self._driven.add(lease, quotas) if quotas else self._driven.add(lease)
         except QuotaExceeded as exc:
             core.denied(lease, exc, lease.issued_at)
         cred = core.issued(lease, token)
         if outbox is not NO_OUTBOX:
-            run(core.run_issue_hooks(lease, outbox), self.store)
+            run(core.run_issue_hooks(lease, outbox), self._driven)
         if sweep_due:
             self._sweep_quietly()
         return cred
@@ -340,7 +379,9 @@ class Broker(_Base):
         lease; for a key-bound token also the request's DPoP ``proof``."""
         steps = self._core.verifier.steps(token, audience, scopes, Request(proof, method, url))
         try:
-            return run(steps, self.store)
+            if self._metrics is not None:  # the one metrics branch: timing
+                return self._metrics.verify(run, steps, self.store)
+            return run(steps, self._driven)
         except InvalidToken as exc:
             self._core.verify_failed(exc)
             raise
@@ -352,12 +393,12 @@ class Broker(_Base):
         With ``children``, every active renewable descendant is extended too (by
         ``ttl``, never past its own cap or its parent); its holder gets a token
         with the new expiry by renewing its own credential."""
-        return run(self._core.renew(cred, ttl, children), self.store)
+        return run(self._core.renew(cred, ttl, children), self._driven)
 
     def revoke(self, cred: LeaseRef, reason: str = "revoked", *, by: str | None = None) -> bool:
         """Revoke a lease (by Credential, lease id or token) and its subtree; idempotent.
         ``by`` names who revoked it, for the audit trail."""
-        return run(self._core.revoke(cred, reason, by), self.store)
+        return run(self._core.revoke(cred, reason, by), self._driven)
 
     def revoke_where(
         self,
@@ -385,7 +426,7 @@ class Broker(_Base):
             issuer=issuer,
             task_run=task_run,
         )
-        return run(self._core.revoke_where(where, reason, by), self.store)
+        return run(self._core.revoke_where(where, reason, by), self._driven)
 
     def attenuate(
         self,
@@ -409,11 +450,11 @@ class Broker(_Base):
         steps = self._core.attenuate(
             cred, scopes, audience, ttl, purpose, subject, holder_key, max_ttl
         )
-        return run(steps, self.store)
+        return run(steps, self._driven)
 
     def lease(self, ref: LeaseRef) -> Lease:
         """The current stored lease (``LeaseNotFound`` if unknown or purged)."""
-        return run(self._core.get(ref), self.store)
+        return run(self._core.get(ref), self._driven)
 
     def leases(
         self,
@@ -437,17 +478,17 @@ class Broker(_Base):
             issuer=issuer,
             task_run=task_run,
         )
-        return iter(run(self._core.leases(where, include_inactive), self.store))
+        return iter(run(self._core.leases(where, include_inactive), self._driven))
 
     def sweep(self) -> list[Lease]:
         """Expire every lease due now (each exactly once), purge long-dead records,
         and run the hook calls that are due (``on_expire`` and retries)."""
-        return run(self._core.sweep(), self.store)
+        return run(self._core.sweep(), self._driven)
 
     def retire_key(self, kid: str, *, revoke: bool = True, reason: str = "key-retired") -> int:
         """Drop signing key ``kid`` at once and (by default) revoke every lease it
         signed; returns how many were revoked."""
-        return run(self._core.retire_key(kid, revoke, reason), self.store)
+        return run(self._core.retire_key(kid, revoke, reason), self._driven)
 
     def explain(
         self,
@@ -459,23 +500,23 @@ class Broker(_Base):
     ) -> Explanation:
         """What ``issue`` with these arguments would decide now, and why: every rule
         that matched, every reason, and how full the quotas are. Issues nothing."""
-        return run(self._explain_lease(subject, audience, scopes, ttl, issue), self.store)
+        return run(self._explain_lease(subject, audience, scopes, ttl, issue), self._driven)
 
     def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
         """The governance report: what is alive, who owns it, and what looks wrong
         (no owner or purpose, TTL over ``long_ttl``, wildcards, retired keys,
         failed hooks), with churn counts."""
-        return run(self._report(long_ttl, oldest), self.store)
+        return run(self._report(long_ttl, oldest), self._driven)
 
     def failed_hooks(self) -> list[FailedHook]:
         """Parked work, in the store's outbox: hook calls and provider revokes that
         ran out of retries, oldest first (see ``retry_failed_hooks``)."""
-        return run(self._core.outbox.parked(), self.store)
+        return run(self._core.outbox.parked(), self._driven)
 
     def retry_failed_hooks(self) -> int:
         """Give every parked job one more attempt, and run those this broker can;
         returns how many still fail."""
-        return run(self._core.outbox.retry(self._core.mode), self.store)
+        return run(self._core.outbox.retry(self._core.mode), self._driven)
 
     def forget_failed_hook(
         self, *hooks: FailedHook | str, force: bool = False, by: str | None = None
@@ -483,14 +524,14 @@ class Broker(_Base):
         """Drop parked jobs (``FailedHook`` or its ``id``) for good: their side
         effect will never happen. Needs ``force=True``; each one is audited
         (``hook_forgotten``, with ``by``). Returns how many were dropped."""
-        return run(self._forget(hooks, force, by), self.store)
+        return run(self._forget(hooks, force, by), self._driven)
 
     def reconcile(self) -> Reconciliation:
         """Make every provider's backend agree with the store (see
         ``jitbroker.outbox``): principals with no live lease are revoked, live
         leases without their principal flagged. The reaper runs it every
         ``reconcile_interval`` seconds."""
-        return run(self._core.outbox.reconcile(self._core.mode), self.store)
+        return run(self._core.outbox.reconcile(self._core.mode), self._driven)
 
     def _sweep_quietly(self) -> None:
         # The opportunistic sweep inside issue: the lease is already stored, so
@@ -591,6 +632,18 @@ class Broker(_Base):
 
         return decorate
 
+    def health(self, *, timeout: Duration = 2.0) -> Health:
+        """For readiness probes: the store reachable (one cheap call, at most
+        ``timeout`` seconds), the revocation feed live and its lag, the active
+        key and its age, parked work, active leases against
+        ``lease_warning_threshold``; ``status`` ok, degraded or down, with
+        reasons. Never raises for a store failure: that is ``down``."""
+        probe = run_probe(self._driven, self._core.clock(), seconds(timeout, "timeout"))
+        return self._health_of(probe)
+
+    def _count_store(self, metrics: Metrics) -> None:
+        self._driven = metrics.counted(self.store)
+
     # -- the reaper -------------------------------------------------------
     def start(self) -> None:
         """Start the background reaper thread (idempotent)."""
@@ -611,7 +664,7 @@ class Broker(_Base):
 
     def _flush(self) -> None:
         try:
-            run(self._core.outbox.flush(), self.store)
+            run(self._core.outbox.flush(), self._driven)
         except Exception:  # a closed or broken store: the jobs run again, same key
             log.warning("could not delete finished outbox jobs", exc_info=True)
 
@@ -708,6 +761,8 @@ class AsyncBroker(_Base):
         lease; for a key-bound token also the request's DPoP ``proof``."""
         steps = self._core.verifier.steps(token, audience, scopes, Request(proof, method, url))
         try:
+            if self._metrics is not None:  # the one metrics branch: timing
+                return await self._metrics.averify(arun(steps, self._astore))  # type: ignore[no-any-return]
             return await arun(steps, self._astore)
         except InvalidToken as exc:
             self._core.verify_failed(exc)
@@ -926,6 +981,14 @@ class AsyncBroker(_Base):
             return call
 
         return decorate
+
+    async def health(self, *, timeout: Duration = 2.0) -> Health:
+        """For readiness probes (see ``Broker.health``)."""
+        probe = await arun_probe(self._astore, self._core.clock(), seconds(timeout, "timeout"))
+        return self._health_of(probe)
+
+    def _count_store(self, metrics: Metrics) -> None:
+        self._astore = metrics.counted(self._astore)
 
     # -- the reaper -------------------------------------------------------
     async def start(self) -> None:

@@ -143,6 +143,9 @@ class Core:
         )
         self.task_revoke_delays = revoke_delays(task_revoke_tries, task_revoke_backoff)
         self.shell: Broker | AsyncBroker | None = None
+        #: The store (set by the shell), asked for ``KeyRetirements`` by name:
+        #: a store without them retires keys in this ring only.
+        self.store_retirements: object = None
 
     # -- helpers without I/O ----------------------------------------------
     def _bounded(self, ttl: object, name: str) -> float:
@@ -258,7 +261,7 @@ class Core:
             now,  # issued_at
             now + life,  # expires_at
             now + cap,  # max_expires_at
-            None if opaque is not None else self.keys.active.kid,
+            None if opaque is not None else self.keys.signer(now).kid,
             task,
             None if owner is None else validate.text(owner, "owner"),
             None if purpose is None else validate.text(purpose, "purpose", limit=MAX_PURPOSE),
@@ -499,7 +502,7 @@ class Core:
             issued_at=now,
             expires_at=now + life,
             max_expires_at=cap,
-            key_id=None if opaque is not None else self.keys.active.kid,
+            key_id=None if opaque is not None else self.keys.signer(now).kid,
             parent=parent.id,
             holder=holder,
             # The child's own: who minted it, and what its expiry needs here
@@ -599,24 +602,58 @@ class Core:
         yield from self.outbox.run(self.outbox.held("on_revoke", revoked, outbox, now), self.mode)
         return len(revoked)
 
-    def rotate_keys(self) -> Key:
-        """A new signing key; the old one is dropped once no token it signed can
-        verify any more (max TTL plus leeway from now: renewals never pass that)."""
-        key = self.keys.rotate(grace=self.max_ttl + self.leeway, now=self.clock())
+    def rotate_keys(self, publish_ahead: Duration = 0) -> Key:
+        """A new signing key (signing ``publish_ahead`` seconds from now, published
+        at once); the old one is dropped once no token it signed can verify any
+        more (max TTL plus leeway from when it stops signing: renewals never pass that)."""
+        key = self.keys.rotate(
+            grace=self.max_ttl + self.leeway, now=self.clock(), publish_ahead=publish_ahead
+        )
         self.audit.emit(EventType.KEY_ROTATED, self.clock(), where=f"key_id={key.kid!r}")
         return key
 
     def retire_key(self, kid: str, revoke: bool, reason: str, by: str | None = None) -> Steps[int]:
-        """Drop ``kid`` now (its tokens stop verifying) and, if ``revoke``, revoke
-        the leases it signed. The key goes first: if the store then fails, its
-        tokens are already dead and ``revoke_where(key_id=...)`` can be retried."""
-        self.keys.retire(validate.text(kid, "kid"))
+        """Drop ``kid`` now (its tokens stop verifying), record it as retired in
+        the store (so every broker sharing it retires it too: ``sync_retired``)
+        and, if ``revoke``, revoke the leases it signed. The key goes first: if
+        the store then fails, its tokens are already dead here and the call can
+        be retried (a kid already gone from this ring is then accepted)."""
+        kid = validate.text(kid, "kid")
+        self.keys.promote(self.clock())  # the key signing now is the one refused
+        recorded = getattr(self.store_retirements, "retire_key", None)
+        if kid not in self.keys and recorded is not None:
+            # Gone here: retired by another broker, or a retry after a store error.
+            known = yield lambda store: store.retired_keys()
+            if kid in known:
+                self.keys.exclude([kid])
+        if kid in self.keys or recorded is None or kid not in self.keys.excluded:
+            self.keys.retire(kid)  # refuses the active key and a kid never held
+        now = self.clock()
         self.audit.emit(
-            EventType.KEY_RETIRED, self.clock(), reason=reason, where=f"key_id={kid!r}", actor=by
+            EventType.KEY_RETIRED, now, reason=reason, where=f"key_id={kid!r}", actor=by
         )
+        if recorded is not None:
+            yield lambda store: store.retire_key(kid, now)
         if not revoke:
             return 0
         return (yield from self.revoke_where(LeaseFilter(key_id=kid), reason, by))
+
+    def sync_retired(self) -> Steps[list[str]]:
+        """Read the keys retired through the store and drop them from the ring
+        (each broker does at every sweep); the kids this ring still held."""
+        if getattr(self.store_retirements, "retired_keys", None) is None:
+            return []
+        retired = yield lambda store: store.retired_keys()
+        dropped = self.keys.exclude(retired)
+        for kid in dropped:
+            self.audit.emit(
+                EventType.KEY_RETIRED,
+                self.clock(),
+                reason="retired-elsewhere",
+                where=f"key_id={kid!r}",
+                actor="store",
+            )
+        return dropped
 
     def leases(self, where: LeaseFilter, include_inactive: bool) -> Steps[list[Lease]]:
         """Leases matching ``where``, oldest first; only active ones unless asked."""
@@ -646,6 +683,8 @@ class Core:
         broker) and purge; the leases claimed and the jobs to run."""
         now = self.clock()
         self.next_sweep = now + self.reap_interval
+        self.keys.poll()  # a ring following its directory (no-op otherwise)
+        yield from self.sync_retired()  # keys another broker retired through the store
         for kid in self.keys.prune(now):  # rotated-out keys whose grace period ended
             self.audit.emit(EventType.KEY_DROPPED, now, where=f"key_id={kid!r}")
         expired: list[Lease] = []

@@ -140,7 +140,10 @@ def _mode(info: os.stat_result) -> str:
 
 
 def write_private(dir_fd: int, name: str, data: bytes) -> None:
-    """Write ``name`` in the opened directory, mode 0600 from the start, atomically."""
+    """Write ``name`` in the opened directory, mode 0600 from the start, atomically:
+    a temporary file, synced, renamed over ``name``, then the directory synced.
+    A reader (a ring following the directory) sees the old file or the new one,
+    never half of one, and after a crash the rename is either done or not."""
     tmp = name + ".tmp"
     # A leftover temporary file (or a planted symlink) would keep its own mode
     # or redirect the write: remove it and create afresh, never following links.
@@ -153,6 +156,7 @@ def write_private(dir_fd: int, name: str, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)  # the rename itself durable
 
 
 def remove_except(dir_fd: int, suffix: str, keep: Collection[str]) -> None:

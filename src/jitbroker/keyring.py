@@ -2,16 +2,24 @@
 
 One key is active and signs new leases; every key held verifies. ``rotate``
 makes a new signer and, with a grace period, schedules the old one to be
-dropped by ``prune``; ``retire`` drops a key at once. Changes replace the
+dropped by ``prune``; ``retire`` drops a key at once. Rotation may be two-phase
+(``publish_ahead``): the new key is in the JWKS at once but signs only from
+its activation time (``signer(now)``), so a verifier that caches the JWKS has
+it before the first token it signs. Changes replace the
 internal mappings wholesale (copy-on-write), so a verification in another
 thread never sees a half-updated ring. A ring can be saved to and loaded from a
 key directory (``save_dir``/``from_dir``; ``keydir`` checks that nobody else
-could have written it), a file or an environment variable.
+could have written it), a file or an environment variable. A ring loaded
+with ``from_dir(path, follow=True)`` follows its directory: ``poll()`` (called
+by the broker on issue and at every sweep) reloads it when the manifest
+changed, at most every ``poll_interval`` seconds; a manifest that cannot be
+loaded keeps the ring as it was (logged once per version of the file).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -27,15 +35,25 @@ from .errors import InvalidRequest, KeySourceError, MalformedToken
 from .jwk import signature_jwks
 from .keys import Key, generate_key, key_from_jwk, key_from_pem
 
-__all__ = ["KeyRing"]
+__all__ = ["DEFAULT_PUBLISH_AHEAD", "KeyRing"]
 
+log = logging.getLogger("jitbroker")
 MANIFEST = "keyring.json"
+#: The default ``publish_ahead`` of ``jitbroker keys rotate``: ``JWKSource``'s
+#: default ``max_age`` (3600 s), the longest a jitbroker verifier caches a JWKS
+#: (the broker's /jwks endpoint says max-age=60, and a verifier refetches at
+#: most every min_refresh_interval, 60 s, on an unknown kid). A verifier that
+#: fetched the JWKS just before the rotation is due to refetch, without any
+#: on-demand fetch, before the new key signs anything.
+DEFAULT_PUBLISH_AHEAD = 3600.0
+#: How often a following ring looks at its manifest (stat only), by default.
+DEFAULT_POLL_INTERVAL = 1.0
 # The only names save_dir writes: a kid (a base64url thumbprint) and a suffix.
 # Anything else in a manifest (a path, "..") is refused, never opened.
 _KEY_FILE = re.compile(r"([A-Za-z0-9_-]{1,128})\.key\.(?:pem|jwk)")
 
 
-def _key_from_text(data: bytes, password: bytes | None, where: str) -> Key:
+def _key_from_text(data: bytes, password: bytes | str | None, where: str) -> Key:
     """A PEM or JWK key from file or environment contents; errors name ``where``."""
     text = data.strip()
     try:
@@ -50,7 +68,7 @@ def _key_from_text(data: bytes, password: bytes | None, where: str) -> Key:
         raise InvalidRequest(f"{where}: {exc}") from exc
 
 
-def _key_file(key: Key, password: bytes | None) -> tuple[str, bytes]:
+def _key_file(key: Key, password: bytes | str | None) -> tuple[str, bytes]:
     if key.symmetric:  # no PEM form; the JWK holds the secret in the clear
         return f"{key.kid}.key.jwk", json.dumps(key.to_jwk(private=True)).encode()
     return f"{key.kid}.key.pem", key.to_pem(password if key.private else None)
@@ -67,7 +85,7 @@ def _read_manifest(dir_fd: int, folder: Path) -> dict[str, Any]:
         raise InvalidRequest(f"{path} is not a valid manifest: {exc}") from exc
 
 
-def _read_key_file(dir_fd: int, folder: Path, name: object, password: bytes | None) -> Key:
+def _read_key_file(dir_fd: int, folder: Path, name: object, password: bytes | str | None) -> Key:
     """One key file named by the manifest: a bare file name of ours, never a path."""
     match = _KEY_FILE.fullmatch(name) if isinstance(name, str) else None
     if match is None:
@@ -80,15 +98,40 @@ def _read_key_file(dir_fd: int, folder: Path, name: object, password: bytes | No
     return key
 
 
-def _drop_times(drop_at: Mapping[str, object], ring: KeyRing) -> dict[str, float]:
+def _drop_times(
+    drop_at: Mapping[str, object], ring: KeyRing, what: str = "drop"
+) -> dict[str, float]:
     times = {}
     for kid, at in drop_at.items():
         if kid not in ring or isinstance(at, bool) or not isinstance(at, int | float):
-            raise InvalidRequest(f"drop time for {kid[:64]!r} names no key or is not a number")
+            raise InvalidRequest(f"{what} time for {kid[:64]!r} names no key or is not a number")
         if not math.isfinite(at):  # 1e999 parses as inf: a key that never drops
-            raise InvalidRequest(f"drop time for {kid} is not finite")
+            raise InvalidRequest(f"{what} time for {kid} is not finite")
         times[kid] = float(at)
     return times
+
+
+def _signature(folder: Path) -> tuple[int, int, int] | None:
+    """What tells one manifest from the next: save_dir replaces it by a rename,
+    so its inode changes with every save (size and mtime for an edit in place)."""
+    try:
+        info = os.stat(folder / MANIFEST, follow_symlinks=False)
+    except OSError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class _Follow:
+    """Where a following ring comes from, and what of it was loaded. No thread:
+    the ring's ``poll`` looks (a ``stat``) at most every ``interval`` seconds."""
+
+    __slots__ = ("folder", "interval", "loaded", "next_look", "password", "refused")
+
+    def __init__(self, folder: Path, password: bytes | str | None, interval: float) -> None:
+        self.folder, self.password, self.interval = folder, password, interval
+        self.loaded = _signature(folder)
+        self.refused: tuple[int, int, int] | None = None  # the version last logged
+        self.next_look = time.monotonic() + interval
 
 
 class KeyRing:
@@ -98,7 +141,16 @@ class KeyRing:
     verification running in another thread never sees a half-updated ring.
     """
 
-    __slots__ = ("_active", "_drop_at", "_headers", "_keys", "_lock")
+    __slots__ = (
+        "_activate_at",
+        "_active",
+        "_drop_at",
+        "_excluded",
+        "_follow",
+        "_headers",
+        "_keys",
+        "_lock",
+    )
 
     def __init__(self, keys: Iterable[Key] = (), *, active: str | None = None) -> None:
         self._lock = threading.RLock()  # serializes writers; readers never lock
@@ -106,6 +158,10 @@ class KeyRing:
         self._headers: dict[str, Key] = {}
         self._active: str | None = None
         self._drop_at: dict[str, float] = {}  # kid -> when a rotated-out key is dropped
+        # kid -> when a published key starts signing (two-phase rotation)
+        self._activate_at: dict[str, float] = {}
+        self._excluded: frozenset[str] = frozenset()  # retired elsewhere: never held again
+        self._follow: _Follow | None = None
         for key in keys:
             self.add(key)
         if active is not None:
@@ -120,7 +176,7 @@ class KeyRing:
         return cls([generate_key(alg)])
 
     @classmethod
-    def from_pem(cls, pem: bytes | str, password: bytes | None = None) -> KeyRing:
+    def from_pem(cls, pem: bytes | str, password: bytes | str | None = None) -> KeyRing:
         """A ring from one PEM key (a public key gives a verify-only ring)."""
         return cls([key_from_pem(pem, password)])
 
@@ -144,7 +200,9 @@ class KeyRing:
         return cls(loaded)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], password: bytes | None = None) -> KeyRing:
+    def from_file(
+        cls, path: str | os.PathLike[str], password: bytes | str | None = None
+    ) -> KeyRing:
         """A ring from one key in a file: PEM (optionally encrypted) or a JWK.
 
         The file (a symbolic link is followed) must be a regular file owned by
@@ -158,7 +216,7 @@ class KeyRing:
         return cls([_key_from_text(data, password, f"key file {path}")])
 
     @classmethod
-    def from_env(cls, name: str, password: bytes | None = None) -> KeyRing:
+    def from_env(cls, name: str, password: bytes | str | None = None) -> KeyRing:
         """A ring from one key (PEM or JWK) in the environment variable ``name``."""
         value = os.environ.get(name)
         if not value:
@@ -166,8 +224,18 @@ class KeyRing:
         return cls([_key_from_text(value.encode(), password, f"environment variable {name}")])
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike[str], password: bytes | None = None) -> KeyRing:
-        """The ring ``save_dir`` wrote: its keys, its signer, and their drop times.
+    def from_dir(
+        cls,
+        path: str | os.PathLike[str],
+        password: bytes | str | None = None,
+        *,
+        follow: bool = False,
+        poll_interval: Duration = DEFAULT_POLL_INTERVAL,
+    ) -> KeyRing:
+        """The ring ``save_dir`` wrote: its keys, its signer, their drop and
+        activation times. With ``follow``, the ring keeps following the
+        directory: ``poll()`` reloads it once the manifest changed (see the
+        module docstring), so a broker signs with the directory's current key.
 
         Trusted as OpenSSH trusts ``~/.ssh``, or ``KeySourceError`` says how to
         fix it: the directory is not a symbolic link, it and its files are owned
@@ -175,12 +243,22 @@ class KeyRing:
         by nobody else. Files are opened without following symbolic links.
         """
         folder = Path(path)
+        interval = seconds(poll_interval, "poll_interval", allow_zero=True)
+        follower = _Follow(folder, password, interval) if follow else None
+        ring = cls._load_dir(folder, password)
+        ring._follow = follower
+        return ring
+
+    @classmethod
+    def _load_dir(cls, folder: Path, password: bytes | str | None) -> KeyRing:
         dir_fd = keydir.open_dir(folder)
         try:
             manifest = _read_manifest(dir_fd, folder)
             keys = [_read_key_file(dir_fd, folder, name, password) for name in manifest["keys"]]
             ring = cls(keys, active=manifest["active"])
             ring._drop_at = _drop_times(manifest["drop_at"], ring)
+            # Absent in manifests written before two-phase rotation.
+            ring._activate_at = _drop_times(manifest.get("activate_at", {}), ring, "activation")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if isinstance(exc, InvalidRequest):
                 raise
@@ -189,7 +267,7 @@ class KeyRing:
             os.close(dir_fd)
         return ring
 
-    def save_dir(self, path: str | os.PathLike[str], password: bytes | None = None) -> None:
+    def save_dir(self, path: str | os.PathLike[str], password: bytes | str | None = None) -> None:
         """Write every key (PKCS#8 PEM, encrypted with ``password``) into the
         directory ``path`` with mode 0600 (the directory 0700), plus a manifest
         naming the signer and drop times. Files of dropped keys are removed.
@@ -216,7 +294,7 @@ class KeyRing:
         except OSError as exc:  # no permission, disk full, ...: ours, with the path
             raise KeySourceError(f"could not write the key directory {path}: {exc}") from exc
 
-    def _save(self, dir_fd: int, password: bytes | None) -> None:
+    def _save(self, dir_fd: int, password: bytes | str | None) -> None:
         with self._lock:
             names = {}
             for key in self._keys.values():
@@ -227,6 +305,7 @@ class KeyRing:
                 "active": self._active,
                 "keys": sorted(names.values()),
                 "drop_at": dict(self._drop_at),
+                "activate_at": dict(self._activate_at),
             }
         keydir.write_private(dir_fd, MANIFEST, json.dumps(manifest, indent=2).encode())
         keydir.remove_except(dir_fd, ".key.", keep=set(names.values()))
@@ -255,30 +334,144 @@ class KeyRing:
             raise InvalidRequest(f"key {kid} is a public key and cannot sign")
         self._active = kid
 
-    def rotate(self, *, grace: Duration | None = None, now: float | None = None) -> Key:
+    def rotate(
+        self,
+        *,
+        grace: Duration | None = None,
+        now: float | None = None,
+        publish_ahead: Duration = 0,
+    ) -> Key:
         """Generate a new key with the active key's algorithm and make it the signer.
 
         The previous signer stops signing new leases but keeps verifying (and
         re-signing renewals of the leases it signed).
 
+        ``publish_ahead`` (seconds, default 0: at once) makes the rotation
+        two-phase: the new key is held and published (``jwks``) from now, but
+        signs only from ``now + publish_ahead`` (``signer(now)`` switches), so a
+        verifier caching the JWKS for at most that long has the key before any
+        token it signs. Until then the previous signer keeps signing.
+
         ``grace`` (seconds, finite and >= 0) schedules the previous signer to be
-        dropped by ``prune`` once that long has passed since ``now`` (default:
-        the system clock). Choose at least the issuer's max TTL plus leeway, as
-        ``Broker.rotate_keys`` does, so no token outlives its key; ``0`` drops
-        it at the next ``prune``. ``grace=None`` (the default) schedules
-        nothing: the previous key keeps verifying until ``retire(kid)`` is
-        called. A bad ``grace`` raises ``InvalidRequest`` and changes nothing.
+        dropped by ``prune`` once that long has passed since it stopped signing
+        (``now``, default the system clock, plus ``publish_ahead``). Choose at
+        least the issuer's max TTL plus leeway, as ``Broker.rotate_keys`` does,
+        so no token outlives its key; ``0`` drops it at the next ``prune``.
+        ``grace=None`` (the default) schedules nothing: the previous key keeps
+        verifying until ``retire(kid)`` is called. A bad ``grace`` or
+        ``publish_ahead`` raises ``InvalidRequest`` and changes nothing.
         """
         # Checked before any change: a refused grace must not leave a rotated ring.
         wait = None if grace is None else seconds(grace, "grace", allow_zero=True)
+        ahead = seconds(publish_ahead, "publish_ahead", allow_zero=True)
         with self._lock:
             previous = self.active
+            start = (time.time() if now is None else now) + ahead
             key = generate_key(previous.alg)
-            self._add(key, activate=True)
+            self._add(key, activate=not ahead)
+            if ahead:
+                self._activate_at = {**self._activate_at, key.kid: start}
             if wait is not None:
-                start = time.time() if now is None else now
                 self._drop_at[previous.kid] = start + wait
             return key
+
+    def signer(self, now: float) -> Key:
+        """The key that signs at ``now``: a published key whose activation time
+        has come becomes the active one first (see ``rotate(publish_ahead=)``).
+        A following ring also looks at its directory (``poll``)."""
+        if self._follow is not None:
+            self.poll()
+        if self._activate_at:  # a pending two-phase rotation: rare, so a cheap check
+            self.promote(now)
+        return self.active
+
+    def promote(self, now: float) -> None:
+        """Make the newest published key whose activation time has come by
+        ``now`` the signer (``signer`` does this on every use)."""
+        with self._lock:
+            due = {kid: at for kid, at in self._activate_at.items() if at <= now}
+            if not due:
+                return
+            kid = max(due, key=due.__getitem__)  # the newest due key signs
+            self._activate_at = {k: v for k, v in self._activate_at.items() if k not in due}
+            self.activate(kid)
+
+    def activates_at(self, kid: str) -> float | None:
+        """When the published key ``kid`` starts signing, or None (not pending)."""
+        return self._activate_at.get(kid)
+
+    # -- following a key directory ------------------------------------------
+    @property
+    def following(self) -> str | None:
+        """The key directory this ring follows (``from_dir(follow=True)``), or None."""
+        follow = self._follow
+        return None if follow is None else str(follow.folder)
+
+    def poll(self, *, force: bool = False) -> bool:
+        """For a following ring: reload the directory if its manifest changed
+        since the last load (looked at at most every ``poll_interval`` seconds,
+        unless ``force``). True if the ring was reloaded.
+
+        A manifest or key file that cannot be loaded (half-written by a tool
+        that does not replace atomically, refused as unsafe, a key file gone
+        between the manifest's read and its own) keeps the ring as it was; it is
+        logged once per version of the manifest and tried again at every look.
+        """
+        follow = self._follow
+        if follow is None:
+            return False
+        now = time.monotonic()
+        if not force and now < follow.next_look:
+            return False
+        follow.next_look = now + follow.interval
+        seen = _signature(follow.folder)
+        if seen is None or seen == follow.loaded:
+            return False
+        try:
+            fresh = KeyRing._load_dir(follow.folder, follow.password)
+        except (InvalidRequest, KeySourceError, OSError) as exc:
+            if seen != follow.refused:
+                follow.refused = seen
+                log.warning(
+                    "key directory %s not reloaded, keeping its keys: %s", follow.folder, exc
+                )
+            return False
+        self._adopt(fresh)
+        follow.loaded = seen
+        return True
+
+    def _adopt(self, fresh: KeyRing) -> None:
+        """Take ``fresh``'s keys and schedule, less the keys retired elsewhere."""
+        with self._lock:
+            gone = self._excluded
+            self._drop_at = {k: v for k, v in fresh._drop_at.items() if k not in gone}
+            self._activate_at = {k: v for k, v in fresh._activate_at.items() if k not in gone}
+            self._replace({k: v for k, v in fresh._keys.items() if k not in gone})
+            self._active = fresh._active if fresh._active not in gone else None
+            if self._active is None and fresh._active is not None:
+                log.error("the signing key %s was retired: this ring cannot sign", fresh._active)
+
+    @property
+    def excluded(self) -> frozenset[str]:
+        """The kids retired elsewhere (``exclude``): never held again."""
+        return self._excluded
+
+    def exclude(self, kids: Iterable[str]) -> list[str]:
+        """Keys retired by another process (``Broker`` reads them from the store):
+        dropped now, and never loaded again by ``poll``. Retiring the active
+        key leaves a ring that cannot sign (``active`` raises) until a reload
+        or rotation brings another signer. The kids that were held."""
+        with self._lock:
+            new = set(kids) - self._excluded
+            if not new:
+                return []
+            self._excluded = self._excluded | new
+            held = [kid for kid in new if kid in self._keys]
+            if self._active in new:
+                log.error("the signing key %s was retired: this ring cannot sign", self._active)
+                self._active = None
+            self._forget(held)
+            return held
 
     def prune(self, now: float) -> list[str]:
         """Drop the rotated-out keys whose grace period ended by ``now``; their kids."""
@@ -307,6 +500,8 @@ class KeyRing:
     def _forget(self, kids: list[str]) -> None:
         for kid in kids:
             self._drop_at.pop(kid, None)
+        if any(kid in self._activate_at for kid in kids):
+            self._activate_at = {k: v for k, v in self._activate_at.items() if k not in kids}
         self._replace({k: v for k, v in self._keys.items() if k not in kids})
 
     def _replace(self, keys: dict[str, Key]) -> None:
@@ -350,7 +545,8 @@ class KeyRing:
 
     def __repr__(self) -> str:
         keys = ", ".join(f"{k.kid}:{k.alg}" for k in self._keys.values())
-        return f"<KeyRing active={self._active!r} keys=[{keys}]>"
+        pending = f" pending={sorted(self._activate_at)}" if self._activate_at else ""
+        return f"<KeyRing active={self._active!r} keys=[{keys}]{pending}>"
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("jitbroker key rings cannot be pickled")

@@ -132,8 +132,10 @@ class Key:
             return self
         return Key(self.alg, self._material.public_key(), self._public_jwk)
 
-    def to_pem(self, password: bytes | None = None) -> bytes:
-        """PEM export: PKCS#8 for private keys (encrypted with ``password``), SPKI for public."""
+    def to_pem(self, password: bytes | str | None = None) -> bytes:
+        """PEM export: PKCS#8 for private keys (encrypted with ``password``: bytes, or a
+        str taken as UTF-8), SPKI for public."""
+        password = password_bytes(password)
         if self.symmetric:
             raise InvalidRequest("HMAC keys have no PEM form; use to_jwk(private=True)")
         if not self.private:
@@ -207,9 +209,21 @@ def generate_key(alg: str = "EdDSA") -> Key:
     raise InvalidRequest(f"unsupported algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
 
 
-def key_from_pem(pem: bytes | str, password: bytes | None = None) -> Key:
-    """Load a PEM private key (PKCS#8 or traditional) or public key (SPKI)."""
+def password_bytes(password: bytes | str | None) -> bytes | None:
+    """A key password as cryptography takes it: a str is encoded UTF-8 (what a
+    password read from the environment or a prompt is), bytes pass as they are."""
+    if password is None or isinstance(password, bytes):
+        return password
+    if isinstance(password, str):
+        return password.encode("utf-8")
+    raise InvalidRequest(f"a key password is bytes or str, not {type(password).__name__}")
+
+
+def key_from_pem(pem: bytes | str, password: bytes | str | None = None) -> Key:
+    """Load a PEM private key (PKCS#8 or traditional) or public key (SPKI);
+    ``password`` is bytes, or a str taken as UTF-8."""
     data = pem.encode("ascii") if isinstance(pem, str) else pem
+    password = password_bytes(password)
     material: object
     try:
         if b"PRIVATE KEY" in data:

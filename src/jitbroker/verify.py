@@ -370,7 +370,9 @@ class Verifier:
                 # A JWKS verifier refreshes on a hit too, or a key the issuer
                 # dropped would verify cached tokens until an uncached one came.
                 keys = self.keys if self.source is None else self._fresh_keys(self.source, waited)
-                if claims.key_id not in keys:  # its key was retired since
+                # Its key was retired since: by rotation's end, by ``retire``, or
+                # (a broker's ring) through the store by another process.
+                if claims.key_id not in keys:
                     raise UnknownKey(f"no key with kid {claims.key_id!r}")
                 return claims
         source = self.source
@@ -382,8 +384,13 @@ class Verifier:
             # and wait for it (or another thread's fetch may just have brought it).
             if source is None:
                 raise
+            # Another thread's fetch is waited for only while the keys held are
+            # past max_age: time-driven, not attacker-driven (a flood of unknown
+            # kids cannot make keys stale), and the very case two-phase rotation
+            # relies on: a key published max_age before it signs is in that fetch.
             if not waited and (fetch := source.refresh_soon()) is not None:
-                raise _NeedKeys(fetch, join=fetch.started) from None
+                join = fetch.started or source.stale(self.clock())
+                raise _NeedKeys(fetch, join=join) from None
             if source.keys is keys:
                 raise
             self.keys = keys = source.keys

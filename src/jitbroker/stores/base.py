@@ -381,6 +381,23 @@ class AsyncLeaseStore(Protocol):
     async def forget_jobs(self, ids: Collection[str]) -> list[Job]: ...
 
 
+@runtime_checkable
+class KeyRetirements(Protocol):
+    """Optional: a store that records retired signing keys, so a key retired by
+    one broker is retired by every broker sharing the store (invariant 11).
+    Every store shipped has it; a broker on a store without it retires keys in
+    its own ring only."""
+
+    def retire_key(self, kid: str, at: float) -> bool:
+        """Record ``kid`` as retired at ``at`` (idempotent: the first time stays);
+        True if this call recorded it."""
+        ...
+
+    def retired_keys(self) -> dict[str, float]:
+        """Every retired kid and when it was retired."""
+        ...
+
+
 _METHODS = (
     "add",
     "get",
@@ -411,9 +428,10 @@ class _SyncAsAsync:
         self.sync = store
         for name in _METHODS:
             setattr(self, name, self._wrap(getattr(store, name), store.blocking))
-        counter = getattr(store, "awaiting_hooks", None)  # optional
-        if counter is not None:
-            self.awaiting_hooks = self._wrap(counter, store.blocking)
+        for optional in ("awaiting_hooks", "retire_key", "retired_keys"):
+            method = getattr(store, optional, None)
+            if method is not None:
+                setattr(self, optional, self._wrap(method, store.blocking))
 
     @staticmethod
     def _wrap(fn: Callable[..., T], blocking: bool) -> Callable[..., Any]:

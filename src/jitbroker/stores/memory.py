@@ -113,6 +113,7 @@ class MemoryStore:
         self._counting = False
         self._counted: dict[tuple[str, str | None], _Counted] = {}
         self._jobs = _Jobs()
+        self._retired: dict[str, float] = {}  # kid -> retired at (KeyRetirements)
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
 
@@ -229,6 +230,18 @@ class MemoryStore:
                     self._uncount(lease)
                 purged += 1
         return purged
+
+    def retire_key(self, kid: str, at: float) -> bool:
+        """Record ``kid`` as retired (see ``KeyRetirements``)."""
+        with self._lock:
+            if kid in self._retired:
+                return False
+            self._retired = {**self._retired, kid: at}
+            return True
+
+    def retired_keys(self) -> dict[str, float]:
+        """Every retired kid and when (copy-on-write: read without the lock)."""
+        return dict(self._retired)
 
     def close(self) -> None:
         """Nothing to release; kept for the protocol."""

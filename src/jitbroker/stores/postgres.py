@@ -292,6 +292,14 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
     # version 7: the outbox (the jobs table, jobs written by jitbroker_revoke)
     # and leases.provider: see postgres_outbox
     MIGRATION,
+    # version 8: retired signing keys, read by every broker sharing the schema
+    # (invariant 11)
+    (
+        """CREATE TABLE IF NOT EXISTS {schema}.retired_keys (
+            kid text PRIMARY KEY,
+            retired_at double precision NOT NULL
+        )""",
+    ),
 )
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -313,6 +321,11 @@ _DROP_SCHEMA = "DROP SCHEMA IF EXISTS {schema} CASCADE"
 # claimed and not expired: "revoked_at IS NULL AND NOT claimed AND %(at)s < expires_at".
 
 _GET = "SELECT {columns} FROM {schema}.leases WHERE id = %(id)s"
+_RETIRE_KEY = """
+    INSERT INTO {schema}.retired_keys (kid, retired_at) VALUES (%(kid)s, %(at)s)
+    ON CONFLICT (kid) DO NOTHING
+"""
+_RETIRED_KEYS = "SELECT kid, retired_at FROM {schema}.retired_keys"
 _FIND = "SELECT {columns} FROM {schema}.leases WHERE {where} ORDER BY issued_at, id"
 
 _LOCK_PARENT = """
@@ -717,6 +730,24 @@ class PostgresStore(PostgresOutbox):
         self._dead_floor = min([floor, *(lease.expires_at for lease in claimed)])
         return claimed
 
+    def retire_key(self, kid: str, at: float) -> bool:
+        """Record ``kid`` as retired at ``at``; True if this call recorded it."""
+        _check_time("at", at)
+
+        def work(cur: Cursor) -> bool:
+            return cur.execute(self._sql.retire_key, {"kid": kid, "at": at}).rowcount == 1
+
+        return self._call("record a retired key", work, atomic=False)
+
+    def retired_keys(self) -> dict[str, float]:
+        """Every retired kid and when it was retired."""
+
+        def work(cur: Cursor) -> dict[str, float]:
+            rows = cur.execute(self._sql.retired_keys).fetchall()
+            return {str(kid): float(at) for kid, at in rows}
+
+        return self._call("read the retired keys", work, atomic=False)
+
     def awaiting_hooks(self, now: float) -> dict[str, int]:
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
         _check_time("now", now)
@@ -998,6 +1029,8 @@ class _Statements:
             "margin": sql.Literal(ACK_MARGIN),
         }
         self.get = self.render(_GET)
+        self.retire_key = self.render(_RETIRE_KEY)
+        self.retired_keys = self.render(_RETIRED_KEYS)
         self.lock_parent = self.render(_LOCK_PARENT)
         self.count_active = self.render(_COUNT_ACTIVE)
         self.count_owner = self.render(_COUNT_ACTIVE_OWNER)

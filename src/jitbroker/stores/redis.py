@@ -30,6 +30,8 @@ so every key of one store lives in one slot and the scripts may touch them all):
                               began, written by the first add into an empty store
     {p}:revseq                string: the number of the last revocation
     {p}:revlog                stream: {n, ids} per revocation, trimmed after an hour
+    {p}:retired               hash: kid -> retired at, the retired signing keys
+                              every broker sharing the store reads (HSETNX)
     {p}:caches                hash: cache id -> "acked seen_ms staleness_ms" of each
                               live revocation cache (see _CACHES and the feed)
     {p}:job:<id>, {p}:queue:<kind>, {p}:parked, {p}:jobs
@@ -798,6 +800,15 @@ class RedisLeases(Generic[C]):
         with _translated("read the store's epoch"):
             return _epoch((yield operator.methodcaller("get", self._epoch)))
 
+    def _retire_key_steps(self, kid: str, at: float) -> Steps[bool]:
+        with _translated("record a retired key"):
+            return bool((yield operator.methodcaller("hsetnx", self._base + "retired", kid, at)))
+
+    def _retired_keys_steps(self) -> Steps[dict[str, float]]:
+        with _translated("read the retired keys"):
+            found = yield operator.methodcaller("hgetall", self._base + "retired")
+        return {_text(kid): float(_text(at)) for kid, at in found.items()}
+
     def _clear_steps(self) -> Steps[int]:
         pattern, cursor, deleted = _glob_escape(self._base) + "*", 0, 0
         self._dead_floor = None
@@ -945,6 +956,14 @@ class RedisStore(RedisLeases[redis.Redis]):
     def forget_jobs(self, ids: Collection[str]) -> list[Job]:
         """Delete the jobs of ``ids`` whatever their state; those deleted."""
         return run(self._outbox.forget(ids), self._client)
+
+    def retire_key(self, kid: str, at: float) -> bool:
+        """Record ``kid`` as retired at ``at``; True if this call recorded it."""
+        return run(self._retire_key_steps(kid, at), self._client)
+
+    def retired_keys(self) -> dict[str, float]:
+        """Every retired kid and when it was retired."""
+        return run(self._retired_keys_steps(), self._client)
 
     # -- beyond the protocol -----------------------------------------------
     def revoked_since(self, since: float) -> list[str]:

@@ -101,6 +101,14 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
         return await arun(self._awaiting_hooks_steps(now), self._client)
 
+    async def retire_key(self, kid: str, at: float) -> bool:
+        """Record ``kid`` as retired at ``at``; True if this call recorded it."""
+        return await arun(self._retire_key_steps(kid, at), self._client)
+
+    async def retired_keys(self) -> dict[str, float]:
+        """Every retired kid and when it was retired."""
+        return await arun(self._retired_keys_steps(), self._client)
+
     async def purge(self, before: float) -> int:
         """Delete and unindex dead leases with ``expires_at < before``; how many."""
         return await arun(self._purge_steps(before), self._client)

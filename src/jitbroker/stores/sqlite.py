@@ -109,6 +109,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     outbox_sql.MIGRATION,
     # Held on_issue hook jobs inline in the lease's row (sqlite_outbox).
     outbox_sql.INLINE_MIGRATION,
+    # Retired signing keys, read by every broker sharing the file (invariant 11).
+    (
+        """CREATE TABLE IF NOT EXISTS retired_keys (
+            kid TEXT PRIMARY KEY NOT NULL,
+            retired_at REAL NOT NULL
+        )""",
+    ),
 )
 
 #: The schema version this code writes; a file at a higher one is refused.
@@ -364,6 +371,19 @@ class SQLiteStore:
         with self._transaction("purge dead leases") as db:
             outbox_sql.materialize_dead(db, before)
             return int(db.execute(_PURGE, (before,)).rowcount)
+
+    # -- retired keys (KeyRetirements) ------------------------------------------
+    def retire_key(self, kid: str, at: float) -> bool:
+        """Record ``kid`` as retired at ``at``; True if this call recorded it."""
+        with self._transaction("record a retired key", durable=True) as db:
+            sql = "INSERT OR IGNORE INTO retired_keys (kid, retired_at) VALUES (?, ?)"
+            return db.execute(sql, (kid, at)).rowcount == 1
+
+    def retired_keys(self) -> dict[str, float]:
+        """Every retired kid and when it was retired."""
+        with self._session("read the retired keys") as db:
+            rows = db.execute("SELECT kid, retired_at FROM retired_keys").fetchall()
+        return {str(kid): float(at) for kid, at in rows}
 
     # -- the outbox (statements in sqlite_outbox) ----------------------------
     def claim_jobs(

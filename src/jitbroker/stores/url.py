@@ -18,11 +18,15 @@ parameters are the driver's.
 A libpq ``key=value`` connection string (``host=db user=app password=...``) is
 refused rather than taken for a SQLite file name: give PostgreSQL as a
 ``postgresql://`` URL (and a SQLite path with ``key=`` at its start as
-``sqlite:PATH``). Neither error repeats the string: it may hold a password.
+``sqlite:PATH``). Neither error repeats the string: it may hold a password
+(a missing SQLite file's error shows where a *relative* path resolved). A
+query parameter neither jitbroker nor the driver knows (``?prefx=``) is an
+``InvalidRequest`` naming it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -63,6 +67,7 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
         from .redis import RedisStore
 
         bare, prefix = _pop_param(url, "prefix", "jitbroker")
+        _check_names(bare, _redis_params(scheme), "prefix")
         redis_store = RedisStore(bare, prefix=prefix)
         try:
             missing = not create and not redis_store.holds_data()
@@ -82,6 +87,7 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
 
         bare, schema = _pop_param(url, "schema", "jitbroker")
         bare, timeout = _pop_param(bare, "timeout", str(DEFAULT_TIMEOUT))
+        _check_names(bare, _libpq_params(), "schema, timeout")
         return PostgresStore(
             bare, schema=schema, timeout=_seconds("timeout", timeout), create=create
         )
@@ -89,7 +95,15 @@ def open_store(url: str, *, create: bool = True) -> LeaseStore:
         path = url[len("sqlite:") :]
         if path.startswith("//"):
             if not path.startswith("///"):
-                raise InvalidRequest("a sqlite URL is sqlite:///relative or sqlite:////absolute")
+                raise InvalidRequest(
+                    "a sqlite URL is sqlite:///relative/path (from the current directory),"
+                    " sqlite:////absolute/path or sqlite:PATH, not two slashes"
+                    + (
+                        f" (sqlite:///{path[2:]} is {where!r})"
+                        if (where := _resolved(path[2:]))
+                        else ""
+                    )
+                )
             path = path[3:]
         return _sqlite(path, create)
     if _LIBPQ_DSN.match(url):
@@ -113,10 +127,58 @@ def _seconds(name: str, value: str) -> float:
         raise InvalidRequest(f"{name} must be a number of seconds, got {value!r}") from None
 
 
+def _check_names(url: str, known: frozenset[str], ours: str) -> None:
+    """Refuse a query parameter the driver does not know (``?prefx=``) by name,
+    before the driver turns it into a ``TypeError`` or a bare "invalid"."""
+    for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if name not in known:
+            raise InvalidRequest(
+                f"unknown store URL parameter {name!r} (jitbroker's own: {ours}; the rest"
+                " go to the driver, which does not know this one either)"
+            )
+
+
+def _redis_params(scheme: str) -> frozenset[str]:
+    """What redis-py's ``from_url`` takes from a query: its parsed arguments and
+    any keyword of the connection class the scheme picks."""
+    import redis.connection as rc
+
+    kind = {"rediss": rc.SSLConnection, "unix": rc.UnixDomainSocketConnection}
+    names = set(rc.URL_QUERY_ARGUMENT_PARSERS)
+    for cls in kind.get(scheme, rc.Connection).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return frozenset(names - {"self", "args", "kwargs"})
+
+
+def _libpq_params() -> frozenset[str]:
+    """The connection parameters of the libpq psycopg runs on (and ``ssl``, the
+    JDBC spelling libpq accepts in a URI)."""
+    from psycopg import pq
+
+    return frozenset({o.keyword.decode() for o in pq.Conninfo.get_defaults()} | {"ssl"})
+
+
 def _sqlite(path: str, create: bool) -> SQLiteStore:
     if not create and not os.path.isfile(path):
-        # Not the path itself: it may be a mistyped DSN with a password in it.
         raise InvalidRequest(
-            "no SQLite store at that path (a store URL is sqlite:, redis:// or postgresql://)"
+            f"no SQLite store at that path{_at(path)} (a store is a path, sqlite:///relative"
+            " from the current directory, sqlite:////absolute, sqlite:PATH, redis:// or"
+            " postgresql://)"
         )
     return SQLiteStore(path)
+
+
+def _at(path: str) -> str:
+    where = _resolved(path)
+    return "" if where is None else f", {where!r} (relative to the current directory)"
+
+
+def _resolved(path: str) -> str | None:
+    """Where a relative path lands, for the error. Never the path as given (the
+    caller typed that; repeated, a mistyped DSN's password would reach a log),
+    and nothing for what may be a URL or DSN (``user:secret@host``, ``password=``)."""
+    if os.path.isabs(path) or re.search(r"[@=]|://", path):
+        return None
+    return os.path.abspath(path)
