@@ -108,3 +108,58 @@ def test_the_example_policy_file_loads_and_allows_its_sample_request() -> None:
     argv = ["policy", "check", *shlex.split(sample.group(1).replace("\\\n", " "))]
     argv[2] = str(ROOT / argv[2])
     assert main(argv) == 0
+
+
+def _operations_commands() -> list[str]:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    lines = [
+        line
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith("jitbroker ")
+    ]
+    inline = re.findall(r"`(jitbroker [^`|]+)`", text.replace("\n", " "))
+    return lines + [re.sub(r"\s+", " ", line) for line in inline]
+
+
+@pytest.mark.parametrize("line", _operations_commands())
+def test_every_command_in_the_operations_runbooks_parses(line: str) -> None:
+    from jitbroker.cli import build_parser
+
+    argv = shlex.split(line)[1:]
+    build_parser().parse_args(argv)  # a usage error raises SystemExit: the runbook is wrong
+
+
+def test_the_hooks_example_prints_no_traceback(tmp_path: Path) -> None:
+    """Pasted into a file and run, the failing-hook example of governance.md is quiet."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "governance.md").read_text(), re.S)
+    (hooks,) = [code for code in blocks if "hook_retries" in code]
+    script = tmp_path / "hooks.py"
+    script.write_text(hooks)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_revocation_cache_snippet_pastes(tmp_path: Path) -> None:
+    """stores.md's revocation-cache setup runs as a file of its own (DOC_BLOCKS runs it too)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "stores.md").read_text(), re.S)
+    (snippet,) = [code for code in blocks if "revocations(" in code]
+    script = tmp_path / "cache.py"
+    script.write_text(snippet)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize("spelling", ["rule", "rules"])
+def test_policy_files_take_rule_or_rules(tmp_path: Path, spelling: str) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        f'[[{spelling}]]\nsubjects = ["svc:*"]\naudiences = ["api"]\nscopes = ["read"]\n'
+    )
+    assert main(["policy", "check", str(path)]) == 0

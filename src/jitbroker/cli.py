@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jitbroker {__version__}")
     sub: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # type: ignore[assignment]
-    sub.add_parser("demo", help="walk through issuing, verifying and killing a credential")
+    sub.add_parser(
+        "demo",
+        help="walk through issuing, verifying and killing a credential",
+        description="In memory, on a simulated clock; nothing is written. E.g. jitbroker demo",
+    )
     cli_keys.add_parser(sub)
     cli_governance.add_parsers(sub)
     cli_shell.add_parsers(sub)

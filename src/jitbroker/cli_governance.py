@@ -1,14 +1,15 @@
 """``jitbroker report|leases|revoke|policy``: operate on a shared lease store.
 
     jitbroker report  --store URL [--json] [--html FILE|-] [--long-ttl S] [--oldest N]
-                      [--keys DIR] [--window S] [--buckets N] [--top-owners N]
+                      [--keys DIR [--password-env VAR] | --jwks FILE|URL]
+                      [--window S] [--buckets N] [--top-owners N]
     jitbroker leases  --store URL [--owner O] [--subject S] [--task T] [--key-id K]
                       [--parent ID] [--issuer ISS] [--task-run RUN] [--all] [--json]
     jitbroker revoke  --store URL (--lease ID | --owner O | --subject S | --task T
                       | --key-id K | --parent ID | --issuer ISS | --task-run RUN ...)
                       [--reason R] [--by WHO] [--audit-log FILE]
-    jitbroker policy check FILE [--subject S --audience A [--scopes "a b"] [--ttl S]
-                      [--owner O] [--purpose P] [--task T] [--label k=v ...]]
+    jitbroker policy check FILE [--json] [--subject S --audience A [--scopes "a b"]
+                      [--ttl S] [--owner O] [--purpose P] [--task T] [--label k=v ...]]
 
 ``--store`` takes a SQLite path, ``sqlite:``, ``redis://`` or ``postgresql://``
 URL (see ``jitbroker.stores.open_store``), or the ``JITBROKER_STORE``
@@ -27,10 +28,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import cli_shell
 from .audit import JsonLinesSink, Sink
 from .broker import Broker
+from .core import Explanation
 from .errors import InvalidRequest
 from .hooks import failed_hook
 from .keyring import KeyRing
@@ -46,6 +49,24 @@ __all__ = ["COMMANDS", "add_parsers", "run"]
 Out = Callable[[str], object]
 COMMANDS = ("report", "leases", "revoke", "policy", "outbox")
 _FILTERS = ("owner", "subject", "task", "key_id", "parent", "issuer", "task_run")
+_FILTER_HELP = {
+    "owner": "leases of this owner",
+    "subject": "leases of this subject (workload)",
+    "task": "leases of this task",
+    "key_id": "leases signed by this key id",
+    "parent": "children of this lease id",
+    "issuer": "leases of this broker issuer",
+    "task_run": "leases of this task run (one run of broker.task)",
+}
+_FILTER_EXAMPLE = {
+    "owner": "alice@example.com",
+    "subject": "svc:ci-deploy",
+    "task": "job-42",
+    "key_id": "Xy3...",
+    "parent": "3f2a...e1",
+    "issuer": "urn:example:broker",
+    "task_run": "9c1d...",
+}
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,11 +101,25 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="N",
         help="how many of the oldest active leases to list (default 10); e.g. --oldest 20",
     )
-    report.add_argument(
+    keys = report.add_mutually_exclusive_group()
+    keys.add_argument(
         "--keys",
         type=Path,
         metavar="DIR",
         help="the key directory, to flag leases of retired keys; e.g. --keys /etc/jitbroker/keys",
+    )
+    keys.add_argument(
+        "--jwks",
+        metavar="FILE|URL",
+        help="or the broker's public JWKS, a file or an https:// URL (http:// on loopback"
+        " only), to the same end without the private keys; e.g. --jwks"
+        " https://jitbroker.internal/jwks.json",
+    )
+    report.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="with --keys: the environment variable holding the keys' passphrase;"
+        " e.g. --password-env JITBROKER_KEY_PASSWORD",
     )
     report.add_argument(
         "--window",
@@ -108,18 +143,28 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="owners the HTML chart names, the rest as one bar (default 10); e.g. --top-owners 5",
     )
 
-    leases = sub.add_parser("leases", help="list leases (active ones unless --all)")
+    leases = sub.add_parser(
+        "leases",
+        help="list leases (active ones unless --all)",
+        description="One line per lease, oldest first, filters combined with AND;"
+        " e.g. jitbroker leases --store leases.db --owner alice@example.com --json",
+    )
     _store_arg(leases)
     _filter_args(leases)
-    leases.add_argument("--all", action="store_true", help="include revoked and expired")
-    leases.add_argument("--json", action="store_true", help="one JSON object per line")
+    leases.add_argument(
+        "--all", action="store_true", help="include revoked and expired; e.g. --all --json"
+    )
+    leases.add_argument(
+        "--json", action="store_true", help="one JSON object per line; e.g. --json | jq .owner"
+    )
 
     revoke = sub.add_parser(
         "revoke",
         help="revoke leases (and their subtrees) by id, filter, or the token naming one",
         description="By lease id or filters on --store; or the lease a token names (read"
         " from - (stdin), --token-env or --token-file, never an argument) with --config or"
-        " --broker. Exit 0 revoked, 1 nothing was active, 2 an error.",
+        " --broker. Exit 0 revoked, 1 nothing was active, 2 an error."
+        " E.g. jitbroker revoke --store leases.db --owner bob@example.com --reason offboarded",
     )
     _store_arg(revoke)
     _filter_args(revoke)
@@ -131,57 +176,135 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default="revoked-by-operator",
         help="recorded on the lease; e.g. --reason leaked",
     )
-    revoke.add_argument("--by", help="who revokes, for the audit trail (default cli:$USER)")
+    revoke.add_argument(
+        "--by",
+        help="who revokes, for the audit trail (default cli:$USER); e.g. --by oncall:carol",
+    )
     revoke.add_argument(
         "--audit-log", type=Path, metavar="FILE", help="append events here; e.g. audit.jsonl"
     )
-    revoke.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    revoke.add_argument(
+        "--json", action="store_true", help="print the outcome as JSON; e.g. --json | jq .revoked"
+    )
     cli_shell.add_revoke_options(revoke)
 
+    _add_outbox(sub)
+    _add_policy(sub)
+
+
+def _add_outbox(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     outbox = sub.add_parser(
-        "outbox", help="parked work: hook calls and backend revokes that ran out of retries"
+        "outbox",
+        help="parked work: hook calls and backend revokes that ran out of retries",
+        description="e.g. jitbroker outbox list --store leases.db",
     )
-    jobs = outbox.add_subparsers(dest="outbox_command", required=True)
-    listed = jobs.add_parser("list", help="list parked jobs (with --all, every job waiting)")
-    listed.add_argument("--all", action="store_true", help="also jobs waiting for a retry")
-    listed.add_argument("--json", action="store_true", help="one JSON object per line")
+    jobs = outbox.add_subparsers(dest="outbox_command", required=True, metavar="COMMAND")
+    listed = jobs.add_parser(
+        "list",
+        help="list parked jobs (with --all, every job waiting)",
+        description="e.g. jitbroker outbox list --store leases.db --all --json",
+    )
+    listed.add_argument(
+        "--all", action="store_true", help="also jobs waiting for a retry; e.g. --all"
+    )
+    listed.add_argument(
+        "--json", action="store_true", help="one JSON object per line; e.g. --json | jq .error"
+    )
     retry = jobs.add_parser(
-        "retry", help="make parked jobs due again (every one without ID); brokers run them"
+        "retry",
+        help="make parked jobs due again (every one without ID); brokers run them",
+        description="e.g. jitbroker outbox retry --store leases.db 7f3c...",
     )
-    forget = jobs.add_parser("forget", help="drop parked jobs for good (needs --force; audited)")
-    forget.add_argument("--force", action="store_true", help="yes: their side effect never runs")
-    forget.add_argument("--by", help="who drops them, for the audit trail (default cli:$USER)")
-    forget.add_argument("--audit-log", type=Path, metavar="FILE", help="append events here")
+    forget = jobs.add_parser(
+        "forget",
+        help="drop parked jobs for good (needs --force; audited)",
+        description="e.g. jitbroker outbox forget --store leases.db --force 7f3c...",
+    )
+    forget.add_argument(
+        "--force", action="store_true", help="yes: their side effect never runs; e.g. --force"
+    )
+    forget.add_argument(
+        "--by",
+        help="who drops them, for the audit trail (default cli:$USER); e.g. --by oncall:carol",
+    )
+    forget.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="FILE",
+        help="append events here; e.g. --audit-log audit.jsonl",
+    )
     for cmd in (listed, retry, forget):
         _store_arg(cmd)
-    retry.add_argument("ids", nargs="*", metavar="ID", help="job ids (from `outbox list`)")
-    forget.add_argument("ids", nargs="+", metavar="ID", help="job ids (from `outbox list`)")
+    retry.add_argument(
+        "ids", nargs="*", metavar="ID", help="job ids (from `outbox list`); e.g. 7f3c..."
+    )
+    forget.add_argument(
+        "ids", nargs="+", metavar="ID", help="job ids (from `outbox list`); e.g. 7f3c..."
+    )
 
-    policy = sub.add_parser("policy", help="validate a policy file and explain a request")
-    cmds = policy.add_subparsers(dest="policy_command", required=True)
-    check = cmds.add_parser("check", help="validate FILE; with --subject/--audience, explain")
-    check.add_argument("file", type=Path)
-    check.add_argument("--subject")
-    check.add_argument("--audience")
-    check.add_argument("--scopes", default="", help="space-delimited")
-    check.add_argument("--ttl", type=float)
-    check.add_argument("--owner")
-    check.add_argument("--purpose")
-    check.add_argument("--task")
-    check.add_argument("--label", action="append", default=[], metavar="NAME=VALUE")
+
+def _add_policy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    policy = sub.add_parser(
+        "policy",
+        help="validate a policy file and explain a request",
+        description="e.g. jitbroker policy check policy.toml --subject svc:ci --audience db:orders",
+    )
+    cmds = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = cmds.add_parser(
+        "check",
+        help="validate FILE; with --subject/--audience, explain",
+        description="Exit 0 valid (and, with a request, allowed), 1 denied, 2 an invalid"
+        " file. E.g. jitbroker policy check policy.toml --subject svc:ci-deploy --audience"
+        " db:orders --scopes orders:read --ttl 600 --owner alice@example.com --json",
+    )
+    check.add_argument("file", type=Path, help="a TOML file of [[rules]] tables; e.g. policy.toml")
+    for name, example in (
+        ("subject", "the workload asking; e.g. --subject svc:ci-deploy"),
+        ("audience", "where it would be used; e.g. --audience db:orders"),
+        ("owner", "the accountable owner; e.g. --owner alice@example.com"),
+        ("purpose", "why; e.g. --purpose 'nightly export'"),
+        ("task", "the task; e.g. --task job-42"),
+    ):
+        check.add_argument(f"--{name}", metavar=name.upper(), help=example)
+    check.add_argument(
+        "--scopes", default="", help="space-delimited; e.g. --scopes 'orders:read orders:write'"
+    )
+    check.add_argument(
+        "--ttl", type=float, metavar="SECONDS", help="the lifetime asked for; e.g. --ttl 600"
+    )
+    check.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a broker label a rule's condition reads (repeatable); e.g. --label env=prod",
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print the verdict as one JSON object (valid, rules and, with a request,"
+        " allowed, reasons, matched rules); e.g. --json | jq .allowed",
+    )
 
 
 def _store_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=os.environ.get("JITBROKER_STORE"),
-        help="SQLite path or store URL (default: $JITBROKER_STORE)",
+        help="SQLite path or store URL (default: $JITBROKER_STORE); e.g. --store leases.db,"
+        " --store 'redis://127.0.0.1:6379/0?prefix=jitbroker'",
     )
 
 
 def _filter_args(parser: argparse.ArgumentParser) -> None:
     for name in _FILTERS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=name,
+            metavar=name.upper(),
+            help=f"{_FILTER_HELP[name]}; e.g. {flag} " + _FILTER_EXAMPLE[name],
+        )
 
 
 def run(args: argparse.Namespace, out: Out = print) -> int:
@@ -222,8 +345,36 @@ def _where(args: argparse.Namespace) -> LeaseFilter:
     return LeaseFilter(**{name: optional_text(getattr(args, name), name) for name in _FILTERS})
 
 
+def _report_keys(args: argparse.Namespace) -> set[str] | None:
+    """The key ids still held, from ``--keys DIR`` or ``--jwks FILE|URL``; None if neither."""
+    if args.password_env is not None and args.keys is None:
+        raise InvalidRequest("--password-env is for --keys DIR (a JWKS is public)")
+    if args.keys is not None:
+        password = None
+        if args.password_env is not None:
+            password = os.environ.get(args.password_env)
+            if not password:
+                raise InvalidRequest(
+                    f"environment variable {args.password_env} is not set or empty"
+                )
+        return {key.kid for key in KeyRing.from_dir(args.keys, password)}
+    if args.jwks is None:
+        return None
+    from .jwks import JWKSource, parse_jwks
+
+    if "://" in args.jwks:
+        host = urlsplit(args.jwks).hostname or ""
+        source = JWKSource(args.jwks, allow_http=host in _LOOPBACK)
+        return {key.kid for key in source.keys}
+    with open(args.jwks, "rb") as fh:
+        return {key.kid for key in parse_jwks(fh.read(1 << 20), args.jwks)}
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def _report(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
-    keys = None if args.keys is None else {key.kid for key in KeyRing.from_dir(args.keys)}
+    keys = _report_keys(args)
     now = time.time()
     counter = getattr(store, "awaiting_hooks", None)  # optional in the store protocol
     report = build_report(
@@ -366,12 +517,23 @@ def _lease_id(value: str) -> str:
 
 
 def _policy_check(args: argparse.Namespace, out: Out) -> int:
-    policy = Policy.from_toml(args.file)
-    out(f"{args.file}: valid, {len(policy.rules)} rule(s)")
-    if args.subject is None and args.audience is None:
-        return 0
-    if args.subject is None or args.audience is None:
+    if (args.subject is None) != (args.audience is None):
         raise InvalidRequest("explaining a request needs both --subject and --audience")
+    verdict: dict[str, object] = {"file": str(args.file)}
+    try:
+        policy = Policy.from_toml(args.file)
+    except InvalidRequest as exc:
+        if not args.json:
+            raise
+        out(json.dumps({**verdict, "valid": False, "error": str(exc)}))
+        return 2
+    verdict.update(valid=True, rules=len(policy.rules))
+    if not args.json:
+        out(f"{args.file}: valid, {len(policy.rules)} rule(s)")
+    if args.subject is None:
+        if args.json:
+            out(json.dumps(verdict))
+        return 0
     labels = dict(_label(text) for text in args.label)
     broker = Broker(keys=KeyRing.generate(), policy=policy, labels=labels, max_ttl=86_400 * 365)
     explanation = broker.explain(
@@ -383,8 +545,32 @@ def _policy_check(args: argparse.Namespace, out: Out) -> int:
         purpose=args.purpose,
         task=args.task,
     )
-    out(str(explanation))
+    if args.json:
+        verdict.update(explanation_dict(explanation))
+        out(json.dumps(verdict))
+    else:
+        out(str(explanation))
     return 0 if explanation.allowed else 1
+
+
+def explanation_dict(explanation: Explanation) -> dict[str, object]:
+    """What ``policy check --json`` adds for a request: the verdict, the rules
+    (by label), every reason and the quotas counted."""
+    d, lease = explanation.decision, explanation.lease
+    return {
+        "allowed": d.allowed,
+        "subject": lease.subject,
+        "audience": lease.audience,
+        "scope": lease.scope,
+        "ttl": lease.expires_at - lease.issued_at,
+        "granted_by": None if d.rule is None else d.rule.label(),
+        "matched": [rule.label() for rule in d.matched],
+        "reasons": list(d.reasons),
+        "quotas": [
+            {"rule": q.rule, "active": n, "limit": q.limit, "counts": q.describe()}
+            for q, n in explanation.quotas
+        ],
+    }
 
 
 def _label(text: str) -> tuple[str, str]:

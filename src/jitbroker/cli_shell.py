@@ -55,6 +55,7 @@ VERIFY_DESCRIPTION = (
     "Online verification: by the broker's store (local, --config) or by the broker's"
     " /introspect (remote, --broker; the caller must be one of its resource_servers)."
     " Exit 0 valid, 1 not valid (the reason is printed), 2 error."
+    ' E.g. printf %s "$TOKEN" | jitbroker verify - --config jitbroker.toml --audience db:orders'
 )
 
 
@@ -104,7 +105,11 @@ def add_remote(parser: argparse.ArgumentParser) -> None:
 
 def add_json(parser: argparse.ArgumentParser, what: str) -> None:
     """``--json``."""
-    parser.add_argument("--json", action="store_true", help=f"print {what} as one JSON object")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print {what} as one JSON object; e.g. --json | jq .",
+    )
 
 
 def add_issue_options(parser: argparse.ArgumentParser, default_ttl: str) -> None:
@@ -181,14 +186,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     issue = sub.add_parser(
         "issue",
         help="issue a credential and print its token",
-        description="Print the token alone on stdout: TOKEN=$(jitbroker issue ...) works.",
+        description="Print the token alone on stdout: TOKEN=$(jitbroker issue ...) works;"
+        " e.g. TOKEN=$(jitbroker issue --config jitbroker.toml --subject svc:ci --audience"
+        " db:orders --scope orders:read --ttl 10m)",
     )
     add_config(issue)
     add_remote(issue)
     add_issue_options(issue, "the config's default_ttl")
     add_json(issue, "the token, lease id, expiry and scope")
 
-    renew = sub.add_parser("renew", help="renew a credential's lease; print the fresh token")
+    renew = sub.add_parser(
+        "renew",
+        help="renew a credential's lease; print the fresh token",
+        description='e.g. printf %%s "$TOKEN" | jitbroker renew - --config jitbroker.toml'
+        " --ttl 10m",
+    )
     add_config(renew)
     add_remote(renew)
     add_token_source(renew, positional=False)
@@ -222,7 +234,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_json(verify, "the verdict and the claims")
 
     inspect = sub.add_parser(
-        "inspect", help="decode a token WITHOUT verifying it: header and claims, times readable"
+        "inspect",
+        help="decode a token WITHOUT verifying it: header and claims, times readable",
+        description="e.g. jitbroker inspect --token-file token.jwt",
     )
     add_token_source(inspect, positional=True)
     add_json(inspect, "the unverified header and claims")
