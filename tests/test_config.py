@@ -74,6 +74,22 @@ issuer = "https://token.actions.githubusercontent.com"
     assert (home / "audit.jsonl").read_text().count("\n") >= 1
 
 
+def test_the_broker_of_a_config_follows_its_key_directory(home: Path) -> None:
+    """`jitbroker keys rotate` on the directory reaches a running broker (serve)."""
+    broker = load_config(write(home, BASE)).open_broker()
+    try:
+        before = broker.issue("svc:a", "db", ttl=60).lease.key_id
+        ring = KeyRing.from_dir(home / "keys")
+        new = ring.rotate(grace=3660, publish_ahead=0)
+        ring.save_dir(home / "keys")
+        broker.keys.poll(force=True)  # what the next look, within a second, does
+        cred = broker.issue("svc:a", "db", ttl=60)
+        assert cred.lease.key_id == new.kid != before
+        assert broker.verify(cred.token, audience="db").subject == "svc:a"
+    finally:
+        broker.close()
+
+
 def test_the_default_path_is_jitbroker_config(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(home, BASE)
     monkeypatch.setenv("JITBROKER_CONFIG", str(path))

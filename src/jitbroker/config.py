@@ -138,7 +138,9 @@ class Config:
         from .policy import Policy
         from .stores import open_store
 
-        keys = KeyRing.from_dir(self.keys, self._password())
+        # Followed: `jitbroker keys rotate/retire` on the directory reach a running
+        # `jitbroker serve` within the poll interval (1 s), without a restart.
+        keys = KeyRing.from_dir(self.keys, self._password(), follow=True)
         policy = None
         if self.policy is not None:
             _check_private(self.policy, "policy file")
