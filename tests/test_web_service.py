@@ -327,6 +327,9 @@ def test_renewal_over_http_and_caller_conditions() -> None:
             body = svc.issued(scope="orders:read")
             auth = {"Authorization": "Bearer " + body["access_token"]}
             assert svc.http.post("/renew", headers=auth).status_code == renewed
+            (event,) = [e for e in svc.events if "endpoint=/renew" in (e.where or "")]
+            assert "caller_rule='access_token'" in (event.where or "")  # who renewed
+            assert event.actor == "svc:ci:acme/app"
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ from ..errors import (
     PolicyDenied,
     StoreError,
 )
-from ..lease import Credential
+from ..lease import Claims, Credential
 from .errors import InvalidClient, NonceRequired, RequestRejected
 from .headers import presented
 from .nonces import DPoPNonces
@@ -395,9 +395,9 @@ class BrokerService:
                 "/revoke", "revoked", None, reason=f"not active: {type(exc).__name__}"
             )
             return Response(b"", 200, NO_STORE)
-        holder = claims.actor if claims.actor is not None else claims.subject
-        await self.calls.revoke(claims.lease_id, by=f"{seen_token.scheme}:{holder}")
-        self.audit.decided("/revoke", "revoked", None, reason=f"by its holder {holder}")
+        holder = self._holder(claims, seen_token.scheme)
+        await self.calls.revoke(claims.lease_id, by=f"{seen_token.scheme}:{holder.subject}")
+        self.audit.decided("/revoke", "revoked", holder, reason="by its holder")
         return Response(b"", 200, NO_STORE)
 
     # -- POST /introspect ---------------------------------------------------------
@@ -433,19 +433,28 @@ class BrokerService:
             answer = error_response(exc, realm=self.base_url, scheme=scheme, dpop=self.dpop)
             self.audit.decided("/renew", "denied", None, error=type(exc).__name__, reason=str(exc))
             return _answer(answer)
-        holder = claims.actor if claims.actor is not None else claims.subject
-        who = {
-            "issuer": self.issuer,
-            "subject": holder,
-            "rule": "access_token",
-            "method": seen_token.scheme,
-        }
+        holder = seen.caller = self._holder(claims, seen_token.scheme)
         try:
-            cred = await self.calls.renew(who, claims.lease_id, ttl_of(form))
+            cred = await self.calls.renew(holder.fields(), claims.lease_id, ttl_of(form))
         except (PolicyDenied, LeaseError, InvalidRequest) as exc:
             raise granted(exc) from None
-        self.audit.decided("/renew", "renewed", None, lease=cred.lease)
+        self.audit.decided("/renew", "renewed", holder, lease=cred.lease)
         return self._credential(cred, ACCESS_TOKEN, request)
+
+    def _holder(self, claims: Claims, scheme: str) -> Caller:
+        """The caller a presented token of ours proves: its holder (the policy's
+        ``caller`` and the audit event's, for /renew and /revoke by the token)."""
+        holder = claims.actor if claims.actor is not None else claims.subject
+        return Caller(
+            subject=holder,
+            owner=claims.owner or holder,
+            rule="access_token",
+            method=scheme,
+            issuer=self.issuer,
+            assertion_subject=holder,
+            max_ttl=self.calls.max_ttl,
+            expires_at=claims.expires_at,
+        )
 
     # -- GET endpoints ---------------------------------------------------------------
     async def jwks(self, request: Request) -> Response:
