@@ -140,6 +140,9 @@ class Auditor:
         self.counts: dict[str, int] = {}
         #: Sink calls that raised (each one is also logged on ``jitbroker.audit``).
         self.sink_failures = 0
+        #: Called with ``(action, lease, details)`` on every event before the
+        #: sinks (``jitbroker.metrics`` counts from it: no event object is built).
+        self.observer: Callable[[EventType, Lease | None, dict[str, Any]], None] | None = None
 
     def emit(
         self, action: EventType, at: float, lease: Lease | None = None, **details: Any
@@ -147,6 +150,9 @@ class Auditor:
         """Emit one event; only counts it (cheaply) when nobody listens."""
         counts = self.counts  # a plain dict: Counter's += costs twice as much here
         counts[action] = counts.get(action, 0) + 1
+        observer = self.observer
+        if observer is not None:
+            observer(action, lease, details)
         logged = log.isEnabledFor(logging.INFO)
         if not self.sinks and not logged:
             return

@@ -167,7 +167,7 @@ class _Base:
             raise InvalidRequest("metrics must be a jitbroker.metrics.Metrics")
         self._metrics = metrics
         audit = self._core.audit
-        audit.emit = metrics.metering(audit.emit)  # type: ignore[method-assign]
+        audit.observer = metrics.observer()
         self._count_store(metrics)
 
     def _count_store(self, metrics: Metrics) -> None:
@@ -351,13 +351,18 @@ class Broker(_Base):
         # until one is configured; the outbox likewise, until a hook needs it.
         # Hook jobs go in with the lease, held by this broker, run once it is out.
         outbox = core.outbox.plan("on_issue", lease.issued_at) if core.issue_hooks else NO_OUTBOX
+        store = self.store  # bare, even with metrics: its errors are counted below
         try:
             if outbox is not NO_OUTBOX:
-                self._driven.add(lease, quotas, outbox=outbox)
+                store.add(lease, quotas, outbox=outbox)
             else:
-                self._driven.add(lease, quotas) if quotas else self._driven.add(lease)
+                store.add(lease, quotas) if quotas else store.add(lease)
         except QuotaExceeded as exc:
             core.denied(lease, exc, lease.issued_at)
+        except StoreError as exc:
+            if self._metrics is not None:
+                self._metrics.store_error(self._metrics.kind_of(store), "add", exc)
+            raise
         cred = core.issued(lease, token)
         if outbox is not NO_OUTBOX:
             run(core.run_issue_hooks(lease, outbox), self._driven)

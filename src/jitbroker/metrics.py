@@ -150,7 +150,7 @@ class Metrics:
             explicit_bucket_boundaries_advisory=VERIFY_BUCKETS,
         )
         self._outcomes: dict[str, dict[str, str]] = {}
-        self._issue_keys: dict[tuple[str, str | None], Attrs] = {}
+        self._issue_keys: dict[str, Attrs] = {}  # by audience, for leases without provider
 
     def __repr__(self) -> str:
         return f"<Metrics audiences={len(self._audiences)}>"
@@ -205,31 +205,28 @@ class Metrics:
         return (("audience", self._audience(lease.audience)), ("provider", lease.provider or _NONE))
 
     # -- audit events -----------------------------------------------------------------
-    def metering(self, emit: Callable[..., None]) -> Callable[..., None]:
-        """``Auditor.emit`` that counts each event first. Wrapping ``emit`` (not
-        an audit sink) keeps issue cheap: a sink makes the auditor build an
-        ``AuditEvent`` per issue (1 us); this counts from the arguments."""
+    def observer(self) -> Callable[[EventType, Lease | None, dict[str, Any]], None]:
+        """The ``Auditor.observer`` that counts each event from its arguments (an
+        audit sink would make the auditor build an ``AuditEvent`` per issue: 1 us)."""
         issued, lock, keys = self._counts["lease.issued"], self._lock, self._issue_keys
         observe = self._observe
 
-        def metered(
-            action: EventType, at: float, lease: Lease | None = None, **details: Any
-        ) -> None:
+        def observed(action: EventType, lease: Lease | None, details: dict[str, Any]) -> None:
             if action is _ISSUED and lease is not None:  # the hot path: one increment
-                key = keys.get((lease.audience, lease.provider))
-                if key is None:
+                key = keys.get(lease.audience) if lease.provider is None else None
+                if key is None:  # a new audience, or a provider's lease (that costs a backend call)
                     key = self._issue_key(lease)
                 with lock:
                     issued[key] = issued.get(key, 0) + 1
             else:
                 observe(action, lease, details)
-            emit(action, at, lease, **details)
 
-        return metered
+        return observed
 
     def _issue_key(self, lease: Lease) -> Attrs:
         key = (*self._lease_attrs(lease), ("via", "issue"))
-        self._issue_keys[(lease.audience, lease.provider)] = key
+        if lease.provider is None:
+            self._issue_keys[lease.audience] = key
         return key
 
     def _observe(self, action: EventType, lease: Lease | None, details: dict[str, Any]) -> None:
@@ -262,6 +259,11 @@ class Metrics:
                     key = attributes[:2]
                     active[key] = active.get(key, 0) + sign * count
         return active
+
+    @staticmethod
+    def kind_of(store: Any) -> str:
+        """The ``store`` attribute of a store's errors (memory, sqlite, redis...)."""
+        return _store_kind(store)
 
     def store_error(self, kind: str, operation: str, error: StoreError) -> None:
         """Count a store call that raised (the broker's counted store calls this)."""
