@@ -16,16 +16,15 @@ Target (issue 13): on / off <= 1.10 on issue and verify.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry
+from run import per_call  # benchmarks/run.py: one timing loop for every benchmark
 
 from jitbroker import Broker, KeyRing
 from jitbroker.metrics import Metrics
@@ -34,18 +33,6 @@ SUBJECT = "svc:ci-deploy"
 AUDIENCE = "db:orders"
 SCOPES = ["orders:read"]
 TARGET = 1.10
-
-
-def per_call(fn: Callable[[], object], number: int) -> float:
-    """Seconds per call of ``fn`` over one batch (gc paused, as timeit does)."""
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number
-    finally:
-        gc.enable()
 
 
 def brokers(token_format: str) -> dict[str, Broker]:
