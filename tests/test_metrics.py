@@ -226,14 +226,36 @@ def test_health_of_a_memory_broker() -> None:
     assert health.key_id == broker.keys.active.kid
     assert health.key_age is not None
     assert health.parked == 0
-    assert health.active_leases is None
-    assert health.active_leases_source == "unknown"
+    assert health.active_leases == 0
+    assert health.active_leases_source == "store"
+    assert health.active_leases_age == 0.0
     assert health.lease_warning_threshold == DEFAULT_LEASE_WARNING
     json.dumps(health.to_dict())
 
 
-def test_health_warns_over_the_lease_threshold(memory_reader: InMemoryMetricReader) -> None:
-    broker = Broker(metrics=Metrics(_provider(memory_reader)), lease_warning_threshold=2)
+class Uncounted:
+    """A MemoryStore without ``count_active``, as a third-party store may be."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "count_active":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_health_without_a_store_count_uses_the_metrics(
+    memory_reader: InMemoryMetricReader,
+) -> None:
+    assert Broker(store=Uncounted()).health().active_leases_source == "unknown"
+    broker = Broker(
+        store=Uncounted(),
+        metrics=Metrics(_provider(memory_reader)),
+        lease_warning_threshold=2,
+    )
     broker.issue(SUBJECT, "db", ["read"])
     assert broker.health().status == "ok"
     broker.issue(SUBJECT, "db", ["read"])
@@ -241,6 +263,7 @@ def test_health_warns_over_the_lease_threshold(memory_reader: InMemoryMetricRead
     assert health.status == "degraded"
     assert health.active_leases == 2
     assert health.active_leases_source == "process"
+    assert health.active_leases_age is None
     assert "2 active leases (warning threshold 2)" in health.reasons
 
 
@@ -380,3 +403,156 @@ def _hash() -> str:
     from jitbroker.web import hash_client_secret
 
     return hash_client_secret("s3cret-" + secrets.token_hex(8))
+
+
+# -- health counts active leases in the store (count_active), metrics or not ------------
+def _counted_store(kind: str, tmp_path: Path) -> Any:
+    """A fresh store of ``kind`` (a shared server: a scratch prefix or schema)."""
+    from test_store_conformance import POSTGRES_DSN, REDIS_URL
+
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(tmp_path / "leases.db")
+    if kind == "redis":
+        server_or_skip("Redis", "127.0.0.1", 6379)
+        return RedisStore(REDIS_URL, prefix=f"jbhealth{secrets.token_hex(4)}")
+    server_or_skip("PostgreSQL", "127.0.0.1", 5432)
+    from jitbroker.stores.postgres import PostgresStore
+
+    return PostgresStore(POSTGRES_DSN, schema=f"jbhealth_{secrets.token_hex(4)}")
+
+
+def _drop(store: Any) -> None:
+    clear = getattr(store, "clear", None)
+    if clear is not None:
+        clear()
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "postgres"])
+def test_health_counts_the_stores_active_leases(kind: str, tmp_path: Path) -> None:
+    store = _counted_store(kind, tmp_path)
+    clock = FakeClock()
+    broker = Broker(store=store, clock=clock, lease_warning_threshold=3)  # no metrics
+    other = Broker(store=store, clock=clock, keys=broker.keys)  # another process, as far as
+    try:  # the count goes: its leases are in the same store
+        first = broker.issue(SUBJECT, "db", ["read"], ttl=60)
+        broker.issue(SUBJECT, "db", ["read"], ttl=60)
+        other.issue(SUBJECT, "db", ["read"], ttl=10)
+        health = broker.health()
+        assert (health.active_leases, health.active_leases_source) == (3, "store")
+        assert health.active_leases_age == 0.0
+        assert health.status == "degraded"
+        assert health.reasons == ("3 active leases (warning threshold 3)",)
+        broker.revoke(first)
+        health = broker.health()
+        assert (health.status, health.active_leases) == ("ok", 2)
+        clock.advance(10)  # expired, not yet swept: not active either
+        assert broker.health().active_leases == 1
+        assert other.health().active_leases == 1
+    finally:
+        _drop(store)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis-async"])
+def test_async_broker_health_counts_in_the_store(kind: str, tmp_path: Path) -> None:
+    """Over a sync store (through ``as_async``: a non-blocking one inline, a
+    blocking one in a thread) and over the async Redis store."""
+
+    async def main() -> None:
+        if kind == "redis-async":
+            server_or_skip("Redis", "127.0.0.1", 6379)
+            from jitbroker.stores.redis_async import AsyncRedisStore
+            from test_store_conformance import REDIS_URL
+
+            store: Any = AsyncRedisStore(REDIS_URL, prefix=f"jbhealth{secrets.token_hex(4)}")
+        else:
+            store = _counted_store(kind, tmp_path)
+        clock = FakeClock()
+        broker = AsyncBroker(store=store, clock=clock, lease_warning_threshold=2)
+        try:
+            await broker.issue(SUBJECT, "db", ["read"], ttl=60)
+            await broker.issue(SUBJECT, "db", ["read"], ttl=5)
+            health = await broker.health()
+            assert (health.active_leases, health.active_leases_source) == (2, "store")
+            assert health.status == "degraded"
+            clock.advance(5)
+            health = await broker.health()
+            assert (health.status, health.active_leases) == ("ok", 1)
+        finally:
+            if kind == "redis-async":
+                await store.clear()
+            await broker.close()
+
+    asyncio.run(main())
+
+
+class SlowCount:
+    """A MemoryStore whose count takes 20 ms (a SQL store at ~300k leases)."""
+
+    blocking = False
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.counts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def count_active(self, now: float) -> int:
+        import time
+
+        self.counts += 1
+        time.sleep(0.02)
+        return self.inner.count_active(now)
+
+
+def test_a_slow_count_is_reused_for_a_while() -> None:
+    from jitbroker.metrics import COUNT_REUSE
+
+    store = SlowCount()
+    broker = Broker(store=store)
+    ticks = [1000.0]
+    broker._health.monotonic = lambda: ticks[0]
+    assert broker.health().active_leases == 0
+    broker.issue(SUBJECT, "db", ["read"])
+    ticks[0] += 5
+    health = broker.health()  # the count of 5 s ago: the store is not asked
+    assert (health.active_leases, health.active_leases_age, store.counts) == (0, 5.0, 1)
+    assert health.store_latency is not None
+    assert health.store_latency < 0.02  # the get and the job listing, not the count
+    ticks[0] += COUNT_REUSE
+    health = broker.health()
+    assert (health.active_leases, health.active_leases_age, store.counts) == (1, 0.0, 2)
+
+
+def test_a_fast_count_is_taken_by_every_probe() -> None:
+    broker = Broker()
+    assert broker.health().active_leases == 0
+    broker.issue(SUBJECT, "db", ["read"])
+    assert broker.health().active_leases == 1  # no reuse: counting a small store is cheap
+
+
+def test_open_broker_takes_metrics_and_the_threshold(
+    tmp_path: Path, memory_reader: InMemoryMetricReader
+) -> None:
+    from jitbroker.config import load_config
+
+    config = load_config(write_config(tmp_path, 'base_url = "http://127.0.0.1:1"'))
+    with pytest.raises(InvalidRequest, match="lease_warning_threshold"):
+        config.open_broker(lease_warning_threshold=0)
+    assert not (tmp_path / "leases.db").exists()  # refused before the store was opened
+    broker = config.open_broker(
+        metrics=Metrics(_provider(memory_reader)), lease_warning_threshold=1
+    )
+    try:
+        broker.issue(SUBJECT, "db", ["read"])
+        assert value(points(memory_reader), "jitbroker.lease.issued") == 1
+        health = broker.health()
+        assert (health.status, health.lease_warning_threshold) == ("degraded", 1)
+        assert health.active_leases_source == "store"
+    finally:
+        broker.close()
+    with pytest.raises(InvalidRequest, match="metrics must be"):
+        config.open_broker(metrics=object())  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import server_or_skip
 from jitbroker.lease import Lease
-from jitbroker.stores.base import KeyRetirements, LeaseFilter, LeaseStore
+from jitbroker.stores.base import ActiveCount, KeyRetirements, LeaseFilter, LeaseStore
 from jitbroker.stores.memory import MemoryStore
 from jitbroker.stores.sqlite import SQLiteStore
 
@@ -756,6 +756,32 @@ class TestLeaseStoreConformance:
         store.revoke("a", at=T0 + 1, reason=REASON)
         store.purge(T0 + 10_000)
         assert store.retired_keys() == {"kid-1": T0}
+
+    # -- count_active (health's lease count, ActiveCount) ----------------------
+    def test_count_active_counts_only_active_leases(self, store: LeaseStore) -> None:
+        assert isinstance(store, ActiveCount), "every bundled store counts (for health)"
+        assert store.count_active(T0) == 0
+        self.tree(store)  # root, child, grandchild, child2, other
+        self.add(store, make("hooked", expire_hooks="a"), make("short", ttl=5))
+        assert store.count_active(T0 + 3) == 7
+        assert ids(store.revoke("child", at=T0 + 3, reason=REASON)) == {"child", "grandchild"}
+        assert store.count_active(T0 + 3) == 5  # revoked: not active
+        assert store.count_active(T0 + 5) == 4  # expired (now == expires_at), unclaimed
+        assert ids(store.claim_expired(T0 + 10)) == {"short"}
+        assert store.count_active(T0 + 10) == 4
+        assert store.extend("root", expires_at=T0 + 120, at=T0 + 10) is not None
+        assert store.count_active(T0 + 31) == 3  # child2 expired; root renewed
+        assert store.count_active(T0 + TTL) == 1  # other and hooked (awaiting hooks) expired
+        claimed = store.claim_expired(T0 + 100, expire_hooks=["a"])
+        assert ids(claimed) == {"child2", "other", "hooked"}
+        store.purge(T0 + 100)
+        assert store.count_active(T0 + 100) == 1  # root, until its renewed expiry
+        assert store.count_active(T0 + 120) == 0
+
+    def test_count_active_is_a_point_in_time(self, store: LeaseStore) -> None:
+        assert isinstance(store, ActiveCount)
+        self.add(store, *(make(f"l{i}", ttl=10 * (i + 1)) for i in range(5)))
+        assert [store.count_active(T0 + t) for t in (0, 10, 25, 49, 50)] == [5, 4, 3, 1, 0]
 
     # -- close --------------------------------------------------------------
     def test_close_is_idempotent(self, store: LeaseStore) -> None:

@@ -154,6 +154,11 @@ class _Base:
         self._core.verifier.revocations = revocations
         self.store = MemoryStore() if store is None else store
         self._core.store_retirements = self.store  # keys retired through the store
+        if revocations is not None:
+            # Keys retired through the store reach this ring with the feed
+            # (invariant 11), before the cache acknowledges them; the sweep
+            # (``sync_retired``) remains the path when the feed is down.
+            revocations.on_retired(self._core.feed_retired)
         self._health = HealthState(lease_warning_threshold)
         self._metrics: Metrics | None = None
         self._setup()
@@ -642,8 +647,11 @@ class Broker(_Base):
         ``timeout`` seconds), the revocation feed live and its lag, the active
         key and its age, parked work, active leases against
         ``lease_warning_threshold``; ``status`` ok, degraded or down, with
-        reasons. Never raises for a store failure: that is ``down``."""
-        probe = run_probe(self._driven, self._core.clock(), seconds(timeout, "timeout"))
+        reasons. Never raises for a store failure: that is ``down``. Active
+        leases are the store's ``count_active`` (a slow count reused for a
+        while, see docs/metrics.md), else this process's metrics."""
+        limit, count = seconds(timeout, "timeout"), self._health.wants_count()
+        probe = run_probe(self._driven, self._core.clock(), limit, count)
         return self._health_of(probe)
 
     def _count_store(self, metrics: Metrics) -> None:
@@ -989,7 +997,8 @@ class AsyncBroker(_Base):
 
     async def health(self, *, timeout: Duration = 2.0) -> Health:
         """For readiness probes (see ``Broker.health``)."""
-        probe = await arun_probe(self._astore, self._core.clock(), seconds(timeout, "timeout"))
+        limit, count = seconds(timeout, "timeout"), self._health.wants_count()
+        probe = await arun_probe(self._astore, self._core.clock(), limit, count)
         return self._health_of(probe)
 
     def _count_store(self, metrics: Metrics) -> None:

@@ -21,9 +21,11 @@ Running brokers see these changes when they follow the directory
 default). ``rotate`` is two-phase: the new key is published at once and signs
 only ``--publish-ahead`` seconds later. ``retire --store URL`` also records the
 retirement in the lease store, so every broker sharing it stops signing with
-and verifying the key at its next sweep (its reap interval, 1 s by default),
-whether or not it follows the directory; ``--revoke`` also revokes the leases
-the key signed.
+and verifying the key whether or not it follows the directory: a broker with a
+live revocation feed (Redis, PostgreSQL) within one feed round trip (with
+strict revocations, the default, the command returns once every live feed has
+it), the others at their next sweep (their reap interval, 1 s by default);
+``--revoke`` also revokes the leases the key signed.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--store",
         metavar="URL",
         help="the lease store the brokers share (sqlite:PATH, redis://..., postgresql://...): "
-        "the retirement is recorded there and every broker sharing it drops the key "
-        "at its next sweep; e.g. --store postgresql://jitbroker@db/jitbroker",
+        "the retirement is recorded there and every broker sharing it drops the key: "
+        "within one feed round trip with a live revocation feed, else at its next sweep; "
+        "e.g. --store postgresql://jitbroker@db/jitbroker",
     )
     ret.add_argument(
         "--revoke",
@@ -203,9 +206,10 @@ def _retire(args: argparse.Namespace, password: bytes | None, out: Out) -> None:
         )
         return
     out(
-        "  recorded in the store: every broker sharing it stops signing with it and "
-        "rejects its tokens at its next sweep (its reap interval); offline verifiers "
-        "once they refetch the JWKS"
+        "  recorded in the store: every broker sharing it with a live revocation feed "
+        "stops signing with it and rejects its tokens within one feed round trip, the "
+        "others at their next sweep (their reap interval); offline verifiers once they "
+        "refetch the JWKS"
     )
     if revoked is not None and args.revoke:
         out(f"  revoked {revoked} leases it signed")

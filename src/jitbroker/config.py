@@ -48,6 +48,7 @@ from .errors import InvalidRequest
 
 if TYPE_CHECKING:
     from .broker import Broker
+    from .metrics import Metrics
 
 __all__ = ["CONFIG_ENV", "Config", "load_config", "parse_duration"]
 
@@ -127,16 +128,31 @@ class Config:
     #: The raw ``serve``, ``trust`` and ``clients`` tables (validated elsewhere).
     sections: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
 
-    def open_broker(self, *, create_store: bool = True) -> Broker:
+    def open_broker(
+        self,
+        *,
+        create_store: bool = True,
+        metrics: Metrics | None = None,
+        lease_warning_threshold: int | None = None,
+    ) -> Broker:
         """A ``Broker`` with these keys, store, policy and audit log. With
         ``create_store=False`` the store must exist (a typo is an error, never
-        a new empty store). Close it with ``broker.close()`` (the store) when done;
+        a new empty store). ``metrics`` and ``lease_warning_threshold`` are
+        ``Broker``'s (see docs/metrics.md; None: no metrics, the default
+        threshold). Close it with ``broker.close()`` (the store) when done;
         the audit log file is closed when the broker is collected or at exit."""
         from .audit import JsonLinesSink
         from .broker import Broker
         from .keyring import KeyRing
+        from .metrics import check_threshold
         from .policy import Policy
         from .stores import open_store
+
+        options: dict[str, Any] = {} if self.leeway is None else {"leeway": self.leeway}
+        if lease_warning_threshold is not None:  # checked before a store is opened
+            options["lease_warning_threshold"] = check_threshold(lease_warning_threshold)
+        if metrics is not None:
+            options["metrics"] = metrics
 
         # Followed: `jitbroker keys rotate/retire` on the directory reach a running
         # `jitbroker serve` within the poll interval (1 s), without a restart.
@@ -148,7 +164,6 @@ class Config:
         store = open_store(self.store, create=create_store)
         try:
             sinks = [] if self.audit_log is None else [JsonLinesSink(self.audit_log)]
-            options: dict[str, Any] = {} if self.leeway is None else {"leeway": self.leeway}
             broker = Broker(
                 issuer=self.issuer,
                 keys=keys,

@@ -614,7 +614,8 @@ class Core:
 
     def retire_key(self, kid: str, revoke: bool, reason: str, by: str | None = None) -> Steps[int]:
         """Drop ``kid`` now (its tokens stop verifying), record it as retired in
-        the store (so every broker sharing it retires it too: ``sync_retired``)
+        the store (so every broker sharing it retires it too: by the revocation
+        feed, ``feed_retired``, else at its sweep, ``sync_retired``)
         and, if ``revoke``, revoke the leases it signed. The key goes first: if
         the store then fails, its tokens are already dead here and the call can
         be retried (a kid already gone from this ring is then accepted)."""
@@ -644,14 +645,24 @@ class Core:
         if getattr(self.store_retirements, "retired_keys", None) is None:
             return []
         retired = yield lambda store: store.retired_keys()
-        dropped = self.keys.exclude(retired)
+        return self._retired_elsewhere(retired, actor="store")
+
+    def feed_retired(self, kids: list[str]) -> None:
+        """The revocation feed's listener (``RevocationCache.on_retired``): drop
+        the keys retired through the store now, in the feed's thread."""
+        self._retired_elsewhere(kids, actor="revocation-feed")
+
+    def _retired_elsewhere(self, kids: Iterable[str], actor: str) -> list[str]:
+        """Drop ``kids`` from the ring for good (``KeyRing.exclude``), with a
+        KEY_RETIRED event for each the ring held; those kids."""
+        dropped = self.keys.exclude(kids)
         for kid in dropped:
             self.audit.emit(
                 EventType.KEY_RETIRED,
                 self.clock(),
                 reason="retired-elsewhere",
                 where=f"key_id={kid!r}",
-                actor="store",
+                actor=actor,
             )
         return dropped
 

@@ -377,6 +377,13 @@ Status = Literal["ok", "degraded", "down"]
 _PROBE_ID = "0" * 32
 #: ``jobs(parked=True)`` is asked for at most this many: the probe stays cheap.
 PARKED_LIMIT = 1000
+#: A store count that took longer than this (seconds) is reused by later probes
+#: for ``COUNT_REUSE`` seconds: a count is O(leases) in SQL stores (PostgreSQL
+#: takes ~60 ms at 1M), and a probe every few seconds from every replica must
+#: not keep the database counting. Faster counts (Redis always, SQL stores up to
+#: about 250k live leases) are taken fresh by every probe.
+SLOW_COUNT = 0.010
+COUNT_REUSE = 30.0
 
 
 @attrs.frozen
@@ -398,6 +405,9 @@ class Health:
     active_leases_source: Literal["store", "process", "unknown"]
     lease_warning_threshold: int
     checked_at: float
+    #: Seconds since the store counted ``active_leases`` (0.0: by this probe; more:
+    #: a slow count reused, see ``COUNT_REUSE``); None unless the source is the store.
+    active_leases_age: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -420,18 +430,23 @@ class _Probe:
     parked: int | None = None
     active: int | None = None
     error: str | None = None
+    count_time: float | None = None  # seconds the store took to count
 
 
-def probe_steps(now: float) -> Iterator[Callable[[Any], Any]]:
+def probe_steps(now: float, count: bool = True) -> Iterator[Callable[[Any], Any]]:
     """The store calls of a probe, as step functions (each cheap: one get, a
-    bounded job listing, and a count only where the store has ``count_active``)."""
+    bounded job listing, and, unless ``count`` is False (a slow count reused),
+    a count where the store has ``count_active``)."""
     yield lambda store: store.get(_PROBE_ID)
     yield (
         lambda store: (
             store.jobs(parked=True, limit=PARKED_LIMIT) if hasattr(store, "jobs") else None
         )
     )
-    yield lambda store: store.count_active(now) if hasattr(store, "count_active") else None
+    if count:
+        yield lambda store: store.count_active(now) if hasattr(store, "count_active") else None
+    else:
+        yield lambda store: None  # a slow count is reused (see SLOW_COUNT)
 
 
 def check_threshold(value: object) -> int:
@@ -447,11 +462,30 @@ class HealthState:
     def __init__(self, threshold: int) -> None:
         self.threshold = check_threshold(threshold)
         self._seen: dict[str, float] = {}  # kid -> when this process first saw it sign
+        self._count: tuple[int, float] | None = None  # a slow count, and when it was taken
+        #: Ages (key, reused count) are measured on this clock (tests replace it).
+        self.monotonic: Callable[[], float] = time.monotonic
+
+    def wants_count(self) -> bool:
+        """False while a slow store count is fresh enough to reuse."""
+        kept = self._count
+        return kept is None or self.monotonic() - kept[1] >= COUNT_REUSE
+
+    def _active(self, probe: _Probe) -> tuple[int | None, float | None]:
+        """The store's count (this probe's, or a slow one reused) and its age."""
+        if probe.active is not None:
+            slow = probe.count_time is not None and probe.count_time > SLOW_COUNT
+            self._count = (probe.active, self.monotonic()) if slow else None
+            return probe.active, 0.0
+        kept = self._count
+        if probe.reachable and kept is not None:
+            return kept[0], self.monotonic() - kept[1]
+        return None, None
 
     def key(self, active_kid: str | None) -> tuple[str | None, float | None]:
         if active_kid is None:
             return None, None
-        now = time.monotonic()
+        now = self.monotonic()
         first = self._seen.setdefault(active_kid, now)
         return active_kid, now - first
 
@@ -476,7 +510,8 @@ class HealthState:
                 lag = max(0.0, cache.clock() - cache.confirmed_at)
             if feed == "stale":
                 reasons.append("revocation feed stale: verify asks the store for every token")
-        active, source = probe.active, "store"
+        active, count_age = self._active(probe)
+        source = "store"
         if active is None and metrics is not None:
             active, source = metrics.value("lease.active"), "process"
         elif active is None:
@@ -505,22 +540,27 @@ class HealthState:
             active_leases_source=source,  # type: ignore[arg-type]
             lease_warning_threshold=self.threshold,
             checked_at=now,
+            active_leases_age=count_age if source == "store" else None,
         )
 
 
-def run_probe(store: Any, now: float, timeout: float) -> _Probe:
+def run_probe(store: Any, now: float, timeout: float, count: bool = True) -> _Probe:
     """Probe a sync store in a daemon thread, waiting at most ``timeout`` seconds
     (a store that hangs must not hang the readiness probe)."""
     probe = _Probe()
 
     def work() -> None:
-        start = time.perf_counter()
+        perf = time.perf_counter
+        start = perf()
+        results, times = [], []
         try:
-            results = [step(store) for step in probe_steps(now)]
+            for step in probe_steps(now, count):
+                results.append(step(store))
+                times.append(perf())
         except Exception as exc:  # any failure of the store is "down", with its class
             probe.error = _describe(exc)
             return
-        _fill(probe, results, time.perf_counter() - start)
+        _fill(probe, results, times[1] - start, times[2] - times[1])
 
     thread = threading.Thread(target=work, name="jitbroker-health", daemon=True)
     thread.start()
@@ -530,36 +570,42 @@ def run_probe(store: Any, now: float, timeout: float) -> _Probe:
     return probe
 
 
-async def arun_probe(store: Any, now: float, timeout: float) -> _Probe:
+async def arun_probe(store: Any, now: float, timeout: float, count: bool = True) -> _Probe:
     """``run_probe`` for an async store."""
     import asyncio
 
     probe = _Probe()
+    perf = time.perf_counter
+    times: list[float] = []
 
     async def work() -> list[Any]:
         results = []
-        for step in probe_steps(now):
+        for step in probe_steps(now, count):
             result = step(store)
             results.append(await result if asyncio.iscoroutine(result) else result)
+            times.append(perf())
         return results
 
-    start = time.perf_counter()
+    start = perf()
     try:
         results = await asyncio.wait_for(work(), timeout)
     except TimeoutError:
         return _Probe(error=f"no answer within {timeout:g}s")
     except Exception as exc:  # any failure of the store is "down", with its class
         return _Probe(error=_describe(exc))
-    _fill(probe, results, time.perf_counter() - start)
+    _fill(probe, results, times[1] - start, times[2] - times[1])
     return probe
 
 
-def _fill(probe: _Probe, results: list[Any], latency: float) -> None:
+def _fill(probe: _Probe, results: list[Any], latency: float, count_time: float) -> None:
+    # ``latency`` is the get and the job listing: a count of 1M leases is slow
+    # by nature (see SLOW_COUNT) and must not read as a slow store.
     probe.reachable = True
     probe.latency = latency
     _, parked, active = results
     probe.parked = None if parked is None else len(parked)
     probe.active = active if isinstance(active, int) else None
+    probe.count_time = count_time if probe.active is not None else None
 
 
 def _describe(exc: BaseException) -> str:

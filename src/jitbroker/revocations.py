@@ -33,6 +33,14 @@ while the cache is known to be current, so:
   lifetime plus leeway: after that its tokens are expired anyway) and never
   evicted early; if more than ``max_entries`` are held, the cache stops
   claiming to be fresh rather than forget one;
+- a retired signing key travels the same way (invariant 11): the store records
+  the retirement and numbers it in the revocation log in the same atomic step
+  (a log entry of its own kind, see ``parse_entry``), so a cache applies it in
+  order with the revocations and a strict ``retire_key`` waits for every live
+  cache as ``revoke`` does. The cache hands each newly retired kid to its
+  listeners (``on_retired``: a ``Broker`` drops the key from its ring) before
+  it acknowledges, and every resync re-reads every retired kid, so one
+  retired while the feed was down is not missed;
 - a store that loses its data (a Redis restart without persistence, a
   truncated table) forgets leases and revocations alike, and a cache resynced
   from it would accept tokens whose leases are gone. So each store keeps an
@@ -63,6 +71,7 @@ __all__ = [
     "ACK_MARGIN",
     "RevocationCache",
     "acknowledged",
+    "parse_entry",
     "parse_ids",
     "sleep",
     "start_feed",
@@ -78,6 +87,8 @@ RESYNC_MARGIN = 60.0
 ACK_MARGIN = 0.05
 #: One connection's life: subscribe, resync, follow; returns or raises when it ends.
 Session = Callable[["RevocationCache", threading.Event], None]
+#: Told the kids newly retired (``RevocationCache.on_retired``).
+RetiredListener = Callable[[list[str]], object]
 
 
 class RevocationCache:
@@ -113,10 +124,12 @@ class RevocationCache:
         self.confirmed_at: float | None = None
         self.epoch = None
         self._stop: Callable[[], None] | None = None
+        self._retired: frozenset[str] = frozenset()  # kids, from the feed (few)
+        self._listeners: list[RetiredListener] = []
 
     def __repr__(self) -> str:
         state = "fresh" if self.fresh() else "stale"
-        return f"<RevocationCache {state} ids={len(self._ids)}>"
+        return f"<RevocationCache {state} ids={len(self._ids)} retired={len(self._retired)}>"
 
     # -- for verifiers -------------------------------------------------------
     def fresh(self) -> bool:
@@ -140,14 +153,36 @@ class RevocationCache:
         """True if ``lease_id`` was revoked within the window."""
         return lease_id in self._ids
 
+    @property
+    def retired_keys(self) -> frozenset[str]:
+        """The kids of the signing keys the feed reported retired."""
+        return self._retired
+
+    def on_retired(self, listener: RetiredListener) -> None:
+        """Call ``listener(kids)`` with every kid the feed reports newly retired,
+        in the feed's thread, before the cache acknowledges the retirement (so
+        a strict ``retire_key`` returns only once the listener ran). It is
+        called at once with the kids already known."""
+        with self._lock:
+            self._listeners.append(listener)
+            known = sorted(self._retired)
+        if known:
+            self._tell(listener, known)
+
     # -- for feeds -------------------------------------------------------------
     def resync(
-        self, ids: Iterable[str], *, epoch: float | None, since: float | None = None
+        self,
+        ids: Iterable[str],
+        *,
+        epoch: float | None,
+        since: float | None = None,
+        retired: Iterable[str] = (),
     ) -> None:
-        """After (re)subscribing: add every recent revocation and take the store's
-        ``epoch`` (read with them, in one snapshot), then count as live from
-        ``since`` (see ``alive``)."""
+        """After (re)subscribing: add every recent revocation and every retired
+        kid and take the store's ``epoch`` (read with them, in one snapshot),
+        then count as live from ``since`` (see ``alive``)."""
         self.add(ids)
+        self.retire(retired)
         self.epoch = epoch
         self.alive(since)
 
@@ -170,6 +205,25 @@ class RevocationCache:
                     self._ids[lease_id] = forget_at
                     heapq.heappush(self._order, (forget_at, lease_id))
             self._expire(now)
+
+    def retire(self, kids: Iterable[str]) -> None:
+        """Signing keys retired (from a log entry or a resync): tell the
+        listeners the kids not known before."""
+        with self._lock:
+            new = sorted(set(kids) - self._retired)
+            if not new:
+                return
+            self._retired = self._retired | set(new)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            self._tell(listener, new)
+
+    @staticmethod
+    def _tell(listener: RetiredListener, kids: list[str]) -> None:
+        try:
+            listener(kids)
+        except Exception:  # one broker's failure must not stop the feed for others
+            log.exception("a listener for retired keys failed")
 
     def alive(self, since: float | None = None) -> None:
         """The feed is connected, and knew every revocation as of ``since`` (the
@@ -285,3 +339,25 @@ def parse_ids(payload: str | bytes) -> list[str]:
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ValueError("unexpected revocation message")
     return ids
+
+
+def parse_entry(
+    ids: str | bytes | None, keys: str | bytes | None = None
+) -> tuple[list[str], list[str]]:
+    """(lease ids, retired kids) of one numbered log entry, from its ``ids``
+    and ``keys`` fields; a ``ValueError`` for anything else.
+
+    A revocation's entry has ``ids`` only. A key retirement's has ``keys`` (a
+    JSON list of kids) and ``ids`` set to ``[]``: a feed of a version that
+    knows nothing of ``keys`` reads it as a revocation of no lease (it
+    advances past the number, never takes a kid for a lease id), and a kid is
+    only ever read from ``keys``. An entry with both, or with neither, is not
+    one jitbroker writes.
+    """
+    lease_ids = parse_ids(ids if ids is not None else b"")
+    if keys is None:
+        return lease_ids, []
+    kids = parse_ids(keys)
+    if lease_ids or not kids:
+        raise ValueError("unexpected key retirement message")
+    return [], kids

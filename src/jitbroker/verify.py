@@ -161,7 +161,8 @@ class Verifier:
         revocations: with a store, a ``RevocationCache`` (``store.revocations()``)
             that answers for the store while its feed is live: JWS tokens issued
             after the store's epoch (plus ``leeway``) then verify with no store
-            round trip.
+            round trip. Keys retired through the store leave ``keys`` as the
+            feed delivers them.
         audit: sinks (callables, a ``JsonLinesSink``) that receive a
             ``verify_failed`` event for every rejected token: the error class and
             the lease id when known, never the token. They also go to the
@@ -199,6 +200,10 @@ class Verifier:
         self._astore, self._sync_store = _driven(store)
         self.online = not offline
         self.revocations = revocations
+        if revocations is not None:
+            # A key retired through the store leaves this ring as the feed
+            # delivers it (invariant 11): its tokens fail the kid check at once.
+            revocations.on_retired(self.keys.exclude)
         self.audit: Auditor | None = Auditor(audit)
 
     @classmethod
@@ -456,6 +461,10 @@ class Verifier:
         self._check_access(claims, audience, scopes)
         if self.online:
             cache = self.revocations
+            if cache is not None and claims.key_id in cache.retired_keys:
+                # Retired through the store: a ring of ours dropped it already
+                # (on_retired); this covers keys that come from a JWKS source.
+                raise UnknownKey(f"key {claims.key_id!r} was retired")
             if cache is not None and cache.vouches_for(claims.issued_at, self.leeway):
                 # The feed is current: the signature proves the lease was stored
                 # (invariant 1), after the store's epoch, so it was not lost with

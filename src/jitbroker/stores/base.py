@@ -36,6 +36,7 @@ from ..lease import Lease, _builder
 __all__ = [
     "EVENTS",
     "NO_OUTBOX",
+    "ActiveCount",
     "AsyncLeaseStore",
     "Job",
     "LeaseFilter",
@@ -341,6 +342,7 @@ class LeaseStore(Protocol):
     # Optional (not checked by ``isinstance``; the report says "not known"
     # without it): ``awaiting_hooks(now) -> dict[str, int]``, the expired leases
     # not yet claimed that need hooks, counted per ``expire_hooks`` value.
+    # Optional too (see ``ActiveCount``): ``count_active(now) -> int``.
 
 
 class AsyncLeaseStore(Protocol):
@@ -398,6 +400,19 @@ class KeyRetirements(Protocol):
         ...
 
 
+@runtime_checkable
+class ActiveCount(Protocol):
+    """Optional: a store that counts its active leases, so ``health()`` judges
+    the lease-count warning threshold by the store (every process's leases)
+    rather than by this process's metrics. Every store shipped has it; its
+    docstring says what a count costs (docs/metrics.md has the figures)."""
+
+    def count_active(self, now: float) -> int:
+        """How many leases are active at ``now``: neither revoked, nor claimed,
+        nor expired (``now < expires_at``)."""
+        ...
+
+
 _METHODS = (
     "add",
     "get",
@@ -428,10 +443,12 @@ class _SyncAsAsync:
         self.sync = store
         for name in _METHODS:
             setattr(self, name, self._wrap(getattr(store, name), store.blocking))
-        for optional in ("awaiting_hooks", "retire_key", "retired_keys"):
+        for optional in ("awaiting_hooks", "retire_key", "retired_keys", "count_active"):
             method = getattr(store, optional, None)
             if method is not None:
-                setattr(self, optional, self._wrap(method, store.blocking))
+                # A count scans (MemoryStore: ~65 ms at 1M leases): never on the loop.
+                threaded = store.blocking or optional == "count_active"
+                setattr(self, optional, self._wrap(method, threaded))
 
     @staticmethod
     def _wrap(fn: Callable[..., T], blocking: bool) -> Callable[..., Any]:

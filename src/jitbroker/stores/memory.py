@@ -215,6 +215,23 @@ class MemoryStore:
             counts = {h: self._due(heap, h, now) for h, heap in self._hook_expiry.items()}
         return {hooks: n for hooks, n in counts.items() if n}
 
+    def count_active(self, now: float) -> int:
+        """How many leases are active at ``now`` (neither revoked, claimed nor
+        expired), for ``health()``: a scan, O(stored leases), about 65 ms at 1M
+        leases, in the probe's thread. The copy of the values is atomic under the
+        GIL (no lock held while counting: issue never waits for a probe)."""
+        try:
+            leases = list(self._leases.values())
+        except RuntimeError:  # changed during the copy (a build without the GIL)
+            with self._lock:
+                leases = list(self._leases.values())
+        claimed = self._claimed
+        return sum(
+            1
+            for lease in leases
+            if lease.revoked_at is None and now < lease.expires_at and lease.id not in claimed
+        )
+
     def purge(self, before: float) -> int:
         purged = 0
         with self._lock:

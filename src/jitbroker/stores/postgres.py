@@ -326,6 +326,23 @@ _RETIRE_KEY = """
     ON CONFLICT (kid) DO NOTHING
 """
 _RETIRED_KEYS = "SELECT kid, retired_at FROM {schema}.retired_keys"
+# A retirement just recorded (its row inserted by _RETIRE_KEY in the same
+# transaction), announced as a revocation is (see jitbroker_revoke): the next
+# revoke_seq, the NOTIFY, and the live caches still to acknowledge it. The meta
+# row stays locked until commit, so numbers commit in order and a feed that
+# reads the number reads the row. One row: seq, pending, longest.
+_ANNOUNCE_RETIRED = """
+    WITH meta AS (
+        UPDATE {schema}.jitbroker_meta SET revoke_seq = revoke_seq + 1 RETURNING revoke_seq
+    )
+    SELECT meta.revoke_seq, w.pending, w.longest, pg_notify(%(channel)s, meta.revoke_seq::text)
+    FROM meta, LATERAL (
+        SELECT count(*) AS pending,
+            coalesce(max(k.seen_at + k.staleness + {margin} - now.t), 0) AS longest
+        FROM {schema}.caches AS k, (SELECT extract(epoch FROM clock_timestamp()) AS t) AS now
+        WHERE k.acked < meta.revoke_seq AND k.seen_at + k.staleness + {margin} > now.t
+    ) AS w
+"""
 _FIND = "SELECT {columns} FROM {schema}.leases WHERE {where} ORDER BY issued_at, id"
 
 _LOCK_PARENT = """
@@ -425,6 +442,13 @@ _AWAITING = """
       AND revoked_at IS NULL AND NOT claimed AND expires_at <= %(now)s
     GROUP BY expire_hooks
 """
+# Active leases, for health(): the predicate is leases_claim's (and
+# leases_live_subject's), so the count reads one of those partial indexes, which
+# hold only leases awaiting their claim, never the dead ones a retention keeps.
+_COUNT_LIVE = """
+    SELECT count(*) FROM {schema}.leases
+    WHERE revoked_at IS NULL AND NOT claimed AND expires_at > %(now)s
+"""
 
 # Served by leases_dead: the predicate is the index's own.
 _REVOKED_SINCE = """
@@ -438,19 +462,23 @@ _UNLISTEN = "UNLISTEN {channel}"
 _HEARTBEAT = """
 SELECT %s IN (SELECT pg_listening_channels()), (SELECT epoch FROM {schema}.jitbroker_meta)
 """
-# A resync: the epoch, the last revocation's number and the recent
-# revocations, in one snapshot.
+# A resync: the epoch, the last revocation's number, the recent revocations
+# and every retired kid, in one snapshot.
 _RESYNC = """
 SELECT (SELECT epoch FROM {schema}.jitbroker_meta),
     (SELECT revoke_seq FROM {schema}.jitbroker_meta),
     ARRAY(
         SELECT id FROM {schema}.leases
         WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at >= %s
-    )
+    ),
+    ARRAY(SELECT kid FROM {schema}.retired_keys)
 """
 # A feed's round: acknowledge what it applied (and that it is alive), and read
 # whether it is still listening, the epoch, the last revocation's number and
-# the ids revoked after what it applied (one snapshot).
+# the ids revoked after what it applied, and, if anything was numbered since,
+# every retired kid (one snapshot). A retirement takes a number but marks no
+# lease, so the kids are read whole: the table holds a handful of rows, and the
+# cache keeps only the new ones (no schema change for the feed to carry them).
 _CATCH_UP = """
 WITH ack AS (
     INSERT INTO {schema}.caches (id, acked, seen_at, staleness)
@@ -460,6 +488,8 @@ WITH ack AS (
 SELECT %(channel)s IN (SELECT pg_listening_channels()), meta.epoch, meta.revoke_seq, ARRAY(
     SELECT id FROM {schema}.leases
     WHERE revoke_seq > %(acked)s AND revoke_seq <= meta.revoke_seq
+), ARRAY(
+    SELECT kid FROM {schema}.retired_keys WHERE meta.revoke_seq > %(acked)s
 ) FROM (SELECT epoch, revoke_seq FROM {schema}.jitbroker_meta LIMIT 1) AS meta
 """
 # Why "LIMIT 1" and scalar subqueries over the one meta row: the planner has no
@@ -731,13 +761,28 @@ class PostgresStore(PostgresOutbox):
         return claimed
 
     def retire_key(self, kid: str, at: float) -> bool:
-        """Record ``kid`` as retired at ``at``; True if this call recorded it."""
+        """Record ``kid`` as retired at ``at``, numbered and announced like a
+        revocation in the same transaction, so the revocation feed carries it;
+        if strict, wait for every live cache as ``revoke`` does. True if this
+        call recorded it."""
         _check_time("at", at)
+        params = {"kid": kid, "at": at, "channel": self.channel}
 
-        def work(cur: Cursor) -> bool:
-            return cur.execute(self._sql.retire_key, {"kid": kid, "at": at}).rowcount == 1
+        def work(cur: Cursor) -> tuple[int, tuple[int, float]] | None:
+            if cur.execute(self._sql.retire_key, params).rowcount != 1:
+                return None  # retired before, and announced then
+            row = cur.execute(self._sql.announce_retired, params).fetchone()
+            if row is None:
+                raise StoreError("the lease schema has no meta row")
+            return int(row[0]), (int(row[1]), float(row[2]))
 
-        return self._call("record a retired key", work, atomic=False)
+        announced = self._call("record a retired key", work)
+        if announced is None:
+            return False
+        seq, waiting = announced
+        if self.strict_revocations and waiting[0]:
+            run(acknowledged(seq, waiting, self._waiting_for, sleep), None)
+        return True
 
     def retired_keys(self) -> dict[str, float]:
         """Every retired kid and when it was retired."""
@@ -757,6 +802,19 @@ class PostgresStore(PostgresOutbox):
             return {str(hooks): int(n) for hooks, n in rows}
 
         return self._call("count leases awaiting hooks", work, atomic=False)
+
+    def count_active(self, now: float) -> int:
+        """How many leases are active at ``now`` (neither revoked, claimed nor
+        expired), for ``health()``. One statement over a partial index of the
+        leases awaiting their claim: O(active leases) (PostgreSQL counts by
+        visiting entries; docs/metrics.md has the figure at 100k and 1M)."""
+        _check_time("now", now)
+
+        def work(cur: Cursor) -> int:
+            row = cur.execute(self._sql.count_live, {"now": now}).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return self._call("count active leases", work, atomic=False)
 
     def purge(self, before: float) -> int:
         """Delete dead leases (revoked or claimed) with ``expires_at < before``; how many.
@@ -1031,6 +1089,7 @@ class _Statements:
         self.get = self.render(_GET)
         self.retire_key = self.render(_RETIRE_KEY)
         self.retired_keys = self.render(_RETIRED_KEYS)
+        self.announce_retired = self.render(_ANNOUNCE_RETIRED)
         self.lock_parent = self.render(_LOCK_PARENT)
         self.count_active = self.render(_COUNT_ACTIVE)
         self.count_owner = self.render(_COUNT_ACTIVE_OWNER)
@@ -1045,6 +1104,7 @@ class _Statements:
         self.extend = self.render(_EXTEND)
         self.claim_expired = self.render(_CLAIM_EXPIRED, recorded=self.compose(CLAIM_JOBS_CTE))
         self.awaiting_hooks = self.render(_AWAITING)
+        self.count_live = self.render(_COUNT_LIVE)
         self.purge = self.render(_PURGE)
         self.revoked_since = self.render(_REVOKED_SINCE)
         self.listen = self.render(_LISTEN)

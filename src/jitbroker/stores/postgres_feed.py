@@ -31,15 +31,16 @@ class Feed:
     """One session of a PostgreSQL revocation feed, on a LISTENing connection.
 
     Each round is one statement (``_CATCH_UP``): it acknowledges what the cache
-    applied and reads what was revoked since, with the epoch and whether the
-    connection still listens. Only then is the cache counted live, from the
-    moment that statement was sent (``RevocationCache.alive``). Between rounds
-    the feed waits for the socket to become readable (a notification) or for
-    ``heartbeat`` seconds. Notifications are never parsed, so a forged NOTIFY
-    (any role may send one) costs one round, nothing more; one that arrives
-    while a statement runs is seen by the handler and brings another round at
-    once. The notification generator (``Connection.notifies``) is not used at
-    all: its behaviour around queries changed across psycopg 3.2 releases.
+    applied and reads what was revoked (and which keys were retired) since,
+    with the epoch and whether the connection still listens. Only then is the
+    cache counted live, from the moment that statement was sent
+    (``RevocationCache.alive``). Between rounds the feed waits for the socket
+    to become readable (a notification) or for ``heartbeat`` seconds.
+    Notifications are never parsed, so a forged NOTIFY (any role may send one)
+    costs one round, nothing more; one that arrives while a statement runs is
+    seen by the handler and brings another round at once. The notification
+    generator (``Connection.notifies``) is not used at all: its behaviour
+    around queries changed across psycopg 3.2 releases.
     """
 
     def __init__(
@@ -73,8 +74,9 @@ class Feed:
             row = self.execute(self.store._sql.resync, (clock() - RESYNC_MARGIN,))
             if row is None:
                 raise StoreError("the lease schema has no meta row: resyncing")
-            epoch, self.params["acked"], ids = row
+            epoch, self.params["acked"], ids, kids = row
             cache.add(str(i) for i in ids)
+            cache.retire(str(k) for k in kids)  # before round() acknowledges them
             self.round()  # registers the cache before it counts as live
             cache.resync((), epoch=epoch, since=sent)
             while not stop.is_set():
@@ -98,7 +100,7 @@ class Feed:
             row = self.execute(self.store._sql.catch_up, self.params)
             if row is None:
                 raise StoreError("the lease schema has no meta row: resyncing")
-            listening, epoch, latest, ids = row
+            listening, epoch, latest, ids, kids = row
             if not listening:
                 raise StoreError(
                     f"not listening on {self.store.channel!r}: the connection lost its LISTEN"
@@ -106,6 +108,7 @@ class Feed:
             if int(latest) == self.params["acked"]:
                 return None if epoch is None else float(epoch)
             self.cache.add(str(i) for i in ids)
+            self.cache.retire(str(k) for k in kids)  # retired keys, numbered alike
             self.params["acked"] = int(latest)  # acknowledged by the next statement
 
     def execute(self, query: bytes, params: Any) -> Any:

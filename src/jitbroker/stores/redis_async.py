@@ -101,6 +101,10 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
         """Expired, unclaimed leases that need hooks, per ``expire_hooks`` value."""
         return await arun(self._awaiting_hooks_steps(now), self._client)
 
+    async def count_active(self, now: float) -> int:
+        """How many leases are active at ``now`` (see ``RedisStore.count_active``)."""
+        return await arun(self._count_active_steps(now), self._client)
+
     async def retire_key(self, kid: str, at: float) -> bool:
         """Record ``kid`` as retired at ``at``; True if this call recorded it."""
         return await arun(self._retire_key_steps(kid, at), self._client)

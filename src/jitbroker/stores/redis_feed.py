@@ -20,7 +20,7 @@ import redis
 from .._drive import Steps, run
 from ..clock import Clock
 from ..errors import StoreError
-from ..revocations import RESYNC_MARGIN, RevocationCache, parse_ids
+from ..revocations import RESYNC_MARGIN, RevocationCache, parse_entry
 from .redis import (
     _ACK,
     _CACHES,
@@ -77,12 +77,14 @@ class Feed:
             # revoke that commits after it waits for this cache; one before it
             # is in the snapshot. Registering after would leave a gap.
             self.acknowledge()
-            epoch, seq, ids, last_id = run(
+            epoch, seq, ids, last_id, retired = run(
                 store._resync_steps(clock() - RESYNC_MARGIN), self.client
             )
             self.log_pos = LogPosition(seq, last_id)
+            cache.resync(ids, epoch=epoch, since=sent, retired=retired)
+            # Acknowledged once the cache applied the snapshot (its retired
+            # keys dropped by the listeners): a strict retire waits for that.
             self.acknowledge()
-            cache.resync(ids, epoch=epoch, since=sent)
             while not stop.is_set():
                 sent = cache.clock()
                 self.read(block=self.block_ms)
@@ -113,7 +115,9 @@ class Feed:
         # RESP2 gives [[stream, entries]], RESP3 {stream: entries}.
         streams = reply.values() if isinstance(reply, dict) else [s for _, s in reply or ()]
         entries = [entry for stream_entries in streams for entry in stream_entries]
-        self.cache.add(self.log_pos.take(entries))
+        ids, kids = self.log_pos.take(entries)
+        self.cache.add(ids)
+        self.cache.retire(kids)  # before the acknowledgement that follows
         return bool(entries)
 
     def acknowledge(self) -> tuple[float | None, int]:
@@ -134,12 +138,14 @@ class LogPosition:
     def __init__(self, applied: int, last_id: str) -> None:
         self.applied, self.last_id = applied, last_id
 
-    def take(self, entries: Sequence[tuple[Any, Mapping[Any, Any]]]) -> list[str]:
-        """The ids to add from ``entries`` (in log order). An entry that is not
-        ours (no number) is skipped with a warning; a gap in the numbers, or one
-        of ours that cannot be read, raises ``StoreError``: the session ends and
-        the next one resyncs from the leases themselves, never skipping one."""
+    def take(self, entries: Sequence[tuple[Any, Mapping[Any, Any]]]) -> tuple[list[str], list[str]]:
+        """The lease ids to add and the kids retired, from ``entries`` (in log
+        order; see ``parse_entry``). An entry that is not ours (no number) is
+        skipped with a warning; a gap in the numbers, or one of ours that
+        cannot be read, raises ``StoreError``: the session ends and the next
+        one resyncs from the leases themselves, never skipping one."""
         ids: list[str] = []
+        kids: list[str] = []
         for entry_id, fields in entries:
             self.last_id = _text(entry_id)
             number = _number(fields.get(b"n", fields.get("n")))
@@ -153,13 +159,18 @@ class LogPosition:
                     f"the revocation log went from {self.applied} to {number}: resyncing"
                 )
             try:
-                ids += parse_ids(fields.get(b"ids", fields.get("ids")) or b"")
+                revoked, retired = parse_entry(
+                    fields.get(b"ids", fields.get("ids")) or b"",
+                    fields.get(b"keys", fields.get("keys")),
+                )
             except ValueError as exc:
                 raise StoreError(
                     f"revocation {number} in the log is unreadable: resyncing"
                 ) from exc
+            ids += revoked
+            kids += retired
             self.applied = number
-        return ids
+        return ids, kids
 
 
 def _number(value: Any) -> int | None:

@@ -86,7 +86,16 @@ def build(config_path: str | os.PathLike[str]) -> tuple[Broker, Starlette, Serve
     rules = [*trust_rules(config), *clients_from(config)]
     if not rules:
         raise InvalidRequest(f"{config.path}: no [[trust]] or [[clients]]: nobody could call")
-    broker = config.open_broker()
+    exporter = _exporter(settings)  # before the store opens: a missing extra opens nothing
+    closing: list[Any] = [] if exporter is None else [exporter.provider]
+    try:
+        broker = config.open_broker(
+            metrics=None if exporter is None else exporter.metrics,
+            lease_warning_threshold=settings.lease_warning_threshold,
+        )
+    except BaseException:
+        _shut_down(closing)
+        raise
     if broker.issuer.rstrip("/") != settings.base_url:
         log.warning(
             "[broker] issuer %r is not [serve] base_url %r: RFC 9068 verifiers that read"
@@ -100,13 +109,9 @@ def build(config_path: str | os.PathLike[str]) -> tuple[Broker, Starlette, Serve
         service = BrokerService(broker, trust, dpop_nonces=nonces, **settings.app_options())
     except BaseException:
         broker.close()
+        _shut_down(closing)
         raise
-    try:
-        routes, closing = _operations(settings, broker)
-    except BaseException:
-        broker.close()
-        trust.close()
-        raise
+    routes = _operations(settings, broker, exporter)
     app = Starlette(routes=[*service.routes(), *routes], lifespan=_lifespan(broker, trust, closing))
     app.state.service = service
     return broker, app, settings
@@ -121,39 +126,26 @@ def _nonces(settings: ServeSettings, broker: Broker) -> DPoPNonces | None:
     return DPoPNonces(secret=None if shared is None else shared.encode(), clock=broker.clock)
 
 
-def _operations(settings: ServeSettings, broker: Broker) -> tuple[list[Route], list[Any]]:
-    """The ``/metrics`` and ``/healthz`` routes the settings ask for, and what
-    to close with the app (the meter provider)."""
-    from ..metrics import HealthState
-
-    routes: list[Route] = []
-    closing: list[Any] = []
-    if settings.lease_warning_threshold is not None:
-        broker._health = HealthState(settings.lease_warning_threshold)
-    if settings.metrics:
-        routes.append(Route("/metrics", _prometheus(broker, closing), methods=["GET"]))
-    if settings.health:
-
-        async def healthz(request: Request) -> Response:
-            health = await run_in_threadpool(broker.health)  # the probe may block
-            status = 503 if health.status == "down" else 200
-            headers = {"Cache-Control": "no-store"}
-            return JSONResponse(health.to_dict(), status_code=status, headers=headers)
-
-        routes.append(Route("/healthz", healthz, methods=["GET"]))
-    return routes, closing
-
-
-def _prometheus(broker: Broker, closing: list[Any]) -> Any:
-    """Instrument ``broker`` with a meter provider of its own whose Prometheus
+@attrs.frozen
+class _Exporter:
+    """``[serve] metrics``: a meter provider of the app's own whose Prometheus
     reader writes to a registry of its own (not prometheus_client's global one:
-    two apps in a process must not mix their series), and the endpoint."""
+    two apps in a process must not mix their series), and the broker's Metrics."""
+
+    provider: Any
+    registry: Any
+    metrics: Any
+
+
+def _exporter(settings: ServeSettings) -> _Exporter | None:
+    if not settings.metrics:
+        return None
     from ..metrics import Metrics
 
     try:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from opentelemetry.sdk.metrics import MeterProvider
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client import CollectorRegistry
     except ImportError:
         raise InvalidRequest(
             "[serve] metrics = true needs the OpenTelemetry SDK and Prometheus exporter:"
@@ -163,8 +155,34 @@ def _prometheus(broker: Broker, closing: list[Any]) -> Any:
     provider = MeterProvider(
         metric_readers=[PrometheusMetricReader(registry=registry)], shutdown_on_exit=False
     )
-    closing.append(provider)
-    broker._instrument(Metrics(provider))
+    return _Exporter(provider, registry, Metrics(provider))
+
+
+def _shut_down(providers: list[Any]) -> None:
+    for provider in providers:
+        provider.shutdown()
+
+
+def _operations(settings: ServeSettings, broker: Broker, exporter: _Exporter | None) -> list[Route]:
+    """The ``/metrics`` and ``/healthz`` routes the settings ask for."""
+    routes: list[Route] = []
+    if exporter is not None:
+        routes.append(Route("/metrics", _prometheus(exporter.registry), methods=["GET"]))
+    if settings.health:
+
+        async def healthz(request: Request) -> Response:
+            health = await run_in_threadpool(broker.health)  # the probe may block
+            status = 503 if health.status == "down" else 200
+            headers = {"Cache-Control": "no-store"}
+            return JSONResponse(health.to_dict(), status_code=status, headers=headers)
+
+        routes.append(Route("/healthz", healthz, methods=["GET"]))
+    return routes
+
+
+def _prometheus(registry: Any) -> Any:
+    """The ``/metrics`` endpoint: ``registry`` in Prometheus's text format."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     async def metrics(request: Request) -> Response:
         body = await run_in_threadpool(generate_latest, registry)
@@ -182,8 +200,7 @@ def _lifespan(broker: Broker, trust: Trust, closing: list[Any]) -> Any:
         finally:
             broker.stop()
             trust.close()
-            for provider in closing:
-                provider.shutdown()
+            _shut_down(closing)
 
     return lifespan
 
