@@ -114,12 +114,13 @@ def test_a_sqlite_store_of_the_previous_version_gains_the_retired_keys_table(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as db:  # as the previous version left a file
-        for steps in sqlite_module._MIGRATIONS[:-1]:
+    # As the version before retired keys left a file (the usage columns came after).
+    with sqlite3.connect(path) as db:
+        for steps in sqlite_module._MIGRATIONS[:-2]:
             for statement in steps:
                 db.execute(statement)
         db.execute(f"PRAGMA application_id = {sqlite_module.APPLICATION_ID}")
-        db.execute(f"PRAGMA user_version = {sqlite_module.SCHEMA_VERSION - 1}")
+        db.execute(f"PRAGMA user_version = {sqlite_module.SCHEMA_VERSION - 2}")
     store = SQLiteStore(path)
     try:
         assert store.add(make("a"))
@@ -146,7 +147,7 @@ def test_a_postgres_schema_of_the_previous_version_gains_the_retired_keys_table(
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
         name = sql.Identifier(schema)
         admin.execute(sql.SQL("DROP TABLE {}.retired_keys").format(name))
-        version = SCHEMA_VERSION - 1
+        version = SCHEMA_VERSION - 2  # before retired keys (the usage columns came after)
         admin.execute(sql.SQL("UPDATE {}.jitbroker_meta SET version = %s").format(name), (version,))
         again = PostgresStore(POSTGRES_DSN, schema=schema)
         try:

@@ -31,6 +31,7 @@ from jitbroker.errors import InvalidRequest
 from jitbroker.report import NHI_RISKS, NO_OWNER, Report
 from jitbroker.report_html import (
     TTL_BUCKETS,
+    blast_rows,
     nhi_rows,
     owner_rows,
     render_html,
@@ -144,6 +145,7 @@ def expected_marks(report: Report, buckets: int = 28) -> dict[str, list[int]]:
         "owners": [n for _, n in owner_rows(report.by_owner, 10)],
         "ttl": [n for _, n in ttl_rows(report.active)],
         "nhi": [n for _, n, _ in nhi_rows(report.findings())],
+        "blast": [n for _, n in blast_rows(report.blast_radius)],
     }
 
 
@@ -160,10 +162,14 @@ def test_findings_map_to_owasp_nhi_risks(estate: Estate) -> None:
         "unowned": "NHI1",
         "failed_hooks": "NHI1",
         "awaiting_hooks": "NHI1",
+        "never_used": "NHI1",
+        "unused": "NHI1",
         "broad": "NHI5",
+        "overprivileged": "NHI5",
         "long_lived": "NHI7",
         "retired_key": "NHI7",
         "deep_delegation": "NHI9",
+        "foreign_audience": "NHI9",
         "no_purpose": "NHI10",
     }
     assert found["unowned"].leases == tuple(estate.ids("stray"))
@@ -178,7 +184,7 @@ def test_findings_map_to_owasp_nhi_risks(estate: Estate) -> None:
     assert counts == {
         **dict.fromkeys(NHI_RISKS, 0),
         "NHI1": 2,  # stray; the parked hook
-        "NHI5": 2,  # stray, wide
+        "NHI5": 4,  # leases stray, wide; subjects svc:stray, svc:ci-deploy (their blast radius)
         "NHI7": 6,  # 5 long-lived, legacy's retired key
         "NHI9": 1,
         "NHI10": 2,
@@ -204,7 +210,8 @@ def test_unknown_findings_say_so() -> None:
 
     report = build_report([], now=0.0)  # the CLI without --keys: no key ring, no hook counts
     unknown = {f.kind for f in report.findings() if f.count is None}
-    assert unknown == {"retired_key", "failed_hooks", "awaiting_hooks"}
+    usage = {"never_used", "unused", "foreign_audience"}  # and no usage
+    assert unknown == {"retired_key", "failed_hooks", "awaiting_hooks", *usage}
     assert "not known here" in "".join(Page(render_html(report)).text)
 
 
@@ -252,12 +259,12 @@ def test_page_is_self_contained_and_holds_no_secret(estate: Estate) -> None:
     assert text.startswith('<!DOCTYPE html>\n<html lang="en">')
     page = Page(text)
     assert_self_contained(page, text)
-    assert page.tags["svg"] == 4
-    assert page.tags["figure"] == 4
+    assert page.tags["svg"] == 5
+    assert page.tags["figure"] == 5
     for tag, name, value in page.attributes:
         if tag == "svg" and name == "aria-label":
-            assert value.startswith(("Active leases", "TTL", "Findings"))
-    assert page.tags["title"] >= 1 + 4  # the page's and one per chart, plus one per mark
+            assert value.startswith(("Active leases", "TTL", "Findings", "Blast radius"))
+    assert page.tags["title"] >= 1 + 5  # the page's and one per chart, plus one per mark
     secrets = Secrets(estate.broker.keys)
     secrets.add(*estate.creds.values(), estate.revoked, estate.expired)
     secrets.check("render_html(report)", text)
@@ -271,8 +278,8 @@ def test_every_lease_value_is_escaped() -> None:
     assert_self_contained(page, text)
     assert page.tags["script"] == 0
     assert page.tags["img"] == 0
-    assert page.tags["svg"] == 4  # the scope's and the purpose's <svg ...> stayed text
-    assert page.tags["title"] == 1 + 4 + sum(len(m) for m in page.marks.values())
+    assert page.tags["svg"] == 5  # the scope's and the purpose's <svg ...> stayed text
+    assert page.tags["title"] == 1 + 5 + sum(len(m) for m in page.marks.values())
     shown = "".join(page.text)
     for field, value in HOSTILE.items():
         assert value in shown, field  # rendered as text, exactly
@@ -562,7 +569,8 @@ def test_chromium_renders_the_page_with_every_mark(
     page = Page(dom)
     expected = expected_marks(report)
     assert {chart: page.values(chart) for chart in expected} == expected
-    assert page.tags["svg"] == 4
+    assert page.values("blast")[0] == max(r.size for r in report.blast_radius)  # widest first
+    assert page.tags["svg"] == 5
     assert page.tags["script"] == 0
     assert page.tags["img"] == 0
     shown = "".join(page.text)

@@ -21,9 +21,16 @@ import pytest
 
 from conftest import server_or_skip
 from jitbroker.lease import Lease
-from jitbroker.stores.base import ActiveCount, KeyRetirements, LeaseFilter, LeaseStore
+from jitbroker.stores.base import (
+    ActiveCount,
+    KeyRetirements,
+    LeaseFilter,
+    LeaseStore,
+    UsageRecording,
+)
 from jitbroker.stores.memory import MemoryStore
 from jitbroker.stores.sqlite import SQLiteStore
+from jitbroker.usage import MAX_USED_BY, Usage, UsageRecord
 
 StoreFactory = Callable[[Path], LeaseStore]
 
@@ -782,6 +789,61 @@ class TestLeaseStoreConformance:
         assert isinstance(store, ActiveCount)
         self.add(store, *(make(f"l{i}", ttl=10 * (i + 1)) for i in range(5)))
         assert [store.count_active(T0 + t) for t in (0, 10, 25, 49, 50)] == [5, 4, 3, 1, 0]
+
+    # -- lease usage (UsageRecording, jitbroker.usage) -------------------------
+    def usage_store(self, store: LeaseStore) -> UsageRecording:
+        assert isinstance(store, UsageRecording), "every bundled store records usage"
+        return store
+
+    def test_record_usage_merges(self, store: LeaseStore) -> None:
+        usage = self.usage_store(store)
+        self.add(store, make("a"), make("b"), make("never"))
+        assert usage.lease_usage(["a", "b", "never"]) == {}
+        usage.record_usage([UsageRecord("a", T0 + 5, 3, ("api",))])
+        usage.record_usage(
+            [UsageRecord("a", T0 + 2, 2, ("api", "other")), UsageRecord("b", T0 + 1, 1, ("api",))]
+        )
+        assert usage.lease_usage(["a", "b", "never", "missing"]) == {
+            "a": Usage(T0 + 5, 5, ("api", "other")),  # latest time kept, counts summed
+            "b": Usage(T0 + 1, 1, ("api",)),
+        }
+        usage.record_usage([])  # nothing to write: no error
+
+    def test_record_usage_ignores_unknown_and_purged_leases(self, store: LeaseStore) -> None:
+        usage = self.usage_store(store)
+        self.add(store, make("a", ttl=5))
+        usage.record_usage(
+            [UsageRecord("ghost", T0, 1, ("api",)), UsageRecord("a", T0, 1, ("api",))]
+        )
+        assert usage.lease_usage(["ghost"]) == {}
+        assert store.get("ghost") is None  # never created by a usage write
+        assert ids(store.claim_expired(T0 + 10)) == {"a"}
+        store.purge(T0 + 100)
+        usage.record_usage([UsageRecord("a", T0 + 101, 1, ("api",))])
+        assert usage.lease_usage(["a"]) == {}
+        assert store.get("a") is None
+
+    def test_record_usage_keeps_lease_state(self, store: LeaseStore) -> None:
+        usage = self.usage_store(store)
+        self.add(store, make("a"))
+        usage.record_usage([UsageRecord("a", T0 + 1, 1, ("api",))])
+        assert store.extend("a", expires_at=T0 + 120, at=T0 + 2) is not None
+        lease = store.get("a")
+        assert lease is not None
+        assert lease.expires_at == T0 + 120
+        assert lease.revoked_at is None
+        store.revoke("a", at=T0 + 3, reason=REASON)
+        assert usage.lease_usage(["a"]) == {"a": Usage(T0 + 1, 1, ("api",))}
+
+    def test_used_by_is_bounded(self, store: LeaseStore) -> None:
+        usage = self.usage_store(store)
+        self.add(store, make("a"))
+        many = tuple(f"aud-{i}" for i in range(MAX_USED_BY + 3))
+        usage.record_usage([UsageRecord("a", T0, 1, many[:2])])
+        usage.record_usage([UsageRecord("a", T0, 1, many)])
+        got = usage.lease_usage(["a"])["a"]
+        assert got.use_count == 2
+        assert got.used_by == many[:MAX_USED_BY]  # first seen kept
 
     # -- close --------------------------------------------------------------
     def test_close_is_idempotent(self, store: LeaseStore) -> None:

@@ -247,7 +247,8 @@ def test_the_table_holds_every_lease_field(
         " WHERE table_schema = %s AND table_name = 'leases'",
         (store.schema,),
     ).fetchall()
-    assert {row[0] for row in rows} == {*COLUMNS, "claimed", "revoke_seq"}
+    usage = {"last_used_at", "use_count", "used_by"}  # version 9: lease usage (not in Lease)
+    assert {row[0] for row in rows} == {*COLUMNS, "claimed", "revoke_seq", *usage}
 
 
 def test_the_indexes(admin: psycopg.Connection[Any], store: PostgresStore) -> None:
@@ -652,7 +653,7 @@ def test_a_version_6_schema_is_migrated_keeping_leases_and_adding_jobs(
     ).fetchone() == (1,)
     store = new_store(schema=schema)
     query = sql.SQL("SELECT version FROM {}.jitbroker_meta").format(sql.Identifier(schema))
-    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)] == [(8,)]
+    assert admin.execute(query).fetchall() == [(SCHEMA_VERSION,)] == [(9,)]
     assert store.get("a") == leases[0]
     assert store.get("a").provider is None  # type: ignore[union-attr]
     assert store.get("gone").revoked_at == T0 + 2  # type: ignore[union-attr]

@@ -38,6 +38,7 @@ from .report import Report, build_report
 from .revocations import RevocationCache
 from .stores.base import NO_OUTBOX, AsyncLeaseStore, Job, LeaseFilter, LeaseStore, as_async
 from .stores.memory import MemoryStore
+from .usage import UsageLog
 from .verify import Request
 
 __all__ = ["AsyncBroker", "Broker"]
@@ -114,6 +115,8 @@ class _Base:
         task_revoke_backoff: Duration = 0.1,
         metrics: Metrics | None = None,
         lease_warning_threshold: int = DEFAULT_LEASE_WARNING,
+        track_usage: bool = True,
+        usage_interval: Duration = 60.0,
     ) -> None:
         if revocations is not None and not isinstance(revocations, RevocationCache):
             raise InvalidRequest("revocations must be a RevocationCache (store.revocations())")
@@ -159,11 +162,21 @@ class _Base:
             # (invariant 11), before the cache acknowledges them; the sweep
             # (``sync_retired``) remains the path when the feed is down.
             revocations.on_retired(self._core.feed_retired)
+        self._track_usage(track_usage, usage_interval)
         self._health = HealthState(lease_warning_threshold)
         self._metrics: Metrics | None = None
         self._setup()
         if metrics is not None:
             self._instrument(metrics)
+
+    def _track_usage(self, track: object, interval: Duration) -> None:
+        """Record online verifies in memory for the sweep to flush (docs/stores.md),
+        when the store can keep them (``record_usage``); else record nothing."""
+        if not isinstance(track, bool):
+            raise InvalidRequest("track_usage must be True or False")
+        every = seconds(interval, "usage_interval")
+        if track and callable(getattr(self.store, "record_usage", None)):
+            self._core.verifier.usage = UsageLog(every)
 
     def _instrument(self, metrics: Metrics) -> None:
         """Count this broker's events and store errors in ``metrics``: its audit
@@ -241,9 +254,11 @@ class _Base:
         self._core.keys.poll()  # a ring following its directory: its current keys
         return self._core.keys.jwks()
 
-    def _report(self, long_ttl: Duration, oldest: int) -> Steps[Report]:
+    def _report(self, long_ttl: Duration, oldest: int, unused_days: float) -> Steps[Report]:
         core = self._core
+        yield from core.flush_usage(core.clock(), force=True)  # this broker's uses count too
         leases = yield from core.leases(LeaseFilter(), True)
+        usage = yield from core.lease_usage(leases)
         awaiting = yield from core.awaiting_hooks()
         failed = yield from core.outbox.parked()
         return build_report(
@@ -256,6 +271,8 @@ class _Base:
             awaiting_hooks=awaiting,
             long_ttl=long_ttl,
             oldest=oldest,
+            usage=usage,
+            unused_days=unused_days,
         )
 
     def _forget(self, hooks: Iterable[FailedHook | str], force: bool, by: str | None) -> Steps[int]:
@@ -512,11 +529,15 @@ class Broker(_Base):
         that matched, every reason, and how full the quotas are. Issues nothing."""
         return run(self._explain_lease(subject, audience, scopes, ttl, issue), self._driven)
 
-    def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
+    def report(
+        self, *, long_ttl: Duration = 3600, oldest: int = 10, unused_days: float = 30
+    ) -> Report:
         """The governance report: what is alive, who owns it, and what looks wrong
         (no owner or purpose, TTL over ``long_ttl``, wildcards, retired keys,
-        failed hooks), with churn counts."""
-        return run(self._report(long_ttl, oldest), self._driven)
+        failed hooks; with usage tracking, leases never used, unused for
+        ``unused_days``, or used by an audience they were not issued for), with
+        churn counts."""
+        return run(self._report(long_ttl, oldest, unused_days), self._driven)
 
     def failed_hooks(self) -> list[FailedHook]:
         """Parked work, in the store's outbox: hook calls and provider revokes that
@@ -675,7 +696,14 @@ class Broker(_Base):
             self._reaper = None
         self._flush()
 
+    def flush_usage(self) -> int:
+        """Write the lease usage recorded since the last flush now (the sweep does
+        it every ``usage_interval``; ``stop`` and ``close`` too); how many leases."""
+        core = self._core
+        return run(core.flush_usage(core.clock(), force=True), self._driven)
+
     def _flush(self) -> None:
+        self.flush_usage()
         try:
             run(self._core.outbox.flush(), self._driven)
         except Exception:  # a closed or broken store: the jobs run again, same key
@@ -902,9 +930,11 @@ class AsyncBroker(_Base):
         """What ``issue`` would decide now, and why (see ``Broker.explain``)."""
         return await arun(self._explain_lease(subject, audience, scopes, ttl, issue), self._astore)
 
-    async def report(self, *, long_ttl: Duration = 3600, oldest: int = 10) -> Report:
+    async def report(
+        self, *, long_ttl: Duration = 3600, oldest: int = 10, unused_days: float = 30
+    ) -> Report:
         """The governance report (see ``Broker.report``)."""
-        return await arun(self._report(long_ttl, oldest), self._astore)
+        return await arun(self._report(long_ttl, oldest, unused_days), self._astore)
 
     async def failed_hooks(self) -> list[FailedHook]:
         """Parked work, oldest first (see ``Broker.failed_hooks``)."""
@@ -1041,11 +1071,18 @@ class AsyncBroker(_Base):
             try:
                 if self._claims:  # a cancelled sweep's claim still running: its leases
                     await asyncio.wait(set(self._claims))  # are claimed, queue their hooks
+                await self.flush_usage()
                 await arun(self._core.outbox.flush(), self._astore)
             except Exception:  # a broken store: the jobs run again, same key
                 log.warning("could not delete finished outbox jobs", exc_info=True)
             finally:
                 await self._astore.close()
+
+    async def flush_usage(self) -> int:
+        """Write the lease usage recorded since the last flush now (see
+        ``Broker.flush_usage``); ``close`` does it too."""
+        core = self._core
+        return await arun(core.flush_usage(core.clock(), force=True), self._astore)
 
     async def _reap(self) -> None:
         while True:

@@ -2,7 +2,8 @@
 
     jitbroker report  --store URL [--json] [--html FILE|-] [--long-ttl S] [--oldest N]
                       [--keys DIR [--password-env VAR] | --jwks FILE|URL]
-                      [--window S] [--buckets N] [--top-owners N]
+                      [--window S] [--buckets N] [--top-owners N] [--policy FILE] [--top N]
+                      [--unused-days DAYS]
     jitbroker leases  --store URL [--owner O] [--subject S] [--task T] [--key-id K]
                       [--parent ID] [--issuer ISS] [--task-run RUN] [--all] [--json]
     jitbroker revoke  --store URL (--lease ID | --owner O | --subject S | --task T
@@ -95,6 +96,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="flag leases that may live longer (default 3600); e.g. --long-ttl 900",
     )
     report.add_argument(
+        "--unused-days",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="flag active leases whose last use is older (default 30; needs a store that"
+        " records usage); e.g. --unused-days 7",
+    )
+    report.add_argument(
         "--oldest",
         type=int,
         default=10,
@@ -141,6 +150,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=10,
         metavar="N",
         help="owners the HTML chart names, the rest as one bar (default 10); e.g. --top-owners 5",
+    )
+    report.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="a policy TOML file: the blast radius shows what it would grant each subject"
+        " next to what it reaches; e.g. --policy /etc/jitbroker/policy.toml",
+    )
+    report.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        metavar="N",
+        help="subjects the blast radius lists, widest first (default 10; the totals count"
+        " them all); e.g. --top 25",
     )
 
     leases = sub.add_parser(
@@ -377,14 +401,21 @@ def _report(args: argparse.Namespace, store: LeaseStore, out: Out) -> int:
     keys = _report_keys(args)
     now = time.time()
     counter = getattr(store, "awaiting_hooks", None)  # optional in the store protocol
+    leases = store.find(LeaseFilter())
+    usage_of = getattr(store, "lease_usage", None)  # optional too (UsageRecording)
+    active = [lease.id for lease in leases if lease.is_active(now)]
     report = build_report(
-        store.find(LeaseFilter()),
+        leases,
         now=now,
         keys=keys,
         awaiting_hooks=None if counter is None else counter(now),
         failed_hooks=[failed_hook(job, job.name) for job in store.jobs(parked=True)],
         long_ttl=args.long_ttl,
         oldest=args.oldest,
+        policy=None if args.policy is None else Policy.from_toml(args.policy),
+        top=args.top,
+        usage=None if usage_of is None else usage_of(active),
+        unused_days=args.unused_days,
     )
     if args.html is None:
         out(json.dumps(report.to_dict(), indent=2) if args.json else str(report))

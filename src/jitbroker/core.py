@@ -45,6 +45,7 @@ from .lease import Credential, Lease, Secret, new_credential, new_lease
 from .outbox import SYNC, Mode, ProviderLike, Runner, check_providers
 from .policy import AccessRequest, Decision, Policy, covers
 from .stores.base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota
+from .usage import Usage
 from .validate import MAX_PURPOSE
 from .verify import Verifier, check_leeway
 
@@ -721,8 +722,25 @@ class Core:
             held += (job for job in jobs if job.lease not in lost)
             if len(batch) < SWEEP_BATCH:
                 break
+        yield from self.flush_usage(now)
         yield lambda store: store.purge(now - self.retention)
         return expired, held
+
+    def flush_usage(self, now: float, force: bool = False) -> Steps[int]:
+        """Hand the uses verify recorded to the store, one batch write, at most
+        every ``usage_interval`` (any time with ``force``); how many leases.
+        A failed write puts the batch back for the next flush: the sweep goes on."""
+        usage = self.verifier.usage
+        if usage is None or not (usage.due(now) or (force and len(usage))):
+            return 0
+        batch = usage.drain(now)
+        try:
+            yield lambda store: store.record_usage(batch)
+        except Exception:  # a store error: usage is telemetry, never worth a failed sweep
+            usage.restore(batch)
+            log.warning("could not record lease usage; retrying next interval", exc_info=True)
+            return 0
+        return len(batch)
 
     def finish_sweep(self, held: list[Job]) -> Steps[None]:
         """A sweep's jobs: those its claim holds (one claim per batch), then the
@@ -739,6 +757,15 @@ class Core:
                 yield from runner.reconcile(self.mode)
             except Exception:  # the sweep's own work is done; the next interval retries
                 log.warning("reconcile failed; retrying next interval", exc_info=True)
+
+    def lease_usage(self, leases: Iterable[Lease]) -> Steps[dict[str, Usage] | None]:
+        """The store's usage of the active ``leases`` (None: it records none)."""
+        now = self.clock()
+        ids = [lease.id for lease in leases if lease.is_active(now)]
+        if self.verifier.usage is None:
+            return None  # tracking off, or a store without record_usage
+        found: dict[str, Usage] = yield lambda store: store.lease_usage(ids)
+        return found
 
     def _active(self, lease_id: str) -> Steps[Lease]:
         lease: Lease | None = yield lambda store: store.get(lease_id)

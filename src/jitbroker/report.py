@@ -18,8 +18,10 @@ from .clock import Duration, seconds
 from .errors import InvalidRequest
 from .hooks import FailedHook
 from .lease import Lease
+from .policy import Policy, Rule, covers
+from .usage import Usage
 
-__all__ = ["NHI_RISKS", "Finding", "Report", "build_report", "lease_summary"]
+__all__ = ["NHI_RISKS", "BlastRadius", "Finding", "Report", "build_report", "lease_summary"]
 
 NO_OWNER = "(no owner)"
 
@@ -40,6 +42,10 @@ NHI_RISKS: Mapping[str, str] = {
 #: A delegation chain this many links deep (a delegation of a delegation) is a finding.
 DEEP_DELEGATION = 2
 
+#: A subject that reaches more audiences than this (or any wildcard audience or
+#: scope) through its active leases is overprivileged (NHI5); ``build_report(wide_audiences=)``.
+WIDE_AUDIENCES = 5
+
 #: Each finding of the report, the OWASP NHI risk it is an instance of, and its
 #: title. The one table both the JSON (``findings``) and the HTML report use;
 #: docs/governance.md gives the reasons.
@@ -47,10 +53,21 @@ _FINDINGS: tuple[tuple[str, str, str], ...] = (
     ("unowned", "NHI1", "leases with no owner"),
     ("failed_hooks", "NHI1", "parked hook calls and backend revokes (cleanup that never ran)"),
     ("awaiting_hooks", "NHI1", "expired leases whose on_expire cleanup has not run"),
+    # Usage (jitbroker.usage): a credential nobody uses should not exist (NHI1,
+    # offboarding); one verified for an audience it was not issued for is a
+    # credential reused across services (NHI9), and should be impossible.
+    ("never_used", "NHI1", "active leases issued more than {unused_grace:g}s ago, never used"),
+    ("unused", "NHI1", "active leases unused for {unused_days:g} days"),
     ("broad", "NHI5", "leases with wildcard scopes or audience"),
+    (
+        "overprivileged",
+        "NHI5",
+        "subjects reaching a wildcard or more than {wide_audiences} audiences (blast radius)",
+    ),
     ("long_lived", "NHI7", "leases that may live longer than {long_ttl:g}s"),
     ("retired_key", "NHI7", "active leases signed by a retired key"),
     ("deep_delegation", "NHI9", f"leases delegated {DEEP_DELEGATION} or more links deep"),
+    ("foreign_audience", "NHI9", "leases used by audiences they were not issued for"),
     ("no_purpose", "NHI10", "leases with no purpose"),
 )
 
@@ -60,7 +77,8 @@ class Finding:
     """One kind of problem the report looks for, and the OWASP NHI risk it is.
 
     ``count`` is how many leases it concerns (for ``failed_hooks``, parked jobs;
-    for ``awaiting_hooks``, expired leases, whose ids the report does not hold),
+    for ``awaiting_hooks``, expired leases, whose ids the report does not hold;
+    for ``overprivileged``, subjects, with their active leases' ids in ``leases``),
     None where it is not known here (no key ring given, or the store cannot
     count); ``leases`` the ids concerned."""
 
@@ -116,6 +134,144 @@ def _broad(lease: Lease) -> bool:
     return "*" in lease.audience or any("*" in scope for scope in lease.scopes)
 
 
+Pair = tuple[str, str]
+
+
+def _wild(value: str) -> bool:
+    return "*" in value
+
+
+@attrs.frozen
+class BlastRadius:
+    """What one subject reaches right now: the (audience, scope) pairs of its
+    active leases, its own and those delegated to it (wildcards kept as written).
+
+    A lease with no scope reaches its audience only: it counts in ``audiences``,
+    not in ``pairs``. ``depth`` is the deepest delegation chain the subject is
+    part of, as actor or principal (0: none). ``remaining`` is the seconds until
+    its last active lease expires, renewals not counted. With a policy given,
+    ``grantable`` is what its rules would let it get at most (their audiences x
+    scopes, as written) and ``outside_policy`` the reached pairs no rule for it
+    covers (a lease that outlived a policy change); None without a policy."""
+
+    subject: str
+    pairs: tuple[Pair, ...]
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    leases: tuple[str, ...]
+    depth: int
+    remaining: float
+    grantable: tuple[Pair, ...] | None = None
+    grantable_audiences: tuple[str, ...] | None = None
+    outside_policy: tuple[Pair, ...] | None = None
+
+    @property
+    def size(self) -> int:
+        """How many (audience, scope) pairs it reaches."""
+        return len(self.pairs)
+
+    @property
+    def wildcards(self) -> tuple[str, ...]:
+        """The wildcard audiences and scopes it reaches, as written."""
+        return tuple(x for x in (*self.audiences, *self.scopes) if _wild(x))
+
+    def wide(self, audiences: int) -> bool:
+        """True if it reaches a wildcard or more than ``audiences`` audiences."""
+        return bool(self.wildcards) or len(self.audiences) > audiences
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        """JSON-ready (it holds no secret)."""
+        grant = None
+        if self.grantable is not None:
+            grant = {
+                "audiences": list(self.grantable_audiences or ()),
+                "scopes": sorted({scope for _, scope in self.grantable}),
+                "pairs": [list(pair) for pair in self.grantable],
+            }
+        return {
+            "subject": self.subject,
+            "size": self.size,
+            "audience_count": len(self.audiences),
+            "scope_count": len(self.scopes),
+            "pairs": [list(pair) for pair in self.pairs],
+            "audiences": list(self.audiences),
+            "scopes": list(self.scopes),
+            "wildcards": list(self.wildcards),
+            "delegation_depth": self.depth,
+            "active_leases": len(self.leases),
+            "lease_ids": list(self.leases),
+            "longest_remaining_seconds": round(self.remaining, 3),
+            "expires_at": _iso(now + self.remaining),
+            "grantable": grant,
+            "outside_policy": None
+            if self.outside_policy is None
+            else [list(pair) for pair in self.outside_policy],
+        }
+
+
+def _blast_radius(
+    active: Sequence[Lease], everything: Mapping[str, Lease], now: float, policy: Policy | None
+) -> list[BlastRadius]:
+    """Every subject with an active lease, widest first (pairs, then leases)."""
+    by_subject: dict[str, list[Lease]] = {}
+    for lease in active:  # a delegated child's subject is its actor: it reaches the child
+        by_subject.setdefault(lease.subject, []).append(lease)
+    depths = _subject_depths(active, everything)
+    out = [
+        _radius(subject, leases, depths.get(subject, 0), now, policy)
+        for subject, leases in by_subject.items()
+    ]
+    out.sort(key=lambda r: (-r.size, -len(r.leases), -len(r.audiences), r.subject))
+    return out
+
+
+def _subject_depths(active: Sequence[Lease], everything: Mapping[str, Lease]) -> dict[str, int]:
+    """Per subject, the deepest delegation chain it is in: every subject on the
+    way from an active delegated lease up to its root gets that chain's depth."""
+    out: dict[str, int] = {}
+    for lease_id, depth in _depths(active, everything).items():
+        current: Lease | None = everything[lease_id]
+        seen: set[str] = set()
+        while current is not None and current.id not in seen:
+            seen.add(current.id)
+            out[current.subject] = max(out.get(current.subject, 0), depth)
+            current = None if current.parent is None else everything.get(current.parent)
+    return out
+
+
+def _radius(
+    subject: str, leases: Sequence[Lease], depth: int, now: float, policy: Policy | None
+) -> BlastRadius:
+    pairs = sorted({(x.audience, scope) for x in leases for scope in x.scopes})
+    radius = BlastRadius(
+        subject=subject,
+        pairs=tuple(pairs),
+        audiences=tuple(sorted({x.audience for x in leases})),
+        scopes=tuple(sorted({scope for x in leases for scope in x.scopes})),
+        leases=tuple(x.id for x in leases),
+        depth=depth,
+        remaining=max(x.expires_at for x in leases) - now,
+    )
+    if policy is None:
+        return radius
+    rules = [rule for rule in policy.rules if rule.applies_to(subject)]
+    return attrs.evolve(
+        radius,
+        grantable=tuple(sorted({(a, s) for r in rules for a in r.audiences for s in r.scopes})),
+        grantable_audiences=tuple(sorted({a for r in rules for a in r.audiences})),
+        outside_policy=tuple(pair for pair in pairs if not _granted(rules, pair)),
+    )
+
+
+def _granted(rules: Iterable[Rule], pair: Pair) -> bool:
+    audience, scope = pair
+    return any(
+        any(covers(a, audience) for a in rule.audiences)
+        and any(covers(s, scope) for s in rule.scopes)
+        for rule in rules
+    )
+
+
 def _lifetime(lease: Lease) -> float:
     """How long the lease may live in all, renewals included."""
     end = lease.max_expires_at if lease.renewable else lease.expires_at
@@ -149,11 +305,37 @@ class Report:
     #: the history the HTML report's timeline draws (dead records last until
     #: the sweep purges them, ``exp + max(leeway, retention)``).
     leases: tuple[Lease, ...] = attrs.field(default=(), repr=False)
+    #: Per subject, what its active leases reach: the ``top`` widest of them.
+    blast_radius: tuple[BlastRadius, ...] = ()
+    #: Over every subject: ``subjects``, ``shown``, ``pairs`` (distinct across
+    #: subjects), ``wildcard_subjects``, ``overprivileged``.
+    blast_totals: Mapping[str, int] = attrs.field(factory=dict)
+    #: Every overprivileged subject (not only the top ones) -> its active lease ids.
+    overprivileged: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    wide_audiences: int = WIDE_AUDIENCES
+    #: Lease id -> its usage, for the active leases ever used; None: not known
+    #: (the store does not record usage, or the CLI read a store without it).
+    usage: Mapping[str, Usage] | None = None
+    never_used: tuple[Lease, ...] | None = None
+    unused: tuple[Lease, ...] | None = None
+    foreign_audience: tuple[Lease, ...] | None = None
+    unused_days: float = 30.0
+    unused_grace: float = 300.0
 
     def findings(self) -> tuple[Finding, ...]:
         """Every kind of finding, in the order of the OWASP NHI risks."""
         return tuple(
-            Finding(kind, nhi, title.format(long_ttl=self.long_ttl), *self._found(kind))
+            Finding(
+                kind,
+                nhi,
+                title.format(
+                    long_ttl=self.long_ttl,
+                    wide_audiences=self.wide_audiences,
+                    unused_days=self.unused_days,
+                    unused_grace=self.unused_grace,
+                ),
+                *self._found(kind),
+            )
             for kind, nhi, title in _FINDINGS
         )
 
@@ -166,6 +348,9 @@ class Report:
                 return None, ()
             ids = tuple(dict.fromkeys(h.lease.id for h in self.failed_hooks))
             return len(self.failed_hooks), ids
+        if kind == "overprivileged":
+            ids = tuple(i for leases in self.overprivileged.values() for i in leases)
+            return len(self.overprivileged), ids
         if kind == "deep_delegation":
             ids = tuple(i for i, depth in self.delegated.items() if depth >= DEEP_DELEGATION)
             return len(ids), ids
@@ -209,7 +394,38 @@ class Report:
             ],
             "churn": dict(self.churn),
             "awaiting_hooks": None if self.awaiting_hooks is None else dict(self.awaiting_hooks),
+            "blast_radius": [radius.to_dict(now) for radius in self.blast_radius],
+            "blast_radius_totals": {
+                **self.blast_totals,
+                "wide_audiences": self.wide_audiences,
+                "overprivileged_subjects": list(self.overprivileged),
+            },
+            "usage": self._usage_dict(),
             "findings": [finding.to_dict() for finding in self.findings()],
+        }
+
+    def _usage_dict(self) -> dict[str, Any] | None:
+        if self.usage is None:
+            return None
+        now = self.generated_at
+        return {
+            "unused_days": self.unused_days,
+            "unused_grace_seconds": self.unused_grace,
+            "used": len(self.usage),
+            "leases": {
+                lease_id: {
+                    "last_used_at": None if u.last_used_at is None else _iso(u.last_used_at),
+                    "use_count": u.use_count,
+                    "used_by": list(u.used_by),
+                }
+                for lease_id, u in self.usage.items()
+            },
+            "never_used": [lease_summary(x, now) for x in self.never_used or ()],
+            "unused": [lease_summary(x, now) for x in self.unused or ()],
+            "foreign_audience": [
+                {**lease_summary(x, now), "used_by": list(self.usage[x.id].used_by)}
+                for x in self.foreign_audience or ()
+            ],
         }
 
     def __str__(self) -> str:
@@ -241,8 +457,56 @@ class Report:
         if self.delegated:
             deepest = max(self.delegated.values())
             yield f"\ndelegated leases: {len(self.delegated)} (deepest chain: {deepest})"
+        yield from self._blast_lines()
+        yield from self._usage_lines()
         yield from self._hook_lines()
         yield "\nchurn: " + ", ".join(f"{k} {v}" for k, v in self.churn.items())
+
+    def _blast_lines(self) -> Iterable[str]:
+        totals = self.blast_totals
+        yield (
+            f"\nblast radius (top {totals.get('shown', 0)} of {totals.get('subjects', 0)}"
+            f" subjects; {totals.get('pairs', 0)} distinct audience x scope pairs reachable):"
+        )
+        if not self.blast_radius:
+            yield "  (none)"
+        for r in self.blast_radius:
+            flags = [f"depth {r.depth}", f"longest {r.remaining:.0f}s left"]
+            if r.wildcards:
+                flags.append("WILDCARD " + " ".join(r.wildcards))
+            if r.subject in self.overprivileged:
+                flags.append("OVERPRIVILEGED")
+            if r.grantable is not None and r.outside_policy is not None:
+                flags.append(f"policy grants {len(r.grantable)} pairs")
+                flags.append(f"{len(r.outside_policy)} reached outside it")
+            yield (
+                f"  {r.subject}  {r.size} pairs ({len(r.audiences)} audiences x"
+                f" {len(r.scopes)} scopes)  {len(r.leases)} leases  " + "  ".join(flags)
+            )
+            for audience in r.audiences[:_AUDIENCE_LINES]:
+                scopes = [scope for aud, scope in r.pairs if aud == audience]
+                yield f"    {audience}: {' '.join(scopes) or '(no scope)'}"
+            if len(r.audiences) > _AUDIENCE_LINES:
+                yield f"    ... and {len(r.audiences) - _AUDIENCE_LINES} more audiences (--json)"
+
+    def _usage_lines(self) -> Iterable[str]:
+        if self.usage is None:
+            yield "\nlease usage: not known (the store does not record usage)"
+            return
+        now, usage = self.generated_at, self.usage
+        yield f"\nlease usage: {len(usage)} of {len(self.active)} active leases used"
+        sections = (
+            (f"issued more than {self.unused_grace:g}s ago, never used", self.never_used),
+            (f"unused for {self.unused_days:g} days", self.unused),
+        )
+        for title, items in sections:
+            yield f"  {title}: {len(items or ())}"
+            yield from (f"    {_line(lease, now)}" for lease in items or ())
+        foreign = self.foreign_audience or ()
+        if foreign:  # should be impossible: say so loudly
+            yield f"  !! USED BY AUDIENCES IT WAS NOT ISSUED FOR: {len(foreign)} (investigate)"
+        for lease in foreign:
+            yield f"    {_line(lease, now)}  used by {' '.join(usage[lease.id].used_by)}"
 
     def _hook_lines(self) -> Iterable[str]:
         if self.awaiting_hooks is None:
@@ -260,6 +524,10 @@ class Report:
                 f"  {hook.event} {hook.hook} lease {hook.lease.id}: "
                 f"{hook.attempts} attempts, last error {hook.error}"
             )
+
+
+#: Audiences the text report lists per subject of the blast radius (JSON lists all).
+_AUDIENCE_LINES = 5
 
 
 def _table(title: str, counts: Mapping[str, int]) -> Iterable[str]:
@@ -305,15 +573,33 @@ def build_report(
     awaiting_hooks: Mapping[str, int] | None = None,
     long_ttl: Duration = 3600,
     oldest: int = 10,
+    policy: Policy | None = None,
+    top: int = 10,
+    wide_audiences: int = WIDE_AUDIENCES,
+    usage: Mapping[str, Usage] | None = None,
+    unused_days: float = 30.0,
+    unused_grace: Duration = 300.0,
 ) -> Report:
     """The report over ``leases`` (live and dead, as ``leases(include_inactive=True)``
     gives). ``keys`` is the key ids still held (None: unknown, no retired-key
     finding); ``counts`` the broker's event counts since it started,
     ``sink_failures`` how many audit sink calls raised; ``awaiting_hooks``
-    the store's count of expired leases awaiting hooks (``awaiting_hooks(now)``)."""
+    the store's count of expired leases awaiting hooks (``awaiting_hooks(now)``).
+    The blast radius lists the ``top`` widest subjects; with ``policy``, what
+    it would grant each; a subject reaching a wildcard or more than
+    ``wide_audiences`` audiences is an ``overprivileged`` finding. ``usage``
+    is the store's ``lease_usage`` of the active leases (None: not known): an
+    active lease issued over ``unused_grace`` seconds ago and never used, one
+    last used over ``unused_days`` days ago, and one used by an audience it
+    was not issued for are findings."""
     threshold = seconds(long_ttl, "long_ttl")
     if isinstance(oldest, bool) or not isinstance(oldest, int) or oldest < 0:
         raise InvalidRequest("oldest must be a whole number, 0 or more")
+    for name, value in (("top", top), ("wide_audiences", wide_audiences)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"{name} must be a whole number, 0 or more, got {value!r}")
+    if policy is not None and not isinstance(policy, Policy):
+        raise InvalidRequest(f"policy must be a Policy, not {type(policy).__name__}")
     everything = {lease.id: lease for lease in leases}
     active = sorted(
         (x for x in everything.values() if x.is_active(now)), key=lambda x: (x.issued_at, x.id)
@@ -330,6 +616,16 @@ def build_report(
             churn[f"{event} (this broker)"] = counts.get(event, 0)
     if sink_failures is not None:
         churn["audit sink failures (this broker)"] = sink_failures
+    days, grace = _unused_limits(unused_days, unused_grace)
+    radii = _blast_radius(active, everything, now, policy)
+    wide = {r.subject: r.leases for r in radii if r.wide(wide_audiences)}
+    blast_totals = {
+        "subjects": len(radii),
+        "shown": min(top, len(radii)),
+        "pairs": len({pair for r in radii for pair in r.pairs}),
+        "wildcard_subjects": sum(1 for r in radii if r.wildcards),
+        "overprivileged": len(wide),
+    }
     return Report(
         generated_at=now,
         active=tuple(active),
@@ -350,7 +646,47 @@ def build_report(
         churn=churn,
         awaiting_hooks=None if awaiting_hooks is None else _sorted_counts(awaiting_hooks),
         leases=tuple(sorted(everything.values(), key=lambda x: (x.issued_at, x.id))),
+        blast_radius=tuple(radii[:top]),
+        blast_totals=blast_totals,
+        overprivileged=wide,
+        wide_audiences=wide_audiences,
+        **_usage_findings(active, usage, now, days, grace),
     )
+
+
+def _unused_limits(days: object, grace: Duration) -> tuple[float, float]:
+    ok = isinstance(days, int | float) and not isinstance(days, bool) and 0 < days < 1e6
+    if not ok:
+        raise InvalidRequest(f"unused_days must be a number of days above 0, got {days!r}")
+    return float(days), seconds(grace, "unused_grace", allow_zero=True)  # type: ignore[arg-type]
+
+
+def _usage_findings(
+    active: Sequence[Lease],
+    usage: Mapping[str, Usage] | None,
+    now: float,
+    days: float,
+    grace: float,
+) -> dict[str, Any]:
+    """The report's usage fields: never used, unused for ``days``, foreign audiences."""
+    out: dict[str, Any] = {"unused_days": days, "unused_grace": grace}
+    if usage is None:
+        return out
+    used = {x.id: usage[x.id] for x in active if x.id in usage and usage[x.id].use_count}
+    stale = now - days * 86_400
+    out.update(
+        usage=used,
+        never_used=tuple(x for x in active if x.id not in used and x.issued_at < now - grace),
+        unused=tuple(x for x in active if x.id in used and (used[x.id].last_used_at or 0) < stale),
+        foreign_audience=tuple(
+            x for x in active if x.id in used and _foreign(x.audience, used[x.id].used_by)
+        ),
+    )
+    return out
+
+
+def _foreign(audience: str, used_by: Iterable[str]) -> bool:
+    return any(not covers(audience, by) for by in used_by)
 
 
 def _sorted_counts(counts: Mapping[str, int]) -> dict[str, int]:

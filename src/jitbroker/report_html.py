@@ -8,9 +8,10 @@ same offline, without JavaScript and on paper. Every value that comes from a
 lease is HTML-escaped; the report holds no token or key, so neither does the
 page (nor the error text of parked hooks: foreign code wrote it).
 
-Four charts, each with a ``<title>``, an ``aria-label`` and its numbers in a
+Five charts, each with a ``<title>``, an ``aria-label`` and its numbers in a
 table below it: active leases over time, active leases by owner, the TTL
-distribution of active leases, and findings by OWASP NHI risk. Each mark is an
+distribution of active leases, findings by OWASP NHI risk, and the top
+subjects by blast radius (audience x scope pairs reachable). Each mark is an
 SVG element of class ``mark`` with ``data-chart``, ``data-label`` and
 ``data-value``, one per row of its chart's table (a zero is a mark of size 0).
 """
@@ -29,10 +30,11 @@ from pathlib import Path
 from .clock import Duration, seconds
 from .errors import InvalidRequest
 from .lease import Lease
-from .report import NHI_RISKS, NO_OWNER, Finding, Report
+from .report import NHI_RISKS, NO_OWNER, BlastRadius, Finding, Report
 
 __all__ = [
     "TTL_BUCKETS",
+    "blast_rows",
     "nhi_rows",
     "owner_rows",
     "render_html",
@@ -160,6 +162,12 @@ def nhi_rows(findings: Iterable[Finding]) -> list[tuple[str, int, list[Finding]]
     for finding in findings:
         by_risk[finding.nhi].append(finding)
     return [(nhi, sum(f.count or 0 for f in found), found) for nhi, found in by_risk.items()]
+
+
+def blast_rows(radii: Iterable[BlastRadius]) -> list[tuple[str, int]]:
+    """Each subject the report shows, widest first, and how many (audience,
+    scope) pairs its active leases reach."""
+    return [(radius.subject, radius.size) for radius in radii]
 
 
 # -- SVG ------------------------------------------------------------------------------
@@ -301,6 +309,71 @@ def _charts(report: Report, window: float, buckets: int, top_owners: int) -> Ite
             ],
         ),
     )
+    yield _blast_figure(report)
+
+
+def _blast_figure(report: Report) -> str:
+    rows = blast_rows(report.blast_radius)
+    totals = report.blast_totals
+    return _figure(
+        "blast",
+        "Blast radius: top subjects by audience x scope pairs reachable",
+        f"top {totals.get('shown', 0)} of {totals.get('subjects', 0)} subjects with active"
+        " leases, their own and those delegated to them; the table below has the pairs",
+        _bars("blast", "Blast radius by subject", rows),
+        _table(
+            "audience x scope pairs reachable per subject",
+            ["subject", "pairs", "audiences", "scopes", "leases"],
+            [
+                (r.subject, r.size, len(r.audiences), len(r.scopes), len(r.leases))
+                for r in report.blast_radius
+            ],
+        ),
+    )
+
+
+def _reach(radius: BlastRadius, limit: int = 10) -> str:
+    shown = [
+        f"{aud}: {' '.join(s for a, s in radius.pairs if a == aud) or '(no scope)'}"
+        for aud in radius.audiences[:limit]
+    ]
+    more = len(radius.audiences) - limit
+    return "; ".join(shown) + (f"; and {more} more audiences" if more > 0 else "")
+
+
+def _blast_row(radius: BlastRadius, flagged: Mapping[str, object]) -> tuple[object, ...]:
+    policy: tuple[object, ...] = ()
+    if radius.grantable is not None and radius.outside_policy is not None:
+        outside = " ".join(f"{a}:{s}" for a, s in radius.outside_policy[:10]) or "-"
+        policy = (len(radius.grantable), outside)
+    return (
+        radius.subject,
+        radius.size,
+        len(radius.audiences),
+        len(radius.scopes),
+        " ".join(radius.wildcards) or "-",
+        "yes" if radius.subject in flagged else "",
+        radius.depth,
+        len(radius.leases),
+        f"{radius.remaining:.0f} s",
+        _reach(radius),
+        *policy,
+    )
+
+
+def _blast_table(report: Report) -> str:
+    head = ["subject", "pairs", "audiences", "scopes", "wildcards", "overprivileged"]
+    head += ["delegation depth", "leases", "longest left", "reaches (audience: scopes)"]
+    if any(r.grantable is not None for r in report.blast_radius):
+        head += ["policy grants (pairs)", "reached outside the policy"]
+    totals = report.blast_totals
+    return _table(
+        f"widest first; {totals.get('pairs', 0)} distinct pairs reachable across"
+        f" {totals.get('subjects', 0)} subjects, {totals.get('overprivileged', 0)}"
+        f" overprivileged (a wildcard, or more than {report.wide_audiences} audiences)",
+        head,
+        (_blast_row(r, report.overprivileged) for r in report.blast_radius),
+    )
 
 
 def _ids(ids: Sequence[str], limit: int = 10) -> str:
@@ -337,6 +410,8 @@ def _tables(report: Report, max_rows: int) -> Iterable[str]:
             for f in report.findings()
         ],
     )
+    yield "<h2>Blast radius</h2>"
+    yield _blast_table(report)
     shown = report.active[:max_rows]
     more = len(report.active) - len(shown)
     yield "<h2>Active leases</h2>"

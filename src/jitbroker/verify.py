@@ -50,6 +50,7 @@ from .keyring import KeyRing
 from .lease import Claims, Lease
 from .revocations import RevocationCache
 from .stores.base import AsyncLeaseStore, LeaseStore, as_async
+from .usage import UsageLog
 
 __all__ = ["DEFAULT_MAX_TTL", "MAX_LEEWAY", "Request", "Verifier"]
 
@@ -280,6 +281,9 @@ class Verifier:
         self.source: JWKSource | None = None
         self.revocations = None
         self.proofs = ProofChecker(leeway=self.leeway, clock=clock)
+        #: Where online verifies record their lease's use (a broker's, with
+        #: ``track_usage``): in memory only, flushed to the store by the sweep.
+        self.usage: UsageLog | None = None
 
     @classmethod
     def _online(cls, keys: KeyRing, **options: Any) -> Verifier:
@@ -480,6 +484,9 @@ class Verifier:
                 check_lease(claims, lease, self.clock())  # after the lookup: no stale "now"
         if claims.holder is not None:
             self._check_proof(claims.holder, token, request)
+        usage = self.usage  # only a broker's (online) verifier has one
+        if usage is not None:  # a dict update, never a store call
+            usage.record(claims.lease_id, claims.audience, now)
         return claims
 
     def _after_fetch(self, token: str, need: _NeedKeys) -> Steps[Claims]:
@@ -503,7 +510,8 @@ class Verifier:
         if lease is None:
             raise UnknownLease("no lease for this token", lease_id=lease_id)
         claims = claims_from_lease(lease, self.issuer)
-        check_lease(claims, lease, self.clock())
+        now = self.clock()
+        check_lease(claims, lease, now)
         self._check_access(claims, audience, scopes)
         if lease.parent is not None:
             # An opaque token carries no act claim: the chain comes from the
@@ -514,6 +522,9 @@ class Verifier:
             )
         if claims.holder is not None:  # last: a failed verify never spends a proof
             self._check_proof(claims.holder, token, request)
+        usage = self.usage
+        if usage is not None:  # a dict update, never a store call
+            usage.record(lease_id, lease.audience, now)
         return claims
 
     def _check_proof(self, jkt: str, token: str, request: Request) -> None:

@@ -32,6 +32,7 @@ import attrs
 
 from ..errors import InvalidRequest, QuotaExceeded
 from ..lease import Lease, _builder
+from ..usage import Usage, UsageRecord
 
 __all__ = [
     "EVENTS",
@@ -43,6 +44,7 @@ __all__ = [
     "LeaseStore",
     "Outbox",
     "Quota",
+    "UsageRecording",
     "as_async",
     "event_jobs",
     "job_id",
@@ -413,6 +415,23 @@ class ActiveCount(Protocol):
         ...
 
 
+@runtime_checkable
+class UsageRecording(Protocol):
+    """Optional: a store that keeps lease usage (jitbroker.usage), written by the
+    sweep in batches, read by the report. Every store shipped has it; a broker
+    on a store without it records nothing (docs/stores.md, "Lease usage")."""
+
+    def record_usage(self, batch: Sequence[UsageRecord]) -> None:
+        """Merge ``batch`` into the leases' usage in one write: ``last_used_at``
+        the latest, ``use_count`` summed, ``used_by`` the union (at most
+        ``MAX_USED_BY``). Ids of leases not stored (purged) are ignored."""
+        ...
+
+    def lease_usage(self, lease_ids: Collection[str]) -> dict[str, Usage]:
+        """The usage of those of ``lease_ids`` that were ever used."""
+        ...
+
+
 _METHODS = (
     "add",
     "get",
@@ -443,7 +462,8 @@ class _SyncAsAsync:
         self.sync = store
         for name in _METHODS:
             setattr(self, name, self._wrap(getattr(store, name), store.blocking))
-        for optional in ("awaiting_hooks", "retire_key", "retired_keys", "count_active"):
+        optionals = ("awaiting_hooks", "retire_key", "retired_keys", "count_active")
+        for optional in (*optionals, "record_usage", "lease_usage"):
             method = getattr(store, optional, None)
             if method is not None:
                 # A count scans (MemoryStore: ~65 ms at 1M leases): never on the loop.

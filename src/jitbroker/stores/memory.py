@@ -22,6 +22,7 @@ from heapq import heappush
 import attrs
 
 from ..lease import Lease
+from ..usage import Usage, UsageRecord, merge
 from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota, event_jobs
 
 __all__ = ["MemoryStore"]
@@ -114,6 +115,7 @@ class MemoryStore:
         self._counted: dict[tuple[str, str | None], _Counted] = {}
         self._jobs = _Jobs()
         self._retired: dict[str, float] = {}  # kid -> retired at (KeyRetirements)
+        self._usage: dict[str, Usage] = {}  # lease id -> usage (UsageRecording)
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
 
@@ -242,11 +244,27 @@ class MemoryStore:
                 if lease is None:
                     continue
                 self._claimed.discard(lease_id)
+                self._usage.pop(lease_id, None)
                 self._unindex(lease)
                 if self._counting:
                     self._uncount(lease)
                 purged += 1
         return purged
+
+    # -- usage (UsageRecording) ------------------------------------------------
+    def record_usage(self, batch: Sequence[UsageRecord]) -> None:
+        """Merge the batch into the usage of the leases still stored."""
+        with self._lock:
+            usage, leases = self._usage, self._leases
+            for rec in batch:
+                if rec.lease_id in leases:
+                    usage[rec.lease_id] = merge(usage.get(rec.lease_id), rec)
+
+    def lease_usage(self, lease_ids: Collection[str]) -> dict[str, Usage]:
+        """The usage of those of ``lease_ids`` that were ever used."""
+        usage = self._usage
+        with self._lock:
+            return {i: usage[i] for i in lease_ids if i in usage}
 
     def retire_key(self, kid: str, at: float) -> bool:
         """Record ``kid`` as retired (see ``KeyRetirements``)."""

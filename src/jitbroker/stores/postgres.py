@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import re
 import threading
@@ -81,6 +82,7 @@ from ..revocations import (
     sleep,
     start_feed,
 )
+from ..usage import MAX_USED_BY, Usage, UsageRecord
 from .base import NO_OUTBOX, LeaseFilter, Outbox, Quota, event_jobs
 from .codec import COLUMNS, from_row, to_row
 from .postgres_outbox import (
@@ -300,6 +302,14 @@ _MIGRATIONS: tuple[tuple[LiteralString, ...], ...] = (
             retired_at double precision NOT NULL
         )""",
     ),
+    # version 9: lease usage (jitbroker.usage), in the lease's row so a purge
+    # takes it too; written by the sweep in batches, never by verify
+    (
+        """ALTER TABLE {schema}.leases
+            ADD COLUMN IF NOT EXISTS last_used_at double precision,
+            ADD COLUMN IF NOT EXISTS use_count bigint NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS used_by text[] NOT NULL DEFAULT '{{}}'""",
+    ),
 )
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -510,6 +520,29 @@ WHERE id = %(id)s OR seen_at + staleness < extract(epoch FROM clock_timestamp())
 _PURGE = """
     DELETE FROM {schema}.leases
     WHERE (revoked_at IS NOT NULL OR claimed) AND expires_at < %(before)s
+"""
+
+# One UPDATE for a whole batch (arrays, one element per lease): the later time,
+# the summed count, the audiences in first-seen order, at most %(max)s. Ids of
+# leases not stored match no row. used_by arrives as JSON text per lease (a
+# ragged text[][] cannot be sent).
+_RECORD_USAGE = """
+    UPDATE {schema}.leases AS l SET
+        last_used_at = greatest(l.last_used_at, u.last),
+        use_count = l.use_count + u.uses,
+        used_by = ARRAY(
+            SELECT x.a FROM unnest(
+                l.used_by || ARRAY(SELECT jsonb_array_elements_text(u.by::jsonb))
+            ) WITH ORDINALITY AS x(a, o)
+            GROUP BY x.a ORDER BY min(x.o) LIMIT %(max)s
+        )
+    FROM unnest(%(ids)s::text[], %(last)s::float8[], %(uses)s::bigint[], %(by)s::text[])
+        AS u(id, last, uses, by)
+    WHERE l.id = u.id
+"""
+_LEASE_USAGE = """
+    SELECT id, last_used_at, use_count, used_by FROM {schema}.leases
+    WHERE id = ANY(%(ids)s::text[]) AND use_count > 0
 """
 
 _FILTER_FIELDS = ("task", "parent", "owner", "subject", "key_id", "issuer", "task_run", "provider")
@@ -836,6 +869,38 @@ class PostgresStore(PostgresOutbox):
         # loses a race with another at REPEATABLE READ is retried by _call).
         return self._call("purge dead leases", work, atomic=False)
 
+    def record_usage(self, batch: Sequence[UsageRecord]) -> None:
+        """Merge the batch into the leases' rows: one UPDATE, one round trip."""
+        if not batch:
+            return
+        for rec in batch:
+            _check_time("last_used_at", rec.last_used_at)
+        params = {
+            "max": MAX_USED_BY,
+            "ids": [rec.lease_id for rec in batch],
+            "last": [rec.last_used_at for rec in batch],
+            "uses": [rec.uses for rec in batch],
+            "by": [json.dumps(list(rec.used_by)) for rec in batch],
+        }
+
+        def work(cur: Cursor) -> None:
+            cur.execute(self._sql.record_usage, params)
+
+        self._call("record lease usage", work, atomic=False)
+
+    def lease_usage(self, lease_ids: Collection[str]) -> dict[str, Usage]:
+        """The usage of those of ``lease_ids`` that were ever used."""
+
+        def work(cur: Cursor) -> dict[str, Usage]:
+            rows = cur.execute(self._sql.lease_usage, {"ids": list(lease_ids)}).fetchall()
+            return {
+                str(i): Usage(float(last), int(n), tuple(by))
+                for i, last, n, by in rows
+                if last is not None
+            }
+
+        return self._call("read lease usage", work, atomic=False)
+
     def close(self) -> None:
         """Close the pooled connections if this store made the pool from a DSN.
 
@@ -1106,6 +1171,8 @@ class _Statements:
         self.awaiting_hooks = self.render(_AWAITING)
         self.count_live = self.render(_COUNT_LIVE)
         self.purge = self.render(_PURGE)
+        self.record_usage = self.render(_RECORD_USAGE)
+        self.lease_usage = self.render(_LEASE_USAGE)
         self.revoked_since = self.render(_REVOKED_SINCE)
         self.listen = self.render(_LISTEN)
         self.unlisten = self.render(_UNLISTEN)

@@ -87,6 +87,7 @@ from ..revocations import (
     sleep,
     start_feed,
 )
+from ..usage import MAX_USED_BY, Usage, UsageRecord
 from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota
 from .codec import from_mapping, to_mapping
 
@@ -434,6 +435,37 @@ count_in(id, indexed(id, key), expires_at)
 return redis.call('HGETALL', key)
 """
 
+# ARGV: max audiences, then (id, last used at, uses, JSON audiences) per lease.
+# Usage merged into each stored lease's record (fields used_at, use_count,
+# used_by); ids not stored are skipped, so a usage write never creates a record.
+# The later time is kept as the string it arrived as (tostring keeps 14 digits).
+_USAGE = """
+local max_by = tonumber(ARGV[3])
+for i = 4, #ARGV, 4 do
+  local key = lease_key(ARGV[i])
+  if redis.call('EXISTS', key) == 1 then
+    local old = redis.call('HMGET', key, 'used_at', 'use_count', 'used_by')
+    local last = ARGV[i + 1]
+    if old[1] and tonumber(old[1]) > tonumber(last) then last = old[1] end
+    local count = tonumber(ARGV[i + 2]) + (tonumber(old[2]) or 0)
+    local by, seen = {}, {}
+    local function add(list)
+      for _, audience in ipairs(list) do
+        if #by < max_by and not seen[audience] then
+          seen[audience] = true
+          by[#by + 1] = audience
+        end
+      end
+    end
+    if old[3] then add(cjson.decode(old[3])) end
+    add(cjson.decode(ARGV[i + 3]))
+    redis.call('HSET', key, 'used_at', last, 'use_count', string.format('%d', count),
+      'used_by', cjson.encode(by))
+  end
+end
+return 0
+"""
+
 # ARGV: the filter's field/value pairs. The matching records (read only).
 _FIND = """
 local found = {}
@@ -613,6 +645,7 @@ class RedisLeases(Generic[C]):
         self._awaiting = script(_READS + _PRELUDE + _AWAITING)
         self._count_live = script(_READS + _PRELUDE + _COUNT_LIVE)
         self._purge = script(_RUNS_OOM + _PRELUDE + _PURGE)
+        self._usage = script(_FAILS_OOM + _PRELUDE + _USAGE)
         self._outbox = OutboxSteps(self)  # claim_jobs and the rest of the outbox
         # The lowest expires_at in DEAD as the last claim saw it (inf: none), for
         # the purge right after it; None: unknown (see ``_purge_steps``).
@@ -785,6 +818,36 @@ class RedisLeases(Generic[C]):
         with _translated("count active leases"):
             count = yield self._script(self._count_live, _time("now", now))
         return int(count)
+
+    def _record_usage_steps(self, batch: Sequence[UsageRecord]) -> Steps[None]:
+        if not batch:
+            return
+        args: list[object] = [MAX_USED_BY]
+        for rec in batch:
+            by = json.dumps(list(rec.used_by))
+            args += (rec.lease_id, _time("last_used_at", rec.last_used_at), rec.uses, by)
+        with _translated("record lease usage"):
+            yield self._script(self._usage, *args)
+
+    def _lease_usage_steps(self, lease_ids: Collection[str]) -> Steps[dict[str, Usage]]:
+        ids = list(lease_ids)
+        fields = ("used_at", "use_count", "used_by")
+        keys = [self._base + "lease:" + lease_id for lease_id in ids]
+
+        def read(client: Any) -> Any:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, fields)
+            return pipe.execute()
+
+        with _translated("read lease usage"):
+            rows = yield read
+        found: dict[str, Usage] = {}
+        for lease_id, (last, count, by) in zip(ids, rows, strict=True):
+            if last is not None and count is not None:
+                audiences = tuple(json.loads(by)) if by else ()
+                found[lease_id] = Usage(float(last), int(count), audiences)
+        return found
 
     def _purge_steps(self, before: float) -> Steps[int]:
         purged, cutoff = 0, _time("before", before)
@@ -965,6 +1028,14 @@ class RedisStore(RedisLeases[redis.Redis]):
     def purge(self, before: float) -> int:
         """Delete and unindex dead leases with ``expires_at < before``; how many."""
         return run(self._purge_steps(before), self._client)
+
+    def record_usage(self, batch: Sequence[UsageRecord]) -> None:
+        """Merge the batch into the leases' records: one script, one round trip."""
+        run(self._record_usage_steps(batch), self._client)
+
+    def lease_usage(self, lease_ids: Collection[str]) -> dict[str, Usage]:
+        """The usage of those of ``lease_ids`` that were ever used (one pipeline)."""
+        return run(self._lease_usage_steps(lease_ids), self._client)
 
     def close(self) -> None:
         """Close the client if this store created it from a URL. Idempotent."""

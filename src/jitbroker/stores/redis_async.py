@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 
 from .._drive import Step, arun
 from ..lease import Lease
+from ..usage import Usage, UsageRecord
 from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota
 from .redis import CLIENT_OPTIONS, RedisLeases, _translated
 
@@ -116,6 +117,14 @@ class AsyncRedisStore(RedisLeases[redis.asyncio.Redis]):
     async def purge(self, before: float) -> int:
         """Delete and unindex dead leases with ``expires_at < before``; how many."""
         return await arun(self._purge_steps(before), self._client)
+
+    async def record_usage(self, batch: Sequence[UsageRecord]) -> None:
+        """Merge the batch into the leases' records (see ``RedisStore.record_usage``)."""
+        await arun(self._record_usage_steps(batch), self._client)
+
+    async def lease_usage(self, lease_ids: Collection[str]) -> dict[str, Usage]:
+        """The usage of those of ``lease_ids`` that were ever used."""
+        return await arun(self._lease_usage_steps(lease_ids), self._client)
 
     async def close(self) -> None:
         """Close the client if this store created it from a URL. Idempotent."""

@@ -24,6 +24,7 @@ WAL does not work over a network file system: keep the file on a local disk.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ import attrs
 
 from ..errors import InvalidRequest, StoreError, StoreUnavailable
 from ..lease import Lease
+from ..usage import Usage, UsageRecord, merge
 from . import sqlite_outbox as outbox_sql
 from .base import NO_OUTBOX, Job, LeaseFilter, Outbox, Quota, event_jobs
 from .codec import COLUMNS, from_row, to_row
@@ -115,6 +117,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             kid TEXT PRIMARY KEY NOT NULL,
             retired_at REAL NOT NULL
         )""",
+    ),
+    # Lease usage (jitbroker.usage), in the lease's row so a purge takes it too;
+    # written by the sweep in batches, never by verify. used_by: a JSON list.
+    (
+        "ALTER TABLE leases ADD COLUMN last_used_at REAL",
+        "ALTER TABLE leases ADD COLUMN use_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE leases ADD COLUMN used_by TEXT",
     ),
 )
 
@@ -384,6 +393,31 @@ class SQLiteStore:
         with self._transaction("purge dead leases") as db:
             outbox_sql.materialize_dead(db, before)
             return int(db.execute(_PURGE, (before,)).rowcount)
+
+    # -- usage (UsageRecording) --------------------------------------------------
+    def record_usage(self, batch: Sequence[UsageRecord]) -> None:
+        """Merge the batch into the leases' rows in one write transaction (read,
+        merge, one executemany); ids of leases not stored are ignored."""
+        if not batch:
+            return
+        with self._transaction("record lease usage") as db:
+            have = _usage_rows(db, [rec.lease_id for rec in batch], used_only=False)
+            rows = [
+                (u.last_used_at, u.use_count, json.dumps(u.used_by), rec.lease_id)
+                for rec in batch
+                if rec.lease_id in have
+                for u in (merge(have[rec.lease_id], rec),)
+            ]
+            db.executemany(
+                "UPDATE leases SET last_used_at = ?, use_count = ?, used_by = ? WHERE id = ?",
+                rows,
+            )
+
+    def lease_usage(self, lease_ids: Collection[str]) -> dict[str, Usage]:
+        """The usage of those of ``lease_ids`` that were ever used."""
+        with self._session("read lease usage") as db:
+            found = _usage_rows(db, list(lease_ids), used_only=True)
+        return {lease_id: usage for lease_id, usage in found.items() if usage is not None}
 
     # -- retired keys (KeyRetirements) ------------------------------------------
     def retire_key(self, kid: str, at: float) -> bool:
@@ -703,6 +737,25 @@ def _check_columns(db: sqlite3.Connection, path: str) -> None:
     missing = set(COLUMNS) - have
     if missing:
         raise StoreError(f"SQLite store {path}: table leases lacks columns {sorted(missing)}")
+
+
+def _usage_rows(
+    db: sqlite3.Connection, ids: list[str], *, used_only: bool
+) -> dict[str, Usage | None]:
+    """id -> its usage (None: stored, never used) for the stored leases of ``ids``."""
+    found: dict[str, Usage | None] = {}
+    for at in range(0, len(ids), 500):  # under SQLite's limit of bound parameters
+        chunk = ids[at : at + 500]
+        marks = ", ".join("?" * len(chunk))  # placeholders only: no input spliced
+        sql = f"SELECT id, last_used_at, use_count, used_by FROM leases WHERE id IN ({marks})"  # noqa: S608
+        if used_only:
+            sql += " AND use_count > 0"
+        for lease_id, last, count, by in db.execute(sql, chunk):
+            used = count and last is not None
+            found[str(lease_id)] = (
+                Usage(float(last), int(count), tuple(json.loads(by or "[]"))) if used else None
+            )
+    return found
 
 
 # -- helpers (no I/O) ---------------------------------------------------------------
