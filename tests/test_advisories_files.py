@@ -350,7 +350,7 @@ def test_finding_4_cli_retire_refuses_a_readable_key_file(
 ) -> None:
     folder, ring = keydir
     key_file(folder, ring).chmod(0o644)
-    assert main(["keys", "retire", str(folder), ring.active.kid]) == 2
+    assert main(["keys", "retire", str(folder), "--", ring.active.kid]) == 2
     err = capsys.readouterr().err
     assert "chmod 600" in err
     assert len(err.strip().splitlines()) == 1

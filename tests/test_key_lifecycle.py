@@ -406,10 +406,24 @@ def test_cli_generate_rotate_retire_show_public(
     jwks = json.loads(capsys.readouterr().out)
     assert {k["kid"] for k in jwks["keys"]} == {first, ring.active.kid}
     assert all("d" not in k for k in jwks["keys"])
-    assert main(["keys", "retire", str(folder), first, *pw]) == 0
+    assert main(["keys", "retire", str(folder), *pw, "--", first]) == 0
     assert first not in KeyRing.from_dir(folder, b"a long passphrase")
     for path in folder.iterdir():
         assert b"PRIVATE KEY-----\nMI" not in path.read_bytes() or b"ENCRYPTED" in path.read_bytes()
+
+
+def test_cli_retires_a_kid_that_starts_with_a_dash(tmp_path: Path) -> None:
+    """A kid is base64url: one in 64 starts with '-', which argparse would take
+    for an option; after `--` it is the kid."""
+    folder = tmp_path / "keys"
+    ring = next(
+        r for r in (KeyRing.generate("EdDSA") for _ in range(20_000)) if r.active.kid[0] == "-"
+    )
+    dashed = ring.active
+    ring.rotate(grace=3660, publish_ahead=0)
+    ring.save_dir(folder)
+    assert main(["keys", "retire", str(folder), "--", dashed.kid]) == 0
+    assert dashed.kid not in KeyRing.from_dir(folder)
 
 
 def test_cli_refuses_a_password_for_hmac_keys(
@@ -652,9 +666,11 @@ def test_cli_retire_with_a_store_records_it_and_revokes(
     cred = broker.issue("svc:a", "api", ttl=60)
     ring2.activate(next(k.kid for k in ring2 if k.kid != old))
     capsys.readouterr()
-    assert main(["keys", "retire", str(folder), old, "--revoke"]) == 2
+    assert main(["keys", "retire", str(folder), "--revoke", "--", old]) == 2
     assert "--revoke needs --store" in capsys.readouterr().err
-    assert main(["keys", "retire", str(folder), old, "--store", f"sqlite:{db}", "--revoke"]) == 0
+    assert (
+        main(["keys", "retire", str(folder), "--store", f"sqlite:{db}", "--revoke", "--", old]) == 0
+    )
     out = capsys.readouterr().out
     assert "every broker sharing it" in out
     assert "revoked 1 leases" in out
@@ -673,7 +689,7 @@ def test_cli_retire_without_a_store_says_who_sees_it(
     old = ring.active.kid
     ring.rotate()
     ring.save_dir(folder)
-    assert main(["keys", "retire", str(folder), old]) == 0
+    assert main(["keys", "retire", str(folder), "--", old]) == 0
     out = capsys.readouterr().out
     assert "following that directory" in out
     assert "no longer verify" not in out

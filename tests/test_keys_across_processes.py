@@ -263,7 +263,7 @@ def test_rotate_and_retire_while_two_brokers_and_a_jwks_verifier_run(
         assert unknown == []  # no verifier ever saw a token before its key
         old_tokens = [token for token, kid in tokens if kid == old]
         assert old_tokens
-        assert main(["keys", "retire", str(folder), old, "--store", url]) == 0
+        assert main(["keys", "retire", str(folder), "--store", url, "--", old]) == 0
         # The delivery signal: each broker reports the key gone (at its next sweep).
         for worker in workers:
             _wait_until(lambda w=worker: old not in w.call("/state")["keys"], "retirement")

@@ -106,7 +106,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--store redis://localhost:6379/0 --revoke",
     )
     ret.add_argument("dir", type=Path, help="the key directory; e.g. /etc/jitbroker/keys")
-    ret.add_argument("kid", help="the key id to retire (see show-public); e.g. 3Qf1oH2cC9zT-dkd")
+    ret.add_argument(
+        "kid",
+        help="the key id to retire (see show-public); one that starts with - goes after --,"
+        " e.g. keys retire DIR -- -3Qf1oH2cC9zT",
+    )
     ret.add_argument(
         "--store",
         metavar="URL",
