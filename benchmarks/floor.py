@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import gc
 import json
 import statistics
 import sys
@@ -37,7 +36,16 @@ from collections.abc import Callable
 from typing import Any
 
 import jwt
-from run import AUDIENCE, ISSUER, SCOPES, cycle, issuing, pyjwt_decode, pyjwt_payload
+from run import (
+    AUDIENCE,
+    ISSUER,
+    SCOPES,
+    cycle,
+    issuing,
+    per_call,
+    pyjwt_decode,
+    pyjwt_payload,
+)
 
 from jitbroker import Broker, KeyRing
 
@@ -53,21 +61,6 @@ def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def batch(fn: Side, number: int, gc_on: bool) -> float:
-    """Seconds per call over one batch; the collector paused unless ``gc_on``."""
-    was = gc.isenabled()
-    if not gc_on:
-        gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - start) / number
-    finally:
-        if was:
-            gc.enable()
-
-
 def ratios(
     sides: dict[str, Side], number: int, repeat: int, gc_on: bool, setup: Callable[[], None]
 ) -> dict[str, tuple[float, float, float, float]]:
@@ -79,7 +72,7 @@ def ratios(
         setup()
         order = names if round_ % 2 == 0 else names[::-1]
         for name in order:
-            times[name].append(batch(sides[name], number, gc_on))
+            times[name].append(per_call(sides[name], number, gc_on=gc_on))
     out = {}
     raw = times["raw"][1:]
     for name in names:

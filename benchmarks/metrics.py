@@ -16,7 +16,6 @@ Target (issue 13): on / off <= 1.10 on issue and verify.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -24,7 +23,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry
-from run import per_call  # benchmarks/run.py: one timing loop for every benchmark
+from run import measure  # benchmarks/run.py: one timing loop for every benchmark
 
 from jitbroker import Broker, KeyRing
 from jitbroker.metrics import Metrics
@@ -60,24 +59,6 @@ def issuing(broker: Broker) -> Callable[[], object]:
 def verifying(broker: Broker) -> Callable[[], object]:
     token = broker.issue(SUBJECT, AUDIENCE, SCOPES, 3600).token
     return lambda: broker.verify(token, audience=AUDIENCE, scopes=SCOPES)
-
-
-def measure(
-    cases: dict[str, Callable[[], object]], number: int, repeat: int
-) -> dict[str, tuple[float, float]]:
-    """Per case: (median seconds per call, median ratio to "off" batch by batch)."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeat + 1):  # the first round warms up and is dropped
-        for name, fn in cases.items():
-            times[name].append(per_call(fn, number))
-    off = times["off"][1:]
-    return {
-        name: (
-            statistics.median(runs[1:]),
-            statistics.median(x / y for x, y in zip(runs[1:], off, strict=True)),
-        )
-        for name, runs in times.items()
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,10 +59,12 @@ def issuing(broker: Broker) -> Callable[[], Credential]:
     return one
 
 
-def per_call(fn: Callable[[], object], number: int) -> float:
-    """Seconds per call of ``fn`` over one batch (gc paused, as timeit does)."""
+def per_call(fn: Callable[[], object], number: int, *, gc_on: bool = False) -> float:
+    """Seconds per call of ``fn`` over one batch (gc paused, as timeit does,
+    unless ``gc_on``: as users run)."""
     gc_was = gc.isenabled()
-    gc.disable()
+    if not gc_on:
+        gc.disable()
     try:
         start = time.perf_counter()
         for _ in range(number):
@@ -94,6 +96,25 @@ def compare(
         a.append(per_call(ours, number))
         b.append(per_call(theirs, number))
     return statistics.median(a[1:]), statistics.median(b[1:])
+
+
+def measure(
+    cases: dict[str, Callable[[], object]], number: int, repeat: int
+) -> dict[str, tuple[float, float]]:
+    """Per case: (median seconds per call, median ratio to the "off" case batch
+    by batch), the cases' batches interleaved; the first round warms up."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeat + 1):
+        for name, fn in cases.items():
+            times[name].append(per_call(fn, number))
+    off = times["off"][1:]
+    return {
+        name: (
+            statistics.median(runs[1:]),
+            statistics.median(x / y for x, y in zip(runs[1:], off, strict=True)),
+        )
+        for name, runs in times.items()
+    }
 
 
 def compare_paired(

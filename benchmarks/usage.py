@@ -18,13 +18,12 @@ Targets (issue 13): on / off <= 1.05 (memory); 0 extra round trips on verify.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
 
 # benchmarks/run.py: one timing loop for every benchmark, and its counted stores
-from run import per_call, postgres_store, redis_store
+from run import measure, postgres_store, redis_store
 
 from jitbroker import Broker, KeyRing, MemoryStore
 from jitbroker.testing import FakeClock
@@ -54,24 +53,6 @@ def fresh(broker: Broker) -> Callable[[], object]:
         [broker.issue(SUBJECT, AUDIENCE, SCOPES, 3600).token for _ in range(40_000)]
     )
     return lambda: broker.verify(next(tokens), audience=AUDIENCE, scopes=SCOPES)
-
-
-def measure(
-    cases: dict[str, Callable[[], object]], number: int, repeat: int
-) -> dict[str, tuple[float, float]]:
-    """Per case: (median seconds per call, median ratio to "off" batch by batch)."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeat + 1):  # the first round warms up and is dropped
-        for name, fn in cases.items():
-            times[name].append(per_call(fn, number))
-    off = times["off"][1:]
-    return {
-        name: (
-            statistics.median(runs[1:]),
-            statistics.median(x / y for x, y in zip(runs[1:], off, strict=True)),
-        )
-        for name, runs in times.items()
-    }
 
 
 def round_trips() -> list[tuple[str, int, int, int]]:
